@@ -1,0 +1,3 @@
+from arkfed.cli import main
+
+main()

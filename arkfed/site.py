@@ -1,0 +1,143 @@
+"""Sites: an institution's dataset, as named by a YAML file in ``sites/``.
+
+A site config names a plugin and the local data folder; optional keys override the label
+policies, the split, the image size and where site-local state (e.g. the private head in
+federated runs) is kept. Unknown keys and bad values are errors naming the file and the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from arkfed.dataset import SPLITS, DatasetTable
+from arkfed.errors import ArkfedError
+from arkfed.plugins import DatasetPlugin, SplitConfig, get_plugin
+from arkfed.schema import LabelSchema, MissingPolicy, UncertainPolicy
+
+SITES_DIR = Path("sites")
+
+
+class LabelPolicies(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uncertain: UncertainPolicy | None = None
+    missing: MissingPolicy | None = None
+
+
+class SiteConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    dataset: str
+    root: Path
+    options: dict = Field(default_factory=dict)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    labels: LabelPolicies = Field(default_factory=LabelPolicies)
+    image_size: int | None = Field(default=None, ge=16, le=2048)
+    state_dir: Path | None = None
+    max_images: int | None = Field(default=None, ge=1, description="cap per split, for quick trials")
+
+    @property
+    def local_state_dir(self) -> Path:
+        """Where this site keeps what never leaves it (its private head, federated state)."""
+        return self.state_dir or Path.home() / ".arkfed" / "sites" / self.name
+
+
+def _field_error(source: str, exc: ValidationError) -> ArkfedError:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = f"unknown key (allowed: {', '.join(SiteConfig.model_fields)})"
+    return ArkfedError(f"{source}: field {where!r}: {msg}")
+
+
+def resolve_site_path(ref: str | Path, sites_dir: Path = SITES_DIR) -> Path:
+    """A site given as a path, or as a name meaning ``sites/NAME.yaml``."""
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        candidate = path
+    else:
+        candidate = sites_dir / f"{ref}.yaml"
+    if not candidate.is_file():
+        raise ArkfedError(f"site config not found: {candidate} (give a path or a name from {sites_dir}/)")
+    return candidate
+
+
+def load_site_config(ref: str | Path, sites_dir: Path = SITES_DIR) -> SiteConfig:
+    """Load and validate a site YAML; a relative ``root``/``state_dir`` is relative to the YAML file."""
+    path = resolve_site_path(ref, sites_dir)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ArkfedError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ArkfedError(f"{path}: expected a mapping with keys name, dataset, root")
+    try:
+        config = SiteConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _field_error(str(path), exc) from None
+    base = path.resolve().parent
+    update = {"root": base / config.root}
+    if config.state_dir is not None:
+        update["state_dir"] = base / config.state_dir
+    return config.model_copy(update=update)
+
+
+@dataclass
+class Site:
+    """A loaded site: its config, plugin, effective schema and split tables."""
+
+    config: SiteConfig
+    plugin: DatasetPlugin
+    schema: LabelSchema
+    splits: dict[str, DatasetTable]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def split(self, name: str) -> DatasetTable:
+        table = self.splits.get(name)
+        if table is None or len(table) == 0:
+            raise ArkfedError(f"split {name!r} is empty (root {self.config.root})", site=self.name)
+        return table
+
+
+def site_schema(config: SiteConfig, plugins_dirs: Iterable[str | Path] = ()) -> tuple[DatasetPlugin, LabelSchema]:
+    """The plugin instance and the schema with the site's policy overrides applied."""
+    try:
+        plugin = get_plugin(config.dataset, plugins_dirs)(config.options)
+        schema = plugin.label_schema().with_policies(config.labels.uncertain, config.labels.missing)
+    except ArkfedError as exc:
+        raise exc.for_site(config.name) from None
+    return plugin, schema
+
+
+def load_site(config: SiteConfig | str | Path, plugins_dirs: Iterable[str | Path] = ()) -> Site:
+    """Read a site end to end through its plugin; errors are one line naming the site."""
+    if not isinstance(config, SiteConfig):
+        config = load_site_config(config)
+    plugin, schema = site_schema(config, plugins_dirs)
+    if not config.root.exists():
+        raise ArkfedError(f"data folder not found: {config.root}", site=config.name)
+    try:
+        splits = plugin.read(config.root, config.split)
+    except ArkfedError as exc:
+        raise exc.for_site(config.name) from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArkfedError(f"plugin {config.dataset!r} failed reading {config.root}: {type(exc).__name__}: {exc}", site=config.name) from exc
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ArkfedError(f"plugin {config.dataset!r} returned unknown splits {sorted(unknown)}", site=config.name)
+    for name, table in splits.items():
+        if table.classes != schema.classes:
+            raise ArkfedError(f"plugin {config.dataset!r}: split {name!r} has classes {table.classes}, schema has {schema.classes}", site=config.name)
+        if config.max_images is not None and len(table) > config.max_images:
+            splits[name] = table.subset(range(config.max_images))
+    return Site(config=config, plugin=plugin, schema=schema, splits=splits)
