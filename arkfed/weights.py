@@ -1,0 +1,161 @@
+"""Saving and loading model weights: ArkModels, site heads, atomic writes, weight sources.
+
+Formats (all safetensors; metadata carries what is needed to rebuild the module):
+
+- an ArkModel file (``teacher.safetensors`` / ``student.safetensors`` in a run folder): keys
+  ``backbone.*`` and ``projector.*``, metadata ``arkfed_spec`` (a :class:`ModelSpec` as JSON);
+- a head file (``heads/<site>.safetensors``): keys ``weight``/``bias``, metadata ``site`` and
+  ``schema`` (a :class:`LabelSchema` as JSON);
+- an export folder (see ``arkfed export``): ``model.safetensors`` with plain timm backbone keys,
+  ``config.json`` (timm pretrained config plus an ``arkfed`` section holding the spec),
+  ``projector.safetensors`` and ``heads/``.
+
+:func:`load_ark_model` accepts any of: such a file, a run folder, an export folder, or a plain timm
+state dict (``.safetensors``/``.pth``) for the backbone alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from arkfed.errors import ArkfedError
+from arkfed.model import ArkModel, ModelSpec, SiteHead
+from arkfed.schema import LabelSchema
+
+SPEC_KEY = "arkfed_spec"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder and rename it into place, so a crash
+    never leaves a half-written checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(_contiguous(tensors), str(tmp), metadata=metadata))
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise ArkfedError(f"weights file not found: {path}") from None
+    except Exception as exc:
+        raise ArkfedError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from None
+
+
+def save_ark_model(path: Path, model: ArkModel) -> None:
+    save_safetensors(path, model.state_dict(), {SPEC_KEY: model.spec.model_dump_json()})
+
+
+def save_head(path: Path, head: SiteHead) -> None:
+    meta = {"site": head.site, "schema": head.schema.model_dump_json(), "classes": json.dumps(list(head.classes))}
+    save_safetensors(path, head.state_dict(), meta)
+
+
+def load_head(path: Path) -> SiteHead:
+    tensors, meta = read_safetensors(path)
+    if "schema" not in meta or "site" not in meta:
+        raise ArkfedError(f"{path}: not an arkfed head file (no site/schema metadata)")
+    schema = LabelSchema.model_validate_json(meta["schema"])
+    head = SiteHead(meta["site"], schema, tensors["weight"].shape[1])
+    head.load_state_dict(tensors)
+    return head
+
+
+def load_heads(folder: Path) -> dict[str, SiteHead]:
+    """Every ``<site>.safetensors`` in a heads folder, keyed by site name."""
+    return {h.site: h for h in map(load_head, sorted(Path(folder).glob("*.safetensors")))}
+
+
+def _load_state(model: ArkModel, state: dict[str, torch.Tensor], source: Path) -> ArkModel:
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ArkfedError(
+            f"{source}: weights do not match {model.spec.model!r}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return model
+
+
+def _from_export(folder: Path) -> ArkModel:
+    config = json.loads((folder / "config.json").read_text())
+    spec = ModelSpec.model_validate(config["arkfed"]["spec"])
+    model = ArkModel(spec)
+    backbone, _ = read_safetensors(folder / "model.safetensors")
+    projector, _ = read_safetensors(folder / "projector.safetensors")
+    state = {f"backbone.{k}": v for k, v in backbone.items()} | {f"projector.{k}": v for k, v in projector.items()}
+    return _load_state(model, state, folder)
+
+
+def _from_plain_backbone(path: Path, spec: ModelSpec) -> ArkModel:
+    """A timm backbone checkpoint (no projector): load it, dropping only its classifier keys."""
+    model = ArkModel(spec)
+    if path.suffix == ".safetensors":
+        state, _ = read_safetensors(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ArkfedError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from None
+        for key in ("state_dict", "model", "teacher"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+    classifier = model.backbone.pretrained_cfg.get("classifier") or "head"
+    classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+    state = {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifiers)}
+    result = model.backbone.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ArkfedError(
+            f"{path}: not a {spec.model!r} backbone: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return model
+
+
+def load_ark_model(source: str | Path, which: str = "teacher", spec: ModelSpec | None = None) -> ArkModel:
+    """Load an ArkModel from a run folder, an export folder or a weights file.
+
+    ``which`` picks ``teacher`` or ``student`` in a run folder. ``spec`` is needed only for a plain
+    timm backbone file, which carries no architecture (the projector then starts random).
+    """
+    path = Path(source)
+    if path.is_dir():
+        if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+            return _from_export(path)
+        candidate = path / f"{which}.safetensors"
+        if not candidate.is_file():
+            raise ArkfedError(f"{path}: neither a run folder (no {which}.safetensors) nor an export folder (no config.json)")
+        path = candidate
+    if not path.is_file():
+        raise ArkfedError(f"weights not found: {path}")
+    if path.suffix == ".safetensors":
+        tensors, meta = read_safetensors(path)
+        if SPEC_KEY in meta:
+            return _load_state(ArkModel(ModelSpec.model_validate_json(meta[SPEC_KEY])), tensors, path)
+    if spec is None:
+        raise ArkfedError(f"{path}: plain backbone weights carry no architecture; pass the model name (--model)")
+    return _from_plain_backbone(path, spec)
