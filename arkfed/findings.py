@@ -59,3 +59,17 @@ def canonical_finding(name: str) -> str | None:
 
 def is_canonical(name: str) -> bool:
     return name in CANONICAL_FINDINGS
+
+
+# Label sets of public datasets that more than one plugin uses (ChestX-ray14's also ships as
+# MedMNIST's ChestMNIST; CheXpert's labeler also produced MIMIC-CXR's labels). Official order.
+CHESTXRAY14_CLASSES: tuple[str, ...] = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)
+CHEXPERT_CLASSES: tuple[str, ...] = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+    "Fracture", "Support Devices",
+)
+CHEXPERT_EVAL_CLASSES: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")

@@ -15,11 +15,11 @@ A plugin that fails to import is reported by name; the others still load.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar, Iterable
 
@@ -145,7 +145,7 @@ def discover_plugins(extra_dirs: Iterable[str | Path] = ()) -> PluginCatalog:
                 _load_file(path)
             except Exception as exc:
                 catalog.failures[path.stem] = f"{path}: {type(exc).__name__}: {exc}"
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
         except Exception as exc:

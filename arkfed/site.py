@@ -53,14 +53,14 @@ def _field_error(source: str, exc: ValidationError) -> ArkfedError:
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = f"unknown key (allowed: {', '.join(SiteConfig.model_fields)})"
+        msg = "unknown key" + (f" (allowed: {', '.join(SiteConfig.model_fields)})" if len(err["loc"]) == 1 else "")
     return ArkfedError(f"{source}: field {where!r}: {msg}")
 
 
 def resolve_site_path(ref: str | Path, sites_dir: Path = SITES_DIR) -> Path:
     """A site given as a path, or as a name meaning ``sites/NAME.yaml``."""
     path = Path(ref)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         candidate = path
     else:
         candidate = sites_dir / f"{ref}.yaml"

@@ -1,0 +1,112 @@
+"""Stanford CheXpert: 224k X-rays of 65k patients, 14 observations labelled 1 / 0 / -1 (uncertain) / blank.
+
+Read as Stanford distributes it: ``CheXpert-v1.0-small/`` (or ``CheXpert-v1.0/``) holding
+``train.csv`` and ``valid.csv`` whose ``Path`` column is relative to the folder above it. The
+official test set is hidden, so (as Ark does) ``valid.csv`` is the test split and ``train.csv`` is
+cut into train/val by patient. ``root`` may be the folder holding ``CheXpert-v1.0-small/`` or
+that folder itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from arkfed.dataset import (
+    DatasetTable,
+    FileDatasetOptions,
+    LabelRecords,
+    assemble_splits,
+    concat_records,
+    find_label_file,
+    label_matrix,
+    make_meta,
+    read_csv,
+    require_columns,
+)
+from arkfed.errors import ArkfedError
+from arkfed.findings import CHEXPERT_CLASSES, CHEXPERT_EVAL_CLASSES
+from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
+from arkfed.schema import UNCERTAIN, LabelSchema
+
+DATASET_FOLDERS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
+META_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
+LABEL_VALUES = (0.0, 1.0, UNCERTAIN)
+
+
+class CheXpertOptions(FileDatasetOptions):
+    views: Literal["frontal", "all"] = "frontal"
+
+
+def dataset_folder(root: Path) -> Path:
+    """The folder holding train.csv: ``root`` itself or ``root/CheXpert-v1.0[-small]``."""
+    for folder in (root, *(root / name for name in DATASET_FOLDERS)):
+        if find_label_file(folder, "train.csv", required=False):
+            return folder
+    raise ArkfedError(f"CheXpert train.csv not found in {root} or in {root}/{{{','.join(DATASET_FOLDERS)}}}")
+
+
+def read_chexpert_csv(file: Path, folder: Path, official: str, frontal_only: bool) -> LabelRecords:
+    """One of train.csv / valid.csv: labels checked against 1/0/-1/blank (on every line, before
+    lateral views are dropped, so errors name the right line), patient from the path."""
+    frame = read_csv(file)
+    require_columns(frame, (*META_COLUMNS, *CHEXPERT_CLASSES), file)
+    labels = label_matrix(frame, CHEXPERT_CLASSES, file, LABEL_VALUES)
+    rel = frame["Path"].astype(str)
+    patient = rel.str.extract(r"(patient\d+)", expand=False)
+    if patient.isna().any():
+        line = int(np.flatnonzero(patient.isna().to_numpy())[0]) + 2
+        raise ArkfedError(f"{file}: line {line}, column 'Path': no patientNNNNN folder in {rel.iloc[line - 2]!r}")
+    paths = str(folder) + os.sep + rel.str.replace(r"^CheXpert-v1\.0[^/]*/", "", regex=True)
+    meta = make_meta(
+        len(frame),
+        patient_id=patient,
+        sex=frame["Sex"],
+        age=frame["Age"],
+        view=frame["AP/PA"].fillna(frame["Frontal/Lateral"]),
+    )
+    records = LabelRecords(
+        paths=paths.to_numpy(dtype=object),
+        labels=labels,
+        meta=meta,
+        classes=CHEXPERT_CLASSES,
+        source=file,
+        official=np.full(len(frame), official, dtype=object),
+    )
+    if not frontal_only:
+        return records
+    return records.subset((frame["Frontal/Lateral"].astype(str).str.lower() == "frontal").to_numpy())
+
+
+@register_dataset
+class CheXpert(DatasetPlugin):
+    name = "chexpert"
+    description = "Stanford CheXpert (train.csv -> train/val by patient, valid.csv -> test), 14 observations, -1 = uncertain"
+    schema = LabelSchema(
+        task="multilabel",
+        classes=CHEXPERT_CLASSES,
+        uncertain="lsr-ones",
+        missing="zeros",
+        eval_classes=CHEXPERT_EVAL_CLASSES,
+    )
+    Options = CheXpertOptions
+
+    def read_records(self, root: Path) -> LabelRecords:
+        """Rows of train.csv (train pool) and valid.csv (test), frontal views unless ``views: all``."""
+        folder = dataset_folder(root)
+        frontal_only = self.options.views == "frontal"
+        parts = [read_chexpert_csv(find_label_file(folder, "train.csv"), folder, "trainval", frontal_only)]
+        valid = find_label_file(folder, "valid.csv", required=False)
+        if valid is not None:
+            parts.append(read_chexpert_csv(valid, folder, "test", frontal_only))
+        records = concat_records(parts)
+        if valid is None:  # no held-out file: split everything by patient
+            records = replace(records, official=None)
+        return records
+
+    def read(self, root: Path, split: SplitConfig) -> dict[str, DatasetTable]:
+        return assemble_splits(self.read_records(root), split, self.options.missing_images)

@@ -1,0 +1,148 @@
+"""MIMIC-CXR-JPG: 377k X-rays of 65k patients with CheXpert-labeler labels per study (1 / 0 / -1 / blank).
+
+Read as PhysioNet distributes it: ``mimic-cxr-2.0.0-chexpert.csv`` (labels per study),
+``mimic-cxr-2.0.0-split.csv`` (each DICOM's official train/validate/test split),
+``mimic-cxr-2.0.0-metadata.csv`` (each DICOM's ``ViewPosition``), all plain or ``.gz``, and the
+images ``files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg``. A study's labels apply to all its images.
+Sex and age come from MIMIC-IV's ``patients.csv`` (``gender``, ``anchor_age``) when it is there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from arkfed.dataset import (
+    DatasetTable,
+    FileDatasetOptions,
+    LabelRecords,
+    assemble_splits,
+    find_label_file,
+    label_matrix,
+    make_meta,
+    read_csv,
+    require_columns,
+)
+from arkfed.errors import ArkfedError
+from arkfed.findings import CHEXPERT_CLASSES, CHEXPERT_EVAL_CLASSES
+from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
+from arkfed.schema import UNCERTAIN, LabelSchema
+
+PREFIX = "mimic-cxr-2.0.0"
+FRONTAL_VIEWS = ("PA", "AP")
+OFFICIAL_SPLITS = {"train": "train", "validate": "val", "test": "test"}
+STUDY_KEY = ["subject_id", "study_id"]
+
+
+class MimicCxrOptions(FileDatasetOptions):
+    views: Literal["frontal", "all"] = "frontal"
+    patients_file: str = "patients.csv"
+
+
+def read_study_labels(root: Path) -> pd.DataFrame:
+    """The per-study label table, checked against 1/0/-1/blank and for duplicate studies."""
+    file = find_label_file(root, f"{PREFIX}-chexpert.csv")
+    frame = read_csv(file)
+    require_columns(frame, (*STUDY_KEY, *CHEXPERT_CLASSES), file)
+    labels = label_matrix(frame, CHEXPERT_CLASSES, file, (0.0, 1.0, UNCERTAIN))
+    duplicated = frame.duplicated(STUDY_KEY).to_numpy()
+    if duplicated.any():
+        line = int(np.flatnonzero(duplicated)[0]) + 2
+        raise ArkfedError(f"{file}: line {line}: study {frame['study_id'].iloc[line - 2]} is listed twice")
+    return pd.DataFrame(labels, columns=list(CHEXPERT_CLASSES)).assign(
+        subject_id=frame["subject_id"].to_numpy(), study_id=frame["study_id"].to_numpy()
+    )
+
+
+def read_official_split(root: Path) -> tuple[pd.DataFrame, Path]:
+    """One row per DICOM with its official split renamed to train/val/test."""
+    file = find_label_file(root, f"{PREFIX}-split.csv")
+    frame = read_csv(file)
+    require_columns(frame, ("dicom_id", *STUDY_KEY, "split"), file)
+    split = frame["split"].astype(str).str.strip().str.lower()
+    unknown = ~split.isin(list(OFFICIAL_SPLITS)).to_numpy()
+    if unknown.any():
+        line = int(np.flatnonzero(unknown)[0]) + 2
+        raise ArkfedError(
+            f"{file}: line {line}, column 'split': {frame['split'].iloc[line - 2]!r} is not one of {list(OFFICIAL_SPLITS)}"
+        )
+    return frame.assign(split=split.map(OFFICIAL_SPLITS)), file
+
+
+def read_views(root: Path) -> pd.DataFrame:
+    file = find_label_file(root, f"{PREFIX}-metadata.csv")
+    frame = read_csv(file, usecols=lambda c: c in ("dicom_id", "ViewPosition"))
+    require_columns(frame, ("dicom_id", "ViewPosition"), file)
+    return frame.drop_duplicates("dicom_id")
+
+
+def read_patients(root: Path, name: str) -> pd.DataFrame | None:
+    """MIMIC-IV core ``patients.csv`` (sex, anchor age), when the site has it next to the images."""
+    stem = name.removesuffix(".gz").removesuffix(".zip")
+    file = find_label_file(root, stem, required=False)
+    if file is None:
+        return None
+    frame = read_csv(file)
+    require_columns(frame, ("subject_id", "gender", "anchor_age"), file)
+    return frame[["subject_id", "gender", "anchor_age"]].drop_duplicates("subject_id")
+
+
+def image_paths(root: Path, rows: pd.DataFrame) -> pd.Series:
+    """files/pXX/pSUBJECT/sSTUDY/DICOM.jpg, XX = the subject id's first two digits."""
+    subject = rows["subject_id"].astype("int64").astype(str)
+    study = rows["study_id"].astype("int64").astype(str)
+    sep = os.sep
+    return (
+        str(root / "files") + sep + "p" + subject.str[:2] + sep + "p" + subject + sep + "s" + study + sep
+        + rows["dicom_id"].astype(str) + ".jpg"
+    )
+
+
+@register_dataset
+class MimicCxr(DatasetPlugin):
+    name = "mimic_cxr"
+    description = "MIMIC-CXR-JPG (chexpert/split/metadata CSVs, official train/validate/test), CheXpert's 14 labels"
+    schema = LabelSchema(
+        task="multilabel",
+        classes=CHEXPERT_CLASSES,
+        uncertain="lsr-ones",
+        missing="zeros",
+        eval_classes=CHEXPERT_EVAL_CLASSES,
+    )
+    Options = MimicCxrOptions
+
+    def read_records(self, root: Path) -> LabelRecords:
+        """One row per DICOM of the split file, with its study's labels (NaN for unlabelled studies)."""
+        studies = read_study_labels(root)
+        rows, split_file = read_official_split(root)
+        rows = rows.merge(read_views(root), on="dicom_id", how="left")
+        if self.options.views == "frontal":
+            rows = rows[rows["ViewPosition"].isin(FRONTAL_VIEWS)]
+        rows = rows.merge(studies, on=STUDY_KEY, how="left")
+        patients = read_patients(root, self.options.patients_file)
+        if patients is not None:
+            rows = rows.merge(patients, on="subject_id", how="left")
+        rows = rows.reset_index(drop=True)
+        meta = make_meta(
+            len(rows),
+            patient_id=rows["subject_id"].astype(str),
+            sex=rows["gender"] if patients is not None else None,
+            age=rows["anchor_age"] if patients is not None else None,
+            view=rows["ViewPosition"],
+            study_id=rows["study_id"].astype(str),
+        )
+        return LabelRecords(
+            paths=image_paths(root, rows).to_numpy(dtype=object),
+            labels=rows[list(CHEXPERT_CLASSES)].to_numpy(dtype=np.float32),
+            meta=meta,
+            classes=CHEXPERT_CLASSES,
+            source=split_file,
+            official=rows["split"].to_numpy(dtype=object),
+        )
+
+    def read(self, root: Path, split: SplitConfig) -> dict[str, DatasetTable]:
+        return assemble_splits(self.read_records(root), split, self.options.missing_images)

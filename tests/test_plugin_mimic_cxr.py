@@ -1,0 +1,132 @@
+"""The mimic_cxr plugin on a small dataset written in PhysioNet's MIMIC-CXR-JPG layout.
+
+MIMIC-CXR is credentialed data, so no real file is available; the files below follow the
+published column layout (gzipped as PhysioNet ships them) with tiny stand-in images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from arkfed.errors import ArkfedError
+from arkfed.findings import CHEXPERT_CLASSES
+from arkfed.plugins import SplitConfig, get_plugin
+from arkfed.schema import UNCERTAIN
+
+PREFIX = "mimic-cxr-2.0.0"
+
+# subject, study, dicom, view, official split
+DICOMS = [
+    (10000032, 50414267, "02aa804e-bde0afdd", "PA", "train"),
+    (10000032, 50414267, "174413ec-4ec4c1f7", "LATERAL", "train"),
+    (10000032, 53189527, "2a2277a9-b0ded155", "AP", "train"),
+    (10000764, 57375967, "096052b7-d256dc40", "AP", "validate"),
+    (11000183, 51967845, "3c0f9d5b-8b7f9c2e", "PA", "test"),
+    (11000183, 51967845, "9a1f3e2d-77aa11bb", "PA", "test"),
+    (19999068, 58971208, "5e1b7c3a-0d9e2f4b", "AP", "train"),
+]
+
+
+def plugin(**options):
+    return get_plugin("mimic_cxr")(options)
+
+
+def study_labels() -> pd.DataFrame:
+    studies = sorted({(s, st) for s, st, *_ in DICOMS})
+    rng = np.random.default_rng(0)
+    values = rng.choice([1.0, 0.0, UNCERTAIN, np.nan], size=(len(studies), len(CHEXPERT_CLASSES)))
+    frame = pd.DataFrame(values, columns=list(CHEXPERT_CLASSES))
+    frame.insert(0, "study_id", [st for _, st in studies])
+    frame.insert(0, "subject_id", [s for s, _ in studies])
+    return frame.iloc[:-1]  # the last study has no labels (as a few in MIMIC)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    rows = pd.DataFrame(DICOMS, columns=["subject_id", "study_id", "dicom_id", "ViewPosition", "split"])
+    study_labels().to_csv(tmp_path / f"{PREFIX}-chexpert.csv.gz", index=False)
+    rows[["dicom_id", "study_id", "subject_id", "split"]].to_csv(tmp_path / f"{PREFIX}-split.csv.gz", index=False)
+    rows.assign(Rows=3056, Columns=2544)[["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"]].to_csv(
+        tmp_path / f"{PREFIX}-metadata.csv.gz", index=False
+    )
+    for subject, study, dicom, *_ in DICOMS:
+        path = tmp_path / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16), 90, dtype=np.uint8)).save(path)
+    return tmp_path
+
+
+def test_official_splits_and_study_labels_on_every_image(root: Path):
+    splits = plugin().read(root, SplitConfig(val_fraction=0.5))
+    frontal = [d for d in DICOMS if d[3] in ("PA", "AP")]
+    assert sum(len(t) for t in splits.values()) == len(frontal)
+    assert set(splits["test"].meta["patient_id"]) == {"11000183"}
+    assert "10000764" in set(splits["val"].meta["patient_id"])  # official "validate"
+    labels = study_labels().set_index("study_id")
+    for table in splits.values():
+        for i in range(len(table)):
+            path = Path(table.images.describe(i))
+            study = int(path.parent.name[1:])
+            assert path.parent.parent.name == f"p{table.meta['patient_id'][i]}"
+            assert path.parent.parent.parent.name == f"p{table.meta['patient_id'][i][:2]}"
+            expected = labels.loc[study, list(CHEXPERT_CLASSES)].to_numpy(np.float32) if study in labels.index else np.full(14, np.nan)
+            np.testing.assert_array_equal(table.labels[i], expected)
+    assert splits["test"].images.read(0).shape == (16, 16)
+    assert splits["test"].labels.shape[0] == 2  # two images of one study share its labels
+    np.testing.assert_array_equal(splits["test"].labels[0], splits["test"].labels[1])
+
+
+def test_views_all_keeps_laterals(root: Path):
+    records = plugin(views="all").read_records(root)
+    assert len(records) == len(DICOMS)
+    assert "LATERAL" in set(records.meta["view"])
+
+
+def test_sex_and_age_from_mimic_iv_patients(root: Path):
+    assert plugin().read_records(root).meta["sex"].isna().all()
+    pd.DataFrame({"subject_id": [10000032, 11000183], "gender": ["F", "M"], "anchor_age": [52, 71]}).to_csv(
+        root / "patients.csv.gz", index=False
+    )
+    meta = plugin().read_records(root).meta.set_index("patient_id")
+    assert meta.loc["10000032", "sex"].tolist() == ["F", "F"] and meta.loc["11000183", "age"].tolist() == [71, 71]
+    assert pd.isna(meta.loc["10000764", "sex"])
+
+
+def test_out_of_schema_label_names_line_and_column(root: Path):
+    labels = study_labels()
+    labels.iloc[2, labels.columns.get_loc("Pneumothorax")] = 3.0
+    labels.to_csv(root / f"{PREFIX}-chexpert.csv.gz", index=False)
+    with pytest.raises(ArkfedError, match=r"chexpert.csv.gz: line 4, column 'Pneumothorax': label value 3"):
+        plugin().read_records(root)
+
+
+def test_unknown_split_value_names_line(root: Path):
+    split = pd.read_csv(root / f"{PREFIX}-split.csv.gz")
+    split.loc[3, "split"] = "dev"
+    split.to_csv(root / f"{PREFIX}-split.csv.gz", index=False)
+    with pytest.raises(ArkfedError, match=r"split.csv.gz: line 5, column 'split': 'dev'"):
+        plugin().read_records(root)
+
+
+def test_missing_column_and_missing_file_are_named(root: Path):
+    meta = pd.read_csv(root / f"{PREFIX}-metadata.csv.gz")
+    meta.drop(columns=["ViewPosition"]).to_csv(root / f"{PREFIX}-metadata.csv.gz", index=False)
+    with pytest.raises(ArkfedError, match=r"metadata.csv.gz: missing column\(s\) \['ViewPosition'\]"):
+        plugin().read_records(root)
+    (root / f"{PREFIX}-metadata.csv.gz").unlink()
+    with pytest.raises(ArkfedError, match=r"label file not found: .*mimic-cxr-2.0.0-metadata.csv"):
+        plugin().read_records(root)
+
+
+def test_missing_image_is_named(root: Path):
+    subject, study, dicom, *_ = DICOMS[4]
+    gone = root / "files" / "p11" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"
+    gone.unlink()
+    with pytest.raises(ArkfedError, match=rf"split.csv.gz: 1 of 6 listed image files are missing, first {gone}"):
+        plugin().read(root, SplitConfig())
+    assert len(plugin(missing_images="drop").read(root, SplitConfig())["test"]) == 1
