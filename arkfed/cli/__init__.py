@@ -22,6 +22,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def _root() -> None:
+    """Always a command group (also while only one area has registered its commands)."""
+
+
 COMMAND_MODULES = ("data", "train", "federation", "evaluation")
 
 for _name in COMMAND_MODULES:
