@@ -41,9 +41,10 @@ def create_backbone(name: str, img_size: int, pretrained: bool = False) -> nn.Mo
         raise ArkfedError(f"unknown timm model {name!r} (see timm.list_models())")
     kwargs = {"pretrained": pretrained, "num_classes": 0}
     try:
-        return timm.create_model(name, img_size=img_size, **kwargs)
-    except TypeError:  # CNNs take any input size and have no img_size argument
-        return timm.create_model(name, **kwargs)
+        try:
+            return timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError:  # CNNs take any input size and have no img_size argument
+            return timm.create_model(name, **kwargs)
     except Exception as exc:
         if pretrained:
             raise ArkfedError(

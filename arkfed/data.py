@@ -1,0 +1,234 @@
+"""The data pipeline: DatasetTable rows -> normalised 3-channel batches with targets and a mask.
+
+Each access reads an image once and resizes it once (to ``img_size`` x ``img_size``, the whole
+image), then derives the training views from that. Label policies are applied per access with a
+generator seeded from (visit seed, draw number), so uncertain-label smoothing draws, augmentation
+and data order are reproducible and do not depend on the number of DataLoader workers.
+
+Batches are :class:`TrainBatch` (student view, teacher view, targets, mask) or :class:`EvalBatch`
+(images, targets, mask); images are float, ``B x 3 x S x S``, grayscale replicated to three
+channels and normalised with the model's mean/std.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from arkfed.dataset import DatasetTable
+from arkfed.errors import ArkfedError
+from arkfed.model import ModelSpec
+from arkfed.schema import LabelSchema, label_targets
+from arkfed.transforms import ViewPair
+
+
+class TrainBatch(NamedTuple):
+    student: torch.Tensor
+    teacher: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+
+class EvalBatch(NamedTuple):
+    images: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+
+def evaluation_schema(schema: LabelSchema) -> LabelSchema:
+    """Evaluation counts definite labels only: uncertain entries are left out of AUC and loss
+    (smoothing or guessing them would score the model against noise); missing keeps its policy."""
+    return schema.with_policies(uncertain="ignore")
+
+
+def read_resized(table: DatasetTable, index: int, size: int) -> torch.Tensor:
+    """Row ``index`` as a ``1 x size x size`` uint8 tensor (the whole image, squashed to a square)."""
+    try:
+        pixels = table.images.read(index)
+    except ArkfedError:
+        raise
+    except Exception as exc:
+        raise ArkfedError(f"cannot read image {table.images.describe(index)}: {type(exc).__name__}: {exc}") from None
+    if pixels.ndim != 2:
+        raise ArkfedError(f"image {table.images.describe(index)} has shape {pixels.shape}, expected H x W grayscale")
+    if pixels.shape != (size, size):
+        pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
+    return torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).unsqueeze(0)
+
+
+def sample_seed(seed: int, draw: int) -> int:
+    return int(np.random.SeedSequence([seed, draw]).generate_state(1)[0])
+
+
+@contextmanager
+def seeded_torch(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator (which torchvision's transforms draw from) for one sample and
+    restore it afterwards. Cheaper than ``torch.manual_seed``/``fork_rng``, which also touch CUDA."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Per-image transforms are tiny ops that slow down badly when split over busy threads;
+    run them on one (DataLoader workers already are), restoring the count for the model."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+class EvalDataset(Dataset):
+    """Rows of a table, resized, with deterministic targets (no label smoothing)."""
+
+    def __init__(self, table: DatasetTable, schema: LabelSchema, size: int):
+        self.table, self.size = table, size
+        self.targets, self.mask = label_targets(table.labels, evaluation_schema(schema))
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int):
+        return read_resized(self.table, index, self.size), self.targets[index], self.mask[index]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        with single_threaded():
+            return [self[i] for i in indices]
+
+
+class TrainDataset(Dataset):
+    """The draws of one visit: item ``k`` is row ``order[k]`` with its own seed (views, lsr)."""
+
+    def __init__(self, table: DatasetTable, schema: LabelSchema, size: int, views: ViewPair, order: np.ndarray, seed: int):
+        self.table, self.schema, self.size, self.views = table, schema, size, views
+        self.order, self.seed = np.asarray(order, dtype=np.int64), seed
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def _sample(self, draw: int, views) -> tuple:
+        row = int(self.order[draw])
+        image = read_resized(self.table, row, self.size)
+        s = sample_seed(self.seed, draw)
+        targets, mask = label_targets(self.table.labels[row : row + 1], self.schema, np.random.default_rng(s))
+        with seeded_torch(s):
+            out = views(image)
+        return (*out, targets[0], mask[0]) if isinstance(out, tuple) else (out, targets[0], mask[0])
+
+    def __getitem__(self, draw: int):
+        """(student view, teacher view, targets, mask) of draw ``draw``."""
+        return self._sample(draw, self.views)
+
+    def __getitems__(self, draws: list[int]) -> list:
+        with single_threaded():
+            return [self._sample(d, self.views) for d in draws]
+
+    def single_view(self, draw: int):
+        """(one augmented view, targets, mask): the sample of a plain supervised loop."""
+        with single_threaded():
+            return self._sample(draw, self.views.single)
+
+
+class Normalise:
+    """uint8 ``B x 1 x S x S`` -> float ``B x 3 x S x S`` normalised with the model's mean/std."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+
+class TrainCollate:
+    def __init__(self, spec: ModelSpec):
+        self.normalise = Normalise(spec.mean, spec.std)
+
+    def __call__(self, samples) -> TrainBatch:
+        student, teacher, targets, mask = zip(*samples)
+        return TrainBatch(
+            self.normalise(torch.stack(student)), self.normalise(torch.stack(teacher)),
+            torch.from_numpy(np.stack(targets)), torch.from_numpy(np.stack(mask)),
+        )
+
+
+class EvalCollate:
+    def __init__(self, spec: ModelSpec):
+        self.normalise = Normalise(spec.mean, spec.std)
+
+    def __call__(self, samples) -> EvalBatch:
+        images, targets, mask = zip(*samples)
+        return EvalBatch(self.normalise(torch.stack(images)), torch.from_numpy(np.stack(targets)), torch.from_numpy(np.stack(mask)))
+
+
+def visit_draws(n: int, batch_size: int, epochs: int, seed: int, max_steps: int | None = None) -> np.ndarray:
+    """Row indices of a visit: a fresh permutation per epoch, cut to whole batches (drop-last, so
+    BatchNorm never sees a batch of one), at least one batch, at most ``max_steps`` batches."""
+    if n == 0:
+        raise ArkfedError("the training split is empty")
+    rng = np.random.default_rng(seed)
+    per_batch = min(batch_size, n)
+    steps = max(1, n // per_batch)
+    order = np.concatenate([rng.permutation(n)[: steps * per_batch] for _ in range(epochs)])
+    if max_steps is not None:
+        order = order[: max_steps * per_batch]
+    return order
+
+
+def _loader_kwargs(num_workers: int, pin_memory: bool) -> dict:
+    kwargs = {"num_workers": num_workers, "pin_memory": pin_memory}
+    if num_workers > 0:
+        kwargs["prefetch_factor"] = 4
+    return kwargs
+
+
+def make_train_loader(
+    table: DatasetTable,
+    schema: LabelSchema,
+    spec: ModelSpec,
+    batch_size: int,
+    epochs: int = 1,
+    seed: int = 0,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    views: str = "ark",
+    jitter_p: float = 0.3,
+    max_steps: int | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The batches of one visit, in a reproducible order with reproducible augmentation."""
+    order = visit_draws(len(table), batch_size, epochs, seed, max_steps)
+    pair = ViewPair(spec.img_size, crop_scale, views, jitter_p)
+    dataset = TrainDataset(table, schema, spec.img_size, pair, order, seed)
+    return DataLoader(
+        dataset, batch_size=min(batch_size, len(table)), shuffle=False, drop_last=False,
+        collate_fn=TrainCollate(spec), **_loader_kwargs(num_workers, pin_memory),
+    )
+
+
+def make_eval_loader(
+    table: DatasetTable, schema: LabelSchema, spec: ModelSpec, batch_size: int, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """Every row once, in order, resized to the model's size: :class:`EvalBatch` (images, targets, mask).
+
+    Targets are hard (no smoothing); uncertain labels are masked out (see :func:`evaluation_schema`).
+    """
+    dataset = EvalDataset(table, schema, spec.img_size)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=EvalCollate(spec),
+        **_loader_kwargs(num_workers, pin_memory),
+    )

@@ -1,0 +1,151 @@
+"""``arkfed bias``: the Ark paper's gender-bias protocol on a site with recorded sex.
+
+Linear probes on the frozen embedding are trained on male-only and on female-only training
+images (subsampled to equal size, so neither wins by having more data) and each is tested on the
+male and on the female test images. For every finding and every test group the AUC gap between
+the probe trained on the same sex and the one trained on the other sex is tested with DeLong's
+test for two correlated ROC curves (both probes score the same test images). A model whose
+embedding encodes a finding the same way in both sexes shows no significant gaps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from arkfed.dataset import DatasetTable
+from arkfed.errors import ArkfedError
+from arkfed.evaluation.embeddings import FeatureKind, embed_table
+from arkfed.evaluation.linear_probe import fit_probe_logits, subset
+from arkfed.metrics import scores_from_logits
+from arkfed.model import ArkModel
+from arkfed.schema import LabelSchema
+from arkfed.weights import atomic_write
+
+SEXES = ("M", "F")
+
+
+def delong_test(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> tuple[float, float, float]:
+    """DeLong's test of two correlated AUCs on the same cases -> (auc_a, auc_b, two-sided p).
+
+    Fast form of Sun & Xu (2014) with mid-ranks; NaNs when one label value is absent.
+    """
+    from scipy.stats import norm, rankdata
+
+    pos = np.asarray(labels).astype(bool)
+    m, n = int(pos.sum()), int((~pos).sum())
+    if m < 2 or n < 2:
+        return float("nan"), float("nan"), float("nan")
+    scores = np.stack([scores_a, scores_b]).astype(np.float64)
+    x, y = scores[:, pos], scores[:, ~pos]
+    tx, ty = rankdata(x, axis=1), rankdata(y, axis=1)
+    tz = rankdata(np.concatenate([x, y], axis=1), axis=1)
+    aucs = tz[:, :m].sum(axis=1) / (m * n) - (m + 1.0) / (2.0 * n)
+    v01 = (tz[:, :m] - tx) / n
+    v10 = 1.0 - (tz[:, m:] - ty) / m
+    cov = np.cov(v01) / m + np.cov(v10) / n
+    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    diff = aucs[0] - aucs[1]
+    if var <= 1e-12:
+        p = 1.0 if abs(diff) < 1e-12 else 0.0
+    else:
+        p = float(2 * norm.sf(abs(diff) / np.sqrt(var)))
+    return float(aucs[0]), float(aucs[1]), p
+
+
+def sex_rows(table: DatasetTable, sex: str) -> np.ndarray:
+    return np.flatnonzero(table.meta["sex"].to_numpy() == sex)
+
+
+def balanced_train_rows(table: DatasetTable, seed: int, balance: bool = True) -> dict[str, np.ndarray]:
+    """Training rows per sex; with ``balance`` the larger group is subsampled to the smaller's size."""
+    rows = {s: sex_rows(table, s) for s in SEXES}
+    for s, r in rows.items():
+        if len(r) < 2:
+            raise ArkfedError(f"the training split has {len(r)} images with sex {s!r}; the bias protocol needs both sexes recorded")
+    if balance:
+        size = min(len(r) for r in rows.values())
+        rng = np.random.default_rng(seed)
+        rows = {s: np.sort(rng.choice(r, size=size, replace=False)) for s, r in rows.items()}
+    return rows
+
+
+@dataclass
+class BiasSettings:
+    features: FeatureKind = "projector"
+    balance: bool = True
+    alpha: float = 0.05
+    c: float = 1.0
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "cpu"
+
+
+def bias_analysis(model: ArkModel, train: DatasetTable, test: DatasetTable, schema: LabelSchema, settings: BiasSettings) -> dict:
+    """AUC of each (train sex, test sex) pair per finding, and the same-vs-other-sex gaps with p-values."""
+    tr, te = (embed_table(model, t, schema, settings.features, settings.batch_size, settings.device) for t in (train, test))
+    train_rows = balanced_train_rows(train, settings.seed, settings.balance)
+    test_rows = {s: sex_rows(test, s) for s in SEXES}
+    for s, r in test_rows.items():
+        if len(r) < 2:
+            raise ArkfedError(f"the test split has {len(r)} images with sex {s!r}; the bias protocol needs both sexes recorded")
+    scores = {s: scores_from_logits(fit_probe_logits(subset(tr, r), te, schema, settings.c, settings.seed), schema.task)
+              for s, r in train_rows.items()}
+    findings = {}
+    for k, name in enumerate(schema.classes):
+        entry: dict = {}
+        for test_sex, rows in test_rows.items():
+            other = "F" if test_sex == "M" else "M"
+            keep = rows[te.mask[rows, k] > 0]
+            y = te.targets[keep, k] > 0.5
+            same, cross, p = delong_test(y, scores[test_sex][keep, k], scores[other][keep, k])
+            entry[f"{test_sex}->{test_sex}"] = same
+            entry[f"{other}->{test_sex}"] = cross
+            entry[f"gap_on_{test_sex}"] = same - cross
+            entry[f"p_on_{test_sex}"] = p
+            entry[f"significant_on_{test_sex}"] = bool(p < settings.alpha) if not np.isnan(p) else False
+        findings[name] = entry
+    return {
+        "features": settings.features, "balanced": settings.balance, "alpha": settings.alpha, "test": "DeLong",
+        "train_sizes": {s: int(len(r)) for s, r in train_rows.items()},
+        "test_sizes": {s: int(len(r)) for s, r in test_rows.items()},
+        "findings": findings,
+    }
+
+
+def plot_bias(result: dict, path: Path, title: str = "") -> Path:
+    """Grouped bars, one panel per test sex: per finding, the AUC of the male-trained and the
+    female-trained probe; '*' marks a gap significant at ``alpha``. Findings the test split
+    cannot score (one label value only) are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    findings = result["findings"]
+    names = [n for n, e in findings.items() if any(np.isfinite(e[f"{a}->{b}"]) for a in SEXES for b in SEXES)]
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.75 * len(names) + 2), 7), sharex=True)
+    width = 0.38
+    x = np.arange(len(names))
+    for ax, test_sex in zip(axes, SEXES):
+        for i, train_sex in enumerate(SEXES):
+            values = [findings[n][f"{train_sex}->{test_sex}"] for n in names]
+            ax.bar(x + (i - 0.5) * width, values, width, label=f"trained on {'male' if train_sex == 'M' else 'female'} images",
+                   color=("#4477aa", "#cc6677")[i])
+        for j, n in enumerate(names):
+            if findings[n][f"significant_on_{test_sex}"]:
+                top = np.nanmax([findings[n][f"M->{test_sex}"], findings[n][f"F->{test_sex}"]])
+                ax.text(j, top + 0.02, "*", ha="center", fontsize=16)
+        ax.set_title(f"tested on {'male' if test_sex == 'M' else 'female'} images", fontsize=10)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(0.0, 1.2)
+        ax.set_ylabel("AUC")
+    axes[1].set_xticks(x, names, rotation=30, ha="right")
+    axes[0].legend(loc="upper left", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(title or f"Gender bias (linear probes, DeLong p < {result['alpha']} marked *)", fontsize=11)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path

@@ -1,0 +1,172 @@
+"""The coordinator's processes: its Flower SuperLink and the submitted run (``arkfed coordinator``).
+
+:class:`Coordinator` starts ``flower-superlink`` (TLS + SuperNode authentication with a certificate
+folder, or ``--insecure``), registers each site's public key under the site's name, submits the
+generated Flower app with ``flwr run --stream`` and follows the ServerApp through the status file
+it writes. Layout at the coordinator::
+
+    RUN/flower/            FLWR_HOME of the SuperLink and the flwr CLI (config.toml, installed app)
+    RUN/flower/app/        the generated Flower app (pyproject.toml only)
+    RUN/logs/              superlink.log, serverapp.log (the ServerApp's output), coordinator.log,
+                           inbox.jsonl (what every site message carried), registered-sites.log
+
+Sites are started by :mod:`arkfed.federation.site_node`; both together on one machine by
+:mod:`arkfed.federation.loopback`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from arkfed.errors import ArkfedError
+from arkfed.federation.certs import CertificateFolder, public_key_fingerprint
+from arkfed.federation.flower_app import CONNECTION, split_address, write_connection, write_flower_app
+from arkfed.federation.processes import ManagedProcess, flower_env, flower_executable, run_flower_cli, stop_all, wait_for_port
+from arkfed.federation.protocol import FederationSettings
+from arkfed.federation.status import FederationStatus, read_status
+
+START_TIMEOUT = 60.0
+
+
+def prepare_run(out: Path, config, fed: FederationSettings, resume: bool):
+    """Write (or, on resume, check) the run folder the ServerApp will read."""
+    from arkfed.runs import RunFolder
+
+    run = RunFolder(out)
+    if resume:
+        if not run.has_run():
+            raise ArkfedError(f"{run.path}: nothing to resume (no config.yaml)")
+        return run.read_config(), FederationSettings.read(run.path)
+    if run.has_run():
+        raise ArkfedError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_config(config)
+    fed.write(run.path)
+    return config, fed
+
+
+def print_insecure_warning(echo: Callable[[str], None]) -> None:
+    echo("WARNING: --insecure: traffic between coordinator and sites is NOT encrypted and sites are NOT "
+         "authenticated; anyone who can reach the port can join. Use only on a trusted network or for trials.")
+
+
+class Coordinator:
+    """The coordinator's SuperLink plus the submitted run (``flwr run`` streaming its logs)."""
+
+    def __init__(self, run_dir: Path, address: str, certs: CertificateFolder | None, sites: Sequence[str]):
+        self.run_dir = Path(run_dir).resolve()
+        self.host, self.port = split_address(address)
+        self.certs, self.sites = certs, list(sites)
+        self.home = self.run_dir / "flower"
+        self.logs = self.run_dir / "logs"
+        self.superlink: ManagedProcess | None = None
+        self.runner: ManagedProcess | None = None
+        if certs is not None:
+            certs.check_coordinator()
+            missing = [s for s in self.sites if s not in certs.registered_sites()]
+            if missing:
+                raise ArkfedError(
+                    f"no public key for site(s) {missing} in {certs.sites_dir}; create them with "
+                    f"`arkfed certs init {certs.root} --coordinator-host HOST --sites {','.join(missing)}`"
+                )
+
+    @property
+    def env(self) -> dict[str, str]:
+        return flower_env(self.home)
+
+    def start(self) -> None:
+        """Start the SuperLink and, with authentication, register each site's public key by name."""
+        argv = [flower_executable("flower-superlink"), "--host", self.host, "--port", str(self.port),
+                "--disable-runtime-dependency-installation"]
+        if self.certs is None:
+            argv.append("--insecure")
+        else:
+            argv += ["--ssl-certfile", str(self.certs.coordinator_cert), "--ssl-keyfile", str(self.certs.coordinator_key),
+                     "--ssl-ca-certfile", str(self.certs.ca_cert), "--enable-supernode-auth"]
+        write_connection(self.home, self.port, self.certs.ca_cert if self.certs else None)
+        self.superlink = ManagedProcess.start("SuperLink", argv, self.env, self.logs / "superlink.log")
+        wait_for_port(self.host, self.port, self.superlink, START_TIMEOUT)
+        if self.certs is not None:
+            self._register_sites()
+
+    def _register_sites(self) -> None:
+        """``flwr supernode register KEY --name SITE`` for every listed site (concurrently)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        keys = self.certs.registered_sites()
+
+        def register(site: str) -> str:
+            run_flower_cli(["supernode", "register", str(keys[site]), CONNECTION, "--name", site, "--format", "json"], self.env)
+            return f"{site} {public_key_fingerprint(keys[site])}"
+
+        with ThreadPoolExecutor(max_workers=max(len(self.sites), 1)) as pool:
+            lines = list(pool.map(register, self.sites))
+        (self.logs / "registered-sites.log").write_text("\n".join(lines) + "\n")
+
+    def submit(self, run_dir: Path | None = None) -> None:
+        """Submit the generated app for ``run_dir`` (default: the first run folder); ``flwr run
+        --stream`` follows the ServerApp until it ends. One run at a time; the SuperLink and the
+        connected sites serve any number of runs one after the other."""
+        if self.runner is not None and self.runner.alive():
+            raise ArkfedError(f"a run is still going on in {self.run_dir}")
+        if run_dir is not None:
+            self.run_dir = Path(run_dir).resolve()
+        app_dir = write_flower_app(self.run_dir)
+        argv = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        self.runner = ManagedProcess.start("flwr run", argv, self.env, self.run_dir / "logs" / "serverapp.log")
+
+    def status(self) -> FederationStatus | None:
+        return read_status(self.run_dir)
+
+    def wait(self, timeout: float | None = None, on_status: Callable[[FederationStatus | None], None] | None = None,
+             poll: float = 0.5) -> FederationStatus:
+        """Until the ServerApp reports finished/failed; raise if it or the SuperLink dies first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ended_at = None
+        while True:
+            status = self.status()
+            if on_status is not None:
+                on_status(status)
+            if status is not None and status.finished:
+                self._let_runner_end(30.0)
+                return status
+            if self.superlink is not None and not self.superlink.alive():
+                raise ArkfedError(f"the SuperLink stopped (status {self.superlink.returncode}); log {self.superlink.log_path}:\n{self.superlink.log_tail()}")
+            if self.runner is not None and not self.runner.alive():
+                ended_at = ended_at or time.monotonic()
+                if time.monotonic() - ended_at > 2:  # the status file gets a moment to land
+                    raise ArkfedError(f"the ServerApp ended without finishing the run; {self.runner.log_path} ends:\n{self.runner.log_tail()}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise ArkfedError(f"the federated run did not finish within {timeout:.0f} s (status: {status.phase if status else 'none'})")
+            time.sleep(poll)
+
+    def _let_runner_end(self, timeout: float) -> None:
+        """After the ServerApp reported the end, ``flwr run --stream`` exits once Flower marks the
+        run finished; give it ``timeout`` seconds, then stop it (it only streams logs)."""
+        if self.runner is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self.runner.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.runner.stop()
+
+    def stop(self) -> None:
+        stop_all([self.runner, self.superlink])
+
+
+def run_coordinator(config, out: Path, fed: FederationSettings, address: str, certs: CertificateFolder | None,
+                    resume: bool = False, view=None, timeout: float | None = None) -> dict:
+    """``arkfed coordinator``: SuperLink + ServerApp for sites that join from elsewhere; the summary."""
+    config, fed = prepare_run(Path(out), config, fed, resume)
+    coordinator = Coordinator(Path(out), address, certs, config.sites)
+    try:
+        coordinator.start()
+        coordinator.submit()
+        status = coordinator.wait(timeout, view.update if view is not None else None)
+    finally:
+        coordinator.stop()
+    if status.phase == "failed":
+        raise ArkfedError(f"federated run failed: {status.error}")
+    return status.summary or {}

@@ -1,0 +1,207 @@
+"""What travels between the coordinator and the sites, as Flower records.
+
+Three message types, each a request from the coordinator and a reply from one site:
+
+- ``query.hello`` (who are you?): request carries the run's id, site list and its schema record;
+  the reply names the site and its label schema and gives its split sizes;
+- ``train.visit``: request carries the student and teacher (backbone + projector arrays), the
+  visit's settings and plan (JSON in a ConfigRecord) and which version of the site's head to start
+  from; the reply carries the student (and the teacher with per-iteration EMA) and the visit's
+  scalar metrics;
+- ``evaluate.round``: request carries student and teacher; the reply carries scalar metrics only.
+
+Model weights (parameters and buffers, in ``state_dict`` order) go packed into one flat array per
+dtype, byte-exact, so a federated visit computes exactly what a local one does. Nothing else of a
+site's data is ever put in a reply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from pydantic import BaseModel
+
+from arkfed.errors import ArkfedError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+HELLO = "query.hello"
+VISIT = "train.visit"
+EVALUATE = "evaluate.round"
+
+STUDENT = "student"
+TEACHER = "teacher"
+HEAD = "head"
+METRICS = "metrics"
+REQUEST = "request"
+SITE = "site"
+
+AUC_PREFIX = "auc."
+NO_HEAD = -1  # head version meaning "start from the initial head sent along"
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def model_record(module: "nn.Module") -> ArrayRecord:
+    """A module's full ``state_dict`` (parameters and buffers) packed into one flat array per dtype.
+
+    Flower moves every array as its own object (one HTTP request or more each), so a model sent
+    tensor by tensor costs hundreds of requests per hop; packed, it is a handful of 5 MB chunks.
+    The order is the module's ``state_dict`` order, which the receiver rebuilds from the same
+    :class:`~arkfed.model.ModelSpec`; values are copied bit for bit.
+    """
+    import numpy as np
+
+    groups: dict[str, list] = {}
+    for tensor in module.state_dict().values():
+        array = tensor.detach().cpu().contiguous().numpy()
+        groups.setdefault(_dtype(tensor), []).append(array.reshape(-1))
+    record = ArrayRecord()
+    for dtype, parts in groups.items():
+        record[dtype] = Array(np.concatenate(parts))
+    return record
+
+
+def _dtype(tensor) -> str:
+    """The numpy name of a tensor's dtype ("float32", "int64", ...)."""
+    import torch
+
+    return str(torch.empty(0, dtype=tensor.dtype).numpy().dtype)
+
+
+def layout(module: "nn.Module") -> dict[str, int]:
+    """Number of values per dtype in a module's state (what a packed record must hold)."""
+    sizes: dict[str, int] = {}
+    for tensor in module.state_dict().values():
+        sizes[_dtype(tensor)] = sizes.get(_dtype(tensor), 0) + tensor.numel()
+    return sizes
+
+
+def load_model_record(module: "nn.Module", record: ArrayRecord, what: str = "model") -> None:
+    """Unpack a :func:`model_record` into ``module``; the sizes per dtype must match exactly."""
+    import torch
+
+    own = module.state_dict()
+    flat = {dtype: record[dtype].numpy() for dtype in record.keys()}
+    expected = layout(module)
+    got = {dtype: int(a.size) for dtype, a in flat.items()}
+    if got != expected:
+        raise ArkfedError(f"{what} arrays do not match the model: values per dtype {got}, the model has {expected}")
+    offsets = dict.fromkeys(flat, 0)
+    state = {}
+    for key, tensor in own.items():
+        dtype = _dtype(tensor)
+        start, n = offsets[dtype], tensor.numel()
+        state[key] = torch.from_numpy(flat[dtype][start : start + n].copy()).reshape(tensor.shape)
+        offsets[dtype] = start + n
+    module.load_state_dict(state)
+
+
+def unpack_state(module: "nn.Module", record: ArrayRecord) -> dict:
+    """A packed record as a ``state_dict`` shaped like ``module``'s (for averaging)."""
+    import copy
+
+    clone = copy.deepcopy(module)
+    load_model_record(clone, record)
+    return clone.state_dict()
+
+
+def json_record(**items: BaseModel | Any) -> ConfigRecord:
+    """Pydantic models and plain values as JSON strings in one ConfigRecord."""
+    values = {}
+    for key, value in items.items():
+        values[key] = value.model_dump_json() if isinstance(value, BaseModel) else json.dumps(value)
+    return ConfigRecord(values)
+
+
+def read_json(record: ConfigRecord, key: str, model: type[Model] | None = None) -> Any:
+    """One value of a :func:`json_record`, validated into ``model`` when given."""
+    if key not in record:
+        raise ArkfedError(f"message lacks {key!r} (coordinator and site run different arkfed versions?)")
+    text = str(record[key])
+    return model.model_validate_json(text) if model is not None else json.loads(text)
+
+
+def _number(value: Any) -> float | int:
+    if hasattr(value, "item") and not isinstance(value, (int, float)):  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if value is None:
+        return math.nan
+    return float(value)
+
+
+def metrics_record(values: dict[str, Any]) -> MetricRecord:
+    """Scalar metrics (nested dicts of numbers, e.g. per-class AUCs) as a flat MetricRecord."""
+    flat: dict[str, float | int] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            for sub, number in value.items():
+                flat[f"{key}.{sub}"] = _number(number)
+        elif isinstance(value, (int, float, bool)) or value is None or getattr(value, "ndim", None) == 0:
+            flat[key] = _number(value)
+        else:
+            raise TypeError(f"metric {key!r} is not a number ({type(value).__name__}); only scalars leave a site")
+    return MetricRecord(flat)
+
+
+BOOLEAN_METRICS = ("bn_recalibrated",)
+
+
+def eval_result(record: MetricRecord, classes: tuple[str, ...]) -> dict:
+    """The dict :func:`arkfed.metrics.evaluate_site` returned at the site, from its MetricRecord:
+    same keys in the same order, per-class AUCs nested again (in schema order), flags as bools."""
+    result: dict[str, Any] = {}
+    for key, value in record.items():
+        if key.startswith(AUC_PREFIX):
+            if "auc" not in result:
+                aucs = {name: float(record[f"{AUC_PREFIX}{name}"]) for name in classes if f"{AUC_PREFIX}{name}" in record}
+                result["auc"] = aucs
+        elif key in BOOLEAN_METRICS:
+            result[key] = bool(value)
+        else:
+            result[key] = value
+    return result
+
+
+def request_content(request: ConfigRecord, **arrays: ArrayRecord) -> RecordDict:
+    content = RecordDict({REQUEST: request})
+    for name, record in arrays.items():
+        content[name] = record
+    return content
+
+
+_ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:\\|/)[^\s'\"<>|:,;)]+")
+
+
+def redact_paths(text: str) -> str:
+    """Error text that leaves a site: local paths replaced (the site's log keeps the full message)."""
+    return _ABSOLUTE_PATH.sub("<local path>", text)
+
+
+def describe_content(content: RecordDict) -> dict[str, dict]:
+    """What a message carries, for the site's outbox audit log: per record its kind and, for
+    arrays, keys/dtypes/shapes/bytes; for metrics and config records, every value."""
+    out: dict[str, dict] = {}
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            out[name] = {
+                "kind": "arrays",
+                "arrays": {k: {"dtype": a.dtype, "shape": list(a.shape), "bytes": len(a.data)} for k, a in record.items()},
+                "bytes": record.count_bytes(),
+            }
+        elif isinstance(record, MetricRecord):
+            out[name] = {"kind": "metrics", "values": {k: v for k, v in record.items()}}
+        elif isinstance(record, ConfigRecord):
+            out[name] = {"kind": "config", "values": {k: (v if not isinstance(v, bytes) else f"<{len(v)} bytes>") for k, v in record.items()}}
+        else:  # pragma: no cover - Flower has no other record types today
+            out[name] = {"kind": type(record).__name__}
+    return out

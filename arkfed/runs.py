@@ -1,0 +1,148 @@
+"""The run folder: everything needed to inspect, reuse or resume a training run.
+
+::
+
+    RUN/config.yaml               the resolved TrainConfig
+    RUN/metrics.jsonl             one JSON object per visit ("kind": "visit") and per evaluation ("kind": "eval")
+    RUN/checkpoint.safetensors    student, teacher, every head and the visit counter, written atomically after every visit
+    RUN/teacher.safetensors       the teacher (backbone + projector): the foundation model
+    RUN/student.safetensors
+    RUN/heads/<site>.safetensors  each site's head, with its class names and schema
+    RUN/summary.json              final metrics per site
+
+The checkpoint is one file so that it is always consistent (weights and counter from the same
+moment); ``metrics.jsonl`` is trimmed back to the checkpoint on resume, so a crash between a
+checkpoint and a metrics line never leaves duplicates or holes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from arkfed.errors import ArkfedError
+from arkfed.model import ArkModel, ModelSpec, SiteHead
+from arkfed.schema import LabelSchema
+from arkfed.training import TrainConfig
+from arkfed.weights import atomic_write, read_safetensors, save_ark_model, save_head, save_safetensors
+
+CHECKPOINT_KEY = "arkfed_checkpoint"
+
+
+@dataclass
+class RunState:
+    """The weights of a run between two visits, and how many visits they include."""
+
+    student: ArkModel
+    teacher: ArkModel
+    heads: dict[str, SiteHead]
+    visits_done: int = 0
+
+
+class RunFolder:
+    """Reads and writes one run folder (local or federated coordinator)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    checkpoint_path = property(lambda self: self.path / "checkpoint.safetensors")
+    summary_path = property(lambda self: self.path / "summary.json")
+    heads_dir = property(lambda self: self.path / "heads")
+
+    def has_run(self) -> bool:
+        return self.config_path.is_file()
+
+    # -- config ---------------------------------------------------------------------------
+    def write_config(self, config: TrainConfig) -> None:
+        text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+        atomic_write(self.config_path, lambda tmp: tmp.write_text(text))
+
+    def read_config(self) -> TrainConfig:
+        if not self.config_path.is_file():
+            raise ArkfedError(f"{self.path}: not a run folder (no config.yaml)")
+        try:
+            return TrainConfig.model_validate(yaml.safe_load(self.config_path.read_text()))
+        except Exception as exc:
+            raise ArkfedError(f"{self.config_path}: invalid run config: {exc}") from None
+
+    # -- metrics --------------------------------------------------------------------------
+    def append_metrics(self, record: dict) -> None:
+        """Append one JSON line and flush it to disk (a killed run keeps every finished line)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.is_file():
+            return []
+        records = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+        return records
+
+    def rewrite_metrics(self, records: list[dict]) -> None:
+        text = "".join(json.dumps(r, allow_nan=True) + "\n" for r in records)
+        atomic_write(self.metrics_path, lambda tmp: tmp.write_text(text))
+
+    # -- checkpoint -----------------------------------------------------------------------
+    def save_checkpoint(self, state: RunState) -> None:
+        tensors = {f"student.{k}": v for k, v in state.student.state_dict().items()}
+        tensors |= {f"teacher.{k}": v for k, v in state.teacher.state_dict().items()}
+        for site, head in state.heads.items():
+            tensors |= {f"heads.{site}.{k}": v for k, v in head.state_dict().items()}
+        meta = {
+            "visits_done": state.visits_done,
+            "spec": state.student.spec.model_dump(mode="json"),
+            "heads": {site: head.schema.model_dump(mode="json") for site, head in state.heads.items()},
+        }
+        save_safetensors(self.checkpoint_path, tensors, {CHECKPOINT_KEY: json.dumps(meta)})
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_path.is_file()
+
+    def load_checkpoint(self) -> RunState:
+        tensors, metadata = read_safetensors(self.checkpoint_path)
+        if CHECKPOINT_KEY not in metadata:
+            raise ArkfedError(f"{self.checkpoint_path}: not an arkfed checkpoint")
+        meta = json.loads(metadata[CHECKPOINT_KEY])
+        spec = ModelSpec.model_validate(meta["spec"])
+
+        def part(prefix: str) -> dict:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        student, teacher = ArkModel(spec), ArkModel(spec)
+        student.load_state_dict(part("student."))
+        teacher.load_state_dict(part("teacher."))
+        heads = {}
+        for site, schema in meta["heads"].items():
+            head = SiteHead(site, LabelSchema.model_validate(schema), spec.projector_dim)
+            head.load_state_dict(part(f"heads.{site}."))
+            heads[site] = head
+        return RunState(student, teacher, heads, int(meta["visits_done"]))
+
+    # -- weights and summary --------------------------------------------------------------
+    def save_weights(self, state: RunState) -> None:
+        """teacher/student ArkModel files and one head file per site (loadable by arkfed.weights)."""
+        save_ark_model(self.path / "teacher.safetensors", state.teacher)
+        save_ark_model(self.path / "student.safetensors", state.student)
+        for site, head in state.heads.items():
+            save_head(self.heads_dir / f"{site}.safetensors", head)
+
+    def write_summary(self, summary: dict) -> None:
+        text = json.dumps(summary, indent=2, allow_nan=True)
+        atomic_write(self.summary_path, lambda tmp: tmp.write_text(text))
+
+    def read_summary(self) -> dict:
+        return json.loads(self.summary_path.read_text())
+

@@ -1,0 +1,56 @@
+"""Ark's schedules (consistency weight, teacher momentum) and the teacher EMA update.
+
+Both schedules follow Ark's reference ``cosine_scheduler`` (from DINO), indexed by site visit:
+``value(v) = final + (base - final) * (1 + cos(pi * v / T)) / 2`` for ``v`` in ``[0, T)``, so the
+first visit gets ``base`` and the last approaches ``final``. The consistency weight goes 0 -> c_max
+(0.5) and the teacher momentum ``base`` (0.9) -> 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def cosine_value(base: float, final: float, step: float, total: int) -> float:
+    """Ark's/DINO's cosine interpolation from ``base`` (step 0) towards ``final`` (step ``total``)."""
+    if total <= 0:
+        raise ValueError(f"total must be positive, got {total}")
+    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * step / total))
+
+
+def consistency_weight(visit: float, total_visits: int, max_c: float = 0.5) -> float:
+    """c for a visit: 0 at the first visit, rising to ``max_c`` by the end of the run."""
+    return cosine_value(0.0, max_c, visit, total_visits)
+
+
+def teacher_momentum(visit: float, total_visits: int, base: float = 0.9) -> float:
+    """EMA momentum for a visit: ``base`` at the first visit, rising to 1 (a frozen teacher)."""
+    return cosine_value(base, 1.0, visit, total_visits)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameters *and* buffers.
+
+    Floating-point buffers (BatchNorm running mean/var) are averaged like parameters, so a CNN
+    teacher's normalisation statistics follow its weights (Ark's code leaves them stale). Integer
+    buffers (``num_batches_tracked``) are copied from the student.
+    """
+    t_state = teacher.state_dict(keep_vars=True)
+    s_state = student.state_dict(keep_vars=True)
+    if t_state.keys() != s_state.keys():
+        raise ValueError("teacher and student have different architectures")
+    t_float, s_float = [], []
+    for key, t in t_state.items():
+        s = s_state[key]
+        if t.dtype.is_floating_point:
+            t_float.append(t.data)
+            s_float.append(s.data.to(t.dtype))
+        else:
+            t.data.copy_(s.data)
+    if t_float:
+        torch._foreach_mul_(t_float, momentum)
+        torch._foreach_add_(t_float, s_float, alpha=1.0 - momentum)

@@ -1,0 +1,148 @@
+"""One Ark site visit: the only training step there is, in local and in federated runs.
+
+:func:`train_site_visit` trains the student backbone+projector and the site's private head for
+``local_epochs`` over the site's training split, with Ark's loss
+``(1 - c) * task_loss + c * MSE(student(view1), teacher(view2))``. It holds no coordinator state
+and is deterministic given (weights, settings, plan): data order, augmentation, label-smoothing
+draws and dropout are all seeded from ``plan.seed`` (the caller's global RNG is left untouched).
+
+Optimizer: a fresh timm optimizer per visit with ``plan.lr`` (the global warm-up + cosine lr at
+this visit). Optimizer state is therefore never carried between sites, so nothing but weights
+travels between visits and a resumed or federated run matches a local one exactly.
+
+The teacher gets no gradients and stays in eval mode (its BatchNorm statistics come only from
+the EMA). With ``settings.ema == "visit"`` (Ark's default) the *caller* applies
+:func:`arkfed.schedules.ema_update` with ``plan.momentum`` after the visit; with ``"iteration"``
+the visit updates the teacher after every step, the momentum following the cosine schedule at
+fractional visit positions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from arkfed.data import make_train_loader
+from arkfed.errors import ArkfedError
+from arkfed.losses import ark_loss, consistency_loss, task_loss
+from arkfed.model import ArkModel, SiteHead
+from arkfed.schedules import ema_update, teacher_momentum
+from arkfed.site import Site
+from arkfed.training import TrainSettings, VisitPlan, autocast, memory_format, resolve_device
+
+VisitProgress = Callable[[int, int, float], None]
+"""Called after every step with (step done, steps in this visit, loss of the step)."""
+
+
+class VisitResult(BaseModel):
+    """Scalar outcome of a visit (all a site ever reports besides the weights)."""
+
+    site: str
+    round: int
+    visit: int
+    loss: float
+    task_loss: float
+    consistency_loss: float
+    num_examples: int
+    steps: int
+    seconds: float
+    images_per_s: float
+    lr: float
+    consistency: float
+    momentum: float
+
+
+def make_optimizer(student: nn.Module, head: nn.Module, settings: TrainSettings, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer over student + head (no weight decay on biases and norm layers)."""
+    from timm.optim import create_optimizer_v2
+
+    kwargs = {"momentum": settings.momentum} if settings.optimizer == "sgd" else {}
+    return create_optimizer_v2(
+        nn.ModuleDict({"student": student, "head": head}), opt=settings.optimizer, lr=lr,
+        weight_decay=settings.weight_decay, **kwargs,
+    )
+
+
+def _check_head(head: SiteHead, site: Site, student: ArkModel) -> None:
+    if head.out_features != site.schema.num_classes or head.in_features != student.embed_dim:
+        raise ArkfedError(
+            f"head has {head.in_features}->{head.out_features} units, but the schema has {site.schema.num_classes} "
+            f"classes and the model embeds to {student.embed_dim}", site=site.name,
+        )
+
+
+def train_site_visit(
+    student: ArkModel,
+    teacher: ArkModel,
+    head: SiteHead,
+    site: Site,
+    settings: TrainSettings,
+    plan: VisitPlan,
+    progress: VisitProgress | None = None,
+) -> VisitResult:
+    """Train ``student`` and ``head`` in place on ``site``'s training split for one visit."""
+    _check_head(head, site, student)
+    device = resolve_device(settings.device)
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(plan.seed)  # dropout / drop-path draws
+        return _run_visit(student, teacher, head, site, settings, plan, device, progress)
+
+
+def _run_visit(student, teacher, head, site, settings, plan, device, progress) -> VisitResult:
+    fmt = memory_format(device)
+    student.to(device, memory_format=fmt).train()
+    teacher.to(device, memory_format=fmt).eval()
+    teacher.requires_grad_(False)
+    head.to(device).train()
+    loader = make_train_loader(
+        site.split("train"), site.schema, student.spec, settings.batch_size, epochs=settings.local_epochs,
+        seed=plan.seed, crop_scale=settings.crop_scale, views=settings.views, jitter_p=settings.jitter_p,
+        max_steps=settings.max_steps_per_visit, num_workers=settings.num_workers, pin_memory=device.type == "cuda",
+    )
+    optimizer = make_optimizer(student, head, settings, plan.lr)
+    c = plan.consistency
+    steps = len(loader)
+    totals = torch.zeros(3, dtype=torch.float64)
+    examples = 0
+    start = time.perf_counter()
+    for step, batch in enumerate(loader):
+        xs = batch.student.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        targets = batch.targets.to(device, non_blocking=True)
+        mask = batch.mask.to(device, non_blocking=True)
+        with autocast(device):
+            z_student = student(xs)
+            logits = head(z_student)
+            z_teacher = None
+            if c > 0:
+                xt = batch.teacher.to(device, non_blocking=True).contiguous(memory_format=fmt)
+                with torch.no_grad():
+                    z_teacher = teacher(xt)
+        task = task_loss(logits.float(), targets, mask, site.schema.task)
+        cons = consistency_loss(z_student.float(), z_teacher.float()) if z_teacher is not None else None
+        loss = ark_loss(task, cons, c)
+        value = float(loss.detach())
+        if not math.isfinite(value):  # stop before the step corrupts the weights; the last checkpoint stays good
+            raise ArkfedError(f"loss became {value} in visit {plan.visit} step {step}; lower --lr", site=site.name)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if settings.ema == "iteration":
+            ema_update(teacher, student, teacher_momentum(plan.visit + (step + 1) / steps, plan.total_visits, settings.momentum_teacher))
+        n = len(xs)
+        totals += torch.tensor([value, float(task.detach()), float(cons.detach()) if cons is not None else 0.0]) * n
+        examples += n
+        if progress is not None:
+            progress(step + 1, steps, value)
+    seconds = time.perf_counter() - start
+    mean = (totals / max(examples, 1)).tolist()
+    return VisitResult(
+        site=site.name, round=plan.round, visit=plan.visit, loss=mean[0], task_loss=mean[1], consistency_loss=mean[2],
+        num_examples=examples, steps=steps, seconds=seconds, images_per_s=examples / seconds if seconds > 0 else 0.0,
+        lr=plan.lr, consistency=c, momentum=plan.momentum,
+    )

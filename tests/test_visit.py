@@ -1,0 +1,111 @@
+"""The site visit: deterministic given (weights, settings, plan), teacher untouched, metrics."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from arkfed.errors import ArkfedError
+from arkfed.model import ArkModel, ModelSpec, SiteHead
+from arkfed.schedules import ema_update, teacher_momentum
+from arkfed.site import Site, SiteConfig
+from arkfed.training import TrainSettings, VisitPlan
+from arkfed.visit import train_site_visit
+from synthetic import multilabel_schema, synthetic_table
+
+SPEC = ModelSpec(model="test_resnet", img_size=32, projector_dim=16)
+
+
+def make_site(n=40, uncertain=0.2) -> Site:
+    schema = multilabel_schema()
+    splits = {"train": synthetic_table(n, schema.classes, 32, seed=0, uncertain=uncertain)}
+    return Site(SiteConfig(name="s1", dataset="synthetic", root="."), None, schema, splits)
+
+
+def make_models(seed=0):
+    torch.manual_seed(seed)
+    student = ArkModel(SPEC)
+    teacher = copy.deepcopy(student)
+    head = SiteHead("s1", multilabel_schema(), SPEC.projector_dim)
+    return student, teacher, head
+
+
+def plan(**kw) -> VisitPlan:
+    values = dict(round=1, visit=4, total_visits=9, site="s1", consistency=0.3, momentum=0.95, lr=0.01, seed=11)
+    return VisitPlan(**(values | kw))
+
+
+def states(*modules):
+    return [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+SETTINGS = TrainSettings(batch_size=8, max_steps_per_visit=3, lr=0.01)
+
+
+def test_visit_is_deterministic_and_leaves_the_teacher_alone():
+    site = make_site()
+    runs = []
+    for _ in range(2):
+        student, teacher, head = make_models()
+        teacher_before = states(teacher)[0]
+        result = train_site_visit(student, teacher, head, site, SETTINGS, plan())
+        assert same(states(teacher)[0], teacher_before)  # visit-wise EMA is the caller's job
+        assert all(p.grad is None for p in teacher.parameters())
+        runs.append((states(student, head), result))
+    (a, ra), (b, rb) = runs
+    assert same(a[0], b[0]) and same(a[1], b[1])
+    assert ra.loss == rb.loss and ra.num_examples == 24 and ra.steps == 3
+    assert ra.consistency_loss > 0 and ra.task_loss > 0
+    assert ra.loss == pytest.approx(0.7 * ra.task_loss + 0.3 * ra.consistency_loss, rel=1e-5)
+    student, teacher, head = make_models()
+    train_site_visit(student, teacher, head, site, SETTINGS, plan(seed=12))
+    assert not same(states(student)[0], a[0])  # the plan's seed drives data order and augmentation
+
+
+def test_visit_trains_student_and_head_and_keeps_callers_rng():
+    site = make_site()
+    student, teacher, head = make_models()
+    before = states(student, head)
+    torch.manual_seed(123)
+    train_site_visit(student, teacher, head, site, SETTINGS, plan(consistency=0.0))
+    after_visit = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after_visit)
+    after = states(student, head)
+    assert not same(before[0], after[0]) and not same(before[1], after[1])
+
+
+def test_first_visit_has_no_consistency_term():
+    student, teacher, head = make_models()
+    result = train_site_visit(student, teacher, head, make_site(), SETTINGS, plan(consistency=0.0))
+    assert result.consistency_loss == 0.0 and result.loss == result.task_loss
+
+
+def test_per_iteration_ema_updates_teacher_after_each_step():
+    site = make_site()
+    student, teacher, head = make_models()
+    teacher0 = copy.deepcopy(teacher)
+    settings = SETTINGS.model_copy(update={"ema": "iteration", "max_steps_per_visit": 1})
+    p = plan()
+    train_site_visit(student, teacher, head, site, settings, p)
+    ema_update(teacher0, student, teacher_momentum(p.visit + 1, p.total_visits, settings.momentum_teacher))
+    for key, value in teacher.state_dict().items():
+        assert torch.allclose(value.float(), teacher0.state_dict()[key].float(), atol=1e-6), key
+    assert not same(states(teacher)[0], states(make_models()[1])[0])
+
+
+def test_progress_callback_and_wrong_head_error():
+    site = make_site()
+    student, teacher, head = make_models()
+    calls = []
+    train_site_visit(student, teacher, head, site, SETTINGS, plan(), progress=lambda s, n, loss: calls.append((s, n)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    wrong = SiteHead("s1", multilabel_schema(("a", "b")), SPEC.projector_dim)
+    with pytest.raises(ArkfedError, match="s1"):
+        train_site_visit(student, teacher, wrong, site, SETTINGS, plan())
