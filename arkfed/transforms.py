@@ -8,8 +8,8 @@ shift/scale/rotate, as in Ark's reference augmentation. The views then differ by
 - ``ark+``: the teacher sees the whole resized image instead (no crop, no jitter);
 - ``independent``: both views get their own independent jitter draw.
 
-Randomness comes from torch's global generator; :mod:`arkfed.data` seeds it per sample inside a
-``fork_rng`` block, so views are reproducible and independent of DataLoader workers.
+Randomness comes from torch's CPU generator; :func:`arkfed.data.seeded_torch` seeds it per sample (and
+restores it), so views are reproducible and independent of DataLoader workers.
 """
 
 from __future__ import annotations

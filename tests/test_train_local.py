@@ -130,3 +130,14 @@ def test_three_site_demo_run_teacher_learns(tiny_demo, tmp_path):
     teacher = {name: entry["teacher"]["mean_auc"] for name, entry in summary["sites"].items()}
     assert np.mean(list(teacher.values())) >= 0.65, teacher
     assert min(teacher.values()) > 0.6, teacher
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path):
+    site = synthetic_site("only", ("x", "y"), 3)
+    config = tiny_config(["only"], rounds=1)
+    RunFolder(tmp_path / "run").write_config(config)  # killed right after writing its config
+    with pytest.raises(Exception, match="--resume"):
+        train_local(config, tmp_path / "run", sites={"only": site})
+    summary = train_local(config, tmp_path / "run", resume=True, sites={"only": site})
+    fresh = train_local(config, tmp_path / "fresh", sites={"only": site})
+    assert summary["sites"] == fresh["sites"]

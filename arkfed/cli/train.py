@@ -11,7 +11,7 @@ import typer
 # - the demo (no --sites): sized so the synthetic federation learns visibly in ~5 minutes on 2
 #   CPU cores: timm's smallest ResNet at the demo images' full 128 px;
 # - real sites (--sites): the Ark paper's architecture and input size.
-DEMO_DEFAULTS = {"model": "test_resnet", "img_size": 128, "rounds": 10, "crop_scale": "0.7,1", "batch_size": 16, "lr": 3e-3}
+DEMO_DEFAULTS = {"model": "test_resnet", "img_size": 128, "rounds": 8, "crop_scale": "0.7,1", "batch_size": 16, "lr": 3e-3}
 SITES_DEFAULTS = {"model": "swin_base_patch4_window7_224", "img_size": 224, "rounds": 20, "crop_scale": "0.08,1", "batch_size": 32, "lr": 5e-4}
 DEMO_DIR = Path("demo-data")
 
@@ -22,7 +22,7 @@ HELP = (
     "site's val split is evaluated for student and teacher. Writes a run folder (config.yaml, metrics.jsonl, "
     "checkpoint, teacher.safetensors, heads/, summary.json).\n\n"
     "Without --sites it trains on the offline demo federation (synthetic images, generated into demo-data/ "
-    "if absent) with small defaults: test_resnet (timm's 0.4 M-parameter ResNet) at 128 px, 10 rounds, "
+    "if absent) with small defaults: test_resnet (timm's 0.4 M-parameter ResNet) at 128 px, 8 rounds, "
     "batch 16, lr 3e-3, crop scale 0.7-1, so that it learns visibly in about 5 minutes on 2 CPU cores.\n\n"
     "With --sites the defaults follow the Ark paper instead: swin_base_patch4_window7_224 at 224 px, "
     "crop scale 0.08-1, 20 rounds, batch 32, lr 5e-4. Options given explicitly override either set."
@@ -63,7 +63,7 @@ def _default_out() -> Path:
 
 def train(
     sites: Optional[str] = typer.Option(None, help="comma-separated site names (sites/NAME.yaml) or YAML paths; none = demo federation"),
-    rounds: Optional[int] = typer.Option(None, min=1, help="rounds; each visits every site once [demo 10, sites 20]"),
+    rounds: Optional[int] = typer.Option(None, min=1, help="rounds; each visits every site once [demo 8, sites 20]"),
     local_epochs: int = typer.Option(1, min=1, help="epochs over a site's training split per visit"),
     model: Optional[str] = typer.Option(None, help="timm backbone [demo test_resnet, sites swin_base_patch4_window7_224]"),
     img_size: Optional[int] = typer.Option(None, min=16, help="input size in pixels [demo 128, sites 224]"),
