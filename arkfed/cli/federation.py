@@ -33,6 +33,7 @@ def _train_config(sites: list[str], config_file: Optional[Path], **options):
     """The run's TrainConfig: from a YAML file (e.g. an earlier run's config.yaml) or the options."""
     import yaml
 
+    from arkfed.cli.train import SITES_DEFAULTS
     from arkfed.errors import ArkfedError
     from arkfed.model import ModelSpec
     from arkfed.training import TrainConfig, TrainSettings
@@ -40,11 +41,13 @@ def _train_config(sites: list[str], config_file: Optional[Path], **options):
     try:
         if config_file is not None:
             data = yaml.safe_load(Path(config_file).read_text())
-            data.update({"sites": sites or data.get("sites", []), "site_configs": [], "rounds": options["rounds"] or data.get("rounds", 1)})
+            data.update({"sites": sites or data.get("sites", []), "site_configs": [], "rounds": options["rounds"] or data.get("rounds", SITES_DEFAULTS["rounds"])})
             return TrainConfig.model_validate(data)
+        # the same defaults as `arkfed train --sites`, so a federated run trains what a local one would
+        options = {k: SITES_DEFAULTS[k] if v is None and k in SITES_DEFAULTS else v for k, v in options.items()}
         low, high = (float(x) for x in options["crop_scale"].split(","))
         return TrainConfig(
-            sites=sites, rounds=options["rounds"] or 1, seed=options["seed"], init=options["init"], order=options["order"],
+            sites=sites, rounds=options["rounds"], seed=options["seed"], init=options["init"], order=options["order"],
             model=ModelSpec(model=options["model"], img_size=options["img_size"], projector_dim=options["projector_dim"]),
             settings=TrainSettings(
                 batch_size=options["batch_size"], local_epochs=options["local_epochs"], lr=options["lr"],
@@ -57,7 +60,7 @@ def _train_config(sites: list[str], config_file: Optional[Path], **options):
 
 def coordinator(
     sites: Optional[str] = typer.Option(None, help="comma-separated site names, in visiting order (as in each site's YAML)"),
-    rounds: Optional[int] = typer.Option(None, min=1, help="rounds; each visits every site once (default 1)"),
+    rounds: Optional[int] = typer.Option(None, min=1, help="rounds; each visits every site once [default 20]"),
     mode: str = typer.Option("cyclic", help="cyclic (Ark: one site after the other) | parallel (all sites at once, averaged)"),
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/fed-TIMESTAMP)"),
     address: str = typer.Option("0.0.0.0:9092", help="HOST:PORT the SuperLink listens on (sites connect here)"),
@@ -65,12 +68,12 @@ def coordinator(
     insecure: bool = typer.Option(False, "--insecure", help="no TLS, no site authentication (trials on trusted networks only)"),
     resume: Optional[Path] = typer.Option(None, help="continue RUN from its last finished visit"),
     config: Optional[Path] = typer.Option(None, "--config", help="TrainConfig YAML (e.g. a run's config.yaml) instead of the options below"),
-    model: str = typer.Option("resnet18", help="timm backbone"),
-    img_size: int = typer.Option(64, min=16),
-    batch_size: int = typer.Option(32, min=1),
-    lr: float = typer.Option(1e-3),
+    model: Optional[str] = typer.Option(None, help="timm backbone [default as `arkfed train --sites`: swin_base_patch4_window7_224]"),
+    img_size: Optional[int] = typer.Option(None, min=16, help="[default 224]"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="[default 32]"),
+    lr: Optional[float] = typer.Option(None, help="[default 5e-4]"),
     local_epochs: int = typer.Option(1, min=1),
-    crop_scale: str = typer.Option("0.5,1", help="random-resized-crop area range MIN,MAX"),
+    crop_scale: Optional[str] = typer.Option(None, help="random-resized-crop area range MIN,MAX [default 0.08,1]"),
     projector_dim: int = typer.Option(1376, min=1),
     init: str = typer.Option("random", help="random | imagenet | PATH"),
     order: str = typer.Option("fixed", help="fixed | shuffle"),
