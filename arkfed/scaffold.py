@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field, ValidationError
 
-from arkfed.dataset import read_csv, require_columns
+from arkfed.label_files import read_csv, require_columns
 from arkfed.errors import ArkfedError
 from arkfed.plugins import discover_plugins
 from arkfed.schema import LabelSchema, MissingPolicy, TaskType, UncertainPolicy

@@ -13,17 +13,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from arkfed.dataset import (
-    DatasetTable,
+from arkfed.dataset import DatasetTable, make_meta
+
+from arkfed.label_files import (
+
     FileDatasetOptions,
+
     LabelRecords,
+
     assemble_splits,
+
     find_label_file,
+
     list_files,
+
     locate_images,
-    make_meta,
+
     read_csv,
+
     require_columns,
+
 )
 from arkfed.errors import ArkfedError
 from arkfed.findings import CHESTXRAY14_CLASSES

@@ -17,16 +17,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from arkfed.dataset import (
-    DatasetTable,
+from arkfed.dataset import DatasetTable, make_meta
+
+from arkfed.label_files import (
+
     FileDatasetOptions,
+
     LabelRecords,
+
     find_label_file,
-    make_meta,
+
     present_images,
+
     read_csv,
+
     require_columns,
+
     split_records,
+
 )
 from arkfed.errors import ArkfedError
 from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
