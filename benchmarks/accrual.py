@@ -79,6 +79,9 @@ class Budget:
 
 BUDGETS = {
     "default": Budget(),
+    # the demo's own recipe (timm's test_resnet at 128 px, as `arkfed train` without --sites): small
+    # enough to run all arms and 3 seeds on 2 CPU cores in about half an hour
+    "cpu": Budget(model="test_resnet", batch_size=16, lr=3e-3, crop_scale=(0.7, 1.0), finetune_epochs=3, finetune_lr=3e-3),
     "smoke": Budget(img_size=32, demo_size=32, demo_counts={"demo-nih": 160, "demo-chexpert": 160, "demo-shenzhen": 100},
                     rounds=1, steps_per_visit=3, batch_size=8, projector_dim=32, shots=(5,), finetune_epochs=1),
 }
