@@ -32,9 +32,8 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from arkfed.dataset import DatasetTable, make_meta
-
-from arkfed.label_files import FileDatasetOptions, LabelRecords, assemble_splits, read_csv, require_columns
 from arkfed.errors import ArkfedError
+from arkfed.label_files import FileDatasetOptions, LabelRecords, assemble_splits, read_csv, require_columns
 from arkfed.plugins import DatasetPlugin, SplitConfig
 from arkfed.schema import UNCERTAIN, LabelSchema, MissingPolicy, TaskType, UncertainPolicy
 

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field, ValidationError
 
-from arkfed.label_files import read_csv, require_columns
 from arkfed.errors import ArkfedError
+from arkfed.label_files import read_csv, require_columns
 from arkfed.plugins import discover_plugins
 from arkfed.schema import LabelSchema, MissingPolicy, TaskType, UncertainPolicy
 

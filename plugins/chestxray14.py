@@ -14,28 +14,18 @@ import numpy as np
 import pandas as pd
 
 from arkfed.dataset import DatasetTable, make_meta
-
-from arkfed.label_files import (
-
-    FileDatasetOptions,
-
-    LabelRecords,
-
-    assemble_splits,
-
-    find_label_file,
-
-    list_files,
-
-    locate_images,
-
-    read_csv,
-
-    require_columns,
-
-)
 from arkfed.errors import ArkfedError
 from arkfed.findings import CHESTXRAY14_CLASSES
+from arkfed.label_files import (
+    FileDatasetOptions,
+    LabelRecords,
+    assemble_splits,
+    find_label_file,
+    list_files,
+    locate_images,
+    read_csv,
+    require_columns,
+)
 from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
 from arkfed.schema import LabelSchema
 

@@ -17,28 +17,18 @@ from typing import Literal
 import numpy as np
 
 from arkfed.dataset import DatasetTable, make_meta
-
-from arkfed.label_files import (
-
-    FileDatasetOptions,
-
-    LabelRecords,
-
-    assemble_splits,
-
-    concat_records,
-
-    find_label_file,
-
-    label_matrix,
-
-    read_csv,
-
-    require_columns,
-
-)
 from arkfed.errors import ArkfedError
 from arkfed.findings import CHEXPERT_CLASSES, CHEXPERT_EVAL_CLASSES
+from arkfed.label_files import (
+    FileDatasetOptions,
+    LabelRecords,
+    assemble_splits,
+    concat_records,
+    find_label_file,
+    label_matrix,
+    read_csv,
+    require_columns,
+)
 from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
 from arkfed.schema import UNCERTAIN, LabelSchema
 

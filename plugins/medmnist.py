@@ -15,10 +15,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from arkfed.dataset import SPLITS, ArrayImages, DatasetTable, make_meta
-
-from arkfed.label_files import check_label_values
 from arkfed.errors import ArkfedError
 from arkfed.findings import CHESTXRAY14_CLASSES
+from arkfed.label_files import check_label_values
 from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
 from arkfed.schema import LabelSchema
 

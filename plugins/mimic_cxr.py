@@ -17,26 +17,17 @@ import numpy as np
 import pandas as pd
 
 from arkfed.dataset import DatasetTable, make_meta
-
-from arkfed.label_files import (
-
-    FileDatasetOptions,
-
-    LabelRecords,
-
-    assemble_splits,
-
-    find_label_file,
-
-    label_matrix,
-
-    read_csv,
-
-    require_columns,
-
-)
 from arkfed.errors import ArkfedError
 from arkfed.findings import CHEXPERT_CLASSES, CHEXPERT_EVAL_CLASSES
+from arkfed.label_files import (
+    FileDatasetOptions,
+    LabelRecords,
+    assemble_splits,
+    find_label_file,
+    label_matrix,
+    read_csv,
+    require_columns,
+)
 from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
 from arkfed.schema import UNCERTAIN, LabelSchema
 

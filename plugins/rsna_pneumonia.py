@@ -18,25 +18,16 @@ import numpy as np
 import pandas as pd
 
 from arkfed.dataset import DatasetTable, make_meta
-
-from arkfed.label_files import (
-
-    FileDatasetOptions,
-
-    LabelRecords,
-
-    find_label_file,
-
-    present_images,
-
-    read_csv,
-
-    require_columns,
-
-    split_records,
-
-)
 from arkfed.errors import ArkfedError
+from arkfed.label_files import (
+    FileDatasetOptions,
+    LabelRecords,
+    find_label_file,
+    present_images,
+    read_csv,
+    require_columns,
+    split_records,
+)
 from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
 from arkfed.schema import LabelSchema
 

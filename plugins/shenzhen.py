@@ -16,9 +16,8 @@ import numpy as np
 import pandas as pd
 
 from arkfed.dataset import DatasetTable, make_meta
-
-from arkfed.label_files import FileDatasetOptions, LabelRecords, assemble_splits, list_files
 from arkfed.errors import ArkfedError
+from arkfed.label_files import FileDatasetOptions, LabelRecords, assemble_splits, list_files
 from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
 from arkfed.schema import LabelSchema
 

@@ -27,31 +27,19 @@ import pandas as pd
 from pydantic import model_validator
 
 from arkfed.dataset import DatasetTable, make_meta
-
-from arkfed.label_files import (
-
-    FileDatasetOptions,
-
-    LabelRecords,
-
-    assemble_splits,
-
-    concat_records,
-
-    find_label_file,
-
-    label_matrix,
-
-    list_files,
-
-    locate_images,
-
-    read_csv,
-
-    require_columns,
-
-)
 from arkfed.errors import ArkfedError
+from arkfed.label_files import (
+    FileDatasetOptions,
+    LabelRecords,
+    assemble_splits,
+    concat_records,
+    find_label_file,
+    label_matrix,
+    list_files,
+    locate_images,
+    read_csv,
+    require_columns,
+)
 from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
 from arkfed.schema import LabelSchema
 
