@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from arkfed.findings import canonical_finding, is_canonical
+from arkfed.findings import CHEXPERT_CLASSES, CHEXPERT_EVAL_CLASSES, canonical_finding, is_canonical
 
 UNCERTAIN = -1.0
 TaskType = Literal["multilabel", "multiclass", "binary"]
@@ -75,6 +75,17 @@ class LabelSchema(BaseModel):
     def describe(self) -> str:
         """A one-line summary, used in tables and in schema-mismatch errors."""
         return f"{self.task}[{', '.join(self.classes)}] uncertain={self.uncertain} missing={self.missing}"
+
+
+# The CheXpert labeler's 14 observations with Ark's policies: CheXpert and MIMIC-CXR (labelled by
+# the same tool) both use it, and report the CheXpert competition's five classes.
+CHEXPERT_LABELER_SCHEMA = LabelSchema(
+    task="multilabel",
+    classes=CHEXPERT_CLASSES,
+    uncertain="lsr-ones",
+    missing="zeros",
+    eval_classes=CHEXPERT_EVAL_CLASSES,
+)
 
 
 def label_targets(

@@ -29,7 +29,7 @@ from arkfed.model import ArkModel, ModelSpec, SiteHead
 from arkfed.site import Site, load_site
 from arkfed.training import TrainSettings, VisitPlan, resolve_device
 from arkfed.transforms import ViewPair
-from arkfed.visit import make_optimizer, train_site_visit
+from arkfed.visit import train_site_visit
 
 
 class SingleView(Dataset):

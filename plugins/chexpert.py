@@ -18,7 +18,7 @@ import numpy as np
 
 from arkfed.dataset import DatasetTable, make_meta
 from arkfed.errors import ArkfedError
-from arkfed.findings import CHEXPERT_CLASSES, CHEXPERT_EVAL_CLASSES
+from arkfed.findings import CHEXPERT_CLASSES
 from arkfed.label_files import (
     FileDatasetOptions,
     LabelRecords,
@@ -30,7 +30,7 @@ from arkfed.label_files import (
     require_columns,
 )
 from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
-from arkfed.schema import UNCERTAIN, LabelSchema
+from arkfed.schema import CHEXPERT_LABELER_SCHEMA, UNCERTAIN
 
 DATASET_FOLDERS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 META_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
@@ -85,13 +85,7 @@ def read_chexpert_csv(file: Path, folder: Path, official: str, frontal_only: boo
 class CheXpert(DatasetPlugin):
     name = "chexpert"
     description = "Stanford CheXpert (train.csv -> train/val by patient, valid.csv -> test), 14 observations, -1 = uncertain"
-    schema = LabelSchema(
-        task="multilabel",
-        classes=CHEXPERT_CLASSES,
-        uncertain="lsr-ones",
-        missing="zeros",
-        eval_classes=CHEXPERT_EVAL_CLASSES,
-    )
+    schema = CHEXPERT_LABELER_SCHEMA
     Options = CheXpertOptions
 
     def read_records(self, root: Path) -> LabelRecords:

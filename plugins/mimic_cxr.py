@@ -18,7 +18,7 @@ import pandas as pd
 
 from arkfed.dataset import DatasetTable, make_meta
 from arkfed.errors import ArkfedError
-from arkfed.findings import CHEXPERT_CLASSES, CHEXPERT_EVAL_CLASSES
+from arkfed.findings import CHEXPERT_CLASSES
 from arkfed.label_files import (
     FileDatasetOptions,
     LabelRecords,
@@ -29,7 +29,7 @@ from arkfed.label_files import (
     require_columns,
 )
 from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
-from arkfed.schema import UNCERTAIN, LabelSchema
+from arkfed.schema import CHEXPERT_LABELER_SCHEMA, UNCERTAIN
 
 PREFIX = "mimic-cxr-2.0.0"
 FRONTAL_VIEWS = ("PA", "AP")
@@ -105,13 +105,7 @@ def image_paths(root: Path, rows: pd.DataFrame) -> pd.Series:
 class MimicCxr(DatasetPlugin):
     name = "mimic_cxr"
     description = "MIMIC-CXR-JPG (chexpert/split/metadata CSVs, official train/validate/test), CheXpert's 14 labels"
-    schema = LabelSchema(
-        task="multilabel",
-        classes=CHEXPERT_CLASSES,
-        uncertain="lsr-ones",
-        missing="zeros",
-        eval_classes=CHEXPERT_EVAL_CLASSES,
-    )
+    schema = CHEXPERT_LABELER_SCHEMA
     Options = MimicCxrOptions
 
     def read_records(self, root: Path) -> LabelRecords:

@@ -10,7 +10,6 @@ from arkfed.data import make_eval_loader, make_train_loader, read_resized, visit
 from arkfed.dataset import ArrayImages, DatasetTable, make_meta
 from arkfed.errors import ArkfedError
 from arkfed.model import ModelSpec
-from arkfed.schema import LabelSchema
 from synthetic import multilabel_schema, synthetic_table
 
 SPEC = ModelSpec(model="test_resnet", img_size=24, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
