@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 import torch
 
 from arkfed.errors import ArkfedError
+from arkfed.io import json_safe
 from arkfed.metrics import evaluate_site
 from arkfed.model import ArkModel, SiteHead
 from arkfed.runs import RunFolder, RunState
@@ -99,15 +100,6 @@ def after_visit(state: RunState, plan: VisitPlan, config: TrainConfig) -> None:
 def visit_record(plan: VisitPlan, result: VisitResult) -> dict:
     return {"kind": "visit", "round": plan.round, "visit": plan.visit, "site": plan.site, "time": now(),
             **result.model_dump(exclude={"site", "round", "visit"})}
-
-
-def json_safe(value):
-    """NaN (an AUC that does not exist) -> None, so metrics files are strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    return value
 
 
 def eval_record(rnd: int, site: str, model: str, split: str, result: dict) -> dict:

@@ -18,7 +18,6 @@ checkpoint and a metrics line never leaves duplicates or holes.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,8 @@ from arkfed.errors import ArkfedError
 from arkfed.model import ArkModel, ModelSpec, SiteHead
 from arkfed.schema import LabelSchema
 from arkfed.training import TrainConfig
-from arkfed.weights import atomic_write, read_safetensors, save_ark_model, save_head, save_safetensors
+from arkfed.io import append_jsonl, atomic_write, read_jsonl, rewrite_jsonl
+from arkfed.weights import read_safetensors, save_ark_model, save_head, save_safetensors
 
 CHECKPOINT_KEY = "arkfed_checkpoint"
 
@@ -41,6 +41,13 @@ class RunState:
     teacher: ArkModel
     heads: dict[str, SiteHead]
     visits_done: int = 0
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of ``RUN/metrics.jsonl`` (the one reader; a line cut short by a crash is
+    skipped, and the records after it are kept)."""
+    records, _ = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    return records
 
 
 class RunFolder:
@@ -73,27 +80,14 @@ class RunFolder:
 
     # -- metrics --------------------------------------------------------------------------
     def append_metrics(self, record: dict) -> None:
-        """Append one JSON line and flush it to disk (a killed run keeps every finished line)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one JSON line, fsynced (a killed run keeps every finished line)."""
+        append_jsonl(self.metrics_path, record)
 
     def read_metrics(self) -> list[dict]:
-        if not self.metrics_path.is_file():
-            return []
-        records = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-        return records
+        return read_metrics(self.path)
 
     def rewrite_metrics(self, records: list[dict]) -> None:
-        text = "".join(json.dumps(r, allow_nan=True) + "\n" for r in records)
-        atomic_write(self.metrics_path, lambda tmp: tmp.write_text(text))
+        rewrite_jsonl(self.metrics_path, records)
 
     # -- checkpoint -----------------------------------------------------------------------
     def save_checkpoint(self, state: RunState) -> None:
@@ -142,7 +136,3 @@ class RunFolder:
     def write_summary(self, summary: dict) -> None:
         text = json.dumps(summary, indent=2, allow_nan=True)
         atomic_write(self.summary_path, lambda tmp: tmp.write_text(text))
-
-    def read_summary(self) -> dict:
-        return json.loads(self.summary_path.read_text())
-

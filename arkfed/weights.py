@@ -17,33 +17,16 @@ state dict (``.safetensors``/``.pth``) for the backbone alone.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from arkfed.errors import ArkfedError
+from arkfed.io import atomic_write
 from arkfed.model import ArkModel, ModelSpec, SiteHead
 from arkfed.schema import LabelSchema
 
 SPEC_KEY = "arkfed_spec"
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder and rename it into place, so a crash
-    never leaves a half-written checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

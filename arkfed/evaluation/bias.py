@@ -22,7 +22,7 @@ from arkfed.evaluation.linear_probe import fit_probe_logits, subset
 from arkfed.metrics import scores_from_logits
 from arkfed.model import ArkModel
 from arkfed.schema import LabelSchema
-from arkfed.weights import atomic_write
+from arkfed.io import atomic_write
 
 SEXES = ("M", "F")
 

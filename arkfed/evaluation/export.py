@@ -24,7 +24,8 @@ from arkfed.errors import ArkfedError
 from arkfed.evaluation.runinfo import RunInfo, read_run
 from arkfed.evaluation.sources import load_models, load_source_heads, source_kind
 from arkfed.model import ArkModel, SiteHead
-from arkfed.weights import SPEC_KEY, atomic_write, save_head, save_safetensors
+from arkfed.io import atomic_write
+from arkfed.weights import SPEC_KEY, save_head, save_safetensors
 
 
 @dataclass

@@ -17,7 +17,7 @@ import numpy as np
 
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.runinfo import RunInfo, read_run
-from arkfed.weights import atomic_write
+from arkfed.io import atomic_write
 
 MODEL_STYLES = {"teacher": "-", "student": "--"}
 

@@ -86,26 +86,9 @@ def load_one(source: str | Path, which: str = "teacher", spec: ModelSpec | None 
     return models.get(which) or next(iter(models.values()))
 
 
-def json_safe(value):
-    """NaN/inf -> None and tuples -> lists, so results.json is strict JSON."""
-    import math
-
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return json_safe(value.item())
-    return value
-
-
 def write_results(out: str | Path, result: dict) -> Path:
     """``OUT/results.json``, written atomically."""
-    from arkfed.weights import atomic_write
+    from arkfed.io import atomic_write, json_safe
 
     path = Path(out) / "results.json"
     text = json.dumps(json_safe(result), indent=2, allow_nan=False)

@@ -40,7 +40,7 @@ class FederationSettings(BaseModel):
     schemas: dict[str, dict] = Field(default_factory=dict, description="the run's record: each site's label schema")
 
     def write(self, run_dir: Path) -> None:
-        from arkfed.weights import atomic_write
+        from arkfed.io import atomic_write
 
         text = self.model_dump_json(indent=2)
         atomic_write(Path(run_dir) / FEDERATION_FILE, lambda tmp: tmp.write_text(text))

@@ -49,7 +49,7 @@ class FederationStatus(BaseModel):
 
 
 def write_status(run_dir: Path, status: FederationStatus) -> None:
-    from arkfed.weights import atomic_write
+    from arkfed.io import atomic_write
 
     status.updated = time.time()
     text = status.model_dump_json(indent=1)
