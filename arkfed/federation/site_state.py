@@ -14,13 +14,12 @@ starts from the same head as in an uninterrupted run, even if the site had alrea
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from arkfed.errors import ArkfedError
+from arkfed.io import append_jsonl, read_jsonl
 from arkfed.schema import LabelSchema
 
 if TYPE_CHECKING:
@@ -116,17 +115,8 @@ class HeadStore:
 
 def append_outbox(state_dir: Path, entry: dict) -> None:
     """One line per message this site sent (what left the site, for its own audit)."""
-    path = Path(state_dir) / "outbox.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry}
-    with path.open("a") as f:
-        f.write(json.dumps(entry, allow_nan=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_jsonl(Path(state_dir) / "outbox.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry})
 
 
 def read_outbox(state_dir: Path) -> list[dict]:
-    path = Path(state_dir) / "outbox.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(Path(state_dir) / "outbox.jsonl")[0]
