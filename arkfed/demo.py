@@ -1,4 +1,4 @@
-"""The offline demo federation: three SYNTHETIC chest-X-ray sites in the publishers' own layouts.
+"""The offline demo federation: SYNTHETIC chest-X-ray sites in the publishers' own layouts.
 
 No public chest X-ray dataset can be downloaded on an offline machine, so arkfed draws one
 (:mod:`arkfed.demo_draw`) and writes it exactly as NIH, Stanford and the Shenzhen hospital
@@ -8,7 +8,31 @@ and everything downstream runs as on real data:
 - ``demo-nih``       ChestX-ray14 layout, PNG, PA films, 8 of the 14 findings drawn;
 - ``demo-chexpert``  CheXpert-v1.0-small layout, JPEG, portable AP films, -1 (uncertain) and blank
                       labels, the 5 evaluation observations plus Pneumothorax and Support Devices;
-- ``demo-shenzhen``  Shenzhen layout, PNG with collimation borders, tuberculosis yes/no.
+- ``demo-shenzhen``  Shenzhen layout, PNG with collimation borders, tuberculosis yes/no;
+- ``demo-vindr``     (opt-in: ``sites=ALL_DEMO_SITES``) VinDr-CXR PhysioNet layout, PNG, three
+                      readers per training image, findings of all three others under its own style.
+
+``make demo`` / ``arkfed train`` use the first three (:data:`DEMO_SITES`); ``demo-vindr`` is
+for the accrual benchmark (``arkfed benchmark accrual``), where a held-out site must share
+findings with several sources for accrual to have anything to show.
+
+The generator's assumptions (what the benchmarks on this data can and cannot tell you):
+
+- A finding looks the same at every site (one drawer per canonical finding); sites differ only in
+  acquisition style, demographics, prevalence, label vocabulary and label noise. Real sites also
+  differ in how findings look and are defined, so transfer here is easier than between hospitals.
+- Findings are drawn independently of one another (apart from persistence across a patient's
+  follow-ups) and of age and sex; real findings co-occur (effusion with cardiomegaly, ...).
+- What a site can teach another is exactly the findings they share: demo-nih shares 6 of
+  demo-chexpert's 7 and none of demo-shenzhen's; demo-vindr shares Cardiomegaly, Pleural effusion
+  and Consolidation with demo-nih and demo-chexpert, Nodule/Mass with demo-nih only and
+  Tuberculosis with demo-shenzhen only, as VinDr-CXR shares findings with ChestX-ray14, CheXpert
+  and the TB collections. No single other site covers demo-vindr's findings.
+- Label noise: CheXpert-style uncertain (-1) labels on subtly drawn findings; demo-vindr's three
+  readers each miss a finding with p = 0.1 (0.4 when subtle) and the plugin's majority vote
+  decides, while its test labels are the truth (its official test file is a consensus).
+- Nothing here was tuned to make a method win: the demo-vindr parameters were set once, before
+  any benchmark ran on it (generator version 2).
 
 Findings are drawn by canonical name (:mod:`arkfed.findings`) so the same disease looks the same
 at every site, while each site has its own acquisition style, age/sex mix and label vocabulary.
@@ -25,7 +49,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -34,7 +58,7 @@ from arkfed.demo_draw import AcquisitionStyle, draw_chest, sample_anatomy
 from arkfed.errors import ArkfedError
 from arkfed.findings import CHESTXRAY14_CLASSES, CHEXPERT_CLASSES
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the opt-in demo-vindr site, sites recorded in the marker
 MARKER_FILE = ".arkfed-demo.json"
 SYNTHETIC_NOTICE = "SYNTHETIC DATA: drawn by a program, not images of real patients; for demos and tests only."
 
@@ -54,6 +78,7 @@ class DemoSite:
     views: dict[str, float] = field(default_factory=dict)
     uncertain_p: float = 0.0  # fraction of positives labelled -1 (drawn subtly)
     split: dict = field(default_factory=dict)  # site YAML split overrides
+    options: dict = field(default_factory=dict)  # site YAML plugin options
 
 
 DEMO_SITES: tuple[DemoSite, ...] = (
@@ -109,6 +134,31 @@ DEMO_SITES: tuple[DemoSite, ...] = (
         split={"val_fraction": 0.2, "test_fraction": 0.2},
     ),
 )
+
+# Opt-in sites (``sites=`` in the functions below). Seeds are per position in ALL_DEMO_SITES, so
+# adding a site here never changes the images of the sites before it.
+EXTRA_DEMO_SITES: tuple[DemoSite, ...] = (
+    DemoSite(
+        name="demo-vindr",
+        dataset="vindr_cxr",
+        images=800,
+        prevalence={
+            "Cardiomegaly": 0.15, "Pleural Effusion": 0.15, "Consolidation": 0.12, "Nodule": 0.1, "Mass": 0.06,
+            "Tuberculosis": 0.15,
+        },
+        class_names={"Pleural Effusion": "Pleural effusion", "Nodule": "Nodule/Mass", "Mass": "Nodule/Mass"},
+        style=AcquisitionStyle(  # sharp digital radiography, high contrast, wider field of view, tight collimation
+            gamma=(0.75, 0.9), contrast=(1.15, 1.3), offset=(-0.05, 0.0), noise=0.01, blur=(0.0, 0.2),
+            rotate_deg=4.0, scale=(0.86, 0.96), shift=0.03, collimation=(0.0, 0.04), markers=("L", "PA"), marker_p=0.6,
+        ),
+        images_per_patient=1.0,  # VinDr-CXR ships no patient ids: one image per patient
+        age=(45.0, 15.0),
+        uncertain_p=0.15,  # drawn subtly: readers miss it more often (no -1 labels in VinDr)
+        split={"val_fraction": 0.2},
+        options={"labels": "all"},
+    ),
+)
+ALL_DEMO_SITES: tuple[DemoSite, ...] = DEMO_SITES + EXTRA_DEMO_SITES
 
 CHEXPERT_OPACITIES = ("Atelectasis", "Consolidation", "Edema")  # children of "Lung Opacity"
 CHEXPERT_FOLDER = "CheXpert-v1.0-small"
@@ -264,10 +314,53 @@ def write_shenzhen(root: Path, site: DemoSite, plan: list[DemoImage], save: Imag
         (root / "ClinicalReadings" / f"{stem}.txt").write_text(f"{sex} {image.age}yrs\n{reading}\n")
 
 
+VINDR_READERS = ("R8", "R9", "R10")
+VINDR_MISS_P = 0.1  # a reader misses a clearly drawn finding
+VINDR_SUBTLE_MISS_P = 0.4  # ... or a subtly drawn one
+VINDR_FALSE_P = 0.01  # a reader marks a finding of the site that is not drawn
+
+
+def write_vindr(root: Path, site: DemoSite, plan: list[DemoImage], save: ImageWriter, seed: int) -> None:
+    """annotations/image_labels_{train,test}.csv (PhysioNet: 28 labels; three readers per training
+    image, one consensus row per test image) and train|test/<image_id>.png."""
+    labels = vindr_labels()
+    header = "image_id,rad_id," + ",".join(labels)
+    rows: dict[str, list[str]] = {"train": [header], "test": ["image_id," + ",".join(labels)]}
+    drawn_labels = sorted({site.class_names.get(f, f) for f in site.prevalence})
+    for image in plan:
+        image_id = hashlib.sha1(f"{seed}:{site.name}:{image.patient}:{image.followup}".encode()).hexdigest()[:32]
+        split = "test" if _unit(seed, site.name, image.patient) < 0.2 else "train"
+        save(image, root / split / f"{image_id}.png", "PNG")
+        truth = {site.class_names.get(f, f): f in image.uncertain for f in image.findings}  # label -> subtle
+        if split == "test":
+            rows["test"].append(",".join([image_id, *_vindr_values(set(truth))]))
+            continue
+        rng = np.random.default_rng([*image.key, 4])
+        for reader in VINDR_READERS:
+            seen = {label for label, subtle in truth.items() if rng.random() >= (VINDR_SUBTLE_MISS_P if subtle else VINDR_MISS_P)}
+            seen |= {label for label in drawn_labels if label not in truth and rng.random() < VINDR_FALSE_P}
+            rows["train"].append(",".join([image_id, reader, *_vindr_values(seen)]))
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, lines in rows.items():
+        (root / "annotations" / f"image_labels_{split}.csv").write_text("\n".join(lines) + "\n")
+
+
+def vindr_labels() -> tuple[str, ...]:
+    """VinDr-CXR's 28 image-level labels, in the order of its files (from the vindr_cxr plugin)."""
+    from arkfed.plugins import get_plugin
+
+    return tuple(get_plugin("vindr_cxr")({"labels": "all"}).label_schema().classes)
+
+
+def _vindr_values(labels: set[str]) -> list[str]:
+    return ["1" if name in labels or (name == "No finding" and not labels) else "0" for name in vindr_labels()]
+
+
 LAYOUT_WRITERS: dict[str, Callable[..., None]] = {
     "chestxray14": write_chestxray14,
     "chexpert": write_chexpert,
     "shenzhen": write_shenzhen,
+    "vindr_cxr": write_vindr,
 }
 
 
@@ -279,7 +372,7 @@ def site_classes(site: DemoSite) -> list[str]:
     if site.dataset == "chestxray14":
         drawn = {site.class_names.get(f, f) for f in site.prevalence}
         return [c for c in CHESTXRAY14_CLASSES if c in drawn]
-    return [site.class_names.get(f, f) for f in site.prevalence]
+    return list(dict.fromkeys(site.class_names.get(f, f) for f in site.prevalence))
 
 
 # --- the federation on disk ------------------------------------------------------------------
@@ -293,6 +386,9 @@ def _site_yaml(site: DemoSite, root: str) -> str:
         f"dataset: {site.dataset}",
         f"root: {root}",
     ]
+    if site.options:
+        lines.append("options:")
+        lines += [f"  {key}: {value}" for key, value in site.options.items()]
     if site.split:
         lines.append("split:")
         lines += [f"  {key}: {value}" for key, value in site.split.items()]
@@ -319,12 +415,16 @@ def _readme(sites: list[tuple[DemoSite, int]], seed: int, size: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _site_counts(counts: Mapping[str, int] | None) -> list[tuple[DemoSite, int]]:
+def _site_counts(counts: Mapping[str, int] | None, sites: Sequence[str] | None = None) -> list[tuple[DemoSite, int]]:
+    """(site, images) for the chosen sites (default: :data:`DEMO_SITES`), in ALL_DEMO_SITES order."""
+    known = [s.name for s in ALL_DEMO_SITES]
+    chosen = list(sites) if sites is not None else [s.name for s in DEMO_SITES]
     counts = dict(counts or {})
-    unknown = set(counts) - {s.name for s in DEMO_SITES}
+    unknown = (set(counts) | set(chosen)) - set(known)
     if unknown:
-        raise ArkfedError(f"unknown demo site(s) {sorted(unknown)}; the demo sites are {[s.name for s in DEMO_SITES]}")
-    return [(site, int(counts.get(site.name, site.images))) for site in DEMO_SITES]
+        raise ArkfedError(f"unknown demo site(s) {sorted(unknown)}; the demo sites are {known}")
+    counts = {name: count for name, count in counts.items() if name in chosen}
+    return [(site, int(counts.get(site.name, site.images))) for site in ALL_DEMO_SITES if site.name in chosen]
 
 
 def _write_site(out: Path, site: DemoSite, index: int, count: int, seed: int, size: int) -> None:
@@ -344,48 +444,52 @@ def _write_site(out: Path, site: DemoSite, index: int, count: int, seed: int, si
 
 
 def generate_demo_federation(
-    out: Path, seed: int = 0, size: int = 128, counts: Mapping[str, int] | None = None
+    out: Path, seed: int = 0, size: int = 128, counts: Mapping[str, int] | None = None, sites: Sequence[str] | None = None
 ) -> list[Path]:
     """Write the synthetic demo federation into ``out``; return the site YAML paths.
 
-    ``counts`` overrides the number of images per site (tests use a few dozen). Files are
-    byte-identical for the same (seed, size, counts).
+    ``counts`` overrides the number of images per site (tests use a few dozen); ``sites`` picks
+    sites by name (default: the three of :data:`DEMO_SITES`; add ``demo-vindr`` to opt in). Files
+    are byte-identical for the same (seed, size, counts), whichever other sites are chosen.
     """
     if size < 32:
         raise ArkfedError(f"demo image size must be at least 32 px, got {size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER_FILE).unlink(missing_ok=True)
-    sites = _site_counts(counts)
-    for index, (site, count) in enumerate(sites):
-        _write_site(out, site, index, count, seed, size)
+    chosen = _site_counts(counts, sites)
+    for site, count in chosen:
+        _write_site(out, site, ALL_DEMO_SITES.index(site), count, seed, size)
     (out / "sites").mkdir(exist_ok=True)
     yamls = []
-    for site, _ in sites:
+    for site, _ in chosen:
         path = out / "sites" / f"{site.name}.yaml"
         path.write_text(_site_yaml(site, f"../{site.name}"))
         yamls.append(path)
-    (out / "README.txt").write_text(_readme(sites, seed, size))
+    (out / "README.txt").write_text(_readme(chosen, seed, size))
     marker = {"generator": "arkfed.demo", "version": GENERATOR_VERSION, "seed": seed, "size": size,
-              "counts": {site.name: count for site, count in sites}}
+              "counts": {site.name: count for site, count in chosen}}
     (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
     return yamls
 
 
-def demo_is_complete(out: Path, seed: int = 0, size: int = 128, counts: Mapping[str, int] | None = None) -> bool:
+def demo_is_complete(
+    out: Path, seed: int = 0, size: int = 128, counts: Mapping[str, int] | None = None, sites: Sequence[str] | None = None
+) -> bool:
     """True when ``out`` holds a finished federation from this generator version with these settings."""
     out = Path(out)
     try:
         info = json.loads((out / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return False
-    wanted = {site.name: count for site, count in _site_counts(counts)}
+    wanted = {site.name: count for site, count in _site_counts(counts, sites)}
     same = (info.get("version"), info.get("seed"), info.get("size"), info.get("counts")) == (GENERATOR_VERSION, seed, size, wanted)
     return same and all((out / "sites" / f"{name}.yaml").is_file() and (out / name).is_dir() for name in wanted)
 
 
 def ensure_demo_federation(
-    out: Path = Path("demo-data"), seed: int = 0, size: int = 128, counts: Mapping[str, int] | None = None
+    out: Path = Path("demo-data"), seed: int = 0, size: int = 128, counts: Mapping[str, int] | None = None,
+    sites: Sequence[str] | None = None,
 ) -> list[Path]:
     """The demo federation's site YAMLs, generating it first if absent, incomplete or outdated.
 
@@ -393,6 +497,6 @@ def ensure_demo_federation(
     (generator version, seed, size, counts), so an interrupted generation is redone.
     """
     out = Path(out)
-    if not demo_is_complete(out, seed, size, counts):
-        generate_demo_federation(out, seed=seed, size=size, counts=counts)
-    return [out / "sites" / f"{site.name}.yaml" for site in DEMO_SITES]
+    if not demo_is_complete(out, seed, size, counts, sites):
+        generate_demo_federation(out, seed=seed, size=size, counts=counts, sites=sites)
+    return [out / "sites" / f"{site.name}.yaml" for site, _ in _site_counts(counts, sites)]

@@ -28,7 +28,7 @@ def _root() -> None:
     """Always a command group (also while only one area has registered its commands)."""
 
 
-COMMAND_MODULES = ("data", "train", "federation", "evaluation")
+COMMAND_MODULES = ("data", "train", "federation", "evaluation", "benchmark")
 
 for _name in COMMAND_MODULES:
     try:

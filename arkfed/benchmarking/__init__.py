@@ -1,0 +1,1 @@
+"""Benchmarks that answer a user's question with numbers (``arkfed benchmark ...``)."""

@@ -1,0 +1,453 @@
+"""Does joining pay?  ``arkfed benchmark accrual``: each site's question, Ark's claim, Ark's ablations.
+
+Three questions, one protocol, every arm paired by seed (same init, data order, few-shot draws and
+fine-tuning seed), ``E`` epochs of each site's own data everywhere (a round = one visit = one
+epoch of that site's training split; a federation of k sites therefore takes k times the steps of
+one site alone, as joining does):
+
+1. **Join vs alone, per site** (what a hospital asks): Ark on the site alone for E epochs vs Ark
+   on all N sites, which also gives it E epochs of its own data. Scored on the site's own test
+   split with its own head, teacher and student (BatchNorm re-estimated on the site's training
+   images, as in training), and after fine-tuning the teacher's backbone with a new head (best
+   validation epoch). Mean over seeds with a 95% t-interval, and the joined - alone difference per
+   site with a two-sided paired t-test over seeds.
+2. **The accrual curve** (what Ark claims): for a held-out site H, Ark on the first k = 1 .. N-1
+   of the other sites, for several orderings of them (rotations), each scored on H by a linear
+   probe on the frozen teacher's backbone features (all of H's training labels, and K-shot) and
+   by fine-tuning. k = 1 is each single site. Does the curve rise (k = N-1 vs the mean of k = 1,
+   paired by seed)?
+3. **Baselines** on the same N-1 source sites and budget, scored on H and on the sources' own
+   test splits: each single site; multi-task pooled training (all sites' batches interleaved,
+   each with its own head, no teacher: Ark+'s "concurrent" ablation,
+   :func:`arkfed.benchmarking.baselines.train_pooled`); Ark without the consistency term
+   (``max_consistency: 0``); a parallel federation (one visit per site per round from the same
+   student, averaged with ``--weighting equal|samples``); random init; ImageNet init when a local
+   weights file is given (``--imagenet PATH``; no download).
+
+Outputs in ``--out``: ``results.json`` (every number, per seed), ``results.md`` (the tables),
+``accrual.png`` (the figure), ``records.jsonl`` (one line per trained arm and seed: a rerun with
+the same ``--out`` skips what is there, so an interrupted run resumes and partial results are
+readable), ``runs/`` (the cyclic runs' folders).
+
+Budgets (``--budget``): ``default`` is sized for 2 CPU cores (timm's test_resnet at 64 px on
+the 128 px demo images, E = 2 epochs, 3 seeds, 10-shot probes, 2 fine-tuning epochs);
+``smoke`` checks the pipeline in seconds and its numbers mean nothing; ``gpu`` is resnet18 at
+128 px on a 4x larger demo federation, E = 6, 5 seeds, for a CUDA machine.
+
+Why a per-iteration EMA teacher in every budget: with Ark's visit-wise EMA (momentum 0.9 rising
+to 1) a teacher after a handful of visits is still mostly its random initialisation, so a short
+benchmark would compare random inits; ``--ema visit`` gives Ark's schedule.
+
+Default demo: the three ``make demo`` sites plus ``demo-vindr`` (opt-in site, VinDr-CXR layout,
+findings drawn from all three others under its own acquisition style; see :mod:`arkfed.demo`),
+held out by default: no single other site has all its findings, so accrual has something to
+show if it works. Results: see README "Does joining pay?" (kept there, with the regime and the
+time it took).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from arkfed.errors import ArkfedError
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Everything that sets the cost of a benchmark run (written into results.json)."""
+
+    model: str = "test_resnet"
+    img_size: int = 64
+    demo_size: int = 128
+    demo_counts: dict | None = None  # images per demo site (None: the generator's defaults)
+    epochs: int = 2  # E: epochs of each site's own data, alone and as a member (= rounds)
+    batch_size: int = 16
+    lr: float = 3e-3
+    projector_dim: int = 256
+    crop_scale: tuple[float, float] = (0.7, 1.0)
+    ema: str = "iteration"
+    max_steps_per_visit: int | None = None  # smoke only: caps a visit (then it is not a full epoch)
+    shots: tuple[int, ...] = (10,)
+    finetune_epochs: int = 2
+    finetune_lr: float = 3e-3
+    finetune_max_steps: int | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    orderings: int = 3  # rotations of the source sites for the accrual curve (at most N-1)
+    device: str = "cpu"
+    num_workers: int = 0
+
+
+BUDGETS: dict[str, Budget] = {
+    "default": Budget(),
+    "smoke": Budget(img_size=32, demo_size=32, epochs=1, batch_size=8, projector_dim=32, max_steps_per_visit=2,
+                    shots=(2,), finetune_epochs=1, finetune_max_steps=2, seeds=(0,), orderings=2,
+                    demo_counts={"demo-nih": 48, "demo-chexpert": 48, "demo-shenzhen": 40, "demo-vindr": 48}),
+    "gpu": Budget(model="resnet18", img_size=128, epochs=6, batch_size=64, lr=1e-3, crop_scale=(0.5, 1.0),
+                  shots=(10, 50), finetune_epochs=5, finetune_lr=1e-3, seeds=(0, 1, 2, 3, 4), device="auto", num_workers=8,
+                  demo_counts={"demo-nih": 4800, "demo-chexpert": 4000, "demo-shenzhen": 2400, "demo-vindr": 3200}),
+}
+
+DEMO_BENCHMARK_SITES = ("demo-nih", "demo-chexpert", "demo-shenzhen", "demo-vindr")
+DEMO_HELD_OUT = "demo-vindr"
+OWN_METRICS = ("teacher", "student", "finetune")
+
+
+# --- sites ---------------------------------------------------------------------------------------
+
+
+def load_sites(refs: Sequence[str] | None, budget: Budget, work: Path) -> dict:
+    """The benchmark's sites: YAML paths / names, or (none given) the demo federation with demo-vindr."""
+    from arkfed.site import load_site, resolve_site_path
+
+    if refs:
+        sites = {}
+        for ref in refs:
+            site = load_site(resolve_site_path(ref).resolve())
+            if site.name in sites:
+                raise ArkfedError(f"site {site.name!r} given twice (--sites {','.join(refs)})")
+            sites[site.name] = site
+        return sites
+    from arkfed.demo import ensure_demo_federation
+
+    tag = "default" if budget.demo_counts is None else "x".join(str(v) for v in budget.demo_counts.values())
+    paths = ensure_demo_federation(work / f"demo-{budget.demo_size}-{tag}", seed=0, size=budget.demo_size,
+                                   counts=budget.demo_counts, sites=DEMO_BENCHMARK_SITES)
+    return {site.name: site for site in (load_site(p) for p in paths)}
+
+
+def orderings(sources: Sequence[str], count: int) -> list[tuple[str, ...]]:
+    """``count`` rotations of the source list (each site comes first once, up to N-1 of them)."""
+    n = len(sources)
+    return [tuple(sources[i:]) + tuple(sources[:i]) for i in range(min(max(count, 1), n))]
+
+
+def curve_subsets(sources: Sequence[str], count: int) -> dict[int, list[tuple[str, ...]]]:
+    """k -> the distinct federations (in the first ordering's visiting order) on the curve."""
+    out: dict[int, list[tuple[str, ...]]] = {}
+    for k in range(1, len(sources) + 1):
+        seen: dict[frozenset, tuple[str, ...]] = {}
+        for order in orderings(sources, count):
+            seen.setdefault(frozenset(order[:k]), order[:k])
+        if k == 1:  # every single site is a point at k = 1, whatever the orderings
+            seen = {frozenset([s]): (s,) for s in sources}
+        out[k] = list(seen.values())
+    return out
+
+
+# --- training arms -------------------------------------------------------------------------------
+
+
+def train_config(names: Sequence[str], budget: Budget, seed: int, max_consistency: float = 0.5):
+    """The cyclic Ark run of ``names`` at this budget: one visit = one epoch, E rounds."""
+    from arkfed.model import ModelSpec
+    from arkfed.training import TrainConfig, TrainSettings
+
+    return TrainConfig(
+        sites=list(names), site_configs=[], rounds=budget.epochs, seed=seed, eval_split="test",
+        model=ModelSpec(model=budget.model, img_size=budget.img_size, projector_dim=budget.projector_dim),
+        settings=TrainSettings(
+            batch_size=budget.batch_size, lr=budget.lr, local_epochs=1, max_steps_per_visit=budget.max_steps_per_visit,
+            crop_scale=budget.crop_scale, ema=budget.ema, max_consistency=max_consistency,
+            device=budget.device, num_workers=budget.num_workers,
+        ),
+    )
+
+
+@dataclass
+class Trained:
+    """One trained arm: the foundation model (teacher), the student and each site's head."""
+
+    teacher: object
+    student: object
+    heads: dict
+    seconds: float
+    steps: int
+    own: dict | None = None  # own test scores when the training loop already computed them
+
+
+def run_key(arm: str, names: Sequence[str], seed: int) -> str:
+    return f"{arm}:{'+'.join(names)}:s{seed}"
+
+
+def train_arm(arm: str, names: Sequence[str], sites: Mapping, budget: Budget, seed: int, work: Path,
+              weighting: str = "equal") -> Trained:
+    """Train one arm on ``names``: ``ark`` / ``ark-c0`` (the loop, a run folder), ``pooled`` or
+    ``parallel`` (:mod:`arkfed.benchmarking.baselines`)."""
+    import shutil
+
+    from arkfed.benchmarking.baselines import train_parallel, train_pooled
+
+    chosen = {n: sites[n] for n in names}
+    config = train_config(names, budget, seed, max_consistency=0.0 if arm == "ark-c0" else 0.5)
+    start = time.perf_counter()
+    if arm in ("ark", "ark-c0"):
+        from arkfed.coordinator import train_local
+        from arkfed.runs import read_metrics
+        from arkfed.weights import load_ark_model, load_heads
+
+        from arkfed.progress import QuietProgress
+        from rich.console import Console
+
+        out = work / "runs" / run_key(arm, names, seed).replace(":", "_")
+        shutil.rmtree(out, ignore_errors=True)
+        with open(os.devnull, "w") as devnull:
+            summary = train_local(config, out, sites=chosen, progress=QuietProgress(Console(file=devnull)))
+        steps = sum(r.get("steps", 0) for r in read_metrics(out) if r.get("kind") == "visit")
+        # the loop scored its last round on each site's test split (eval_split="test"): reuse it
+        own = {name: {m: float(summary["sites"][name][m]["mean_auc"]) for m in ("teacher", "student")} for name in names}
+        return Trained(load_ark_model(out, "teacher").eval(), load_ark_model(out, "student").eval(), load_heads(out / "heads"),
+                       time.perf_counter() - start, steps, own)
+    if arm == "pooled":
+        state = train_pooled(config, chosen)
+    elif arm == "parallel":
+        state = train_parallel(config, chosen, weighting)  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"unknown arm {arm!r}")
+    steps = sum(epoch_steps(sites[n], budget) for n in names) * budget.epochs
+    return Trained(state.teacher, state.student, state.heads, time.perf_counter() - start, steps)
+
+
+def epoch_steps(site, budget: Budget) -> int:
+    """Batches in one visit of ``site`` (one epoch, drop-last, capped by the budget)."""
+    n = len(site.split("train"))
+    steps = max(1, n // min(budget.batch_size, n))
+    return min(steps, budget.max_steps_per_visit) if budget.max_steps_per_visit else steps
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+def eval_settings(budget: Budget):
+    from arkfed.training import TrainSettings
+
+    return TrainSettings(batch_size=max(budget.batch_size, 64), device=budget.device, num_workers=budget.num_workers)
+
+
+def own_scores(trained: Trained, names: Sequence[str], sites: Mapping, budget: Budget) -> dict[str, dict[str, float]]:
+    """Each site's own test mean AUC with its own head, for teacher and student."""
+    from arkfed.coordinator import evaluate_at_site
+
+    out = {}
+    for name in names:
+        models = {"teacher": trained.teacher, "student": trained.student}
+        scored = evaluate_at_site(models, trained.heads[name], sites[name], eval_settings(budget), "test")
+        out[name] = {label: float(r["mean_auc"]) for label, r in scored.items()}
+    return out
+
+
+def finetune_auc(model, site, budget: Budget, seed: int, init: str = "model") -> float:
+    """Test mean AUC after fine-tuning ``model``'s backbone (or a ``random`` one) on ``site``."""
+    from arkfed.evaluation.finetune import FineTuneSettings, finetune
+
+    settings = FineTuneSettings(epochs=budget.finetune_epochs, lr=budget.finetune_lr, batch_size=budget.batch_size,
+                                crop_scale=budget.crop_scale, seed=seed, max_steps_per_epoch=budget.finetune_max_steps,
+                                device=str(_device(budget)))
+    train, val, test = site.split("train"), site.splits.get("val"), site.split("test")
+    return float(finetune(model, train, val, test, site.schema, init, settings)["test"]["mean_auc"])
+
+
+def transfer(model, target, budget: Budget, seed: int, init: str = "model") -> dict[str, float]:
+    """Held-out test mean AUC: linear probes on frozen backbone features (all labels, K-shot) and
+    fine-tuning. ``init="random"`` probes and fine-tunes a random model of the same architecture."""
+    from arkfed.evaluation.embeddings import embed_table
+    from arkfed.evaluation.linear_probe import probe_embeddings, random_model
+
+    frozen = random_model(model.spec, seed) if init == "random" else model
+    device = str(_device(budget))
+    train, test = (embed_table(frozen, target.split(s), target.schema, "backbone", 64, device) for s in ("train", "test"))
+    out = {}
+    for shots in (None, *budget.shots):
+        out["probe all" if shots is None else f"probe {shots}-shot"] = float(probe_embeddings(train, test, target.schema, shots, seed=seed)["mean_auc"])
+    out["finetune"] = finetune_auc(model, target, budget, seed, init)
+    return out
+
+
+def _device(budget: Budget):
+    from arkfed.training import resolve_device
+
+    return resolve_device(budget.device)
+
+
+# --- the protocol --------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What one seed trains: (arm, sites, role) in order, and what each is scored on."""
+
+    sites: list[str]
+    held_out: str
+    budget: Budget
+    weighting: str = "equal"
+    imagenet: Path | None = None
+    jobs: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.held_out not in self.sites:
+            raise ArkfedError(f"--held-out {self.held_out!r} is not one of the sites {self.sites}")
+        if len(self.sites) < 2:
+            raise ArkfedError(f"the benchmark needs at least 2 sites, got {self.sites}")
+        sources = self.sources
+        jobs = [("ark", (s,)) for s in self.sites]  # alone (k = 1 on the curve for the sources)
+        jobs.append(("ark", tuple(self.sites)))  # joined
+        for k, subsets in curve_subsets(sources, self.budget.orderings).items():
+            jobs += [("ark", s) for s in subsets if k > 1]
+        if len(sources) > 1:
+            jobs += [("ark-c0", tuple(sources)), ("pooled", tuple(sources)), ("parallel", tuple(sources))]
+        else:  # one source: the ablations are of a single site, still scored on the held-out site
+            jobs += [("ark-c0", tuple(sources)), ("pooled", tuple(sources))]
+        self.jobs = list(dict.fromkeys(jobs))
+
+    @property
+    def sources(self) -> list[str]:
+        return [s for s in self.sites if s != self.held_out]
+
+
+def run_job(arm: str, names: tuple[str, ...], plan: Plan, sites: Mapping, seed: int, work: Path, log: Log) -> dict:
+    """Train one arm and score it: own sites always; fine-tuning on own sites for the alone and
+    joined runs; transfer to the held-out site when it was not trained on."""
+    budget = plan.budget
+    trained = train_arm(arm, names, sites, budget, seed, work, plan.weighting)
+    record = {"key": run_key(arm, names, seed), "arm": arm, "sites": list(names), "seed": seed,
+              "train_seconds": trained.seconds, "steps": trained.steps}
+    start = time.perf_counter()
+    record["own"] = trained.own or own_scores(trained, names, sites, budget)
+    if arm == "ark" and (len(names) == 1 or len(names) == len(plan.sites)):
+        for name in names:
+            record["own"][name]["finetune"] = finetune_auc(trained.teacher, sites[name], budget, seed)
+    if plan.held_out not in names:
+        record["held_out"] = transfer(trained.teacher, sites[plan.held_out], budget, seed)
+    record["eval_seconds"] = time.perf_counter() - start
+    log(f"seed {seed}: {arm} on {'+'.join(names)}: {trained.steps} steps in {trained.seconds:.0f}s, "
+        f"scored in {record['eval_seconds']:.0f}s; held-out {_short(record.get('held_out'))}")
+    return record
+
+
+def init_job(init: str, plan: Plan, sites: Mapping, seed: int, log: Log) -> dict:
+    """The random-init (and ImageNet-init) baselines on the held-out site."""
+    from arkfed.model import ArkModel, ModelSpec
+    from arkfed.weights import load_ark_model
+
+    budget = plan.budget
+    spec = ModelSpec(model=budget.model, img_size=budget.img_size, projector_dim=budget.projector_dim)
+    start = time.perf_counter()
+    if init == "imagenet":
+        model = load_ark_model(plan.imagenet, spec=spec).eval()
+        scores = transfer(model, sites[plan.held_out], budget, seed)
+    else:
+        scores = transfer(ArkModel(spec).eval(), sites[plan.held_out], budget, seed, init="random")
+    log(f"seed {seed}: {init} init: held-out {_short(scores)} in {time.perf_counter() - start:.0f}s")
+    return {"key": f"{init}:s{seed}", "arm": init, "sites": [], "seed": seed, "held_out": scores}
+
+
+def _short(scores: dict | None) -> str:
+    return "-" if not scores else ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+
+
+def check_same_setup(plan: Plan, out: Path) -> None:
+    """A rerun into the same folder resumes it, so it must be the same setup (budget without
+    seeds, sites, held-out site, weighting): otherwise records of two setups would be mixed."""
+    setup = {"budget": {k: v for k, v in asdict(plan.budget).items() if k not in ("seeds", "device", "num_workers")},
+             "sites": plan.sites, "held_out": plan.held_out, "weighting": plan.weighting}
+    setup = json.loads(json.dumps(setup))
+    path = out / "setup.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != setup:
+            changed = sorted(k for k in setup if previous.get(k) != setup[k])
+            raise ArkfedError(f"{out} holds results of another setup (differs in {', '.join(changed)}); "
+                              "choose another --out or delete that folder")
+    else:
+        path.write_text(json.dumps(setup, indent=2) + "\n")
+
+
+def run_benchmark(plan: Plan, sites: Mapping, out: Path, log: Log) -> dict:
+    """Every job of every seed (skipping those already in ``out/records.jsonl``), then the summary."""
+    from arkfed.io import append_jsonl, read_jsonl
+
+    out.mkdir(parents=True, exist_ok=True)
+    check_same_setup(plan, out)
+    records_path = out / "records.jsonl"
+    done = {r["key"]: r for r in read_jsonl(records_path)[0]} if records_path.exists() else {}
+    start = time.perf_counter()
+    for seed in plan.budget.seeds:
+        inits = ["random"] + (["imagenet"] if plan.imagenet else [])
+        for init in inits:
+            if f"{init}:s{seed}" not in done:
+                record = init_job(init, plan, sites, seed, log)
+                append_jsonl(records_path, record)
+                done[record["key"]] = record
+        for arm, names in plan.jobs:
+            if run_key(arm, names, seed) not in done:
+                record = run_job(arm, names, plan, sites, seed, out, log)
+                append_jsonl(records_path, record)
+                done[record["key"]] = record
+    minutes = (time.perf_counter() - start) / 60
+    from arkfed.benchmarking.report import summarise
+
+    return summarise(plan, list(done.values()), minutes)
+
+
+def environment(budget: Budget) -> dict:
+    import platform
+
+    import torch
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(_device(budget)),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() and _device(budget).type == "cuda" else None,
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def benchmark_accrual(site_refs: Sequence[str] | None, held_out: str | None, budget: Budget, out: Path,
+                      weighting: str = "equal", imagenet: Path | None = None, budget_name: str = "custom",
+                      log: Log | None = None) -> dict:
+    """The whole benchmark: sites, plan, jobs, ``results.json``, ``results.md`` and ``accrual.png``."""
+    from arkfed.benchmarking.report import write_outputs
+
+    log = log or (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True))
+    if imagenet is not None and not Path(imagenet).is_file():
+        raise ArkfedError(f"--imagenet {imagenet}: no such weights file (a local timm {budget.model} checkpoint)")
+    if weighting not in ("equal", "samples"):
+        raise ArkfedError(f"--weighting must be equal or samples, got {weighting!r}")
+    sites = load_sites(site_refs, budget, out)
+    held_out = held_out or (DEMO_HELD_OUT if not site_refs else list(sites)[-1])
+    plan = Plan(list(sites), held_out, budget, weighting, imagenet)
+    log(f"budget {budget_name}: {json.dumps(asdict(budget))}")
+    log("sites: " + ", ".join(f"{n} ({len(s.split('train'))} train / {len(s.split('test'))} test)" for n, s in sites.items())
+        + f"; held out: {held_out}; {len(plan.jobs)} trained arms per seed")
+    results = run_benchmark(plan, sites, out, log)
+    results.update({"budget_name": budget_name, "budget": asdict(budget), "environment": environment(budget),
+                    "site_sizes": {n: {k: len(v) for k, v in s.splits.items()} for n, s in sites.items()}})
+    write_outputs(results, out)
+    log(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'accrual.png'}")
+    return results
+
+
+def budget_with(name: str, seeds: str | None = None, epochs: int | None = None, ema: str | None = None,
+                device: str | None = None, num_workers: int | None = None) -> Budget:
+    """A named budget with command-line overrides."""
+    if name not in BUDGETS:
+        raise ArkfedError(f"unknown budget {name!r}; choose one of {sorted(BUDGETS)}")
+    budget = BUDGETS[name]
+    changes: dict = {}
+    if seeds:
+        try:
+            changes["seeds"] = tuple(int(s) for s in seeds.split(","))
+        except ValueError:
+            raise ArkfedError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    for key, value in (("epochs", epochs), ("ema", ema), ("device", device), ("num_workers", num_workers)):
+        if value is not None:
+            changes[key] = value
+    return replace(budget, **changes)
+

@@ -1,0 +1,263 @@
+"""The accrual benchmark's summary, markdown tables and figure, from its per-seed records.
+
+Everything here is a pure function of ``records.jsonl`` (one record per trained arm and seed),
+so the tables and the figure can be rebuilt from a finished or a partial run without retraining.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from arkfed.benchmarking.stats import TEST_NAME, mean_ci, paired
+
+HELD_OUT_ORDER = ("probe all", "finetune")
+
+
+def _index(records: Sequence[dict]) -> dict[tuple, dict[int, dict]]:
+    """(arm, sites) -> seed -> record."""
+    out: dict[tuple, dict[int, dict]] = {}
+    for r in records:
+        out.setdefault((r["arm"], tuple(r["sites"])), {})[int(r["seed"])] = r
+    return out
+
+
+def _value(record: dict | None, *path: str) -> float:
+    for key in path:
+        if record is None or not isinstance(record, dict) or key not in record:
+            return float("nan")
+        record = record[key]
+    return float("nan") if record is None else float(record)
+
+
+def held_out_metrics(records: Sequence[dict]) -> list[str]:
+    names: list[str] = []
+    for r in records:
+        for key in r.get("held_out") or {}:
+            if key not in names:
+                names.append(key)
+    return sorted(names, key=lambda k: (k != "probe all", k == "finetune", k))
+
+
+def summarise(plan, records: Sequence[dict], minutes: float) -> dict:
+    """Join vs alone per site, the accrual curve and the baselines, each with per-seed values."""
+    from arkfed.benchmarking.accrual import OWN_METRICS, curve_subsets
+
+    idx = _index(records)
+    seeds = list(plan.budget.seeds)
+    every = tuple(plan.sites)
+
+    def series(arm: str, names: Sequence[str], *path: str) -> list[float]:
+        runs = idx.get((arm, tuple(names)), {})
+        return [_value(runs.get(s), *path) for s in seeds]
+
+    join = {}
+    for site in plan.sites:
+        join[site] = {}
+        for metric in OWN_METRICS:
+            alone, joined = series("ark", (site,), "own", site, metric), series("ark", every, "own", site, metric)
+            join[site][metric] = {"alone": {**mean_ci(alone), "values": alone}, "joined": {**mean_ci(joined), "values": joined},
+                                  "joined_minus_alone": paired(joined, alone)}
+
+    metrics = held_out_metrics(records)
+    subsets = curve_subsets(plan.sources, plan.budget.orderings)
+    curve: dict = {"held_out": plan.held_out, "orderings": [list(o) for o in _orderings(plan)], "points": {}}
+    for k, feds in subsets.items():
+        point = {"federations": [list(f) for f in feds]}
+        for metric in metrics:
+            per_fed = {"+".join(f): series("ark", f, "held_out", metric) for f in feds}
+            per_seed = [float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+                        for v in np.array(list(per_fed.values())).T] if per_fed else []
+            point[metric] = {**mean_ci(per_seed), "values": per_seed, "per_federation": per_fed}
+        curve["points"][k] = point
+    top = max(subsets)
+    curve["rise"] = {m: paired(curve["points"][top][m]["values"], curve["points"][1][m]["values"]) for m in metrics} if top > 1 else {}
+
+    sources = tuple(plan.sources)
+    arms = [(f"single {s}", "ark", (s,)) for s in plan.sources]
+    arms += [("Ark (cyclic)", "ark", sources), ("Ark, c = 0", "ark-c0", sources), ("pooled multi-task", "pooled", sources),
+             (f"parallel ({plan.weighting})", "parallel", sources), ("random init", "random", ()),
+             ("ImageNet init", "imagenet", ())]
+    baselines: dict = {}
+    reference = {m: series("ark", sources, "held_out", m) for m in metrics}
+    for label, arm, names in arms:
+        if (arm, names) not in idx:
+            continue
+        row: dict = {"arm": arm, "sites": list(names)}
+        for m in metrics:
+            values = series(arm, names, "held_out", m)
+            row[m] = {**mean_ci(values), "values": values, "ark_minus_this": paired(reference[m], values)}
+        if names:
+            own = [[_value(idx[(arm, names)].get(s), "own", n, "teacher") for n in names] for s in seeds]
+            own_mean = [float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for v in own]
+            row["own_teacher"] = {**mean_ci(own_mean), "values": own_mean}
+        baselines[label] = row
+
+    return {"sites": list(plan.sites), "held_out": plan.held_out, "sources": list(plan.sources), "seeds": seeds,
+            "weighting": plan.weighting, "imagenet": str(plan.imagenet) if plan.imagenet else None, "test": TEST_NAME,
+            "minutes": minutes, "records": len(records), "join_vs_alone": join, "accrual": curve, "baselines": baselines,
+            "held_out_metrics": metrics}
+
+
+def _orderings(plan) -> list[tuple[str, ...]]:
+    from arkfed.benchmarking.accrual import orderings
+
+    return orderings(plan.sources, plan.budget.orderings)
+
+
+# --- markdown ------------------------------------------------------------------------------------
+
+
+def _fmt(stat: dict) -> str:
+    mean = stat.get("mean", float("nan"))
+    if mean is None or not math.isfinite(mean):
+        return "–"
+    low, high = stat.get("ci95", [None, None])
+    if low is None or not math.isfinite(low):
+        return f"{mean:.3f}"
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _fmt_diff(stat: dict) -> str:
+    mean = stat.get("mean", float("nan"))
+    if mean is None or not math.isfinite(mean):
+        return "–"
+    text = f"{mean:+.3f}"
+    low, high = stat.get("ci95", [None, None])
+    if low is not None and math.isfinite(low):
+        text += f" [{low:+.3f}, {high:+.3f}]"
+    p = stat.get("p")
+    if p is not None and math.isfinite(p):
+        text += f" p={p:.2g}"
+    return text + (" **resolved**" if stat.get("resolved") else "")
+
+
+def markdown(results: dict) -> str:
+    b = results.get("budget", {})
+    env = results.get("environment", {})
+    n = len(results["seeds"])
+    lines = [
+        "# Does joining pay? (`arkfed benchmark accrual`)",
+        "",
+        f"Sites {', '.join(results['sites'])}; held out for the curve: **{results['held_out']}**. Budget "
+        f"`{results.get('budget_name', '?')}`: {b.get('model')} at {b.get('img_size')} px, E = {b.get('epochs')} epochs of each "
+        f"site's data (batch {b.get('batch_size')}, lr {b.get('lr')}, EMA per {b.get('ema')}), {n} seeds "
+        f"{results['seeds']}, {b.get('finetune_epochs')} fine-tuning epochs. {results['minutes']:.1f} min on "
+        f"{env.get('device', '?')} ({env.get('cpu_count', '?')} CPUs, load {env.get('load_average')}), {env.get('date', '')}.",
+        "",
+        f"Test mean AUC, mean over seeds [95% t-interval]; differences are paired by seed, {results['test']}; "
+        "**resolved** = the interval excludes 0.",
+        "",
+        "## 1. Join vs alone: each site's own test AUC",
+        "",
+        "| site | model | alone | joined (all sites) | joined − alone |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for site, entry in results["join_vs_alone"].items():
+        for metric, label in (("teacher", "teacher, own head"), ("student", "student, own head"), ("finetune", "fine-tuned teacher")):
+            e = entry[metric]
+            lines.append(f"| {site} | {label} | {_fmt(e['alone'])} | {_fmt(e['joined'])} | {_fmt_diff(e['joined_minus_alone'])} |")
+    curve = results["accrual"]
+    metrics = results["held_out_metrics"]
+    lines += ["", f"## 2. The accrual curve on {results['held_out']} (Ark on k of the other sites)", "",
+              f"Orderings: {'; '.join(' → '.join(o) for o in curve['orderings'])}.", "",
+              "| k | federations | " + " | ".join(metrics) + " |", "| --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
+    for k, point in curve["points"].items():
+        feds = ", ".join("+".join(f) for f in point["federations"])
+        lines.append(f"| {k} | {feds} | " + " | ".join(_fmt(point.get(m, {})) for m in metrics) + " |")
+    if curve.get("rise"):
+        top = max(int(k) for k in curve["points"])
+        lines += ["", f"Rise (k = {top} − mean of k = 1): " + "; ".join(f"{m} {_fmt_diff(v)}" for m, v in curve["rise"].items())]
+    lines += ["", f"## 3. Baselines on the sources ({', '.join(results['sources'])}), same budget", "",
+              "| arm | own sites' teacher AUC | " + " | ".join(f"held-out {m}" for m in metrics)
+              + " | Ark − arm, " + " | Ark − arm, ".join(HELD_OUT_ORDER) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in metrics) + " | " + " | ".join("---" for _ in HELD_OUT_ORDER) + " |"]
+    for label, row in results["baselines"].items():
+        own = _fmt(row["own_teacher"]) if "own_teacher" in row else "–"
+        diffs = [_fmt_diff(row[m]["ark_minus_this"]) if m in row and label != "Ark (cyclic)" else "–" for m in HELD_OUT_ORDER]
+        lines.append(f"| {label} | {own} | " + " | ".join(_fmt(row.get(m, {})) for m in metrics) + " | " + " | ".join(diffs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- figure --------------------------------------------------------------------------------------
+
+
+def figure(results: dict, path: Path) -> None:
+    """Three panels: joined − alone per site, the accrual curve, the baselines on the held-out site."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    ax = axes[0]
+    sites = list(results["join_vs_alone"])
+    width = 0.27
+    for i, metric in enumerate(("teacher", "student", "finetune")):
+        diffs = [results["join_vs_alone"][s][metric]["joined_minus_alone"] for s in sites]
+        means = [d["mean"] if d["mean"] is not None else np.nan for d in diffs]
+        err = _errors(diffs)
+        ax.bar(np.arange(len(sites)) + (i - 1) * width, means, width, yerr=err, capsize=3, label=metric)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(sites)), sites, rotation=15)
+    ax.set_ylabel("joined − alone, own test mean AUC")
+    ax.set_title("1. Does joining pay? (95% CI)")
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    curve = results["accrual"]
+    ks = sorted(int(k) for k in curve["points"])
+    for metric in results["held_out_metrics"]:
+        stats = [curve["points"][_key(curve["points"], k)][metric] for k in ks]
+        means = np.array([s["mean"] if s["mean"] is not None else np.nan for s in stats], dtype=float)
+        ax.errorbar(ks, means, yerr=_errors(stats), marker="o", capsize=3, label=metric)
+    ax.set_xticks(ks)
+    ax.set_xlabel("k: sites Ark trained on")
+    ax.set_ylabel(f"{curve['held_out']} test mean AUC")
+    ax.set_title("2. Accrual curve (held-out site)")
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    labels = list(results["baselines"])
+    for i, metric in enumerate(HELD_OUT_ORDER):
+        stats = [results["baselines"][a].get(metric, {"mean": np.nan}) for a in labels]
+        means = [s["mean"] if s.get("mean") is not None else np.nan for s in stats]
+        ax.barh(np.arange(len(labels)) + (i - 0.5) * 0.4, means, 0.4, xerr=_errors(stats), capsize=2, label=metric)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    finite = [s["mean"] for a in labels for m in HELD_OUT_ORDER if (s := results["baselines"][a].get(m)) and s.get("mean") is not None]
+    if finite:
+        ax.set_xlim(max(0.0, min(finite) - 0.05), min(1.0, max(finite) + 0.05))
+    ax.set_xlabel(f"{results['held_out']} test mean AUC")
+    ax.set_title("3. Baselines on the sources")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _key(points: dict, k: int):
+    return k if k in points else str(k)
+
+
+def _errors(stats: Sequence[dict]) -> np.ndarray:
+    """Asymmetric error bars from the 95% intervals (0 where there is no interval)."""
+    low, high = [], []
+    for s in stats:
+        mean, ci = s.get("mean"), s.get("ci95") or [None, None]
+        ok = mean is not None and ci[0] is not None and math.isfinite(ci[0]) and math.isfinite(mean)
+        low.append(mean - ci[0] if ok else 0.0)
+        high.append(ci[1] - mean if ok else 0.0)
+    return np.array([low, high])
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    from arkfed.io import json_safe, write_text_atomic
+
+    write_text_atomic(out / "results.json", json.dumps(json_safe(results), indent=2) + "\n")
+    write_text_atomic(out / "results.md", markdown(results))
+    figure(results, out / "accrual.png")
