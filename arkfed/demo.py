@@ -328,7 +328,7 @@ def write_vindr(root: Path, site: DemoSite, plan: list[DemoImage], save: ImageWr
     rows: dict[str, list[str]] = {"train": [header], "test": ["image_id," + ",".join(labels)]}
     drawn_labels = sorted({site.class_names.get(f, f) for f in site.prevalence})
     for image in plan:
-        image_id = hashlib.sha1(f"{seed}:{site.name}:{image.patient}:{image.followup}".encode()).hexdigest()[:32]
+        image_id = vindr_image_id(seed, site, image)
         split = "test" if _unit(seed, site.name, image.patient) < 0.2 else "train"
         save(image, root / split / f"{image_id}.png", "PNG")
         truth = {site.class_names.get(f, f): f in image.uncertain for f in image.findings}  # label -> subtle
@@ -343,6 +343,11 @@ def write_vindr(root: Path, site: DemoSite, plan: list[DemoImage], save: ImageWr
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split, lines in rows.items():
         (root / "annotations" / f"image_labels_{split}.csv").write_text("\n".join(lines) + "\n")
+
+
+def vindr_image_id(seed: int, site: DemoSite, image: DemoImage) -> str:
+    """A VinDr-style 32-hex image id, fixed by the seed and the planned image."""
+    return hashlib.sha1(f"{seed}:{site.name}:{image.patient}:{image.followup}".encode()).hexdigest()[:32]
 
 
 def vindr_labels() -> tuple[str, ...]:

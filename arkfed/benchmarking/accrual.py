@@ -203,7 +203,7 @@ def train_arm(arm: str, names: Sequence[str], sites: Mapping, budget: Budget, se
             summary = train_local(config, out, sites=chosen, progress=QuietProgress(Console(file=devnull)))
         steps = sum(r.get("steps", 0) for r in read_metrics(out) if r.get("kind") == "visit")
         # the loop scored its last round on each site's test split (eval_split="test"): reuse it
-        own = {name: {m: float(summary["sites"][name][m]["mean_auc"]) for m in ("teacher", "student")} for name in names}
+        own = {name: {m: _auc(summary["sites"][name][m]["mean_auc"]) for m in ("teacher", "student")} for name in names}
         return Trained(load_ark_model(out, "teacher").eval(), load_ark_model(out, "student").eval(), load_heads(out / "heads"),
                        time.perf_counter() - start, steps, own)
     if arm == "pooled":
@@ -214,6 +214,11 @@ def train_arm(arm: str, names: Sequence[str], sites: Mapping, budget: Budget, se
         raise ValueError(f"unknown arm {arm!r}")
     steps = sum(epoch_steps(sites[n], budget) for n in names) * budget.epochs
     return Trained(state.teacher, state.student, state.heads, time.perf_counter() - start, steps)
+
+
+def _auc(value) -> float:
+    """A mean AUC as a float (NaN, written ``null``, when no class of the split has both labels)."""
+    return float("nan") if value is None else float(value)
 
 
 def epoch_steps(site, budget: Budget) -> int:
@@ -240,7 +245,7 @@ def own_scores(trained: Trained, names: Sequence[str], sites: Mapping, budget: B
     for name in names:
         models = {"teacher": trained.teacher, "student": trained.student}
         scored = evaluate_at_site(models, trained.heads[name], sites[name], eval_settings(budget), "test")
-        out[name] = {label: float(r["mean_auc"]) for label, r in scored.items()}
+        out[name] = {label: _auc(r["mean_auc"]) for label, r in scored.items()}
     return out
 
 
