@@ -9,6 +9,7 @@ run's ``config.yaml``), then the options given on the command line.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import typing
 from dataclasses import dataclass
@@ -134,7 +135,7 @@ def resolve_run_config(sites: list[str], overrides: dict[str, Any], config_file:
         for key in ("device", "num_workers"):  # the sites' hardware (older run folders)
             (file_data.get("settings") or {}).pop(key, None)
     name = recipe or file_data.get("recipe") or default_recipe
-    data = deep_merge(get_recipe(name).overrides, file_data)
+    data = copy.deepcopy(deep_merge(get_recipe(name).overrides, file_data))  # never mutate the recipe
     for path, value in overrides.items():
         _set(data, path, value)
     data["sites"] = list(sites) or list(file_data.get("sites") or [])
