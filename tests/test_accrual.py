@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from arkfed.benchmarking.accrual import BUDGETS, Plan, curve_subsets, orderings, train_config
-from arkfed.benchmarking.baselines import pooled_schedule, train_parallel, train_pooled
+from arkfed.benchmarking.baselines import pooled_schedule, train_pooled
 from arkfed.benchmarking.stats import mean_ci, paired
 from arkfed.demo import ALL_DEMO_SITES, generate_demo_federation
 from arkfed.errors import ArkfedError
@@ -65,7 +65,7 @@ def test_pooled_interleaves_every_site_and_trains_each_head_on_its_own_batches(t
     assert sorted(schedule) == ["a", "a", "a", "b", "b"] and schedule != pooled_schedule({"a": 3, "b": 2}, seed=2)
     sites = {n: tiny[n] for n in ("demo-nih", "demo-shenzhen")}
     config = train_config(list(sites), SMOKE, seed=0)
-    from arkfed.coordinator import initial_state
+    from arkfed.loop import initial_state
 
     before = initial_state(config, {n: s.schema for n, s in sites.items()})
     state = train_pooled(config, sites)
@@ -74,28 +74,6 @@ def test_pooled_interleaves_every_site_and_trains_each_head_on_its_own_batches(t
         assert not torch.equal(state.heads[name].weight, before.heads[name].weight.to(state.heads[name].weight.device))
     again = train_pooled(config, sites)
     assert all(torch.equal(a, b) for a, b in zip(state.student.state_dict().values(), again.student.state_dict().values()))
-
-
-@pytest.mark.parametrize("weighting", ["equal", "samples"])
-def test_parallel_round_is_the_weighted_average_of_site_visits(tiny, weighting):
-    from arkfed.coordinator import initial_state
-    from arkfed.federation.protocol import parallel_plans
-    from arkfed.visit import train_site_visit
-
-    sites = {n: tiny[n] for n in ("demo-nih", "demo-shenzhen")}
-    config = train_config(list(sites), SMOKE, seed=0)
-    state = train_parallel(config, sites, weighting)
-    start = initial_state(config, {n: s.schema for n, s in sites.items()})
-    students, weights = [], []
-    for plan in parallel_plans(config)[0]:  # one round (smoke: E = 1)
-        student, teacher = copy.deepcopy(start.student), copy.deepcopy(start.teacher)
-        result = train_site_visit(student, teacher, start.heads[plan.site], sites[plan.site], config.settings, plan)
-        students.append(student.state_dict())
-        weights.append(1.0 if weighting == "equal" else result.num_examples)
-    expected = {k: sum(w * s[k].double() for s, w in zip(students, weights)) / sum(weights) for k in students[0]}
-    for key, value in state.student.state_dict().items():
-        if value.dtype.is_floating_point:
-            torch.testing.assert_close(value.double(), expected[key], rtol=1e-5, atol=1e-6)
 
 
 def test_benchmark_command_writes_results_table_and_figure_and_resumes(tiny_yamls, tmp_path):
@@ -120,6 +98,11 @@ def test_benchmark_command_writes_results_table_and_figure_and_resumes(tiny_yaml
     assert "Join vs alone" in (out / "results.md").read_text() and (out / "accrual.png").stat().st_size > 10_000
     records = (out / "records.jsonl").read_text().splitlines()
     assert len(records) == 1 + 3 + 1 + 1 + 3  # random init, 3 alone, joined, Ark on the sources (k = 2), c0, pooled, parallel
+
+    parallel = yaml.safe_load((out / "runs" / "parallel_demo-nih+demo-shenzhen_s0" / "config.yaml").read_text())
+    assert (parallel["mode"], parallel["weighting"]) == ("parallel", "equal")  # the one loop, Ark+'s equal average
+    c0 = yaml.safe_load((out / "runs" / "ark-c0_demo-nih+demo-shenzhen_s0" / "config.yaml").read_text())
+    assert c0["settings"]["max_consistency"] == 0
 
     again = CliRunner().invoke(app, args)  # everything is in records.jsonl: nothing retrains
     assert again.exit_code == 0 and (out / "records.jsonl").read_text().splitlines() == records

@@ -146,20 +146,27 @@ def curve_subsets(sources: Sequence[str], count: int) -> dict[int, list[tuple[st
 # --- training arms -------------------------------------------------------------------------------
 
 
-def train_config(names: Sequence[str], budget: Budget, seed: int, max_consistency: float = 0.5):
-    """The cyclic Ark run of ``names`` at this budget: one visit = one epoch, E rounds."""
+def train_config(names: Sequence[str], budget: Budget, seed: int, max_consistency: float = 0.5, mode: str = "cyclic",
+                 weighting: str = "equal"):
+    """The Ark run of ``names`` at this budget: one visit = one epoch of a site, E rounds."""
     from arkfed.model import ModelSpec
     from arkfed.training import TrainConfig, TrainSettings
 
     return TrainConfig(
-        sites=list(names), site_configs=[], rounds=budget.epochs, seed=seed, eval_split="test",
+        sites=list(names), rounds=budget.epochs, seed=seed, eval_split="test", mode=mode, weighting=weighting,
         model=ModelSpec(model=budget.model, img_size=budget.img_size, projector_dim=budget.projector_dim),
         settings=TrainSettings(
             batch_size=budget.batch_size, lr=budget.lr, local_epochs=1, max_steps_per_visit=budget.max_steps_per_visit,
             crop_scale=budget.crop_scale, ema=budget.ema, max_consistency=max_consistency,
-            device=budget.device, num_workers=budget.num_workers,
         ),
     )
+
+
+def compute_settings(budget: Budget):
+    """Every site of the benchmark trains on this process's hardware."""
+    from arkfed.site import ComputeSettings
+
+    return ComputeSettings(device=budget.device, num_workers=budget.num_workers)
 
 
 @dataclass
@@ -180,40 +187,37 @@ def run_key(arm: str, names: Sequence[str], seed: int) -> str:
 
 def train_arm(arm: str, names: Sequence[str], sites: Mapping, budget: Budget, seed: int, work: Path,
               weighting: str = "equal") -> Trained:
-    """Train one arm on ``names``: ``ark`` / ``ark-c0`` (the loop, a run folder), ``pooled`` or
-    ``parallel`` (:mod:`arkfed.benchmarking.baselines`)."""
+    """Train one arm on ``names``: ``ark``, ``ark-c0`` (``max_consistency: 0``) and ``parallel``
+    (``mode: parallel``) are the one Ark loop with a run folder; ``pooled`` is
+    :func:`arkfed.benchmarking.baselines.train_pooled`."""
     import shutil
 
-    from arkfed.benchmarking.baselines import train_parallel, train_pooled
-
     chosen = {n: sites[n] for n in names}
-    config = train_config(names, budget, seed, max_consistency=0.0 if arm == "ark-c0" else 0.5)
+    compute = compute_settings(budget)
     start = time.perf_counter()
-    if arm in ("ark", "ark-c0"):
-        from arkfed.coordinator import train_local
-        from arkfed.runs import read_metrics
-        from arkfed.weights import load_ark_model, load_heads
-
-        from arkfed.progress import QuietProgress
-        from rich.console import Console
-
-        out = work / "runs" / run_key(arm, names, seed).replace(":", "_")
-        shutil.rmtree(out, ignore_errors=True)
-        with open(os.devnull, "w") as devnull:
-            summary = train_local(config, out, sites=chosen, progress=QuietProgress(Console(file=devnull)))
-        steps = sum(r.get("steps", 0) for r in read_metrics(out) if r.get("kind") == "visit")
-        # the loop scored its last round on each site's test split (eval_split="test"): reuse it
-        own = {name: {m: _auc(summary["sites"][name][m]["mean_auc"]) for m in ("teacher", "student")} for name in names}
-        return Trained(load_ark_model(out, "teacher").eval(), load_ark_model(out, "student").eval(), load_heads(out / "heads"),
-                       time.perf_counter() - start, steps, own)
     if arm == "pooled":
-        state = train_pooled(config, chosen)
-    elif arm == "parallel":
-        state = train_parallel(config, chosen, weighting)  # type: ignore[arg-type]
-    else:
+        from arkfed.benchmarking.baselines import train_pooled
+
+        state = train_pooled(train_config(names, budget, seed), chosen, compute)
+        steps = sum(epoch_steps(sites[n], budget) for n in names) * budget.epochs
+        return Trained(state.teacher, state.student, state.heads, time.perf_counter() - start, steps)
+    if arm not in ("ark", "ark-c0", "parallel"):
         raise ValueError(f"unknown arm {arm!r}")
-    steps = sum(epoch_steps(sites[n], budget) for n in names) * budget.epochs
-    return Trained(state.teacher, state.student, state.heads, time.perf_counter() - start, steps)
+    from arkfed.loop import train_local
+    from arkfed.runs import read_metrics
+    from arkfed.weights import load_ark_model, load_heads
+
+    config = train_config(names, budget, seed, max_consistency=0.0 if arm == "ark-c0" else 0.5,
+                          mode="parallel" if arm == "parallel" else "cyclic", weighting=weighting)
+    out = work / "runs" / run_key(arm, names, seed).replace(":", "_")
+    shutil.rmtree(out, ignore_errors=True)
+    summary = train_local(config, out, sites=chosen, compute={n: compute for n in names})
+    steps = sum(r.get("steps", 0) for r in read_metrics(out) if r.get("kind") == "visit")
+    # the loop scored its last round on each site's test split (eval_split="test"), the teacher
+    # with the site's teacher head: reuse it
+    own = {name: {m: _auc(summary["sites"][name].get(m, {}).get("mean_auc")) for m in ("teacher", "student")} for name in names}
+    return Trained(load_ark_model(out, "teacher").eval(), load_ark_model(out, "student").eval(), load_heads(out / "heads"),
+                   time.perf_counter() - start, steps, own)
 
 
 def _auc(value) -> float:
@@ -231,20 +235,17 @@ def epoch_steps(site, budget: Budget) -> int:
 # --- evaluation ----------------------------------------------------------------------------------
 
 
-def eval_settings(budget: Budget):
+def own_scores(trained: Trained, names: Sequence[str], sites: Mapping, budget: Budget) -> dict[str, dict[str, float]]:
+    """Each site's own test mean AUC with its own head, for teacher and student (as the loop scores)."""
+    from arkfed.site_tasks import SiteHeads, evaluate_site_models
     from arkfed.training import TrainSettings
 
-    return TrainSettings(batch_size=max(budget.batch_size, 64), device=budget.device, num_workers=budget.num_workers)
-
-
-def own_scores(trained: Trained, names: Sequence[str], sites: Mapping, budget: Budget) -> dict[str, dict[str, float]]:
-    """Each site's own test mean AUC with its own head, for teacher and student."""
-    from arkfed.coordinator import evaluate_at_site
-
+    settings = TrainSettings(batch_size=max(budget.batch_size, 64))
     out = {}
     for name in names:
-        models = {"teacher": trained.teacher, "student": trained.student}
-        scored = evaluate_at_site(models, trained.heads[name], sites[name], eval_settings(budget), "test")
+        head = trained.heads[name]
+        scored = evaluate_site_models(trained.student, trained.teacher, SiteHeads(head, head), sites[name], settings, "test",
+                                      compute=compute_settings(budget))
         out[name] = {label: _auc(r["mean_auc"]) for label, r in scored.items()}
     return out
 
