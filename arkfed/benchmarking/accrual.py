@@ -124,6 +124,40 @@ def load_sites(refs: Sequence[str] | None, budget: Budget, work: Path) -> dict:
     return {site.name: site for site in (load_site(p) for p in paths)}
 
 
+CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+def cache_images(sites: Mapping, size: int, log: Log) -> dict:
+    """The sites with every split's images decoded once and resized to ``size`` in memory.
+
+    Every arm and seed reads the same images; decoding them from disk each time was most of a
+    step's cost on CPU (a 128 px PNG decode + resize costs more than test_resnet's forward pass at
+    64 px). The data pipeline resizes each image to ``size`` x ``size`` before augmenting it, so
+    resizing it here once gives the same pixels. Skipped (with a note) past 2 GiB.
+    """
+    import dataclasses
+
+    from arkfed.data import read_resized
+    from arkfed.dataset import ArrayImages, DatasetTable
+
+    total = sum(len(t) for s in sites.values() for t in s.splits.values()) * size * size
+    if total > CACHE_LIMIT_BYTES:
+        log(f"images not cached in memory ({total / 1024**3:.1f} GiB at {size} px): read from disk at every step")
+        return dict(sites)
+    start = time.perf_counter()
+    out = {}
+    for name, site in sites.items():
+        splits = {}
+        for split, table in site.splits.items():
+            pixels = np.stack([read_resized(table, i, size)[0].numpy() for i in range(len(table))]) if len(table) else \
+                np.zeros((0, size, size), dtype=np.uint8)
+            splits[split] = DatasetTable(images=ArrayImages(pixels, f"{name}/{split} (cached at {size} px)"), labels=table.labels,
+                                         meta=table.meta, classes=table.classes)
+        out[name] = dataclasses.replace(site, splits=splits)
+    log(f"images decoded once into memory at {size} px ({total / 1024**2:.0f} MiB) in {time.perf_counter() - start:.0f}s")
+    return out
+
+
 def orderings(sources: Sequence[str], count: int) -> list[tuple[str, ...]]:
     """``count`` rotations of the source list (each site comes first once, up to N-1 of them)."""
     n = len(sources)
@@ -432,7 +466,7 @@ def benchmark_accrual(site_refs: Sequence[str] | None, held_out: str | None, bud
         raise ArkfedError(f"--imagenet {imagenet}: no such weights file (a local timm {budget.model} checkpoint)")
     if weighting not in ("equal", "samples"):
         raise ArkfedError(f"--weighting must be equal or samples, got {weighting!r}")
-    sites = load_sites(site_refs, budget, out)
+    sites = cache_images(load_sites(site_refs, budget, out), budget.img_size, log)
     held_out = held_out or (DEMO_HELD_OUT if not site_refs else list(sites)[-1])
     plan = Plan(list(sites), held_out, budget, weighting, imagenet)
     log(f"budget {budget_name}: {json.dumps(asdict(budget))}")
