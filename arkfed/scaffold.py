@@ -264,7 +264,9 @@ def scaffold_dataset(request: DatasetRequest) -> ScaffoldResult:
 def _schema(request: DatasetRequest, inferred: InferredLabels) -> LabelSchema:
     classes = tuple(inferred.classes or inferred.label_columns)
     if request.task == "binary" and len(classes) != 1:
-        raise ArkfedError(f"a binary task has one label column (the positive finding); found {list(classes)}: pick one with --label-columns")
+        raise ArkfedError(
+            f"a binary task has one label column (the positive finding); found {list(classes)}: pick one with --label-columns"
+        )
     try:
         return LabelSchema(task=request.task, classes=classes, uncertain=request.uncertain, missing=request.missing)
     except ValidationError as exc:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from arkfed.errors import ArkfedError
 import arkfed.datasets
-import arkfed.plugins
+from arkfed.errors import ArkfedError
 from arkfed.plugins import ENTRY_POINT_GROUP, PLUGINS_ENV, DatasetPlugin, SplitConfig, discover_plugins, get_plugin
 
 BUILTIN = {"chestxray14", "chexpert", "mimic_cxr", "vindr_cxr", "rsna_pneumonia", "shenzhen", "medmnist", "csv"}
@@ -156,7 +155,8 @@ def test_unknown_plugin_error_lists_the_available_ones():
 
 
 def test_entry_points_register_plugin_classes_and_report_failures(tmp_path, monkeypatch):
-    package = plugin_folder(tmp_path, "ep_site_packages", {"disc_ep_module.py": plugin_code("disc_ep_plugin").replace("@register_dataset\n", "")})
+    undecorated = plugin_code("disc_ep_plugin").replace("@register_dataset\n", "")
+    package = plugin_folder(tmp_path, "ep_site_packages", {"disc_ep_module.py": undecorated})
     monkeypatch.syspath_prepend(str(package))
     points = [
         importlib.metadata.EntryPoint(name="disc_ep_plugin", value="disc_ep_module:P", group=ENTRY_POINT_GROUP),
