@@ -25,6 +25,7 @@ import importlib.metadata
 import importlib.util
 import os
 import pkgutil
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +176,8 @@ def folder_module_name(path: Path) -> str:
     """
     resolved = Path(path).resolve()
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
-    return f"{FOLDER_MODULE_PREFIX}{resolved.parent.name}_{digest}.{resolved.stem}"
+    folder, stem = (re.sub(r"\W", "_", part) for part in (resolved.parent.name, resolved.stem))
+    return f"{FOLDER_MODULE_PREFIX}{folder}_{digest}.{stem}"
 
 
 def forget_plugin_file(path: Path) -> None:
@@ -215,11 +217,9 @@ def default_plugin_dirs() -> list[Path]:
 
 
 def plugin_dirs(extra: Iterable[str | Path] = ()) -> list[Path]:
-    """Explicit folders (``--plugins-dir``, then ``ARKFED_PLUGINS``), each once."""
+    """The explicit folders: ``--plugins-dir`` ones, then those in ``ARKFED_PLUGINS``."""
     env = os.environ.get(PLUGINS_ENV, "")
-    dirs = [*map(Path, extra), *(Path(p) for p in env.split(os.pathsep) if p)]
-    seen: set[Path] = set()
-    return [d for d in dirs if not (d.resolve() in seen or seen.add(d.resolve()))]
+    return [*map(Path, extra), *(Path(p) for p in env.split(os.pathsep) if p)]
 
 
 def _import_builtins(catalog: PluginCatalog) -> None:
@@ -234,9 +234,8 @@ def _import_builtins(catalog: PluginCatalog) -> None:
 
 
 def _import_folders(catalog: PluginCatalog, extra_dirs: Iterable[str | Path]) -> set[str]:
-    """Import every ``*.py`` of the folders; returns the module names that belong to this discovery."""
-    explicit = plugin_dirs(extra_dirs)
-    folders = [d for d in default_plugin_dirs() if d.is_dir()] + explicit
+    """Import every ``*.py`` of the folders (each folder once); returns this discovery's module names."""
+    folders = [d for d in default_plugin_dirs() if d.is_dir()] + plugin_dirs(extra_dirs)
     loaded: set[str] = set()
     seen: set[Path] = set()
     for directory in folders:

@@ -74,16 +74,24 @@ def build_wheel(tmp_path: Path) -> Path:
     return wheel
 
 
+def pip_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(part) for part in version("pip").split(".")[:2] if part.isdigit())
+
+
 def fresh_venv(tmp_path: Path, wheel: Path) -> Path:
     """A new venv holding only the wheel, then given the test environment's packages (read-only)."""
     venv = tmp_path / "venv"
-    made = run([sys.executable, "-m", "venv", "--without-pip", venv], tmp_path)
-    assert made.returncode == 0, made.stderr
     python = venv / "bin" / "python"
     # Installed before the test environment is visible, so pip sees an empty environment and
-    # neither "upgrades" nor uninstalls anything outside the new venv.
-    installed = run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "--no-compile", "-q", wheel],
-                    tmp_path)
+    # neither "upgrades" nor uninstalls anything outside the new venv. pip >= 22.3 installs into
+    # another interpreter (--python); an older one needs the venv's own pip (bundled, offline).
+    own_pip = pip_version() < (22, 3)
+    made = run([sys.executable, "-m", "venv", *([] if own_pip else ["--without-pip"]), venv], tmp_path)
+    assert made.returncode == 0, made.stderr
+    pip = [python, "-m", "pip"] if own_pip else [sys.executable, "-m", "pip", "--python", python]
+    installed = run([*pip, "install", "--no-deps", "--no-index", "--no-compile", "-q", wheel], tmp_path)
     assert installed.returncode == 0, f"pip install of the wheel failed:\n{installed.stdout}\n{installed.stderr}"
     purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path).stdout.strip()
     borrowed = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
