@@ -22,4 +22,5 @@ def test_ruff_check_passes():
         [sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "arkfed", "tests", "benchmarks"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode == 0, f"ruff check found problems (fix them, or `ruff check --fix` for the [*] ones):\n{result.stdout}{result.stderr}"
+    hint = "ruff check found problems (fix them; `ruff check --fix` fixes the [*] ones)"
+    assert result.returncode == 0, f"{hint}:\n{result.stdout}{result.stderr}"
