@@ -1,0 +1,221 @@
+"""TensorBoard and MLflow loggers: driven with the loop's real records, then read back.
+
+The records come from the functions the loop uses (``visit_record``, ``eval_record``,
+``score_predictions``), so the shapes are those of ``metrics.jsonl``; what each tracker wrote is
+read with its own reader (TensorBoard's EventAccumulator, MLflow's MlflowClient).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorboard", reason="pip install 'arkfed[tensorboard]' to test the TensorBoard logger")
+pytest.importorskip("mlflow", reason="pip install 'arkfed[mlflow]' to test the MLflow logger")
+
+from arkfed.callbacks import CallbackList, RunInfo  # noqa: E402
+from arkfed.errors import ArkfedError  # noqa: E402
+from arkfed.io import append_jsonl  # noqa: E402
+from arkfed.metrics import Predictions, score_predictions  # noqa: E402
+from arkfed.schema import LabelSchema  # noqa: E402
+from arkfed.trackers import (  # noqa: E402
+    MLflowLogger, TensorBoardLogger, eval_scalars, flat_params, make_trackers, parse_log_option, visit_scalars,
+)
+from arkfed.training import TrainConfig, TrainSettings, plan_visits  # noqa: E402
+from arkfed.visit import VisitResult  # noqa: E402
+
+try:  # the plain record functions keep existing; the lead may move them into arkfed.loop
+    from arkfed.loop import eval_record, visit_record
+except ImportError:
+    from arkfed.coordinator import eval_record, visit_record
+
+from tracker_checks import (  # noqa: E402
+    check_trackers_match_metrics, mlflow_client, read_mlflow, read_tensorboard, read_tensorboard_texts,
+)
+
+SCHEMA = LabelSchema(task="multilabel", classes=("Effusion", "Pleural/Other", "Rare"))
+
+
+def config(rounds: int = 2) -> TrainConfig:
+    return TrainConfig(sites=["alpha", "beta"], rounds=rounds, settings=TrainSettings(lr=3e-3, warmup_visits=1))
+
+
+def eval_result(rng: np.random.Generator) -> dict:
+    """A real evaluation result: 'Rare' has one positive label value only, so its AUC is null."""
+    n = 12
+    targets = (rng.random((n, 3)) < 0.5).astype(np.float32)
+    targets[:, 2] = 0.0
+    targets[0, :2], targets[1, :2] = 1.0, 0.0
+    return score_predictions(Predictions(rng.normal(size=(n, 3)).astype(np.float32), targets, np.ones((n, 3), np.float32)), SCHEMA)
+
+
+def drive(callbacks, cfg: TrainConfig, run_dir, visits_done: int = 0, stop_at: int | None = None, seed: int = 0,
+          end: bool = True) -> list[dict]:
+    """Play the loop's calls for visits ``visits_done..stop_at`` (recording them in metrics.jsonl
+    as the loop does); evaluates each round that completes; returns the records."""
+    rng = np.random.default_rng(seed)
+    cb = CallbackList(callbacks)
+    cb.on_run_start(RunInfo(cfg, run_dir, cfg.total_visits, visits_done))
+    records = []
+    plans = plan_visits(cfg)
+    stop_at = cfg.total_visits if stop_at is None else stop_at
+    for plan in plans[visits_done:stop_at]:
+        loss = float(rng.uniform(0.5, 1.0))
+        result = VisitResult(site=plan.site, round=plan.round, visit=plan.visit, loss=loss, task_loss=0.8 * loss,
+                             consistency_loss=0.2 * loss, num_examples=40, steps=3, seconds=1.5, images_per_s=26.7,
+                             lr=plan.lr, consistency=plan.consistency, momentum=plan.momentum)
+        record = visit_record(plan, result)
+        append_jsonl(run_dir / "metrics.jsonl", record)
+        cb.on_visit_end(plan, record)
+        records.append(record)
+        if plan.visit == len(plans) - 1 or plans[plan.visit + 1].round != plan.round:
+            evals = [eval_record(plan.round, site, model, cfg.eval_split, eval_result(rng))
+                     for site in cfg.sites for model in ("student", "teacher")]
+            for r in evals:
+                append_jsonl(run_dir / "metrics.jsonl", r)
+            cb.on_round_end(plan.round, evals)
+            records += evals
+    if end:
+        cb.on_run_end({"rounds": cfg.rounds, "visits": cfg.total_visits, "seconds": 12.5, "sites": {"alpha": {}}})
+    cb.close()
+    return records
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One complete 2-round, 2-site run logged by both trackers."""
+    run_dir = tmp_path_factory.mktemp("trackers") / "run-2026-12-01"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("sites: [alpha, beta]\n")
+    cfg = config()
+    records = drive(make_trackers("tensorboard,mlflow", run_dir), cfg, run_dir)
+    return run_dir, cfg, records
+
+
+def test_parse_log_option():
+    assert parse_log_option("tensorboard,mlflow") == ["tensorboard", "mlflow"]
+    assert parse_log_option(["MLflow", "tensorboard, mlflow"]) == ["mlflow", "tensorboard"]
+    assert parse_log_option("") == parse_log_option("none") == parse_log_option(None) == []
+    assert make_trackers("none", ".") == []
+    with pytest.raises(ArkfedError, match=r"unknown tracker 'wandb' \(choose from: tensorboard, mlflow, none\)"):
+        parse_log_option("tensorboard,wandb")
+
+
+@pytest.mark.parametrize("module, extra", [("torch.utils.tensorboard", "tensorboard"), ("mlflow", "mlflow")])
+def test_missing_package_is_one_line(monkeypatch, tmp_path, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # import now raises ImportError
+    with pytest.raises(ArkfedError) as err:
+        make_trackers(extra, tmp_path)
+    assert str(err.value) == f"--log {extra} needs the {'mlflow-skinny' if extra == 'mlflow' else 'tensorboard'} package: pip install 'arkfed[{extra}]'"
+
+
+def test_scalar_names():
+    record = {"kind": "eval", "round": 1, "site": "alpha", "model": "teacher", "split": "val", "loss": 0.4,
+              "mean_auc": 0.7, "auc": {"Pleural/Other": 0.6, "Rare": None}, "num_examples": 9}
+    assert eval_scalars(record) == {"val/alpha/teacher/loss": 0.4, "val/alpha/teacher/mean_auc": 0.7,
+                                    "val/alpha/teacher/auc/Pleural_Other": 0.6}
+    assert eval_scalars(record, per_class=False) == {"val/alpha/teacher/loss": 0.4, "val/alpha/teacher/mean_auc": 0.7}
+    assert visit_scalars({"site": "beta", "loss": 1.0, "lr": 0.1, "momentum": float("nan")}) == {
+        "train/loss": 1.0, "train/lr": 0.1, "train/beta/loss": 1.0}
+    params = flat_params(config(), mode="local")
+    assert params["settings.lr"] == 0.003 and params["sites"] == '["alpha", "beta"]' and params["mode"] == "local"
+    assert params["settings.crop_scale"] == "[0.08, 1.0]" and params["model.model"] == config().model.model and params["model.num_features"] == "null"
+
+
+def test_tensorboard_reads_back(finished_run):
+    run_dir, cfg, records = finished_run
+    scalars = read_tensorboard(run_dir)
+    counts = check_trackers_match_metrics(run_dir, trackers=("tensorboard",))
+    assert counts["tensorboard"] == 4 * 8 + 8 * 4  # 8 scalars per visit, 4 per evaluation (one AUC is null)
+    visits = [r for r in records if r["kind"] == "visit"]
+    assert [step for step, _ in scalars["train/loss"]] == [0, 1, 2, 3]
+    assert [step for step, _ in scalars["train/beta/loss"]] == [1, 3]
+    assert [v for _, v in scalars["train/lr"]] == pytest.approx([r["lr"] for r in visits])
+    assert [step for step, _ in scalars["val/beta/student/mean_auc"]] == [0, 1]  # step = round
+    assert "val/alpha/student/auc/Effusion" in scalars and "val/alpha/student/auc/Pleural_Other" in scalars
+    assert not any(tag.endswith("/auc/Rare") for tag in scalars)  # null AUCs are not drawn as numbers
+    texts = read_tensorboard_texts(run_dir)
+    assert "settings.lr: 0.003" in texts["config"][0][1]
+    assert '"seconds": 12.5' in texts["summary"][0][1]
+    hparams = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert hparams and any(b"_hparams_/session_start_info" in p.read_bytes() for p in hparams)
+
+
+def test_mlflow_reads_back(finished_run):
+    run_dir, cfg, records = finished_run
+    run, history = read_mlflow(run_dir)
+    client, run_id = mlflow_client(run_dir)
+    assert (run_dir / "mlflow" / "mlflow.db").is_file()  # the run folder's own store, no server
+    assert run.info.run_name == "run-2026-12-01" and run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "arkfed"
+    assert run.data.params["settings.lr"] == "0.003" and run.data.params["rounds"] == "2"
+    assert run.data.params["total_visits"] == "4" and run.data.params["mode"] == "local"
+    counts = check_trackers_match_metrics(run_dir, trackers=("mlflow",))
+    assert counts["mlflow"] == 4 * 8 + 8 * 4
+    assert [step for step, _ in history["train/loss"]] == [0, 1, 2, 3]
+    evals = [r for r in records if r["kind"] == "eval" and r["site"] == "alpha" and r["model"] == "teacher"]
+    assert history["val/alpha/teacher/mean_auc"] == [(r["round"], pytest.approx(r["mean_auc"])) for r in evals]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"summary.json", "config.yaml"} <= artifacts
+    assert json.loads((run_dir / "mlflow" / "run.json").read_text())["run_id"] == run_id
+
+
+def test_resume_continues_the_same_runs(tmp_path):
+    """Killed after visit 2 was recorded but before its checkpoint (visits_done = 2): the resumed
+    run redoes visit 2 into the same MLflow run, and TensorBoard shows only the redone visit."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = config()
+    first = drive(make_trackers("tensorboard,mlflow", run_dir), cfg, run_dir, stop_at=3, seed=1, end=False)
+    _, run_id = mlflow_client(run_dir)
+    client, _ = mlflow_client(run_dir)
+    assert client.get_run(run_id).info.status == "KILLED"
+    stale = next(r["loss"] for r in first if r["kind"] == "visit" and r["visit"] == 2)
+
+    second = drive(make_trackers(["tensorboard", "mlflow"], run_dir), cfg, run_dir, visits_done=2, seed=2)
+    redone = next(r["loss"] for r in second if r["kind"] == "visit" and r["visit"] == 2)
+    assert redone != stale
+    scalars = read_tensorboard(run_dir)
+    last = next(r["loss"] for r in second if r["kind"] == "visit" and r["visit"] == 3)
+    assert scalars["train/loss"][2:] == [(2, pytest.approx(redone)), (3, pytest.approx(last))]
+    assert [step for step, _ in scalars["val/alpha/student/mean_auc"]] == [0, 1]
+
+    run, history = read_mlflow(run_dir)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"  # the same run, finished now
+    assert run.data.tags["arkfed.resumed_at_visit"] == "2"
+    steps = [step for step, _ in history["train/loss"]]
+    assert steps[:3] == [0, 1, 2] and steps[-2:] == [2, 3]  # MLflow keeps both attempts at step 2
+    assert dict(history["train/loss"])[2] == pytest.approx(redone)  # the later one is the value shown
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_user_tracking_uri_is_used(tmp_path, monkeypatch):
+    store = tmp_path / "elsewhere" / "shared.db"
+    store.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = config(rounds=1)
+    drive([MLflowLogger(run_dir)], cfg, run_dir)
+    assert store.is_file() and not (run_dir / "mlflow" / "mlflow.db").exists()
+    assert json.loads((run_dir / "mlflow" / "run.json").read_text())["tracking_uri"] == f"sqlite:///{store}"
+    counts = check_trackers_match_metrics(run_dir, trackers=("mlflow",))
+    assert counts["mlflow"] > 0
+
+
+def test_unusable_tracking_uri_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://somewhere")
+    logger = MLflowLogger(tmp_path)
+    with pytest.raises(ArkfedError, match=r"^MLflow \(nosuchscheme://somewhere\): could not") as err:
+        logger.on_run_start(RunInfo(config(), tmp_path, 4, 0))
+    assert "\n" not in str(err.value)
+
+
+def test_tensorboard_alone_writes_only_its_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    drive([TensorBoardLogger(run_dir)], config(rounds=1), run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "tensorboard"]
