@@ -8,6 +8,7 @@ read with its own reader (TensorBoard's EventAccumulator, MLflow's MlflowClient)
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -22,7 +23,7 @@ from arkfed.io import append_jsonl  # noqa: E402
 from arkfed.metrics import Predictions, score_predictions  # noqa: E402
 from arkfed.schema import LabelSchema  # noqa: E402
 from arkfed.trackers import (  # noqa: E402
-    MLflowLogger, TensorBoardLogger, eval_scalars, flat_params, make_trackers, parse_log_option, visit_scalars,
+    MLflowLogger, TensorBoardLogger, _quiet, eval_scalars, flat_params, make_trackers, parse_log_option, visit_scalars,
 )
 from arkfed.training import TrainConfig, TrainSettings, plan_visits  # noqa: E402
 from arkfed.visit import VisitResult  # noqa: E402
@@ -85,10 +86,29 @@ def drive(callbacks, cfg: TrainConfig, run_dir, visits_done: int = 0, stop_at: i
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def empty_store(tmp_path_factory):
+    """An MLflow SQLite store with its tables made. Making them runs MLflow's ~50 schema migrations,
+    each a committed transaction (about 1.5 s of CPU and, on a busy disk, ten times that in
+    fsyncs), so the tests make them once and copy the file where a run folder expects it."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    with _quiet():
+        MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def new_run_dir(parent, empty_store, name: str = "run"):
+    run_dir = parent / name
+    (run_dir / "mlflow").mkdir(parents=True)
+    shutil.copyfile(empty_store, run_dir / "mlflow" / "mlflow.db")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, empty_store):
     """One complete 2-round, 2-site run logged by both trackers."""
-    run_dir = tmp_path_factory.mktemp("trackers") / "run-2026-12-01"
-    run_dir.mkdir()
+    run_dir = new_run_dir(tmp_path_factory.mktemp("trackers"), empty_store, "run-2026-12-01")
     (run_dir / "config.yaml").write_text("sites: [alpha, beta]\n")
     cfg = config()
     records = drive(make_trackers("tensorboard,mlflow", run_dir), cfg, run_dir)
@@ -148,7 +168,8 @@ def test_mlflow_reads_back(finished_run):
     run_dir, cfg, records = finished_run
     run, history = read_mlflow(run_dir)
     client, run_id = mlflow_client(run_dir)
-    assert (run_dir / "mlflow" / "mlflow.db").is_file()  # the run folder's own store, no server
+    recorded = json.loads((run_dir / "mlflow" / "run.json").read_text())
+    assert recorded["tracking_uri"] == "run-folder"  # the run folder's own store, no server
     assert run.info.run_name == "run-2026-12-01" and run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "arkfed"
     assert run.data.params["settings.lr"] == "0.003" and run.data.params["rounds"] == "2"
@@ -160,14 +181,14 @@ def test_mlflow_reads_back(finished_run):
     assert history["val/alpha/teacher/mean_auc"] == [(r["round"], pytest.approx(r["mean_auc"])) for r in evals]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"summary.json", "config.yaml"} <= artifacts
-    assert json.loads((run_dir / "mlflow" / "run.json").read_text())["run_id"] == run_id
+    assert recorded["run_id"] == run_id
+    assert client.get_experiment(run.info.experiment_id).artifact_location == (run_dir / "mlflow" / "artifacts").resolve().as_uri()
 
 
-def test_resume_continues_the_same_runs(tmp_path):
+def test_resume_continues_the_same_runs(tmp_path, empty_store):
     """Killed after visit 2 was recorded but before its checkpoint (visits_done = 2): the resumed
     run redoes visit 2 into the same MLflow run, and TensorBoard shows only the redone visit."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    run_dir = new_run_dir(tmp_path, empty_store)
     cfg = config()
     first = drive(make_trackers("tensorboard,mlflow", run_dir), cfg, run_dir, stop_at=3, seed=1, end=False)
     _, run_id = mlflow_client(run_dir)
@@ -192,10 +213,12 @@ def test_resume_continues_the_same_runs(tmp_path):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
-def test_user_tracking_uri_is_used(tmp_path, monkeypatch):
+def test_user_tracking_uri_is_used(tmp_path, monkeypatch, empty_store):
     store = tmp_path / "elsewhere" / "shared.db"
     store.parent.mkdir()
+    shutil.copyfile(empty_store, store)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    monkeypatch.chdir(tmp_path)  # MLflow puts a user store's artifacts in ./mlruns by default
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     cfg = config(rounds=1)
