@@ -161,22 +161,23 @@ class TensorBoardLogger(LoopCallback):
         self._hparams_end = None
 
     def on_run_start(self, run: RunInfo) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         # purge_step: a resumed run redoes the visits after its checkpoint; TensorBoard then drops
-        # the events of the first attempt at those steps instead of drawing them twice.
-        self.writer = self._writer_class(
-            log_dir=str(self.log_dir), purge_step=run.visits_done or None, flush_secs=10,
-        )
-        if run.visits_done:
-            return  # the configuration and hparams were written when the run started
+        # the events of the first attempt at those steps instead of drawing them twice (all of
+        # them when a run killed before its first checkpoint starts over).
+        earlier = self.log_dir.is_dir() and any(self.log_dir.glob("events.out.tfevents.*"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        purge = run.visits_done if run.visits_done or earlier else None
+        self.writer = self._writer_class(log_dir=str(self.log_dir), purge_step=purge, flush_secs=10)
         from torch.utils.tensorboard.summary import hparams
 
         params = flat_params(run.config, mode=run.mode, total_visits=run.total_visits)
-        text = "\n".join(f"    {key}: {value}" for key, value in params.items())  # indented = preformatted
-        self.writer.add_text("config", text, global_step=0)
         metrics = {f"{eval_prefix(run.config.eval_split, site, model)}/mean_auc": 0.0
                    for site in run.config.sites for model in MODELS}
         experiment, start, self._hparams_end = hparams(params, metrics)
+        if earlier:
+            return  # a resume: the first attempt wrote the configuration (texts are never purged)
+        text = "\n".join(f"    {key}: {value}" for key, value in params.items())  # indented = preformatted
+        self.writer.add_text("config", text, global_step=0)
         for summary in (experiment, start):
             self.writer.file_writer.add_summary(summary)
 

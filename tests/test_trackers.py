@@ -213,6 +213,19 @@ def test_resume_continues_the_same_runs(tmp_path, empty_store):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+def test_tensorboard_restart_from_scratch_replaces_the_first_attempt(tmp_path):
+    """Killed before its first checkpoint, a run starts over at visit 0: only the second attempt shows."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    drive([TensorBoardLogger(run_dir)], config(rounds=1), run_dir, stop_at=1, seed=1, end=False)
+    (run_dir / "metrics.jsonl").unlink()  # the loop rewrites metrics.jsonl empty when it starts over
+    records = drive([TensorBoardLogger(run_dir)], config(rounds=1), run_dir, seed=2)
+    scalars = read_tensorboard(run_dir)
+    assert scalars["train/loss"] == [(r["visit"], pytest.approx(r["loss"])) for r in records if r["kind"] == "visit"]
+    assert len(read_tensorboard_texts(run_dir)["config"]) == 1
+    check_trackers_match_metrics(run_dir, trackers=("tensorboard",))
+
+
 def test_user_tracking_uri_is_used(tmp_path, monkeypatch, empty_store):
     store = tmp_path / "elsewhere" / "shared.db"
     store.parent.mkdir()
