@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from arkfed.dataset import FileImages, DatasetTable, make_meta
+from arkfed.dataset import DatasetTable, FileImages, make_meta
 from arkfed.provenance import (
     FEDERATED_NOTE, changed_sites, dataset_fingerprint, federated_fingerprint, git_state, source_dir,
     write_provenance,

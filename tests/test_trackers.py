@@ -14,28 +14,24 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorboard", reason="pip install 'arkfed[tensorboard]' to test the TensorBoard logger")
-pytest.importorskip("mlflow", reason="pip install 'arkfed[mlflow]' to test the MLflow logger")
-
-from arkfed.callbacks import CallbackList, RunInfo  # noqa: E402
-from arkfed.errors import ArkfedError  # noqa: E402
-from arkfed.io import append_jsonl  # noqa: E402
-from arkfed.metrics import Predictions, score_predictions  # noqa: E402
-from arkfed.schema import LabelSchema  # noqa: E402
-from arkfed.trackers import (  # noqa: E402
+from arkfed.callbacks import CallbackList, RunInfo
+from arkfed.errors import ArkfedError
+from arkfed.io import append_jsonl
+from arkfed.loop import eval_record, visit_record
+from arkfed.metrics import Predictions, score_predictions
+from arkfed.schema import LabelSchema
+from arkfed.trackers import (
     MLflowLogger, TensorBoardLogger, _quiet, eval_scalars, flat_params, make_trackers, parse_log_option, visit_scalars,
 )
-from arkfed.training import TrainConfig, TrainSettings, plan_visits  # noqa: E402
-from arkfed.visit import VisitResult  # noqa: E402
-
-try:  # the plain record functions keep existing; the lead may move them into arkfed.loop
-    from arkfed.loop import eval_record, visit_record
-except ImportError:
-    from arkfed.coordinator import eval_record, visit_record
-
-from tracker_checks import (  # noqa: E402
+from arkfed.training import TrainConfig, TrainSettings, plan_visits
+from arkfed.visit import VisitResult
+from tracker_checks import (
     check_trackers_match_metrics, mlflow_client, read_mlflow, read_tensorboard, read_tensorboard_texts,
 )
+
+# arkfed.trackers imports neither package until a tracker is made, so these can come after the imports
+pytest.importorskip("tensorboard", reason="pip install 'arkfed[tensorboard]' to test the TensorBoard logger")
+pytest.importorskip("mlflow", reason="pip install 'arkfed[mlflow]' to test the MLflow logger")
 
 SCHEMA = LabelSchema(task="multilabel", classes=("Effusion", "Pleural/Other", "Rare"))
 
@@ -146,7 +142,7 @@ def test_scalar_names():
 
 
 def test_tensorboard_reads_back(finished_run):
-    run_dir, cfg, records = finished_run
+    run_dir, _, records = finished_run
     scalars = read_tensorboard(run_dir)
     counts = check_trackers_match_metrics(run_dir, trackers=("tensorboard",))
     assert counts["tensorboard"] == 4 * 8 + 8 * 4  # 8 scalars per visit, 4 per evaluation (one AUC is null)
@@ -165,7 +161,7 @@ def test_tensorboard_reads_back(finished_run):
 
 
 def test_mlflow_reads_back(finished_run):
-    run_dir, cfg, records = finished_run
+    run_dir, _, records = finished_run
     run, history = read_mlflow(run_dir)
     client, run_id = mlflow_client(run_dir)
     recorded = json.loads((run_dir / "mlflow" / "run.json").read_text())
@@ -255,3 +251,41 @@ def test_tensorboard_alone_writes_only_its_folder(tmp_path):
     run_dir.mkdir()
     drive([TensorBoardLogger(run_dir)], config(rounds=1), run_dir)
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "tensorboard"]
+
+
+def test_real_training_run_with_both_trackers(tmp_path, empty_store):
+    """The one loop with in-process sites, stopped after three checkpointed visits and resumed:
+    both trackers hold exactly what metrics.jsonl holds, in one MLflow run."""
+    from arkfed.callbacks import LoopCallback
+    from arkfed.loop import train_local
+    from arkfed.model import ModelSpec
+    from arkfed.runs import RunFolder
+    from arkfed.site import Site, SiteConfig
+    from synthetic import multilabel_schema, synthetic_table
+
+    sites = {name: Site(SiteConfig(name=name, dataset="synthetic", root="."), None, multilabel_schema(("x", "y")),
+                        {"train": synthetic_table(16, ("x", "y"), 32, seed), "val": synthetic_table(16, ("x", "y"), 32, seed + 9)})
+             for seed, name in enumerate(("a", "b"))}
+    cfg = TrainConfig(sites=list(sites), rounds=2, seed=5, model=ModelSpec(model="test_resnet", img_size=32, projector_dim=16),
+                      settings=TrainSettings(batch_size=8, max_steps_per_visit=1, crop_scale=(0.5, 1.0)))
+    run_dir = new_run_dir(tmp_path, empty_store)
+
+    class Stop(Exception):
+        pass
+
+    class StopBeforeFourth(LoopCallback):
+        def on_visit_start(self, plan):
+            if plan.visit == 3:
+                raise Stop
+
+    with pytest.raises(Stop):
+        train_local(cfg, run_dir, sites=sites, callbacks=[*make_trackers("tensorboard,mlflow", run_dir), StopBeforeFourth()])
+    _, run_id = mlflow_client(run_dir)
+    train_local(RunFolder(run_dir).read_config(), run_dir, resume=True, sites=sites,
+                callbacks=make_trackers("tensorboard,mlflow", run_dir))
+    counts = check_trackers_match_metrics(run_dir)
+    assert counts == {"tensorboard": 4 * 8 + 8 * 4, "mlflow": 4 * 8 + 8 * 4}
+    run, history = read_mlflow(run_dir)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert [step for step, _ in history["train/loss"]] == [0, 1, 2, 3]
+    assert [step for step, _ in read_tensorboard(run_dir)["val/b/teacher/mean_auc"]] == [0, 1]

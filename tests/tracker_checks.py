@@ -96,6 +96,6 @@ def check_trackers_match_metrics(run_dir: Path, trackers=("tensorboard", "mlflow
     if "tensorboard" in trackers:
         counts["tensorboard"] = _check("tensorboard", read_tensorboard(run_dir), expected)
     if "mlflow" in trackers:
-        run, history = read_mlflow(run_dir)
+        _, history = read_mlflow(run_dir)
         counts["mlflow"] = _check("mlflow", history, expected)
     return counts
