@@ -255,6 +255,7 @@ class MLflowLogger(LoopCallback):
         self.client = None
         self.run_id: str | None = None
         self.tracking_uri: str | None = None
+        self._stored = RUN_FOLDER_STORE
         self._ended = False
 
     # where the run lives ------------------------------------------------------------------------
@@ -286,12 +287,13 @@ class MLflowLogger(LoopCallback):
             raise
         except Exception as exc:  # MlflowException, sqlite errors, an unreachable server
             first = str(exc).strip().split("\n")[0].split(". ")[0]
-            raise ArkfedError(f"MLflow ({self.tracking_uri}): could not {what}: {first}") from None
+            hint = "" if self._stored == RUN_FOLDER_STORE else " (unset MLFLOW_TRACKING_URI to log into the run folder)"
+            raise ArkfedError(f"MLflow ({self.tracking_uri}): could not {what}: {first}{hint}") from None
 
     def on_run_start(self, run: RunInfo) -> None:
         resuming = run.visits_done > 0
         uri, stored, recorded = self._resolve_store(resuming)
-        self.tracking_uri = uri
+        self.tracking_uri, self._stored = uri, stored
         if stored == RUN_FOLDER_STORE:
             (self.folder / "artifacts").mkdir(parents=True, exist_ok=True)
         self.client = self._call("open the tracking store", self._client_class, tracking_uri=uri)
