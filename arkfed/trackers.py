@@ -25,8 +25,9 @@ neither is imported unless asked for, and neither ever talks to a network servic
   needs the full ``mlflow`` package; logging needs only ``mlflow-skinny``). MLflow's usage
   telemetry is switched off unless the user set ``MLFLOW_DISABLE_TELEMETRY`` themselves.
 
-Resume: a resumed run (``visits_done > 0``) continues the same MLflow run (its id is kept in
-``RUN/mlflow/run.json``) and the TensorBoard writer purges the events at or after the resumed
+Resume: a resumed run (``visits_done > 0``) continues the same MLflow run (its id and store are
+kept in ``RUN/mlflow/run.json``; a user's store URI without its password, taken again from
+``MLFLOW_TRACKING_URI`` when that is set) and the TensorBoard writer purges the events at or after the resumed
 visit (``purge_step``), so the visits redone after a crash are not drawn twice. Evaluation
 points use the round as step; the one case left is a crash in the middle of writing a round's
 evaluation, which the resumed run evaluates again (TensorBoard then holds that round twice).
@@ -273,10 +274,13 @@ class MLflowLogger(LoopCallback):
             except (OSError, json.JSONDecodeError) as exc:
                 raise ArkfedError(f"{path}: unreadable ({exc}); delete it to start a new MLflow run") from None
             stored = recorded.get("tracking_uri", RUN_FOLDER_STORE)
-            return (self._folder_store() if stored == RUN_FOLDER_STORE else stored), stored, recorded
+            if stored == RUN_FOLDER_STORE:
+                return self._folder_store(), stored, recorded
+            # the user's store: as the environment names it now (run.json holds it without a password)
+            return os.environ.get("MLFLOW_TRACKING_URI", "").strip() or stored, stored, recorded
         user = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
         if user:
-            return user, user, None
+            return user, _without_password(user), None
         return self._folder_store(), RUN_FOLDER_STORE, None
 
     def _call(self, what: str, fn, *args, **kwargs):
@@ -387,6 +391,17 @@ class MLflowLogger(LoopCallback):
             except Exception:  # closing must not hide the error that stopped the run
                 pass
         self._ended = True
+
+
+def _without_password(uri: str) -> str:
+    """``scheme://user:secret@host/...`` -> ``scheme://user:***@host/...`` (run.json is no place for it)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def _git_commit() -> str | None:

@@ -21,7 +21,7 @@ from arkfed.loop import eval_record, visit_record
 from arkfed.metrics import Predictions, score_predictions
 from arkfed.schema import LabelSchema
 from arkfed.trackers import (
-    MLflowLogger, TensorBoardLogger, _quiet, eval_scalars, flat_params, make_trackers, parse_log_option, visit_scalars,
+    MLflowLogger, TensorBoardLogger, _quiet, _without_password, eval_scalars, flat_params, make_trackers, parse_log_option, visit_scalars,
 )
 from arkfed.training import TrainConfig, TrainSettings, plan_visits
 from arkfed.visit import VisitResult
@@ -235,7 +235,8 @@ def test_user_tracking_uri_is_used(tmp_path, monkeypatch, empty_store):
     assert store.is_file() and not (run_dir / "mlflow" / "mlflow.db").exists()
     assert json.loads((run_dir / "mlflow" / "run.json").read_text())["tracking_uri"] == f"sqlite:///{store}"
     counts = check_trackers_match_metrics(run_dir, trackers=("mlflow",))
-    assert counts["mlflow"] > 0
+    assert counts["mlflow"] == 2 * 8 + 4 * 4
+    assert _without_password("postgresql://bob:pw@db:5432/ml") == "postgresql://bob:***@db:5432/ml"  # never in run.json
 
 
 def test_unusable_tracking_uri_is_one_line(tmp_path, monkeypatch):
