@@ -414,8 +414,9 @@ def check_same_setup(plan: Plan, out: Path) -> None:
         path.write_text(json.dumps(setup, indent=2) + "\n")
 
 
-def run_benchmark(plan: Plan, sites: Mapping, out: Path, log: Log) -> dict:
-    """Every job of every seed (skipping those already in ``out/records.jsonl``), then the summary."""
+def run_benchmark(plan: Plan, sites: Mapping, out: Path, log: Log, train: bool = True) -> dict:
+    """Every job of every seed (skipping those already in ``out/records.jsonl``), then the summary.
+    ``train=False`` only summarises the records there (a partial run's tables and figure)."""
     from arkfed.io import append_jsonl, read_jsonl
 
     out.mkdir(parents=True, exist_ok=True)
@@ -423,7 +424,7 @@ def run_benchmark(plan: Plan, sites: Mapping, out: Path, log: Log) -> dict:
     records_path = out / "records.jsonl"
     done = {r["key"]: r for r in read_jsonl(records_path)[0]} if records_path.exists() else {}
     start = time.perf_counter()
-    for seed in plan.budget.seeds:
+    for seed in plan.budget.seeds if train else ():
         inits = ["random"] + (["imagenet"] if plan.imagenet else [])
         for init in inits:
             if f"{init}:s{seed}" not in done:
@@ -457,7 +458,7 @@ def environment(budget: Budget) -> dict:
 
 def benchmark_accrual(site_refs: Sequence[str] | None, held_out: str | None, budget: Budget, out: Path,
                       weighting: str = "equal", imagenet: Path | None = None, budget_name: str = "custom",
-                      log: Log | None = None) -> dict:
+                      log: Log | None = None, report_only: bool = False) -> dict:
     """The whole benchmark: sites, plan, jobs, ``results.json``, ``results.md`` and ``accrual.png``."""
     from arkfed.benchmarking.report import write_outputs
 
@@ -466,13 +467,15 @@ def benchmark_accrual(site_refs: Sequence[str] | None, held_out: str | None, bud
         raise ArkfedError(f"--imagenet {imagenet}: no such weights file (a local timm {budget.model} checkpoint)")
     if weighting not in ("equal", "samples"):
         raise ArkfedError(f"--weighting must be equal or samples, got {weighting!r}")
-    sites = cache_images(load_sites(site_refs, budget, out), budget.img_size, log)
+    sites = load_sites(site_refs, budget, out)
+    if not report_only:
+        sites = cache_images(sites, budget.img_size, log)
     held_out = held_out or (DEMO_HELD_OUT if not site_refs else list(sites)[-1])
     plan = Plan(list(sites), held_out, budget, weighting, imagenet)
     log(f"budget {budget_name}: {json.dumps(asdict(budget))}")
     log("sites: " + ", ".join(f"{n} ({len(s.split('train'))} train / {len(s.split('test'))} test)" for n, s in sites.items())
         + f"; held out: {held_out}; {len(plan.jobs)} trained arms per seed")
-    results = run_benchmark(plan, sites, out, log)
+    results = run_benchmark(plan, sites, out, log, train=not report_only)
     results.update({"budget_name": budget_name, "budget": asdict(budget), "environment": environment(budget),
                     "site_sizes": {n: {k: len(v) for k, v in s.splits.items()} for n, s in sites.items()}})
     write_outputs(results, out)

@@ -45,7 +45,7 @@ def held_out_metrics(records: Sequence[dict]) -> list[str]:
 
 def summarise(plan, records: Sequence[dict], minutes: float) -> dict:
     """Join vs alone per site, the accrual curve and the baselines, each with per-seed values."""
-    from arkfed.benchmarking.accrual import OWN_METRICS, curve_subsets
+    from arkfed.benchmarking.accrual import OWN_METRICS, curve_subsets, run_key
 
     idx = _index(records)
     seeds = list(plan.budget.seeds)
@@ -97,7 +97,12 @@ def summarise(plan, records: Sequence[dict], minutes: float) -> dict:
             row["own_teacher"] = {**mean_ci(own_mean), "values": own_mean}
         baselines[label] = row
 
+    expected = [run_key(arm, names, 0).rsplit(":", 1)[0] for arm, names in plan.jobs]
+    keys = {r["key"] for r in records}
+    complete = [s for s in seeds if all(f"{k}:s{s}" in keys for k in expected)]
+    job_minutes = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in records) / 60
     return {"sites": list(plan.sites), "held_out": plan.held_out, "sources": list(plan.sources), "seeds": seeds,
+            "complete_seeds": complete, "job_minutes": job_minutes,
             "weighting": plan.weighting, "imagenet": str(plan.imagenet) if plan.imagenet else None, "test": TEST_NAME,
             "minutes": minutes, "records": len(records), "join_vs_alone": join, "accrual": curve, "baselines": baselines,
             "held_out_metrics": metrics}
@@ -136,6 +141,11 @@ def _fmt_diff(stat: dict) -> str:
     return text + (" **resolved**" if stat.get("resolved") else "")
 
 
+def _load(env: dict) -> str:
+    load = env.get("load_average")
+    return "?" if not load else "/".join(f"{x:.1f}" for x in load)
+
+
 def markdown(results: dict) -> str:
     b = results.get("budget", {})
     env = results.get("environment", {})
@@ -146,11 +156,15 @@ def markdown(results: dict) -> str:
         f"Sites {', '.join(results['sites'])}; held out for the curve: **{results['held_out']}**. Budget "
         f"`{results.get('budget_name', '?')}`: {b.get('model')} at {b.get('img_size')} px, E = {b.get('epochs')} epochs of each "
         f"site's data (batch {b.get('batch_size')}, lr {b.get('lr')}, EMA per {b.get('ema')}), {n} seeds "
-        f"{results['seeds']}, {b.get('finetune_epochs')} fine-tuning epochs. {results['minutes']:.1f} min on "
-        f"{env.get('device', '?')} ({env.get('cpu_count', '?')} CPUs, load {env.get('load_average')}), {env.get('date', '')}.",
+        f"{results['seeds']}, {b.get('finetune_epochs')} fine-tuning epochs. Jobs took {results.get('job_minutes', 0):.1f} min "
+        f"wall ({results.get('cpu_minutes', 0):.1f} CPU-min) on {env.get('device', '?')} ({env.get('cpu_count', '?')} CPUs, "
+        f"torch threads {env.get('torch_threads')}, load {_load(env)}), {env.get('date', '')}.",
         "",
         f"Test mean AUC, mean over seeds [95% t-interval]; differences are paired by seed, {results['test']}; "
         "**resolved** = the interval excludes 0.",
+        *([] if len(results.get("complete_seeds", [])) == n else [
+            "", f"**PARTIAL**: all arms finished for seeds {results.get('complete_seeds')} of {results['seeds']}; "
+            "the other seeds count only where their arm finished (paired statistics use complete pairs)."]),
         "",
         "## 1. Join vs alone: each site's own test AUC",
         "",

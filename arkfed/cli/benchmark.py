@@ -27,6 +27,7 @@ def accrual(
     device: Optional[str] = typer.Option(None, help="cpu | cuda | auto (default: the budget's)"),
     num_workers: Optional[int] = typer.Option(None, min=0, help="DataLoader workers (default: the budget's)"),
     out: Optional[Path] = typer.Option(None, help="results folder (default runs/benchmark-accrual/BUDGET); rerunning resumes it"),
+    report_only: bool = typer.Option(False, "--report-only", help="train nothing: tables and figure from the records in --out so far"),
 ) -> None:
     """Does joining pay? Join vs alone per site, the accrual curve on a held-out site, and Ark's
     ablations (single sites, pooled multi-task, c = 0, parallel federation, random/ImageNet init),
@@ -38,7 +39,8 @@ def accrual(
     chosen = budget_with(budget, seeds=seeds, epochs=epochs, ema=ema, device=device, num_workers=num_workers)
     refs = [s.strip() for s in sites.split(",") if s.strip()] if sites else None
     folder = out or Path("runs") / "benchmark-accrual" / budget
-    benchmark_accrual(refs, held_out, chosen, folder, weighting=weighting, imagenet=imagenet, budget_name=budget)
+    benchmark_accrual(refs, held_out, chosen, folder, weighting=weighting, imagenet=imagenet, budget_name=budget,
+                      report_only=report_only)
     Console(highlight=False, width=200).print((folder / "results.md").read_text())
 
 
