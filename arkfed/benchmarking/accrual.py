@@ -336,15 +336,17 @@ class Plan:
             raise ArkfedError(f"--held-out {self.held_out!r} is not one of the sites {self.sites}")
         if len(self.sites) < 2:
             raise ArkfedError(f"the benchmark needs at least 2 sites, got {self.sites}")
-        sources = self.sources
+        # Order: what answers most first (a cut-short run still has join vs alone, both ends of the
+        # curve and the ablations); the curve's middle points come last.
+        sources = tuple(self.sources)
         jobs = [("ark", (s,)) for s in self.sites]  # alone (k = 1 on the curve for the sources)
         jobs.append(("ark", tuple(self.sites)))  # joined
+        jobs.append(("ark", sources))  # k = N-1
+        jobs += [("pooled", sources), ("ark-c0", sources)]
+        if len(sources) > 1:  # with one source, parallel is that site alone
+            jobs.append(("parallel", sources))
         for k, subsets in curve_subsets(sources, self.budget.orderings).items():
-            jobs += [("ark", s) for s in subsets if k > 1]
-        if len(sources) > 1:
-            jobs += [("ark-c0", tuple(sources)), ("pooled", tuple(sources)), ("parallel", tuple(sources))]
-        else:  # one source: the ablations are of a single site, still scored on the held-out site
-            jobs += [("ark-c0", tuple(sources)), ("pooled", tuple(sources))]
+            jobs += [("ark", s) for s in subsets if 1 < k < len(sources)]
         self.jobs = list(dict.fromkeys(jobs))
 
     @property
