@@ -30,9 +30,21 @@ the same ``--out`` skips what is there, so an interrupted run resumes and partia
 readable), ``runs/`` (the cyclic runs' folders).
 
 Budgets (``--budget``): ``default`` is sized for 2 CPU cores (timm's test_resnet at 64 px on
-the 128 px demo images, E = 2 epochs, 3 seeds, 10-shot probes, 2 fine-tuning epochs);
-``smoke`` checks the pipeline in seconds and its numbers mean nothing; ``gpu`` is resnet18 at
-128 px on a 4x larger demo federation, E = 6, 5 seeds, for a CUDA machine.
+the 128 px demo images, E = 2 epochs, 3 seeds, 10-shot probes, 2 fine-tuning epochs; measured
+15.9 CPU-minutes with one torch thread, 2026-12-01); ``smoke`` checks the pipeline in seconds and
+its numbers mean nothing; ``gpu`` is resnet18 at 128 px on a 4x larger demo federation, E = 6,
+5 seeds, for a CUDA machine (not run yet: no GPU was available). Every image is decoded once into
+memory (:func:`cache_images`); keep ``OMP_NUM_THREADS=1`` on a busy machine (OpenMP spin-waiting
+multiplied the CPU time about eightfold with 2 threads under load).
+
+The answer on the demo (default budget, 3 seeds, held-out demo-vindr; README "Does joining
+pay?", ``benchmarks/results/accrual-default/``): joining pays for every site that has something
+left to learn: joined - alone, own test AUC of the teacher, +0.173 demo-vindr, +0.046
+demo-chexpert (both resolved), +0.035 demo-nih (not resolved), +0.015 demo-shenzhen (at AUC ~1
+alone); the curve rises (held-out probe 0.853 -> 0.887 -> 0.900 for k = 1, 2, 3; +0.046 resolved;
+fine-tune +0.053 not resolved); cyclic Ark beats parallel (+0.050 probe), pooled (+0.040, not
+resolved) and random init (+0.10), and equals Ark with c = 0. A joined site trains on more images
+in total; at equal steps on the three-site demo the best single site won (the old benchmark).
 
 Why a per-iteration EMA teacher in every budget: with Ark's visit-wise EMA (momentum 0.9 rising
 to 1) a teacher after a handful of visits is still mostly its random initialisation, so a short

@@ -156,8 +156,8 @@ def markdown(results: dict) -> str:
         f"Sites {', '.join(results['sites'])}; held out for the curve: **{results['held_out']}**. Budget "
         f"`{results.get('budget_name', '?')}`: {b.get('model')} at {b.get('img_size')} px, E = {b.get('epochs')} epochs of each "
         f"site's data (batch {b.get('batch_size')}, lr {b.get('lr')}, EMA per {b.get('ema')}), {n} seeds "
-        f"{results['seeds']}, {b.get('finetune_epochs')} fine-tuning epochs. Jobs took {results.get('job_minutes', 0):.1f} min "
-        f"wall ({results.get('cpu_minutes', 0):.1f} CPU-min) on {env.get('device', '?')} ({env.get('cpu_count', '?')} CPUs, "
+        f"{results['seeds']}, {b.get('finetune_epochs')} fine-tuning epochs. Its jobs took {results.get('job_minutes', 0):.1f} min "
+        f"wall summed ({results.get('cpu_minutes', 0):.1f} CPU-min) on {env.get('device', '?')} ({env.get('cpu_count', '?')} CPUs, "
         f"torch threads {env.get('torch_threads')}, load {_load(env)}), {env.get('date', '')}.",
         "",
         f"Test mean AUC, mean over seeds [95% t-interval]; differences are paired by seed, {results['test']}; "
