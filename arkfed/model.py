@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from arkfed.errors import ArkfedError
@@ -31,6 +31,30 @@ class ModelSpec(BaseModel):
     num_features: int | None = None  # filled in once the backbone is built
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _timm_normalisation(cls, data):
+        """Mean/std not given come from timm's pretrained config of the architecture, which is
+        what :class:`ArkModel` normalises with; so a run's ``config.yaml`` records the
+        normalisation that actually ran (timm's ``test_resnet`` uses 0.5, not ImageNet's)."""
+        if not isinstance(data, dict) or ("mean" in data and "std" in data):
+            return data
+        cfg = timm_data_config(data.get("model", cls.model_fields["model"].default))
+        return {**{k: v for k, v in cfg.items() if k not in data}, **data}
+
+
+def timm_data_config(name: str) -> dict[str, tuple[float, float, float]]:
+    """``{"mean", "std"}`` of timm's default pretrained config for ``name`` (empty if unknown)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # unknown or not a registered architecture: keep the ImageNet defaults
+        return {}
+    if cfg is None or cfg.mean is None or cfg.std is None:
+        return {}
+    return {"mean": tuple(float(m) for m in cfg.mean), "std": tuple(float(s) for s in cfg.std)}
 
 
 def create_backbone(name: str, img_size: int, pretrained: bool = False) -> nn.Module:
