@@ -82,28 +82,42 @@ def score_predictions(pred: Predictions, schema: LabelSchema) -> dict:
 
 
 @torch.no_grad()
-def predict(model: "ArkModel", head: "SiteHead", loader, device: torch.device | str = "cpu") -> Predictions:
-    """Run model + head over an eval loader in eval mode (training state restored afterwards)."""
+def infer(forward, modules: Sequence[torch.nn.Module], loader, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one inference loop: ``forward(images)`` over an eval loader with ``modules`` in eval
+    mode (their training state restored afterwards) -> (outputs, targets, masks) as numpy.
+
+    Head outputs for metrics, frozen embeddings for probes and fine-tuned networks all go
+    through here, so device placement, memory format and autocast are the same everywhere."""
     from arkfed.training import autocast, memory_format
 
     device = torch.device(device)
-    was_training = model.training, head.training
-    model.eval(), head.eval()
-    logits, targets, masks = [], [], []
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    outputs, targets, masks = [], [], []
     try:
         for images, t, m in loader:
             images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(device))
             with autocast(device):
-                out = head(model(images))
-            logits.append(out.float().cpu().numpy())
+                out = forward(images)
+            outputs.append(out.float().cpu().numpy())
             targets.append(t.numpy())
             masks.append(m.numpy())
     finally:
-        model.train(was_training[0]), head.train(was_training[1])
-    k = head.out_features
-    if not logits:
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
+    if not outputs:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(outputs), np.concatenate(targets), np.concatenate(masks)
+
+
+def predict(model: "ArkModel", head: "SiteHead", loader, device: torch.device | str = "cpu") -> Predictions:
+    """Run model + head over an eval loader in eval mode (training state restored afterwards)."""
+    logits, targets, masks = infer(lambda x: head(model(x)), (model, head), loader, device)
+    if not len(logits):
+        k = head.out_features
         return Predictions(np.zeros((0, k), np.float32), np.zeros((0, k), np.float32), np.zeros((0, k), np.float32))
-    return Predictions(np.concatenate(logits), np.concatenate(targets), np.concatenate(masks))
+    return Predictions(logits, targets, masks)
 
 
 def has_batchnorm(model: torch.nn.Module) -> bool:
@@ -144,6 +158,41 @@ def recalibrate_batchnorm(model: "ArkModel", loader, device: torch.device) -> "A
 
 
 CALIBRATION_IMAGES = 256
+CALIBRATION_BATCH = 32  # fixed, not the run's batch size: the statistics must not depend on it
+
+
+def calibrated_model(model: "ArkModel", schema: LabelSchema, calibration: "DatasetTable | None", device: torch.device | str,
+                     num_workers: int = 0, calibration_images: int = CALIBRATION_IMAGES) -> tuple["ArkModel", bool]:
+    """``model`` with BatchNorm statistics re-estimated on the first ``calibration_images`` rows
+    of ``calibration`` (a site's training split), in batches of :data:`CALIBRATION_BATCH`; the
+    model itself when it has no BatchNorm or there is nothing to calibrate on. The same rows,
+    order and batches every time, so training-time evaluation, ``arkfed evaluate`` and
+    ``arkfed export --calibrate`` arrive at identical statistics. Returns (model, recalibrated)."""
+    from arkfed.data import make_eval_loader
+
+    device = torch.device(device)
+    if calibration is None or len(calibration) < 2 or not has_batchnorm(model):
+        return model, False
+    subset = calibration.subset(np.arange(min(calibration_images, len(calibration))))
+    loader = make_eval_loader(subset, schema, model.spec, CALIBRATION_BATCH, num_workers, device.type == "cuda")
+    calibrated = recalibrate_batchnorm(model, loader, device)
+    return calibrated, calibrated is not model
+
+
+def site_predictions(model: "ArkModel", head: "SiteHead", table: "DatasetTable", schema: LabelSchema, device: torch.device | str,
+                     batch_size: int = 64, num_workers: int = 0, calibration: "DatasetTable | None" = None,
+                     calibration_images: int = CALIBRATION_IMAGES) -> tuple[Predictions, bool]:
+    """``head(model(x))`` on a split, after the BatchNorm recalibration of :func:`calibrated_model`;
+    what training-time evaluation scores and what ``arkfed evaluate`` scores. -> (predictions, recalibrated)."""
+    from arkfed.data import make_eval_loader
+    from arkfed.training import memory_format
+
+    device = torch.device(device)
+    model.to(device, memory_format=memory_format(device))
+    head.to(device)
+    model, recalibrated = calibrated_model(model, schema, calibration, device, num_workers, calibration_images)
+    loader = make_eval_loader(table, schema, model.spec, batch_size, num_workers, device.type == "cuda")
+    return predict(model, head, loader, device), recalibrated
 
 
 def evaluate_site(
@@ -159,25 +208,14 @@ def evaluate_site(
 
     With ``calibration`` (the site's training split) a BatchNorm model is scored with running
     statistics re-estimated on up to ``calibration_images`` of its images (see
-    :func:`recalibrate_batchnorm`); the result then says ``"bn_recalibrated": true``. Uses
+    :func:`calibrated_model`); the result then says ``"bn_recalibrated": true``. Uses
     ``settings.batch_size``, ``settings.num_workers`` and ``settings.device``; the model is moved
     to that device and stays there.
     """
-    from arkfed.data import make_eval_loader
-    from arkfed.training import memory_format, resolve_device
+    from arkfed.training import resolve_device
 
-    device = resolve_device(settings.device)
-    model.to(device, memory_format=memory_format(device))
-    head.to(device)
-    pin = device.type == "cuda"
-    recalibrate = calibration is not None and len(calibration) > 0 and has_batchnorm(model)
-    if recalibrate:
-        subset = calibration.subset(np.arange(min(calibration_images, len(calibration))))
-        model = recalibrate_batchnorm(
-            model, make_eval_loader(subset, schema, model.spec, settings.batch_size, settings.num_workers, pin), device
-        )
-    loader = make_eval_loader(table, schema, model.spec, settings.batch_size, settings.num_workers, pin)
-    result = score_predictions(predict(model, head, loader, device), schema)
-    result["bn_recalibrated"] = recalibrate
+    pred, recalibrated = site_predictions(model, head, table, schema, resolve_device(settings.device), settings.batch_size,
+                                          settings.num_workers, calibration, calibration_images)
+    result = score_predictions(pred, schema)
+    result["bn_recalibrated"] = recalibrated
     return result
-
