@@ -107,52 +107,87 @@ def export(
     run: Path = typer.Argument(..., help="run folder (or an export / weights file to re-export)", show_default=False),
     out: Path = typer.Option(..., help="export folder to write"),
     which: str = WhichOpt,
+    calibrate: Optional[List[str]] = typer.Option(
+        None, "--calibrate", help="site whose BatchNorm statistics to ship (repeat; the first one's go into model.safetensors)"),
+    plugins_dir: Optional[List[Path]] = PluginsOpt,
 ) -> None:
-    """Export the teacher as a plain timm model (model.safetensors + config.json), with projector, heads and a model card."""
+    """Export the teacher as a plain timm model (model.safetensors + config.json), with projector, its heads and a model card."""
     from arkfed.evaluation.export import export_model
 
-    result = export_model(run, out, which)
+    sites = [_site(ref, plugins_dir) for ref in calibrate or ()]
+    result = export_model(run, out, which, sites)
     table = _table(f"export {out}", "file", "content", numbers=False)
-    table.add_row("model.safetensors", f"{result.architecture} backbone, {result.num_features} features")
+    bn = f", BatchNorm statistics of site {sites[0].name}" if sites else ""
+    table.add_row("model.safetensors", f"{result.architecture} backbone, {result.num_features} features{bn}")
     table.add_row("config.json", "timm pretrained config + arkfed spec")
     for site, classes in sorted(result.heads.items()):
-        table.add_row(f"heads/{site}.safetensors", ", ".join(classes))
+        table.add_row(f"heads/{site}.safetensors", f"{result.heads_of} head: " + ", ".join(classes))
+    for s in sites:
+        table.add_row(f"batchnorm/{s.name}.safetensors", "BatchNorm statistics of its training images")
     table.add_row("README.md", "model card")
+    if result.note:
+        table.caption = result.note
     _finish(out, result.to_json(), table)
     _console().print(f"load with: timm.create_model({result.architecture!r}, pretrained=True, num_classes=0, "
                      f"pretrained_cfg_overlay=dict(file='{out / 'model.safetensors'}'))")
 
 
 # -- evaluate ---------------------------------------------------------------------------------
+MinPosOpt = typer.Option(10, "--min-positives", min=1,
+                         help="classes with fewer positive test images are reported but marked and left out of means and stars")
+
+
 def evaluate(
     model: Path = ModelArg,
     site: str = SiteOpt,
     split: str = typer.Option("test", help="train | val | test"),
     ten_crop: bool = typer.Option(False, "--ten-crop", help="average the probabilities of ten crops (corners, centre, flips)"),
     bootstrap: int = typer.Option(1000, min=0, help="bootstrap resamples for the 95% CIs (0 = none)"),
+    min_positives: int = MinPosOpt,
     seed: int = typer.Option(0, min=0),
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     plugins_dir: Optional[List[Path]] = PluginsOpt,
     out: Path = typer.Option(..., help="folder for results.json"),
 ) -> None:
-    """Per-class AUC and mean AUC (accuracy for multiclass) of the site's own head, teacher and student, with bootstrap 95% CIs."""
-    from arkfed.evaluation.evaluate import evaluate_source
+    """Per-class AUC and mean AUC (accuracy for multiclass) of each model with its own head, BatchNorm
+    recalibrated on the site's training images as in training; bootstrap 95% CIs."""
+    from arkfed.evaluation.evaluate import TOO_FEW, evaluate_source
 
     s = _site(site, plugins_dir)
-    result = evaluate_source(model, s, split, ten_crop, bootstrap, batch_size, _device(device), seed)
+    result = evaluate_source(model, s, split, ten_crop, bootstrap, batch_size, _device(device), seed, min_positives)
     names = list(result["models"])
-    table = _table(f"{s.name} / {split} ({'ten-crop' if ten_crop else 'single crop'})", "class",
+    first = result["models"][names[0]]
+    table = _table(f"{s.name} / {split} ({'ten-crop' if ten_crop else 'single crop'})", "class", "positives",
                    *[f"{n} AUC" for n in names], *[f"{n} 95% CI" for n in names])
     for c in s.schema.classes:
-        table.add_row(c, *[_f(result["models"][n]["auc"].get(c)) for n in names],
+        mark = f" ({TOO_FEW})" if c in first["too_few_positives"] else ""
+        table.add_row(c + mark, str(first["positives"][c]), *[_f(result["models"][n]["auc"].get(c)) for n in names],
                       *[_ci(result["models"][n].get("auc_ci", {}).get(c)) for n in names])
-    table.add_row("[b]mean AUC[/b]", *[_f(result["models"][n]["mean_auc"]) for n in names],
+    table.add_row("[b]mean AUC[/b]", "", *[_f(result["models"][n]["mean_auc"]) for n in names],
                   *[_ci(result["models"][n].get("mean_auc_ci")) for n in names])
     if s.schema.task == "multiclass":
-        table.add_row("accuracy", *[_f(result["models"][n].get("accuracy")) for n in names],
+        table.add_row("accuracy", "", *[_f(result["models"][n].get("accuracy")) for n in names],
                       *[_ci(result["models"][n].get("accuracy_ci")) for n in names])
+    table.caption = evaluate_caption(result, first, min_positives)
     _finish(out, result, table)
+
+
+def evaluate_caption(result: dict, first: dict, min_positives: int) -> str:
+    """What the table's numbers are: the CI unit, the mean's classes, the heads and BatchNorm."""
+    parts = []
+    if "bootstrap" in first:
+        b = first["bootstrap"]
+        parts.append(f"95% CIs: percentile bootstrap over {b['unit']}s ({b['resamples']} resamples)")
+    if first["too_few_positives"]:
+        parts.append(f"classes with fewer than {min_positives} positives are marked '{TOO_FEW}' and left out of the mean AUC")
+    heads = ", ".join(f"{n}: {h}/" for n, h in result.get("heads", {}).items())
+    if heads:
+        parts.append(f"heads {heads}")
+    if any(m.get("bn_recalibrated") for m in result["models"].values()):
+        parts.append("BatchNorm statistics re-estimated on the site's training images (as in training)")
+    parts += result.get("notes", [])
+    return "; ".join(parts)
 
 
 # -- linear probe -----------------------------------------------------------------------------
@@ -335,10 +370,12 @@ def predict(
 ) -> None:
     """Zero-shot predictions from every head (site/class), plus one combined score per finding that several heads share."""
     from arkfed.evaluation.predict import predict_images
-    from arkfed.evaluation.sources import load_source_heads
+    from arkfed.evaluation.sources import model_heads
 
     net = _load(model, which, None, 224)
-    result = {"source": str(model), **predict_images(net, load_source_heads(model), images, batch_size, _device(device))}
+    heads, note = model_heads(model, which)
+    result = {"source": str(model), "model": which, **predict_images(net, heads, images, batch_size, _device(device)),
+              "notes": [note] if note else []}
     entries = result["images"]
     table = _table("zero-shot predictions (probabilities)", "head / class", *[Path(e["image"]).name for e in entries])
     for key in entries[0]["scores"]:
@@ -346,6 +383,8 @@ def predict(
     for finding in entries[0]["combined"]:
         table.add_row(f"[b]{finding}[/b] (combined: {', '.join(entries[0]['combined'][finding]['from'])})",
                       *[_f(e["combined"][finding]["score"]) for e in entries])
+    if note:
+        table.caption = note
     _finish(out, result, table)
 
 
