@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from arkfed.metrics import Predictions, class_auc, multiclass_accuracy, score_predictions, scores_from_logits
+from arkfed.metrics import Predictions, class_auc, score_predictions, scores_from_logits
 from arkfed.schema import LabelSchema
 
 if TYPE_CHECKING:
@@ -44,19 +44,19 @@ def bootstrap_groups(table: "DatasetTable | None", n: int) -> tuple[np.ndarray, 
     return np.arange(n), "image"
 
 
-def bootstrap_rows(groups: np.ndarray, n_boot: int, seed: int):
-    """Yield ``n_boot`` resampled row sets: units drawn with replacement, all rows of each."""
+def bootstrap_weights(groups: np.ndarray, n_boot: int, seed: int, chunk: int = 200):
+    """Yield B x N multiplicity matrices (``n_boot`` replicates in all, ``chunk`` at a time):
+    the units (patients or images) are drawn with replacement and each row counts as often as
+    its unit was drawn. Weights, not index lists, so :func:`arkfed.metrics.roc_auc` scores all
+    replicates of a chunk at once."""
     rng = np.random.default_rng(seed)
-    order = np.argsort(groups, kind="stable")
-    counts = np.bincount(groups)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    units = len(counts)
-    for _ in range(n_boot):
-        drawn = rng.integers(0, units, units)
-        if units == len(groups):  # one row per unit: the plain image bootstrap
-            yield order[drawn]
-        else:
-            yield np.concatenate([order[starts[u]:starts[u] + counts[u]] for u in drawn])
+    units = int(groups.max()) + 1 if len(groups) else 0
+    done = 0
+    while done < n_boot:
+        b = min(chunk, n_boot - done)
+        counts = rng.multinomial(units, np.full(units, 1.0 / units), size=b) if units else np.zeros((b, 0))
+        yield counts[:, groups].astype(np.float64)
+        done += b
 
 
 def percentile_interval(values: np.ndarray, n_boot: int, level: float = 0.95) -> list[float] | None:
@@ -83,14 +83,15 @@ def bootstrap_intervals(pred: Predictions, schema: LabelSchema, n_boot: int = 10
     groups = np.arange(n) if groups is None else groups
     mean_classes = list(schema.reported_classes) if mean_classes is None else mean_classes
     in_mean = [schema.classes.index(c) for c in mean_classes]
-    aucs = np.full((n_boot, schema.num_classes), np.nan)
-    accuracy = np.full(n_boot, np.nan)
-    for b, rows in enumerate(bootstrap_rows(groups, n_boot, seed)):
-        s, t, m = scores[rows], pred.targets[rows], pred.mask[rows]
-        for k in range(schema.num_classes):
-            aucs[b, k] = class_auc(s[:, k], t[:, k], m[:, k])
-        if schema.task == "multiclass":
-            accuracy[b] = multiclass_accuracy(pred.logits[rows], t, m)
+    aucs, accuracy = [], []
+    correct = (pred.logits.argmax(1) == pred.targets.argmax(1)).astype(np.float64) if schema.task == "multiclass" else None
+    for w in bootstrap_weights(groups, n_boot, seed):
+        aucs.append(np.stack([class_auc(scores[:, k], pred.targets[:, k], pred.mask[:, k], w) for k in range(schema.num_classes)], axis=1))
+        if correct is not None:
+            counted = w * (pred.mask[:, 0] > 0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                accuracy.append((counted * correct).sum(1) / counted.sum(1))
+    aucs = np.concatenate(aucs)
     with warnings.catch_warnings():  # a replicate where no class of the mean has both labels
         warnings.simplefilter("ignore", RuntimeWarning)
         means = np.nanmean(aucs[:, in_mean], axis=1) if in_mean else np.full(n_boot, np.nan)
@@ -98,8 +99,8 @@ def bootstrap_intervals(pred: Predictions, schema: LabelSchema, n_boot: int = 10
         "auc_ci": {c: percentile_interval(aucs[:, k], n_boot, level) for k, c in enumerate(schema.classes)},
         "mean_auc_ci": percentile_interval(means, n_boot, level),
     }
-    if schema.task == "multiclass":
-        out["accuracy_ci"] = percentile_interval(accuracy, n_boot, level)
+    if correct is not None:
+        out["accuracy_ci"] = percentile_interval(np.concatenate(accuracy), n_boot, level)
     return out
 
 
