@@ -53,7 +53,9 @@ def draw_images(labels: np.ndarray, sex: np.ndarray, rng: np.random.Generator, s
     return np.clip(images, 0, 255).astype(np.uint8)
 
 
-def synthetic_table(schema: LabelSchema, n: int, seed: int, size: int = SIZE, biased: tuple[int, ...] = (), prevalence: float = 0.4) -> DatasetTable:
+def synthetic_table(schema: LabelSchema, n: int, seed: int, size: int = SIZE, biased: tuple[int, ...] = (), prevalence: float = 0.4,
+                    rare: tuple[int, ...] = ()) -> DatasetTable:
+    """``rare`` findings keep about one in twelve of their positives (a handful per test split)."""
     rng = np.random.default_rng(seed)
     k = schema.num_classes
     if schema.task == "multiclass":
@@ -62,6 +64,8 @@ def synthetic_table(schema: LabelSchema, n: int, seed: int, size: int = SIZE, bi
         draw[:, 0] = 0  # class 0 is "normal": no blob
     else:
         labels = (rng.random((n, k)) < prevalence).astype(np.float32)
+        for j in rare:
+            labels[:, j] *= np.random.default_rng(seed + 99).random(n) < 1 / 12
         draw = labels
     sex = np.where(rng.random(n) < 0.5, "M", "F")
     images = draw_images(draw, sex, rng, size, biased)
@@ -144,7 +148,8 @@ PLUGIN_SOURCE = textwrap.dedent('''
 ''')
 
 
-def write_site(folder: Path, name: str, schema: LabelSchema, sizes: dict[str, int], seed: int = 0, size: int = SIZE, biased: tuple[int, ...] = ()) -> Path:
+def write_site(folder: Path, name: str, schema: LabelSchema, sizes: dict[str, int], seed: int = 0, size: int = SIZE, biased: tuple[int, ...] = (),
+               rare: tuple[int, ...] = ()) -> Path:
     """A site YAML + data read through the ``evalnpz`` test plugin; returns the YAML path.
 
     The plugin lives in ``folder/plugins``; point ``ARKFED_PLUGINS`` at it.
@@ -152,7 +157,7 @@ def write_site(folder: Path, name: str, schema: LabelSchema, sizes: dict[str, in
     root = folder / name
     root.mkdir(parents=True, exist_ok=True)
     for i, (split, n) in enumerate(sizes.items()):
-        table = synthetic_table(schema, n, seed * 10 + i, size, biased)
+        table = synthetic_table(schema, n, seed * 10 + i, size, biased, rare=rare)
         np.savez(root / f"{split}.npz", images=table.images.array, labels=table.labels, sex=table.meta["sex"].to_numpy().astype(str))
     plugins = folder / "plugins"
     plugins.mkdir(exist_ok=True)

@@ -287,7 +287,10 @@ def bias(
     site: str = SiteOpt,
     features: str = typer.Option("projector", help="projector | backbone"),
     balance: bool = typer.Option(True, help="subsample the larger sex group to the smaller's size"),
-    alpha: float = typer.Option(0.05, help="significance level of DeLong's test"),
+    alpha: float = typer.Option(0.05, help="significance level of the adjusted p-values"),
+    correction: str = typer.Option("holm", help="multiple-comparison correction: holm | bh (Benjamini-Hochberg)"),
+    min_positives: int = MinPosOpt,
+    bootstrap: int = typer.Option(1000, min=0, help="bootstrap resamples for the AUCs' 95% CIs (0 = none)"),
     seed: int = typer.Option(0, min=0),
     which: str = WhichOpt,
     arch: Optional[str] = ArchOpt,
@@ -297,29 +300,51 @@ def bias(
     plugins_dir: Optional[List[Path]] = PluginsOpt,
     out: Path = typer.Option(..., help="folder for results.json and bias.png"),
 ) -> None:
-    """Gender bias (Ark protocol): probes on male-only / female-only training images, each tested on both sexes; DeLong p-values."""
+    """Gender bias (Ark protocol): probes on male-only / female-only training images, each tested on both sexes;
+    DeLong tests corrected for multiple comparisons, bootstrap CIs."""
+    from arkfed.errors import ArkfedError
     from arkfed.evaluation.bias import BiasSettings, bias_analysis, plot_bias
 
+    if correction not in ("holm", "bh"):
+        raise ArkfedError(f"--correction takes holm or bh, got {correction!r}")
     s = _site(site, plugins_dir)
     net = _load(model, which, arch, img_size)
-    result = {"source": str(model), "site": s.name,
-              **bias_analysis(net, s.split("train"), s.split("test"), s.schema,
-                              BiasSettings(features=features, balance=balance, alpha=alpha, seed=seed, batch_size=batch_size, device=_device(device)))}
-    chart = plot_bias(result, out / "bias.png", f"{s.name}: gender bias of {model.name} (DeLong p < {alpha} marked *)")
+    settings = BiasSettings(features=features, balance=balance, alpha=alpha, correction=correction, min_positives=min_positives,
+                            n_boot=bootstrap, seed=seed, batch_size=batch_size, device=_device(device))
+    result = {"source": str(model), "site": s.name, "model": which, **bias_analysis(net, s.split("train"), s.split("test"), s.schema, settings)}
+    chart = plot_bias(result, out / "bias.png",
+                      f"{s.name}: gender bias of {model.name} (* DeLong, {correction}-adjusted p < {alpha})")
     result["chart"] = chart.name
     table = _table(f"gender bias on {s.name} (train {result['train_sizes']}, test {result['test_sizes']}); A→B: trained on A, tested on B",
-                   "finding", "M→M", "F→M", "gap M", "p", "F→F", "M→F", "gap F", "p")
+                   "finding", "M→M [95% CI]", "F→M", "gap M", "p", "p adj", "F→F [95% CI]", "M→F", "gap F", "p", "p adj")
     unscored = []
     for name, e in result["findings"].items():
         if all(_f(e[k]) == "n/a" for k in ("M->M", "F->M", "F->F", "M->F")):
             unscored.append(name)
             continue
-        gap = {sex: _f(e[f"gap_on_{sex}"]) + ("*" if e[f"significant_on_{sex}"] else "") for sex in ("M", "F")}
-        table.add_row(name, _f(e["M->M"]), _f(e["F->M"]), gap["M"], _f(e["p_on_M"]), _f(e["F->F"]), _f(e["M->F"]), gap["F"], _f(e["p_on_F"]))
+        cells = {}
+        for sex, other in (("M", "F"), ("F", "M")):
+            few = e[f"too_few_on_{sex}"]
+            ci = e.get(f"{sex}->{sex}_ci")
+            cells[sex] = [f"{_f(e[f'{sex}->{sex}'])} {_ci(ci) if ci else ''}".strip(), _f(e[f"{other}->{sex}"]),
+                          _f(e[f"gap_on_{sex}"]) + ("*" if e[f"significant_on_{sex}"] else ""),
+                          _f(e[f"p_on_{sex}"]), f"({TOO_FEW_SHORT}: {e[f'positives_on_{sex}']})" if few else _f(e[f"p_adjusted_on_{sex}"])]
+        table.add_row(name, *cells["M"], *cells["F"])
+    table.add_row("[b]mean AUC[/b]", _f(result["mean_auc"]["M->M"]), _f(result["mean_auc"]["F->M"]), "", "", "",
+                  _f(result["mean_auc"]["F->F"]), _f(result["mean_auc"]["M->F"]), "", "", "")
+    caption = [f"* {result['correction_name']}-adjusted DeLong p < {alpha} over {result['tests_in_family']} tests",
+               f"CIs: percentile bootstrap over {result['bootstrap']['unit']}s ({bootstrap} resamples)" if bootstrap else "no CIs (--bootstrap 0)"]
+    if result["too_few_positives"]:
+        caption.append(f"findings with fewer than {min_positives} positives in a test group are marked 'too few positives' "
+                       f"({', '.join(result['too_few_positives'])}): not tested, not starred, left out of the means")
     if unscored:
-        table.caption = f"not scorable on this test split (one label value): {', '.join(unscored)}"
+        caption.append(f"not scorable on this test split (one label value): {', '.join(unscored)}")
+    table.caption = "; ".join(caption)
     _finish(out, result, table)
     _console().print(f"chart: {chart}")
+
+
+TOO_FEW_SHORT = "too few positives"
 
 
 # -- segment ----------------------------------------------------------------------------------
