@@ -77,7 +77,7 @@ def test_bias_cli_finds_the_planted_bias_and_only_it(tmp_path):
     site = write_site(tmp_path, "alpha", schema, {"train": 200, "val": 8, "test": 160}, seed=2, biased=(0,), rare=(2,))
     out = tmp_path / "bias"
     result = CliRunner().invoke(app, ["bias", str(run), "--site", str(site), "--plugins-dir", str(tmp_path / "plugins"),
-                                      "--features", "backbone", "--out", str(out)], catch_exceptions=False)
+                                      "--features", "backbone", "--bootstrap", "300", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     assert data["train_sizes"]["M"] == data["train_sizes"]["F"]
