@@ -347,41 +347,94 @@ def bias(
 TOO_FEW_SHORT = "too few positives"
 
 
-# -- segment ----------------------------------------------------------------------------------
+# -- curves (segment, finetune, linear-probe) -------------------------------------------------
+CompareOpt = typer.Option(None, "--compare", help="another model (run, export or weights file) to put on the same curve; repeat")
+SeedsOpt = typer.Option("0,1,2", help="comma-separated seeds; each draws the training subset shared by every initialisation")
+CorrectionOpt = typer.Option("holm", help="multiple-comparison correction of the paired tests: holm | bh")
+
+
+def _compared(paths: Optional[List[Path]], which: str) -> dict:
+    """``--compare`` models keyed by a readable, unique name (the folder or file name)."""
+    out: dict = {}
+    for path in paths or ():
+        name = path.stem if path.is_file() else path.name
+        while name in out or name in ("model", "random"):
+            name += "'"
+        out[name] = _load(path, which, None, 224)
+    return out
+
+
+def _correction(text: str) -> str:
+    from arkfed.errors import ArkfedError
+
+    if text not in ("holm", "bh"):
+        raise ArkfedError(f"--correction takes holm or bh, got {text!r}")
+    return text
+
+
+def _curve_table(curve: dict, title: str, extra_caption: str = ""):
+    """Rows: training-set sizes; columns: each initialisation's mean [95% CI], then the model's
+    difference to each other initialisation with its adjusted p-value."""
+    inits = list(curve["inits"])
+    others = list(curve["comparisons"])
+    table = _table(title, "size", *[f"{i} {curve['metric']} [95% CI]" for i in inits], *[f"model − {o} (p adj)" for o in others])
+    for label in curve["sizes"]:
+        n = curve["inits"]["model"][label]["train_size"]
+        cells = [f"{_f(curve['inits'][i][label]['mean'])} {_ci(curve['inits'][i][label]['ci'])}" for i in inits]
+        for o in others:
+            c = curve["comparisons"][o][label]
+            cells.append(f"{c['difference']:+.3f}{'*' if c['significant'] else ''} ({_f(c['p_adjusted'])})")
+        table.add_row(f"{label} ({n})" if label == "all" else label, *cells)
+    caption = [curve["pretraining"]["sentence"],
+               f"CIs: {curve['interval']}; p: {curve['test']}, {curve['correction_name']}-adjusted over {curve['tests_in_family']} tests; "
+               f"* p adj < {curve['alpha']}"]
+    if extra_caption:
+        caption.append(extra_caption)
+    table.caption = "; ".join(caption)
+    return table
+
+
 def segment(
     model: Path = ModelArg,
     images: Path = typer.Option(..., help="folder of images"),
     masks: Path = typer.Option(..., help="folder of masks named like the images (foreground > 127)"),
+    train_sizes: str = typer.Option("5,10,20,all", help="training-set sizes (pairs) of the label-efficiency curve"),
+    seeds: str = SeedsOpt,
+    compare: Optional[List[Path]] = CompareOpt,
+    encoder: str = typer.Option("finetuned", help="finetuned (encoder trains at 0.1x the decoder lr) | frozen"),
     img_size: int = typer.Option(128, min=16, help="image size for segmentation"),
-    epochs: int = typer.Option(20, min=1),
+    steps: int = typer.Option(60, min=1, help="optimisation steps per run (the same at every training-set size)"),
     lr: float = typer.Option(1e-3, help="decoder lr (the encoder trains at 0.1x when fine-tuned)"),
     batch_size: int = typer.Option(8, min=1),
-    variants: str = typer.Option("frozen,finetuned,random", help="comma-separated: frozen, finetuned, random"),
-    train_fraction: float = typer.Option(0.8, help="share of the pairs used for training; the rest is scored"),
+    train_fraction: float = typer.Option(0.8, help="share of the pairs in the training pool; the rest is scored"),
     limit: Optional[int] = typer.Option(None, min=3, help="use at most this many pairs"),
-    seed: int = typer.Option(0, min=0),
+    correction: str = CorrectionOpt,
+    bootstrap: int = typer.Option(1000, min=0, help="bootstrap resamples for the Dice CIs over test images in results.json"),
     which: str = WhichOpt,
     arch: Optional[str] = ArchOpt,
     device: str = DeviceOpt,
-    out: Path = typer.Option(..., help="folder for results.json"),
+    out: Path = typer.Option(..., help="folder for results.json and segment.png"),
 ) -> None:
-    """Segmentation transfer: a U-Net decoder on the backbone's multi-scale features; Dice on held-out pairs."""
+    """Segmentation transfer as a label-efficiency curve: a U-Net decoder on the backbone's multi-scale features,
+    Dice on held-out pairs at several training-set sizes, against random init and --compare models."""
     from arkfed.errors import ArkfedError
-    from arkfed.evaluation.segment import SegmentSettings, segmentation_transfer
+    from arkfed.evaluation.curves import parse_sizes, plot_curves
+    from arkfed.evaluation.segment import SegmentSettings, segmentation_curve
 
-    chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
-    if not chosen or any(v not in ("frozen", "finetuned", "random") for v in chosen):
-        raise ArkfedError(f"--variants takes frozen, finetuned and/or random, got {variants!r}")
+    if encoder not in ("finetuned", "frozen"):
+        raise ArkfedError(f"--encoder takes finetuned or frozen, got {encoder!r}")
     net = _load(model, which, arch, img_size)
-    result = {"source": str(model), **segmentation_transfer(net, images, masks, SegmentSettings(
-        img_size=img_size, epochs=epochs, lr=lr, batch_size=batch_size, train_fraction=train_fraction, limit=limit,
-        variants=chosen, seed=seed, device=_device(device)))}
-    table = _table(f"segmentation transfer ({result['train_pairs']} training / {result['test_pairs']} test pairs, {img_size} px)",
-                   "encoder", "Dice", "± sd", "final train loss")
-    for name, v in result["variants"].items():
-        table.add_row(name, _f(v["dice"]), _f(v["dice_std"]), _f(v["final_train_loss"]))
-    table.add_row("all-foreground mask", _f(result["trivial_dice"]), "", "")
+    settings = SegmentSettings(img_size=img_size, steps=steps, lr=lr, batch_size=batch_size, train_fraction=train_fraction, limit=limit,
+                               encoder=encoder, train_sizes=tuple(parse_sizes(train_sizes)), seeds=_seeds(seeds), n_boot=bootstrap,
+                               correction=_correction(correction), device=_device(device))
+    result = {"source": str(model), **segmentation_curve({"model": net, **_compared(compare, which)}, images, masks, settings)}
+    curve = result["curve"]
+    chart = plot_curves(curve, out / "segment.png", "Dice", f"Segmentation transfer ({encoder} encoder, {img_size} px, {steps} steps)")
+    result["chart"] = chart.name
+    table = _curve_table(curve, f"segmentation transfer: Dice on {result['test_pairs']} held-out pairs ({encoder} encoder, {img_size} px)",
+                         f"all-foreground mask Dice {_f(result['trivial_dice'])}")
     _finish(out, result, table)
+    _console().print(f"chart: {chart}")
 
 
 # -- predict ----------------------------------------------------------------------------------
