@@ -190,6 +190,61 @@ def evaluate_caption(result: dict, first: dict, min_positives: int) -> str:
     return "; ".join(parts)
 
 
+# -- curves (segment, finetune, linear-probe) -------------------------------------------------
+CompareOpt = typer.Option(None, "--compare", help="another model (run, export or weights file) to put on the same curve; repeat")
+SeedsOpt = typer.Option("0,1,2", help="comma-separated seeds; each draws the training subset shared by every initialisation")
+CorrectionOpt = typer.Option("holm", help="multiple-comparison correction of the paired tests: holm | bh")
+
+
+def _compared(paths: Optional[List[Path]], which: str) -> dict:
+    """``--compare`` models keyed by a readable, unique name (the folder or file name)."""
+    out: dict = {}
+    for path in paths or ():
+        name = path.stem if path.is_file() else path.name
+        while name in out or name in ("model", "random"):
+            name += "'"
+        out[name] = _load(path, which, None, 224)
+    return out
+
+
+def _correction(text: str) -> str:
+    from arkfed.errors import ArkfedError
+
+    if text not in ("holm", "bh"):
+        raise ArkfedError(f"--correction takes holm or bh, got {text!r}")
+    return text
+
+
+def _curve_table(curve: dict, title: str, extra_caption: str = ""):
+    """Rows: training-set sizes; columns: each initialisation's mean [95% CI], then the model's
+    difference to each other initialisation with its adjusted p-value."""
+    inits = list(curve["inits"])
+    others = list(curve["comparisons"])
+    table = _table(title, "size", *[f"{i} {curve['metric']} [95% CI]" for i in inits], *[f"model − {o} (p adj)" for o in others])
+    for label in curve["sizes"]:
+        n = curve["inits"]["model"][label]["train_size"]
+        cells = []
+        for i in inits:
+            point = curve["inits"][i][label]
+            if point["ci"] is None and point.get("bootstrap_ci"):
+                cells.append(f"{_f(point['mean'])} {_ci(point['bootstrap_ci'])}†")
+            else:
+                cells.append(f"{_f(point['mean'])} {_ci(point['ci'])}")
+        for o in others:
+            c = curve["comparisons"][o][label]
+            cells.append(f"{c['difference']:+.3f}{'*' if c['significant'] else ''} ({_f(c['p_adjusted'])})")
+        table.add_row(f"{label} ({n})" if label == "all" else label, *cells)
+    caption = [curve["pretraining"]["sentence"],
+               f"CIs: {curve['interval']}; p: {curve['test']}, {curve['correction_name']}-adjusted over {curve['tests_in_family']} tests; "
+               f"* p adj < {curve['alpha']}"]
+    if any(p["ci"] is None and p.get("bootstrap_ci") for pts in curve["inits"].values() for p in pts.values()):
+        caption.append("† one seed: 95% CI from a percentile bootstrap over test images")
+    if extra_caption:
+        caption.append(extra_caption)
+    table.caption = "; ".join(caption)
+    return table
+
+
 # -- linear probe -----------------------------------------------------------------------------
 def _seeds(text: str) -> tuple[int, ...]:
     from arkfed.errors import ArkfedError
@@ -203,82 +258,100 @@ def _seeds(text: str) -> tuple[int, ...]:
 def linear_probe(
     model: Path = ModelArg,
     site: str = SiteOpt,
-    shots: Optional[int] = typer.Option(None, min=1, help="few-shot: K images per class (multilabel: K positive + K negative)"),
-    fraction: Optional[float] = typer.Option(None, help="few-shot: this fraction of the training split"),
-    seeds: str = typer.Option("0,1,2", help="comma-separated seeds (subset draws; random inits)"),
+    train_sizes: str = typer.Option("all", help="shots per class of the curve, e.g. 1,5,10,all (multilabel: K positive + K negative)"),
+    seeds: str = SeedsOpt,
+    compare: Optional[List[Path]] = CompareOpt,
+    baseline: bool = typer.Option(True, help="also probe a random init of the architecture (one per seed)"),
     features: str = typer.Option("projector", help="projector (default) | backbone"),
-    init: str = typer.Option("model", help="model | random (same architecture, random weights: the baseline)"),
     c: float = typer.Option(1.0, help="inverse L2 strength of the logistic regression"),
+    min_positives: int = MinPosOpt,
+    correction: str = CorrectionOpt,
+    bootstrap: int = typer.Option(1000, min=0, help="bootstrap resamples for the test AUC CI when there is one seed"),
     which: str = WhichOpt,
     arch: Optional[str] = ArchOpt,
     img_size: int = ImgSizeOpt,
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     plugins_dir: Optional[List[Path]] = PluginsOpt,
-    out: Path = typer.Option(..., help="folder for results.json"),
+    out: Path = typer.Option(..., help="folder for results.json and linear-probe.png"),
 ) -> None:
-    """Linear probe on frozen embeddings: fit on the site's training split (few-shot if asked), test AUC."""
+    """Linear probes on frozen embeddings as a few-shot curve: the model, a random init and --compare models,
+    same draws per seed, paired tests; test mean AUC."""
     from arkfed.errors import ArkfedError
-    from arkfed.evaluation.linear_probe import ProbeSettings
-    from arkfed.evaluation.linear_probe import linear_probe as run_probe
+    from arkfed.evaluation.curves import parse_sizes, plot_curves
+    from arkfed.evaluation.linear_probe import ProbeCurveSettings, probe_curve
 
-    if features not in ("projector", "backbone") or init not in ("model", "random"):
-        raise ArkfedError(f"--features is projector|backbone and --init model|random, got {features!r}, {init!r}")
+    if features not in ("projector", "backbone"):
+        raise ArkfedError(f"--features is projector or backbone, got {features!r}")
     s = _site(site, plugins_dir)
     net = _load(model, which, arch, img_size)
-    settings = ProbeSettings(shots=shots, fraction=fraction, seeds=_seeds(seeds), features=features, init=init, c=c,
-                             batch_size=batch_size, device=_device(device))
-    result = {"source": str(model), "site": s.name, **run_probe(net, s.split("train"), s.split("test"), s.schema, settings)}
-    shots_text = "all" if shots is None and fraction is None else (f"{shots}-shot" if shots else f"{fraction:.0%} of the")
-    table = _table(f"linear probe on {s.name}: {init} init, {features} features, {shots_text} training images; test AUC",
-                   "class", *[f"seed {r['seed']}" for r in result["runs"]], "mean")
-    for k in s.schema.classes:
-        table.add_row(k, *[_f(r["auc"][k]) for r in result["runs"]], _f(result["auc"][k]))
-    table.add_row("[b]mean AUC[/b]", *[_f(r["mean_auc"]) for r in result["runs"]], f"{_f(result['mean_auc'])} ± {_f(result['mean_auc_std'])}")
-    table.add_row("training images", *[str(r["train_size"]) for r in result["runs"]], "")
+    settings = ProbeCurveSettings(train_sizes=tuple(parse_sizes(train_sizes)), seeds=_seeds(seeds), features=features, c=c,
+                                  random_baseline=baseline, min_positives=min_positives, n_boot=bootstrap,
+                                  correction=_correction(correction), batch_size=batch_size, device=_device(device))
+    result = {"source": str(model), "site": s.name,
+              **probe_curve({"model": net, **_compared(compare, which)}, s.split("train"), s.split("test"), s.schema, settings)}
+    curve = result["curve"]
+    chart = plot_curves(curve, out / "linear-probe.png", "test mean AUC", f"Linear probes on {s.name} ({features} features)")
+    result["chart"] = chart.name
+    few = result["too_few_positives"]
+    table = _curve_table(curve, f"linear probe on {s.name}: test mean AUC by shots per class ({features} features)",
+                         f"classes with fewer than {min_positives} test positives left out of the mean: {', '.join(few)}" if few else "")
     _finish(out, result, table)
+    _console().print(f"chart: {chart}")
 
 
 # -- finetune ---------------------------------------------------------------------------------
 def finetune(
     model: Path = ModelArg,
     site: str = SiteOpt,
+    train_sizes: str = typer.Option("all", help="training-set sizes (images) of the curve, e.g. 5,10,20,all"),
+    seeds: str = typer.Option("0", help="comma-separated seeds (subset draws and initialisation); two or more for the paired tests"),
+    compare: Optional[List[Path]] = CompareOpt,
     epochs: int = typer.Option(5, min=1),
-    init: List[str] = typer.Option(["model"], help="model | random | imagenet; repeat to compare on the same split"),
+    init: List[str] = typer.Option(["model", "random"], help="model | random | imagenet; repeat to put several on the curve"),
     lr: float = typer.Option(1e-3),
     batch_size: int = typer.Option(32, min=1),
     crop_scale: str = typer.Option("0.5,1", help="random-resized-crop area range MIN,MAX"),
     max_steps_per_epoch: Optional[int] = typer.Option(None, min=1, help="cap on batches per epoch (quick trials)"),
-    seed: int = typer.Option(0, min=0),
+    min_positives: int = MinPosOpt,
+    correction: str = CorrectionOpt,
+    bootstrap: int = typer.Option(1000, min=0, help="bootstrap resamples for the test AUC CIs"),
     which: str = WhichOpt,
     arch: Optional[str] = ArchOpt,
     img_size: int = ImgSizeOpt,
     device: str = DeviceOpt,
     plugins_dir: Optional[List[Path]] = PluginsOpt,
-    out: Path = typer.Option(..., help="folder for results.json"),
+    out: Path = typer.Option(..., help="folder for results.json and finetune.png"),
 ) -> None:
-    """Full fine-tuning with a new head on the backbone; the best-val epoch is scored on the test split."""
+    """Full fine-tuning with a new head on the backbone at several training-set sizes; the best-val epoch is
+    scored on the test split; the model against random init (and --compare models), paired tests."""
     from arkfed.errors import ArkfedError
-    from arkfed.evaluation.finetune import FineTuneSettings
-    from arkfed.evaluation.finetune import finetune as run_finetune
+    from arkfed.evaluation.curves import parse_sizes, plot_curves
+    from arkfed.evaluation.finetune import FineTuneSettings, finetune_curve
 
     bad = [i for i in init if i not in ("model", "random", "imagenet")]
     if bad:
         raise ArkfedError(f"--init takes model, random or imagenet, got {bad[0]!r}")
+    inits = tuple(dict.fromkeys(["model", *init]))  # the model is the reference of every comparison
     s = _site(site, plugins_dir)
     net = _load(model, which, arch, img_size)
     try:
         low, high = (float(x) for x in crop_scale.split(","))
     except ValueError:
         raise ArkfedError(f"--crop-scale takes MIN,MAX (e.g. 0.5,1), got {crop_scale!r}") from None
-    settings = FineTuneSettings(epochs=epochs, lr=lr, batch_size=batch_size, crop_scale=(low, high), seed=seed,
-                                max_steps_per_epoch=max_steps_per_epoch, device=_device(device))
-    val = s.splits.get("val")
-    runs = [run_finetune(net, s.split("train"), val, s.split("test"), s.schema, i, settings) for i in init]
-    table = _table(f"fine-tuning on {s.name} ({epochs} epochs, test split)", "init", "best epoch", "mean AUC", *s.schema.classes)
-    for r in runs:
-        table.add_row(r["init"], str(r["best_epoch"] + 1), _f(r["test"]["mean_auc"]), *[_f(r["test"]["auc"].get(k)) for k in s.schema.classes])
-    _finish(out, {"source": str(model), "site": s.name, "runs": runs}, table)
+    settings = FineTuneSettings(epochs=epochs, lr=lr, batch_size=batch_size, crop_scale=(low, high), max_steps_per_epoch=max_steps_per_epoch,
+                                min_positives=min_positives, n_boot=bootstrap, device=_device(device))
+    result = {"source": str(model), "site": s.name,
+              **finetune_curve({"model": net, **_compared(compare, which)}, s.split("train"), s.splits.get("val"), s.split("test"),
+                               s.schema, inits, tuple(parse_sizes(train_sizes)), _seeds(seeds), settings, _correction(correction))}
+    curve = result["curve"]
+    chart = plot_curves(curve, out / "finetune.png", "test mean AUC", f"Fine-tuning on {s.name} ({epochs} epochs)")
+    result["chart"] = chart.name
+    few = result["runs"][0]["test"].get("too_few_positives", [])
+    table = _curve_table(curve, f"fine-tuning on {s.name} ({epochs} epochs): test mean AUC by training-set size",
+                         f"classes with fewer than {min_positives} test positives left out of the mean: {', '.join(few)}" if few else "")
+    _finish(out, result, table)
+    _console().print(f"chart: {chart}")
 
 
 # -- bias -------------------------------------------------------------------------------------
@@ -347,53 +420,7 @@ def bias(
 TOO_FEW_SHORT = "too few positives"
 
 
-# -- curves (segment, finetune, linear-probe) -------------------------------------------------
-CompareOpt = typer.Option(None, "--compare", help="another model (run, export or weights file) to put on the same curve; repeat")
-SeedsOpt = typer.Option("0,1,2", help="comma-separated seeds; each draws the training subset shared by every initialisation")
-CorrectionOpt = typer.Option("holm", help="multiple-comparison correction of the paired tests: holm | bh")
-
-
-def _compared(paths: Optional[List[Path]], which: str) -> dict:
-    """``--compare`` models keyed by a readable, unique name (the folder or file name)."""
-    out: dict = {}
-    for path in paths or ():
-        name = path.stem if path.is_file() else path.name
-        while name in out or name in ("model", "random"):
-            name += "'"
-        out[name] = _load(path, which, None, 224)
-    return out
-
-
-def _correction(text: str) -> str:
-    from arkfed.errors import ArkfedError
-
-    if text not in ("holm", "bh"):
-        raise ArkfedError(f"--correction takes holm or bh, got {text!r}")
-    return text
-
-
-def _curve_table(curve: dict, title: str, extra_caption: str = ""):
-    """Rows: training-set sizes; columns: each initialisation's mean [95% CI], then the model's
-    difference to each other initialisation with its adjusted p-value."""
-    inits = list(curve["inits"])
-    others = list(curve["comparisons"])
-    table = _table(title, "size", *[f"{i} {curve['metric']} [95% CI]" for i in inits], *[f"model − {o} (p adj)" for o in others])
-    for label in curve["sizes"]:
-        n = curve["inits"]["model"][label]["train_size"]
-        cells = [f"{_f(curve['inits'][i][label]['mean'])} {_ci(curve['inits'][i][label]['ci'])}" for i in inits]
-        for o in others:
-            c = curve["comparisons"][o][label]
-            cells.append(f"{c['difference']:+.3f}{'*' if c['significant'] else ''} ({_f(c['p_adjusted'])})")
-        table.add_row(f"{label} ({n})" if label == "all" else label, *cells)
-    caption = [curve["pretraining"]["sentence"],
-               f"CIs: {curve['interval']}; p: {curve['test']}, {curve['correction_name']}-adjusted over {curve['tests_in_family']} tests; "
-               f"* p adj < {curve['alpha']}"]
-    if extra_caption:
-        caption.append(extra_caption)
-    table.caption = "; ".join(caption)
-    return table
-
-
+# -- segment ----------------------------------------------------------------------------------
 def segment(
     model: Path = ModelArg,
     images: Path = typer.Option(..., help="folder of images"),
