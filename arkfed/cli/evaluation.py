@@ -200,7 +200,7 @@ def _compared(paths: Optional[List[Path]], which: str) -> dict:
     """``--compare`` models keyed by a readable, unique name (the folder or file name)."""
     out: dict = {}
     for path in paths or ():
-        name = path.stem if path.is_file() else path.name
+        name = path.name
         while name in out or name in ("model", "random"):
             name += "'"
         out[name] = _load(path, which, None, 224)
@@ -464,6 +464,90 @@ def segment(
     _console().print(f"chart: {chart}")
 
 
+# -- compare ----------------------------------------------------------------------------------
+def compare(
+    models: List[Path] = typer.Argument(..., help="run folders, export folders or weights files; the first is the reference",
+                                         show_default=False),
+    site: str = SiteOpt,
+    shots: str = typer.Option("5,all", help="shots per class of the few-shot probe curve"),
+    seeds: str = SeedsOpt,
+    features: str = typer.Option("projector", help="projector | backbone (plain timm files have no projector: use backbone)"),
+    finetune_epochs: int = typer.Option(0, min=0, help="fine-tune every model this many epochs on the full training split (0 = skip)"),
+    bias: bool = typer.Option(True, help="run the gender-bias protocol when the site records sex"),
+    min_positives: int = MinPosOpt,
+    correction: str = CorrectionOpt,
+    bootstrap: int = typer.Option(1000, min=0, help="bootstrap resamples for single-run CIs"),
+    arch: Optional[str] = ArchOpt,
+    img_size: int = ImgSizeOpt,
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    plugins_dir: Optional[List[Path]] = PluginsOpt,
+    out: Path = typer.Option(..., help="folder for results.json and compare.png"),
+) -> None:
+    """Several models on one site with one protocol (own head, few-shot probe curve, fine-tuning, bias): one table,
+    one figure, results.json."""
+    from arkfed.evaluation.compare import CompareSettings, Entry, compare_models, comparison_rows, plot_comparison
+    from arkfed.evaluation.curves import parse_sizes
+    from arkfed.evaluation.sources import model_heads
+
+    s = _site(site, plugins_dir)
+    entries = []
+    for path in models:
+        name = path.name  # a file keeps its suffix: "model.safetensors" never collides with the curve key "model"
+        while name in [e.name for e in entries] or name in ("model", "random"):
+            name += "'"
+        heads, note = model_heads(path, "teacher")
+        head = heads.get(s.name)
+        if head is not None and head.schema.classes != s.schema.classes:
+            head, note = None, f"{path}: head {s.name!r} predicts other classes; own-head AUC skipped"
+        entries.append(Entry(name, _load(path, "teacher", arch, img_size), head, note))
+    settings = CompareSettings(shots=tuple(parse_sizes(shots)), seeds=_seeds(seeds), features=features, finetune_epochs=finetune_epochs,
+                               bias=bias, min_positives=min_positives, n_boot=bootstrap, correction=_correction(correction),
+                               batch_size=batch_size, device=_device(device))
+    result = {"sources": [str(m) for m in models], **compare_models(entries, s, settings)}
+    chart = plot_comparison(result, out / "compare.png", f"{s.name}: {', '.join(e.name for e in entries)}")
+    result["chart"] = chart.name
+    curve = result["probe"]["curve"]
+    columns = ["model", "own head AUC [95% CI]", *[f"probe {lab}-shot [95% CI]" if lab != "all" else "probe all [95% CI]" for lab in curve["sizes"]],
+               f"Δ vs {result['reference']} ({curve['sizes'][-1]}; p adj)"]
+    if "finetune" in result:
+        columns.append("fine-tuned [95% CI]")
+    if bias and "skipped" not in result.get("bias", {}):
+        columns.append("bias: significant gaps")
+    table = _table(f"comparison on {s.name} (test split, {len(curve['inits'][ 'model'][curve['sizes'][0]]['seeds'])} seeds)", *columns)
+    rows = comparison_rows(result)
+    for row in rows:
+        key = row["key"]
+        own = row.get("own head")
+        cells = [f"{_f(own[0])} {_ci(own[1])}" if own else "n/a (no head)"]
+        for lab in curve["sizes"]:
+            p = curve["inits"][key][lab]
+            cells.append(f"{_f(p['mean'])} {_ci(p['ci'] or p.get('bootstrap_ci'))}")
+        c = curve["comparisons"].get(key, {}).get(curve["sizes"][-1])
+        cells.append("reference" if key == "model" else f"{-c['difference']:+.3f}{'*' if c['significant'] else ''} ({_f(c['p_adjusted'])})")
+        if "finetune" in result:
+            f = row.get("fine-tuned")
+            cells.append(f"{_f(f[0])} {_ci(f[1])}" if f else "n/a")
+        if bias and "skipped" not in result.get("bias", {}):
+            b = row.get("bias")
+            cells.append(f"{b['significant_gaps']} of {b['tests']}" if b else "n/a")
+        table.add_row(row["name"], *cells)
+    if "random" in curve["inits"]:
+        table.add_row("random init", "", *[f"{_f(curve['inits']['random'][lab]['mean'])} {_ci(curve['inits']['random'][lab]['ci'])}"
+                                           for lab in curve["sizes"]], "", *([""] * (len(columns) - 3 - len(curve["sizes"]))))
+    caption = [f"probe CIs: {curve['interval']}; Δ: {curve['test']}, {curve['correction_name']}-adjusted; * p adj < {curve['alpha']}",
+               "own head: BatchNorm recalibrated on the site's training images, bootstrap CI over "
+               + (next(iter(result["own_head"].values()))["bootstrap"]["unit"] + "s" if result["own_head"] and bootstrap else "test cases")]
+    if result["probe"]["too_few_positives"]:
+        caption.append(f"classes with fewer than {min_positives} test positives left out of every mean: {', '.join(result['probe']['too_few_positives'])}")
+    if "skipped" in result.get("bias", {}):
+        caption.append(f"bias skipped: {result['bias']['skipped']}")
+    caption += result["notes"]
+    table.caption = "; ".join(caption)
+    _finish(out, result, table)
+    _console().print(f"chart: {chart}")
+
+
 # -- predict ----------------------------------------------------------------------------------
 def predict(
     model: Path = ModelArg,
@@ -521,3 +605,4 @@ def register(app: typer.Typer) -> None:
     app.command(name="segment")(segment)
     app.command(name="predict")(predict)
     app.command(name="report")(report)
+    app.command(name="compare")(compare)

@@ -130,15 +130,12 @@ def pretraining_verdict(vs_random: dict | None, labels: list[str], unit: str) ->
     return {"helps_at": helps, "hurts_at": hurts, "sentence": "; ".join(parts)}
 
 
-def plot_curves(summary: dict, path: Path, ylabel: str, title: str) -> Path:
-    """One PNG: mean ± 95% CI per initialisation over training-set size (log scale; 'all' at
+def draw_curves(ax, summary: dict, ylabel: str, names: dict[str, str] | None = None) -> None:
+    """Mean ± 95% CI per initialisation over training-set size on ``ax`` (log scale; 'all' at
     its real size); '*' above a size where the model differs from random init after correction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = names or {}
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     xs_all = []
     for i, (init, points) in enumerate(summary["inits"].items()):
@@ -149,17 +146,18 @@ def plot_curves(summary: dict, path: Path, ylabel: str, title: str) -> Path:
                 continue
             xs.append(p["train_size"])
             ys.append(p["mean"])
-            lows.append(p["ci"][0] if p["ci"] else p["mean"])
-            highs.append(p["ci"][1] if p["ci"] else p["mean"])
+            ci = p["ci"] or p.get("bootstrap_ci")
+            lows.append(ci[0] if ci else p["mean"])
+            highs.append(ci[1] if ci else p["mean"])
         xs_all += xs
         style = "-" if init == REFERENCE else ("--" if init == RANDOM else "-.")
-        ax.plot(xs, ys, style, marker="o", ms=4, color=colours[i % len(colours)], label=init)
+        ax.plot(xs, ys, style, marker="o", ms=4, color=colours[i % len(colours)], label=names.get(init, init))
         ax.fill_between(xs, lows, highs, color=colours[i % len(colours)], alpha=0.15, lw=0)
     vs_random = summary["comparisons"].get(RANDOM, {})
     for label in summary["sizes"]:
         if vs_random.get(label, {}).get("significant"):
             p = summary["inits"][REFERENCE][label]
-            ax.annotate("*", (p["train_size"], max(summary["inits"][REFERENCE][label]["mean"], summary["inits"][RANDOM][label]["mean"])),
+            ax.annotate("*", (p["train_size"], max(p["mean"], summary["inits"][RANDOM][label]["mean"])),
                         textcoords="offset points", xytext=(0, 8), ha="center", fontsize=14)
     if xs_all and min(xs_all) > 0:
         ax.set_xscale("log")
@@ -170,8 +168,19 @@ def plot_curves(summary: dict, path: Path, ylabel: str, title: str) -> Path:
     ax.set_ylim(max(low, 0.0), min(high, 1.02))
     ax.set_xlabel(f"{summary['unit']} (log scale)")
     ax.set_ylabel(f"{ylabel} (mean, 95% CI over seeds)")
-    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
+
+
+def plot_curves(summary: dict, path: Path, ylabel: str, title: str) -> Path:
+    """One PNG with the curves of :func:`draw_curves` and the test that set the stars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw_curves(ax, summary, ylabel)
+    ax.set_title(title, fontsize=10)
     fig.text(0.01, 0.01, f"* model vs random init: {summary['test'].split(' (')[0]}, {summary['correction']}-adjusted p < {summary['alpha']}",
              fontsize=7, color="grey")
     fig.tight_layout(rect=(0, 0.03, 1, 1))

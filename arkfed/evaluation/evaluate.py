@@ -131,12 +131,9 @@ def evaluate_source(
     """Every model of ``source`` (teacher and student of a run) with its own head for ``site``
     on a split, BatchNorm recalibrated on the site's training split as in training."""
     from arkfed.errors import ArkfedError
-    from arkfed.evaluation.embeddings import head_predictions
     from arkfed.evaluation.sources import head_for_site, load_models, model_heads
-    from arkfed.metrics import calibrated_model
 
     models = load_models(source)
-    table = site.split(split)
     out = {"source": str(source), "site": site.name, "split": split, "ten_crop": ten_crop, "n_boot": n_boot,
            "reported_classes": list(site.schema.reported_classes), "models": {}, "heads": {}, "notes": []}
     for name, model in models.items():
@@ -146,12 +143,24 @@ def evaluate_source(
             raise ArkfedError(f"{source}: head {site.name!r} predicts {list(head.classes)} but the site's schema has {list(site.schema.classes)}")
         if note:
             out["notes"].append(note)
-        model, recalibrated = calibrated_model(model.to(device), site.schema, site.splits.get("train"), device)
-        pred = head_predictions(model, head, table, site.schema, ten_crop=ten_crop, batch_size=batch_size, device=device)
-        out["models"][name] = evaluate_predictions(pred, site.schema, n_boot, seed, table, min_positives)
-        out["models"][name]["bn_recalibrated"] = recalibrated
+        out["models"][name] = score_with_head(model, head, site, split, ten_crop, n_boot, batch_size, device, seed, min_positives)
         out["heads"][name] = heads_label(source, name, note)
     return out
+
+
+def score_with_head(model, head, site: "Site", split: str = "test", ten_crop: bool = False, n_boot: int = 1000, batch_size: int = 64,
+                    device: str = "cpu", seed: int = 0, min_positives: int = MIN_POSITIVES) -> dict:
+    """``head(model(x))`` on a split of ``site``, BatchNorm recalibrated on its training split as
+    training-time evaluation does, with the metrics and CIs of :func:`evaluate_predictions`."""
+    from arkfed.evaluation.embeddings import head_predictions
+    from arkfed.metrics import calibrated_model
+
+    table = site.split(split)
+    model, recalibrated = calibrated_model(model.to(device), site.schema, site.splits.get("train"), device)
+    pred = head_predictions(model, head, table, site.schema, ten_crop=ten_crop, batch_size=batch_size, device=device)
+    result = evaluate_predictions(pred, site.schema, n_boot, seed, table, min_positives)
+    result["bn_recalibrated"] = recalibrated
+    return result
 
 
 def heads_label(source: str | Path, which: str, note: str | None) -> str:
