@@ -215,6 +215,29 @@ def _correction(text: str) -> str:
     return text
 
 
+BOOT_NOTE = "† no variation over seeds: 95% CI from a percentile bootstrap over test cases of one run"
+
+
+def _point(point: dict) -> str:
+    """``mean [CI]`` of a curve point; † marks a bootstrap CI (see :func:`curves.shown_ci`)."""
+    from arkfed.evaluation.curves import shown_ci
+
+    ci = shown_ci(point)
+    return f"{_f(point['mean'])} {_ci(ci)}{'†' if ci is not None and ci is point.get('bootstrap_ci') else ''}"
+
+
+def _any_bootstrap(curve: dict) -> bool:
+    from arkfed.evaluation.curves import shown_ci
+
+    return any(p.get("bootstrap_ci") is not None and shown_ci(p) is p.get("bootstrap_ci") for pts in curve["inits"].values() for p in pts.values())
+
+
+def _delta(difference: float, c: dict) -> str:
+    if c.get("p") is None or not c["p"] == c["p"]:  # NaN: not tested
+        return f"{difference:+.3f} (not tested)"
+    return f"{difference:+.3f}{'*' if c['significant'] else ''} ({_f(c['p_adjusted'])})"
+
+
 def _curve_table(curve: dict, title: str, extra_caption: str = ""):
     """Rows: training-set sizes; columns: each initialisation's mean [95% CI], then the model's
     difference to each other initialisation with its adjusted p-value."""
@@ -223,22 +246,16 @@ def _curve_table(curve: dict, title: str, extra_caption: str = ""):
     table = _table(title, "size", *[f"{i} {curve['metric']} [95% CI]" for i in inits], *[f"model − {o} (p adj)" for o in others])
     for label in curve["sizes"]:
         n = curve["inits"]["model"][label]["train_size"]
-        cells = []
-        for i in inits:
-            point = curve["inits"][i][label]
-            if point["ci"] is None and point.get("bootstrap_ci"):
-                cells.append(f"{_f(point['mean'])} {_ci(point['bootstrap_ci'])}†")
-            else:
-                cells.append(f"{_f(point['mean'])} {_ci(point['ci'])}")
+        cells = [_point(curve["inits"][i][label]) for i in inits]
         for o in others:
             c = curve["comparisons"][o][label]
-            cells.append(f"{c['difference']:+.3f}{'*' if c['significant'] else ''} ({_f(c['p_adjusted'])})")
+            cells.append(_delta(c["difference"], c))
         table.add_row(f"{label} ({n})" if label == "all" else label, *cells)
     caption = [curve["pretraining"]["sentence"],
                f"CIs: {curve['interval']}; p: {curve['test']}, {curve['correction_name']}-adjusted over {curve['tests_in_family']} tests; "
                f"* p adj < {curve['alpha']}"]
-    if any(p["ci"] is None and p.get("bootstrap_ci") for pts in curve["inits"].values() for p in pts.values()):
-        caption.append("† one seed: 95% CI from a percentile bootstrap over test images")
+    if _any_bootstrap(curve):
+        caption.append(BOOT_NOTE)
     if extra_caption:
         caption.append(extra_caption)
     table.caption = "; ".join(caption)
@@ -508,8 +525,11 @@ def compare(
     chart = plot_comparison(result, out / "compare.png", f"{s.name}: {', '.join(e.name for e in entries)}")
     result["chart"] = chart.name
     curve = result["probe"]["curve"]
+    # the comparison column: the largest size the seeds could test (at "all" a probe is deterministic)
+    tested = [lab for lab in curve["sizes"] if any(c[lab]["p"] == c[lab]["p"] for c in curve["comparisons"].values())]
+    at = (tested or curve["sizes"])[-1]
     columns = ["model", "own head AUC [95% CI]", *[f"probe {lab}-shot [95% CI]" if lab != "all" else "probe all [95% CI]" for lab in curve["sizes"]],
-               f"Δ vs {result['reference']} ({curve['sizes'][-1]}; p adj)"]
+               f"Δ vs {result['reference']} ({at}{'-shot' if at != 'all' else ''}; p adj)"]
     if "finetune" in result:
         columns.append("fine-tuned [95% CI]")
     if bias and "skipped" not in result.get("bias", {}):
@@ -521,10 +541,9 @@ def compare(
         own = row.get("own head")
         cells = [f"{_f(own[0])} {_ci(own[1])}" if own else "n/a (no head)"]
         for lab in curve["sizes"]:
-            p = curve["inits"][key][lab]
-            cells.append(f"{_f(p['mean'])} {_ci(p['ci'] or p.get('bootstrap_ci'))}")
-        c = curve["comparisons"].get(key, {}).get(curve["sizes"][-1])
-        cells.append("reference" if key == "model" else f"{-c['difference']:+.3f}{'*' if c['significant'] else ''} ({_f(c['p_adjusted'])})")
+            cells.append(_point(curve["inits"][key][lab]))
+        c = curve["comparisons"].get(key, {}).get(at)
+        cells.append("reference" if key == "model" else _delta(-c["difference"], c))
         if "finetune" in result:
             f = row.get("fine-tuned")
             cells.append(f"{_f(f[0])} {_ci(f[1])}" if f else "n/a")
@@ -533,11 +552,13 @@ def compare(
             cells.append(f"{b['significant_gaps']} of {b['tests']}" if b else "n/a")
         table.add_row(row["name"], *cells)
     if "random" in curve["inits"]:
-        table.add_row("random init", "", *[f"{_f(curve['inits']['random'][lab]['mean'])} {_ci(curve['inits']['random'][lab]['ci'])}"
-                                           for lab in curve["sizes"]], "", *([""] * (len(columns) - 3 - len(curve["sizes"]))))
+        table.add_row("random init", "", *[_point(curve["inits"]["random"][lab]) for lab in curve["sizes"]], "",
+                      *([""] * (len(columns) - 3 - len(curve["sizes"]))))
     caption = [f"probe CIs: {curve['interval']}; Δ: {curve['test']}, {curve['correction_name']}-adjusted; * p adj < {curve['alpha']}",
                "own head: BatchNorm recalibrated on the site's training images, bootstrap CI over "
                + (next(iter(result["own_head"].values()))["bootstrap"]["unit"] + "s" if result["own_head"] and bootstrap else "test cases")]
+    if _any_bootstrap(curve):
+        caption.append(BOOT_NOTE)
     if result["probe"]["too_few_positives"]:
         caption.append(f"classes with fewer than {min_positives} test positives left out of every mean: {', '.join(result['probe']['too_few_positives'])}")
     if "skipped" in result.get("bias", {}):

@@ -151,6 +151,8 @@ def plot_comparison(result: dict, path: Path, title: str) -> Path:
 def comparison_rows(result: dict) -> list[dict]:
     """Per model: (mean, CI) of the probe on all labels (or the largest shots), fine-tuned and
     own-head AUC, and the bias counts: what the table and the figure show."""
+    from arkfed.evaluation.curves import shown_ci
+
     curve = result["probe"]["curve"]
     names = result["curve_names"]
     largest = curve["sizes"][-1]
@@ -158,10 +160,10 @@ def comparison_rows(result: dict) -> list[dict]:
     rows = []
     for key, name in names.items():
         p = curve["inits"][key][largest]
-        row = {"name": name, "key": key, "probe (all labels)": (p["mean"], p["ci"] or p.get("bootstrap_ci"))}
+        row = {"name": name, "key": key, "probe (all labels)": (p["mean"], shown_ci(p))}
         if key in ft:
             f = ft[key]["all"]
-            row["fine-tuned"] = (f["mean"], f["ci"] or f.get("bootstrap_ci"))
+            row["fine-tuned"] = (f["mean"], shown_ci(f))
         own = result["own_head"].get(name)
         if own:
             row["own head"] = (own["mean_auc"], own.get("mean_auc_ci"))

@@ -103,7 +103,10 @@ def summarise_curves(records: list[dict], sizes: list[int | None], metric: str, 
         entry = comparisons[other][label]
         entry["p_adjusted"] = float(q)
         entry["significant"] = bool(np.isfinite(q) and q < alpha)
-        entry["verdict"] = ("model better" if entry["difference"] > 0 else "model worse") if entry["significant"] else "no significant difference"
+        if not np.isfinite(entry["p"]):
+            entry["verdict"] = "not tested (no variation over seeds)" if per_case is None else "not tested"
+        else:
+            entry["verdict"] = ("model better" if entry["difference"] > 0 else "model worse") if entry["significant"] else "no significant difference"
     return {
         "metric": metric, "unit": unit, "sizes": labels, "inits": table, "reference": REFERENCE, "comparisons": comparisons,
         "test": test, "correction": correction, "correction_name": CORRECTION_NAMES[correction], "alpha": alpha,
@@ -124,10 +127,23 @@ def pretraining_verdict(vs_random: dict | None, labels: list[str], unit: str) ->
         parts.append(f"pretraining helps at {', '.join(helps)} {unit}")
     if hurts:
         parts.append(f"random init is better at {', '.join(hurts)} {unit}")
-    rest = [lab for lab in labels if lab not in helps and lab not in hurts]
+    untested = [lab for lab in labels if not np.isfinite(vs_random[lab]["p"])]
+    rest = [lab for lab in labels if lab not in helps and lab not in hurts and lab not in untested]
     if rest:
         parts.append(f"no significant difference at {', '.join(rest)} {unit}")
-    return {"helps_at": helps, "hurts_at": hurts, "sentence": "; ".join(parts)}
+    if untested:
+        parts.append(f"not tested at {', '.join(untested)} {unit} (no variation over seeds)")
+    return {"helps_at": helps, "hurts_at": hurts, "untested_at": untested, "sentence": "; ".join(parts)}
+
+
+def shown_ci(point: dict) -> list[float] | None:
+    """The interval a table or figure shows for a curve point: the one over seeds, or, when the
+    seeds do not vary (one seed, or a deterministic fit on all labels), the bootstrap over test
+    cases of the first seed's run."""
+    ci = point.get("ci")
+    if ci and ci[1] - ci[0] > 1e-12:
+        return ci
+    return point.get("bootstrap_ci") or ci
 
 
 def draw_curves(ax, summary: dict, ylabel: str, names: dict[str, str] | None = None) -> None:
@@ -146,7 +162,7 @@ def draw_curves(ax, summary: dict, ylabel: str, names: dict[str, str] | None = N
                 continue
             xs.append(p["train_size"])
             ys.append(p["mean"])
-            ci = p["ci"] or p.get("bootstrap_ci")
+            ci = shown_ci(p)
             lows.append(ci[0] if ci else p["mean"])
             highs.append(ci[1] if ci else p["mean"])
         xs_all += xs

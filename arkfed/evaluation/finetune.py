@@ -154,7 +154,7 @@ def finetune_curve(models: dict[str, ArkModel], train: DatasetTable, val: Datase
                 records.append({"init": name, "size": size_label(size), "seed": seed, "score": run["test"]["mean_auc"],
                                 "train_size": int(len(rows))})
     curve = summarise_curves(records, list(sizes), "mean AUC", None, correction, unit="training images")
-    if len(seeds) == 1:
-        for run in runs:
+    for run in runs:  # the first seed's test bootstrap: shown when the seeds do not vary (see curves.shown_ci)
+        if run["seed"] == seeds[0]:
             curve["inits"][run["init"]][run["size"]]["bootstrap_ci"] = run["test"].get("mean_auc_ci")
     return {"curve": curve, "runs": runs, "seeds": list(seeds), "sizes": [size_label(s) for s in sizes]}

@@ -211,7 +211,6 @@ def probe_curve(models: dict[str, ArkModel], train: DatasetTable, test: DatasetT
 
     inits = [REFERENCE, *([RANDOM] if settings.random_baseline else []), *(n for n in models if n != REFERENCE)]
     records, runs, per_class = [], [], {}
-    single = len(settings.seeds) == 1
     for init in inits:
         fixed = None if init == RANDOM else (embed(models[init], train), embed(models[init], test))
         per_class[init] = {}
@@ -222,7 +221,8 @@ def probe_curve(models: dict[str, ArkModel], train: DatasetTable, test: DatasetT
             else:
                 tr, te = fixed
             for size in settings.train_sizes:
-                run = probe_embeddings(tr, te, schema, size, None, seed, settings.c, settings.min_positives, settings.n_boot if single else 0)
+                first = seed == settings.seeds[0]
+                run = probe_embeddings(tr, te, schema, size, None, seed, settings.c, settings.min_positives, settings.n_boot if first else 0)
                 label = size_label(size)
                 runs.append({"init": init, "size": label, **run})
                 records.append({"init": init, "size": label, "seed": seed, "score": run["mean_auc"], "train_size": run["train_size"]})
@@ -235,7 +235,7 @@ def probe_curve(models: dict[str, ArkModel], train: DatasetTable, test: DatasetT
                 label = size_label(size)
                 mine = [r for r in runs if r["init"] == init and r["size"] == label]
                 per_class[init][label] = {c: float(np.nanmean([r["auc"][c] for r in mine])) for c in schema.classes}
-                if single and mine[0].get("mean_auc_ci"):
+                if mine[0].get("mean_auc_ci"):  # the first seed's run: shown when the seeds do not vary
                     curve["inits"][init][label]["bootstrap_ci"] = mine[0]["mean_auc_ci"]
     return {"features": settings.features, "shots": [size_label(s) for s in settings.train_sizes], "seeds": list(settings.seeds),
             "test_size": len(test), "min_positives": settings.min_positives,

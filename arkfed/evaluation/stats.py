@@ -45,8 +45,9 @@ def adjust_pvalues(pvalues, method: Correction = "holm") -> np.ndarray:
     return out
 
 
-def mean_ci(values, level: float = 0.95) -> tuple[float, list[float] | None]:
-    """Mean over seeds and its Student-t interval (None with fewer than two finite values)."""
+def mean_ci(values, level: float = 0.95, bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[float, list[float] | None]:
+    """Mean over seeds and its Student-t interval, clipped to the score's range ``bounds`` (AUC
+    and Dice live in [0, 1]); None with fewer than two finite values."""
     from scipy.stats import t
 
     v = np.asarray(values, dtype=float)
@@ -57,12 +58,13 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, list[float] | None]:
     if len(v) < 2:
         return mean, None
     half = float(t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
-    return mean, [mean - half, mean + half]
+    return mean, [max(bounds[0], mean - half), min(bounds[1], mean + half)]
 
 
 def paired_t(a, b) -> float:
     """Two-sided paired t-test p-value of ``a`` vs ``b`` (pairs with a NaN dropped); NaN with
-    fewer than two pairs, 1.0 when every difference is zero."""
+    fewer than two pairs or when every difference is the same (no variation over seeds, as for
+    a deterministic fit on the whole training split: the seeds then carry no evidence)."""
     from scipy.stats import ttest_rel
 
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -70,8 +72,8 @@ def paired_t(a, b) -> float:
     if ok.sum() < 2:
         return float("nan")
     d = a[ok] - b[ok]
-    if np.allclose(d, d[0]):
-        return 1.0 if abs(d[0]) < 1e-12 else 0.0
+    if np.allclose(d, d[0], rtol=0, atol=1e-12):
+        return float("nan")
     return float(ttest_rel(a[ok], b[ok]).pvalue)
 
 
