@@ -276,6 +276,7 @@ def linear_probe(
     model: Path = ModelArg,
     site: str = SiteOpt,
     train_sizes: str = typer.Option("all", help="shots per class of the curve, e.g. 1,5,10,all (multilabel: K positive + K negative)"),
+    shots: Optional[int] = typer.Option(None, min=1, help="one size only: the same as --train-sizes K"),
     seeds: str = SeedsOpt,
     compare: Optional[List[Path]] = CompareOpt,
     baseline: bool = typer.Option(True, help="also probe a random init of the architecture (one per seed)"),
@@ -302,7 +303,7 @@ def linear_probe(
         raise ArkfedError(f"--features is projector or backbone, got {features!r}")
     s = _site(site, plugins_dir)
     net = _load(model, which, arch, img_size)
-    settings = ProbeCurveSettings(train_sizes=tuple(parse_sizes(train_sizes)), seeds=_seeds(seeds), features=features, c=c,
+    settings = ProbeCurveSettings(train_sizes=tuple(parse_sizes(str(shots) if shots else train_sizes)), seeds=_seeds(seeds), features=features, c=c,
                                   random_baseline=baseline, min_positives=min_positives, n_boot=bootstrap,
                                   correction=_correction(correction), batch_size=batch_size, device=_device(device))
     result = {"source": str(model), "site": s.name,
