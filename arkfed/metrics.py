@@ -18,6 +18,7 @@ from arkfed.schema import LabelSchema
 
 if TYPE_CHECKING:
     from arkfed.dataset import DatasetTable
+    from arkfed.site import ComputeSettings
     from arkfed.model import ArkModel, SiteHead
     from arkfed.training import TrainSettings
 
@@ -229,19 +230,21 @@ def evaluate_site(
     settings: "TrainSettings",
     calibration: "DatasetTable | None" = None,
     calibration_images: int = CALIBRATION_IMAGES,
+    compute: "ComputeSettings | None" = None,
 ) -> dict:
     """Loss, per-class AUC, mean AUC (and accuracy for multiclass) of ``head(model(x))`` on a split.
 
     With ``calibration`` (the site's training split) a BatchNorm model is scored with running
     statistics re-estimated on up to ``calibration_images`` of its images (see
     :func:`calibrated_model`); the result then says ``"bn_recalibrated": true``. Uses
-    ``settings.batch_size``, ``settings.num_workers`` and ``settings.device``; the model is moved
-    to that device and stays there.
+    ``settings.batch_size`` and the site's ``compute`` (device, workers; CPU when not given); the
+    model is moved to that device and stays there.
     """
     from arkfed.training import resolve_device
 
-    pred, recalibrated = site_predictions(model, head, table, schema, resolve_device(settings.device), settings.batch_size,
-                                          settings.num_workers, calibration, calibration_images)
+    device = resolve_device(compute.device if compute is not None else "cpu")
+    workers = compute.workers() if compute is not None else 0
+    pred, recalibrated = site_predictions(model, head, table, schema, device, settings.batch_size, workers, calibration, calibration_images)
     result = score_predictions(pred, schema)
     result["bn_recalibrated"] = recalibrated
     return result

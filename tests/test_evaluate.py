@@ -135,8 +135,9 @@ def test_evaluate_site_without_head_is_a_clear_error(trained, tmp_path):
 
 def test_evaluate_reproduces_the_last_validation_line_of_a_finished_run(tmp_path):
     """One truth: `evaluate --split val` on a run equals its metrics.jsonl (BatchNorm recalibrated
-    on the site's training images in both), for teacher and student."""
-    from arkfed.coordinator import train_local
+    on the site's training images in both; the teacher with its own RUN/teacher-heads), for
+    teacher and student."""
+    from arkfed.loop import train_local
     from arkfed.runs import read_metrics
     from arkfed.training import TrainConfig, TrainSettings
     from eval_fixtures import tiny_spec
@@ -148,6 +149,8 @@ def test_evaluate_reproduces_the_last_validation_line_of_a_finished_run(tmp_path
     train_local(config, tmp_path / "run", sites={"alpha": site})
     last = {r["model"]: r for r in read_metrics(tmp_path / "run") if r.get("kind") == "eval"}
     result = evaluate_source(tmp_path / "run", site, split="val", n_boot=0, batch_size=13, min_positives=1)
+    assert (tmp_path / "run" / "teacher-heads" / "alpha.safetensors").is_file()
+    assert result["heads"] == {"teacher": "teacher-heads", "student": "heads"} and not result["notes"]
     for model in ("teacher", "student"):
         assert last[model]["bn_recalibrated"] is True and result["models"][model]["bn_recalibrated"] is True
         assert result["models"][model]["mean_auc_all_classes"] == pytest.approx(last[model]["mean_auc"], abs=1e-6)
