@@ -18,8 +18,8 @@ from arkfed.schema import LabelSchema
 
 if TYPE_CHECKING:
     from arkfed.dataset import DatasetTable
-    from arkfed.site import ComputeSettings
     from arkfed.model import ArkModel, SiteHead
+    from arkfed.site import ComputeSettings
     from arkfed.training import TrainSettings
 
 
@@ -109,7 +109,8 @@ def score_predictions(pred: Predictions, schema: LabelSchema) -> dict:
 
 
 @torch.no_grad()
-def infer(forward, modules: Sequence[torch.nn.Module], loader, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def infer(forward, modules: Sequence[torch.nn.Module], loader,
+          device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The one inference loop: ``forward(images)`` over an eval loader with ``modules`` in eval
     mode (their training state restored afterwards) -> (outputs, targets, masks) as numpy.
 

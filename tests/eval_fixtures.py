@@ -32,7 +32,8 @@ def tiny_spec(arch: str = ARCH, img_size: int = SIZE, projector_dim: int = 16) -
     return ModelSpec(model=arch, img_size=img_size, projector_dim=projector_dim)
 
 
-def draw_images(labels: np.ndarray, sex: np.ndarray, rng: np.random.Generator, size: int = SIZE, biased: tuple[int, ...] = ()) -> np.ndarray:
+def draw_images(labels: np.ndarray, sex: np.ndarray, rng: np.random.Generator, size: int = SIZE,
+                biased: tuple[int, ...] = ()) -> np.ndarray:
     """N x size x size uint8 chest-like images with one blob per positive finding.
 
     For a finding in ``biased`` the blob is dark in women and bright in men, so a probe trained
@@ -99,7 +100,8 @@ def make_run_folder(folder: Path, arch: str = ARCH, img_size: int = SIZE, seed: 
         head = (heads or {}).get(name) or SiteHead(name, schema, spec.projector_dim)
         save_head(folder / "heads" / f"{name}.safetensors", head)
     config = {"sites": list(sites), "rounds": 2, "order": "fixed", "seed": seed, "init": "random",
-              "model": spec.model_dump(mode="json"), "settings": {"batch_size": 8, "lr": 0.001, "optimizer": "adamw", "local_epochs": 1, "ema": "visit", "momentum_teacher": 0.9}}
+              "model": spec.model_dump(mode="json"),
+              "settings": {"batch_size": 8, "lr": 0.001, "optimizer": "adamw", "local_epochs": 1, "ema": "visit", "momentum_teacher": 0.9}}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     lines = []
     for rnd in range(2):
@@ -148,8 +150,8 @@ PLUGIN_SOURCE = textwrap.dedent('''
 ''')
 
 
-def write_site(folder: Path, name: str, schema: LabelSchema, sizes: dict[str, int], seed: int = 0, size: int = SIZE, biased: tuple[int, ...] = (),
-               rare: tuple[int, ...] = ()) -> Path:
+def write_site(folder: Path, name: str, schema: LabelSchema, sizes: dict[str, int], seed: int = 0, size: int = SIZE,
+               biased: tuple[int, ...] = (), rare: tuple[int, ...] = ()) -> Path:
     """A site YAML + data read through the ``evalnpz`` test plugin; returns the YAML path.
 
     The plugin lives in ``folder/plugins``; point ``ARKFED_PLUGINS`` at it.

@@ -25,7 +25,8 @@ def exported(tmp_path_factory):
 
 
 def _timm_records(caplog):
-    return [r.getMessage() for r in caplog.records if r.name.startswith("timm") and ("Missing keys" in r.getMessage() or "Unexpected keys" in r.getMessage())]
+    return [r.getMessage() for r in caplog.records
+            if r.name.startswith("timm") and ("Missing keys" in r.getMessage() or "Unexpected keys" in r.getMessage())]
 
 
 def test_plain_timm_loads_export_strictly_and_reproduces_teacher_features(exported, caplog):

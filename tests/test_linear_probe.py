@@ -118,7 +118,8 @@ def test_probe_accepts_run_folder_export_weights_file_and_plain_timm_file(tmp_pa
     for name, model_args in sources.items():
         out = tmp_path / f"probe-{name}"
         result = CliRunner().invoke(app, ["linear-probe", *model_args, "--site", str(site), "--plugins-dir", str(tmp_path / "plugins"),
-                                          "--features", "backbone", "--seeds", "0", "--no-baseline", "--out", str(out)], catch_exceptions=False)
+                                          "--features", "backbone", "--seeds", "0", "--no-baseline", "--out", str(out)],
+                                    catch_exceptions=False)
         assert result.exit_code == 0, result.output
         aucs[name] = json.loads((out / "results.json").read_text())["auc"]["model"]["all"]
     for name in ("export", "file", "timm"):  # the same backbone, whatever the container

@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from arkfed.cli import app
+from arkfed.errors import ArkfedError
 from arkfed.evaluation.runinfo import read_run
 from arkfed.runs import read_metrics
-from arkfed.errors import ArkfedError
 from eval_fixtures import schemas, tiny_spec, write_site
 
 

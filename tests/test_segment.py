@@ -57,7 +57,7 @@ def test_segment_curve_on_real_lung_masks_says_where_pretraining_helps(shared_da
     assert curve["test"].startswith("Wilcoxon") and curve["correction"] == "holm" and curve["tests_in_family"] == 2
     trivial = res["trivial_dice"]  # predicting "lung" everywhere
     assert 0.3 < trivial < 0.6
-    for init, points in curve["inits"].items():
+    for points in curve["inits"].values():
         assert points["5"]["train_size"] == 5 and points["20"]["train_size"] == 20
         assert len(points["20"]["values"]) == 2 and points["20"]["ci"][0] <= points["20"]["mean"] <= points["20"]["ci"][1]
         low, high = points["20"]["bootstrap_ci"]

@@ -180,6 +180,8 @@ def evaluate_caption(result: dict, first: dict, min_positives: int) -> str:
         b = first["bootstrap"]
         parts.append(f"95% CIs: percentile bootstrap over {b['unit']}s ({b['resamples']} resamples)")
     if first["too_few_positives"]:
+        from arkfed.evaluation.evaluate import TOO_FEW
+
         parts.append(f"classes with fewer than {min_positives} positives are marked '{TOO_FEW}' and left out of the mean AUC")
     heads = ", ".join(f"{n}: {h}/" for n, h in result.get("heads", {}).items())
     if heads:
@@ -229,7 +231,8 @@ def _point(point: dict) -> str:
 def _any_bootstrap(curve: dict) -> bool:
     from arkfed.evaluation.curves import shown_ci
 
-    return any(p.get("bootstrap_ci") is not None and shown_ci(p) is p.get("bootstrap_ci") for pts in curve["inits"].values() for p in pts.values())
+    points = [p for pts in curve["inits"].values() for p in pts.values()]
+    return any(p.get("bootstrap_ci") is not None and shown_ci(p) is p.get("bootstrap_ci") for p in points)
 
 
 def _delta(difference: float, c: dict) -> str:
@@ -303,7 +306,8 @@ def linear_probe(
         raise ArkfedError(f"--features is projector or backbone, got {features!r}")
     s = _site(site, plugins_dir)
     net = _load(model, which, arch, img_size)
-    settings = ProbeCurveSettings(train_sizes=tuple(parse_sizes(str(shots) if shots else train_sizes)), seeds=_seeds(seeds), features=features, c=c,
+    sizes = tuple(parse_sizes(str(shots) if shots else train_sizes))
+    settings = ProbeCurveSettings(train_sizes=sizes, seeds=_seeds(seeds), features=features, c=c,
                                   random_baseline=baseline, min_positives=min_positives, n_boot=bootstrap,
                                   correction=_correction(correction), batch_size=batch_size, device=_device(device))
     result = {"source": str(model), "site": s.name,
@@ -357,7 +361,8 @@ def finetune(
         low, high = (float(x) for x in crop_scale.split(","))
     except ValueError:
         raise ArkfedError(f"--crop-scale takes MIN,MAX (e.g. 0.5,1), got {crop_scale!r}") from None
-    settings = FineTuneSettings(epochs=epochs, lr=lr, batch_size=batch_size, crop_scale=(low, high), max_steps_per_epoch=max_steps_per_epoch,
+    settings = FineTuneSettings(epochs=epochs, lr=lr, batch_size=batch_size, crop_scale=(low, high),
+                                max_steps_per_epoch=max_steps_per_epoch,
                                 min_positives=min_positives, n_boot=bootstrap, device=_device(device))
     result = {"source": str(model), "site": s.name,
               **finetune_curve({"model": net, **_compared(compare, which)}, s.split("train"), s.splits.get("val"), s.split("test"),
@@ -402,7 +407,8 @@ def bias(
     net = _load(model, which, arch, img_size)
     settings = BiasSettings(features=features, balance=balance, alpha=alpha, correction=correction, min_positives=min_positives,
                             n_boot=bootstrap, seed=seed, batch_size=batch_size, device=_device(device))
-    result = {"source": str(model), "site": s.name, "model": which, **bias_analysis(net, s.split("train"), s.split("test"), s.schema, settings)}
+    result = {"source": str(model), "site": s.name, "model": which,
+              **bias_analysis(net, s.split("train"), s.split("test"), s.schema, settings)}
     chart = plot_bias(result, out / "bias.png",
                       f"{s.name}: gender bias of {model.name} (* DeLong, {correction}-adjusted p < {alpha})")
     result["chart"] = chart.name
@@ -424,7 +430,8 @@ def bias(
     table.add_row("[b]mean AUC[/b]", _f(result["mean_auc"]["M->M"]), _f(result["mean_auc"]["F->M"]), "", "", "",
                   _f(result["mean_auc"]["F->F"]), _f(result["mean_auc"]["M->F"]), "", "", "")
     caption = [f"* {result['correction_name']}-adjusted DeLong p < {alpha} over {result['tests_in_family']} tests",
-               f"CIs: percentile bootstrap over {result['bootstrap']['unit']}s ({bootstrap} resamples)" if bootstrap else "no CIs (--bootstrap 0)"]
+               f"CIs: percentile bootstrap over {result['bootstrap']['unit']}s ({bootstrap} resamples)"
+               if bootstrap else "no CIs (--bootstrap 0)"]
     if result["too_few_positives"]:
         caption.append(f"findings with fewer than {min_positives} positives in a test group are marked 'too few positives' "
                        f"({', '.join(result['too_few_positives'])}): not tested, not starred, left out of the means")
@@ -529,7 +536,8 @@ def compare(
     # the comparison column: the largest size the seeds could test (at "all" a probe is deterministic)
     tested = [lab for lab in curve["sizes"] if any(c[lab]["p"] == c[lab]["p"] for c in curve["comparisons"].values())]
     at = (tested or curve["sizes"])[-1]
-    columns = ["model", "own head AUC [95% CI]", *[f"probe {lab}-shot [95% CI]" if lab != "all" else "probe all [95% CI]" for lab in curve["sizes"]],
+    columns = ["model", "own head AUC [95% CI]",
+               *[f"probe {lab}-shot [95% CI]" if lab != "all" else "probe all [95% CI]" for lab in curve["sizes"]],
                f"Δ vs {result['reference']} ({at}{'-shot' if at != 'all' else ''}; p adj)"]
     if "finetune" in result:
         columns.append("fine-tuned [95% CI]")
@@ -561,7 +569,8 @@ def compare(
     if _any_bootstrap(curve):
         caption.append(BOOT_NOTE)
     if result["probe"]["too_few_positives"]:
-        caption.append(f"classes with fewer than {min_positives} test positives left out of every mean: {', '.join(result['probe']['too_few_positives'])}")
+        few = ", ".join(result["probe"]["too_few_positives"])
+        caption.append(f"classes with fewer than {min_positives} test positives left out of every mean: {few}")
     if "skipped" in result.get("bias", {}):
         caption.append(f"bias skipped: {result['bias']['skipped']}")
     caption += result["notes"]

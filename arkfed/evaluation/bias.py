@@ -25,13 +25,13 @@ import numpy as np
 from arkfed.dataset import DatasetTable
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.embeddings import FeatureKind, embed_table
-from arkfed.evaluation.linear_probe import fit_probe_logits, subset
 from arkfed.evaluation.evaluate import MIN_POSITIVES, TOO_FEW, bootstrap_groups, bootstrap_weights, percentile_interval
+from arkfed.evaluation.linear_probe import fit_probe_logits, subset
 from arkfed.evaluation.stats import CORRECTION_NAMES, Correction, adjust_pvalues
+from arkfed.io import atomic_write
 from arkfed.metrics import roc_auc, scores_from_logits
 from arkfed.model import ArkModel
 from arkfed.schema import LabelSchema
-from arkfed.io import atomic_write
 
 SEXES = ("M", "F")
 
@@ -132,7 +132,7 @@ def bias_analysis(model: ArkModel, train: DatasetTable, test: DatasetTable, sche
     adjusted = adjust_pvalues([findings[n][f"p_on_{s}"] for n, s in tests], settings.correction)
     for (name, sex), q in zip(tests, adjusted):
         findings[name][f"p_adjusted_on_{sex}"] = float(q)
-    for name, entry in findings.items():
+    for entry in findings.values():
         for sex in SEXES:
             entry.setdefault(f"p_adjusted_on_{sex}", float("nan"))
             q = entry[f"p_adjusted_on_{sex}"]

@@ -106,7 +106,8 @@ def summarise_curves(records: list[dict], sizes: list[int | None], metric: str, 
         if not np.isfinite(entry["p"]):
             entry["verdict"] = "not tested (no variation over seeds)" if per_case is None else "not tested"
         else:
-            entry["verdict"] = ("model better" if entry["difference"] > 0 else "model worse") if entry["significant"] else "no significant difference"
+            better = "model better" if entry["difference"] > 0 else "model worse"
+            entry["verdict"] = better if entry["significant"] else "no significant difference"
     return {
         "metric": metric, "unit": unit, "sizes": labels, "inits": table, "reference": REFERENCE, "comparisons": comparisons,
         "test": test, "correction": correction, "correction_name": CORRECTION_NAMES[correction], "alpha": alpha,
@@ -197,7 +198,8 @@ def plot_curves(summary: dict, path: Path, ylabel: str, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     draw_curves(ax, summary, ylabel)
     ax.set_title(title, fontsize=10)
-    fig.text(0.01, 0.01, f"* model vs random init: {summary['test'].split(' (')[0]}, {summary['correction']}-adjusted p < {summary['alpha']}",
+    test = summary["test"].split(" (")[0]
+    fig.text(0.01, 0.01, f"* model vs random init: {test}, {summary['correction']}-adjusted p < {summary['alpha']}",
              fontsize=7, color="grey")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

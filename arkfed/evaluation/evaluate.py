@@ -140,7 +140,8 @@ def evaluate_source(
         heads, note = model_heads(source, name)
         head = head_for_site(heads, site.name, source)
         if head.schema.classes != site.schema.classes:
-            raise ArkfedError(f"{source}: head {site.name!r} predicts {list(head.classes)} but the site's schema has {list(site.schema.classes)}")
+            raise ArkfedError(f"{source}: head {site.name!r} predicts {list(head.classes)} "
+                              f"but the site's schema has {list(site.schema.classes)}")
         if note:
             out["notes"].append(note)
         out["models"][name] = score_with_head(model, head, site, split, ten_crop, n_boot, batch_size, device, seed, min_positives)

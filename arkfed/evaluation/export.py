@@ -39,8 +39,8 @@ from pathlib import Path
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.runinfo import RunInfo, read_run
 from arkfed.evaluation.sources import load_models, model_heads, source_kind
-from arkfed.model import ArkModel, SiteHead
 from arkfed.io import atomic_write
+from arkfed.model import ArkModel, SiteHead
 from arkfed.weights import SPEC_KEY, save_head, save_safetensors
 
 
@@ -163,7 +163,8 @@ def model_card(config: dict, heads: dict[str, SiteHead], run: RunInfo | None) ->
         "teacher": "The heads in `heads/` are the teacher's own heads (the EMA of the student's heads, kept with the teacher "
                    "during training): they match this model's embedding.",
         "student": "The heads in `heads/` are the student's heads (the run kept no teacher heads); "
-                   f"{'they were fitted to the student embedding, so on this teacher they are a stand-in.' if config['arkfed']['weights'] == 'teacher' else 'they match this model.'}",
+                   + ("they were fitted to the student embedding, so on this teacher they are a stand-in."
+                      if config["arkfed"]["weights"] == "teacher" else "they match this model."),
     }.get(heads_of, f"The heads in `heads/` are the {heads_of}'s heads.")]
     bn = config["arkfed"].get("batchnorm") or {}
     if bn.get("sites"):
@@ -193,7 +194,8 @@ def model_card(config: dict, heads: dict[str, SiteHead], run: RunInfo | None) ->
         ]
         final = run.final_metrics()
         if final:
-            lines += ["", "## Final metrics (validation split, last round)", "", "| site | model | round | mean AUC | loss |", "|---|---|---|---|---|"]
+            lines += ["", "## Final metrics (validation split, last round)", "",
+                      "| site | model | round | mean AUC | loss |", "|---|---|---|---|---|"]
             for (site, model), rec in sorted(final.items()):
                 lines.append(f"| {site} | {model} | {rec.get('round', 'n/a')} | {_fmt(rec.get('mean_auc'))} | {_fmt(rec.get('loss'))} |")
     lines += ["", "Trained with arkfed; the training images never left their sites.", ""]

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from arkfed.dataset import DatasetTable
+from arkfed.evaluation.linear_probe import random_init_seed
 from arkfed.losses import task_loss
 from arkfed.metrics import Predictions, score_predictions
-from arkfed.evaluation.linear_probe import random_init_seed
 from arkfed.model import ArkModel, ModelSpec
 from arkfed.schema import LabelSchema
 
@@ -111,8 +111,8 @@ def finetune(model: ArkModel, train: DatasetTable, val: DatasetTable | None, tes
     steps_per_epoch = max(1, len(train) // min(settings.batch_size, len(train)))
     if settings.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, settings.max_steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=settings.epochs * steps_per_epoch,
-                                                    pct_start=0.1, anneal_strategy="cos")
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                    total_steps=settings.epochs * steps_per_epoch, pct_start=0.1, anneal_strategy="cos")
     history, best, best_state = [], -np.inf, None
     for epoch in range(settings.epochs):
         loss, _ = train_epoch(net, optimizer, scheduler, train, schema, spec, settings, epoch)

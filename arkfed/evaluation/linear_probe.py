@@ -160,7 +160,10 @@ def probe_embeddings(train: Embeddings, test: Embeddings, schema: LabelSchema, s
     rows = few_shot_rows(train.targets, train.mask, schema, shots, fraction, seed)
     logits = fit_probe_logits(subset(train, rows), test, schema, c, seed)
     pred = Predictions(logits, test.targets, test.mask)
-    scored = score_predictions(pred, schema) if min_positives is None else evaluate_predictions(pred, schema, n_boot, seed, None, min_positives)
+    if min_positives is None:
+        scored = score_predictions(pred, schema)
+    else:
+        scored = evaluate_predictions(pred, schema, n_boot, seed, None, min_positives)
     keep = ("mean_auc", "auc", "loss", "accuracy", "too_few_positives", "mean_auc_ci", "auc_ci")
     return {"seed": seed, "train_size": int(len(rows)), **{k: scored[k] for k in keep if k in scored}}
 
@@ -222,7 +225,8 @@ def probe_curve(models: dict[str, ArkModel], train: DatasetTable, test: DatasetT
                 tr, te = fixed
             for size in settings.train_sizes:
                 first = seed == settings.seeds[0]
-                run = probe_embeddings(tr, te, schema, size, None, seed, settings.c, settings.min_positives, settings.n_boot if first else 0)
+                run = probe_embeddings(tr, te, schema, size, None, seed, settings.c, settings.min_positives,
+                                       settings.n_boot if first else 0)
                 label = size_label(size)
                 runs.append({"init": init, "size": label, **run})
                 records.append({"init": init, "size": label, "seed": seed, "score": run["mean_auc"], "train_size": run["train_size"]})

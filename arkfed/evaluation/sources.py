@@ -93,7 +93,8 @@ def head_for_site(heads: dict[str, SiteHead], site: str, source: str | Path) -> 
     if site not in heads:
         known = ", ".join(sorted(heads)) or "none"
         raise ArkfedError(
-            f"{source}: no head for site {site!r} (heads: {known}); to evaluate on a new site use `arkfed linear-probe` or `arkfed finetune`"
+            f"{source}: no head for site {site!r} (heads: {known}); "
+            "to evaluate on a new site use `arkfed linear-probe` or `arkfed finetune`"
         )
     return heads[site]
 
