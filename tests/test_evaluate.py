@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
     schema = schemas()["alpha"]
     teacher, head = pretrained_alpha()
     run = make_run_folder(root / "run", teacher=teacher, heads={"alpha": head}, sites={"alpha": schema, "gamma": schemas()["gamma"]})
-    site_yaml = write_site(root, "alpha", schema, {"train": 16, "val": 16, "test": 120}, seed=5)
+    site_yaml = write_site(root, "alpha", schema, {"train": 16, "val": 16, "test": 120}, seed=5, rare=(2,))  # few Nodules
     return run, site_yaml, root / "plugins"
 
 
@@ -100,7 +100,7 @@ def test_evaluate_cli_teacher_and_student_with_cis(trained, tmp_path):
     result = CliRunner().invoke(app, ["evaluate", str(run), "--site", str(site_yaml), "--plugins-dir", str(plugins),
                                       "--bootstrap", "200", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "mean AUC" in result.output
+    assert "mean AUC" in result.output and "Nodule (too few positives)" in result.output
     data = json.loads((out / "results.json").read_text())
     assert set(data["models"]) == {"teacher", "student"}
     teacher, student = data["models"]["teacher"], data["models"]["student"]
@@ -110,6 +110,8 @@ def test_evaluate_cli_teacher_and_student_with_cis(trained, tmp_path):
         low, high = teacher["auc_ci"][name]
         assert low <= teacher["auc"][name] <= high
     assert teacher["num_examples"] == 120
+    assert teacher["too_few_positives"] == ["Nodule"] and teacher["mean_auc_classes"] == ["Effusion", "Cardiomegaly"]
+    assert teacher["bootstrap"]["unit"] == "patient" and teacher["bn_recalibrated"] is True
 
 
 def test_evaluate_export_equals_run_teacher_and_ten_crop_option(trained, tmp_path):
