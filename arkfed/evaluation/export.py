@@ -195,6 +195,9 @@ def model_card(config: dict, heads: dict[str, SiteHead], run: RunInfo | None) ->
         final = run.final_metrics()
         if final:
             lines += ["", "## Final metrics (validation split, last round)", "",
+                      "Scored at each site with BatchNorm statistics re-estimated on its training images, the teacher with "
+                      "its teacher head (runs from before teacher heads: the student's); `arkfed evaluate --split val` on "
+                      "the run folder reproduces them.", "",
                       "| site | model | round | mean AUC | loss |", "|---|---|---|---|---|"]
             for (site, model), rec in sorted(final.items()):
                 lines.append(f"| {site} | {model} | {rec.get('round', 'n/a')} | {_fmt(rec.get('mean_auc'))} | {_fmt(rec.get('loss'))} |")
