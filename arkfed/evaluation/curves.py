@@ -113,11 +113,11 @@ def summarise_curves(records: list[dict], sizes: list[int | None], metric: str, 
         "test": test, "correction": correction, "correction_name": CORRECTION_NAMES[correction], "alpha": alpha,
         "tests_in_family": int(np.isfinite([comparisons[o][lab]["p"] for o, lab in family]).sum()) if family else 0,
         "interval": "mean over seeds with a Student-t 95% CI",
-        "pretraining": pretraining_verdict(comparisons.get(RANDOM), labels, unit),
+        "pretraining": pretraining_verdict(comparisons.get(RANDOM), labels, unit, len({r["seed"] for r in records})),
     }
 
 
-def pretraining_verdict(vs_random: dict | None, labels: list[str], unit: str) -> dict:
+def pretraining_verdict(vs_random: dict | None, labels: list[str], unit: str, seeds: int = 2) -> dict:
     """Where the model beats (or loses to) its random initialisation, in one sentence."""
     if not vs_random:
         return {"helps_at": [], "hurts_at": [], "sentence": "no random-init baseline in this report"}
@@ -133,7 +133,8 @@ def pretraining_verdict(vs_random: dict | None, labels: list[str], unit: str) ->
     if rest:
         parts.append(f"no significant difference at {', '.join(rest)} {unit}")
     if untested:
-        parts.append(f"not tested at {', '.join(untested)} {unit} (no variation over seeds)")
+        why = "one seed: give --seeds 0,1,2 to test" if seeds < 2 else "no variation over seeds"
+        parts.append(f"not tested at {', '.join(untested)} {unit} ({why})")
     return {"helps_at": helps, "hurts_at": hurts, "untested_at": untested, "sentence": "; ".join(parts)}
 
 
