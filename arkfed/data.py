@@ -205,9 +205,11 @@ def visit_draws(n: int, batch_size: int, epochs: int, seed: int, max_steps: int 
 
 
 def _loader_kwargs(num_workers: int, pin_memory: bool) -> dict:
+    """Pinned memory lets the visit's ``.to(device, non_blocking=True)`` overlap the copy with compute."""
     kwargs = {"num_workers": num_workers, "pin_memory": pin_memory}
     if num_workers > 0:
         kwargs["prefetch_factor"] = 4
+        kwargs["persistent_workers"] = True
     return kwargs
 
 
@@ -224,11 +226,23 @@ def make_train_loader(
     max_steps: int | None = None,
     num_workers: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """The batches of one visit, in a reproducible order with reproducible augmentation."""
-    order = visit_draws(len(table), batch_size, epochs, seed, max_steps)
+    """The batches of one visit, in a reproducible order with reproducible augmentation.
+
+    With ``world_size`` > 1 (one DDP rank of N) ``batch_size`` is per rank: the draws are those of
+    a one-process visit with batch ``N x batch_size`` and this rank loads its slice of each batch.
+    """
+    order = visit_draws(len(table), batch_size * world_size, epochs, seed, max_steps)
     pair = ViewPair(spec.img_size, crop_scale, views, jitter_p)
     dataset = TrainDataset(table, schema, spec.img_size, pair, order, seed)
+    if world_size > 1:
+        from arkfed.distributed import RankBatches
+
+        per_rank = min(batch_size * world_size, len(table)) // world_size
+        return DataLoader(dataset, batch_sampler=RankBatches(len(order), per_rank, rank, world_size),
+                          collate_fn=TrainCollate(spec), **_loader_kwargs(num_workers, pin_memory))
     return DataLoader(
         dataset, batch_size=min(batch_size, len(table)), shuffle=False, drop_last=False,
         collate_fn=TrainCollate(spec), **_loader_kwargs(num_workers, pin_memory),

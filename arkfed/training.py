@@ -47,6 +47,7 @@ class TrainSettings(BaseModel):
     max_consistency: float = Field(default=0.5, ge=0, le=1)
     device: str = "cpu"
     num_workers: int = Field(default=0, ge=0)
+    gpus: int = Field(default=1, ge=1, description="DDP processes of one visit (arkfed.distributed); batch_size is per GPU")
     max_steps_per_visit: int | None = Field(default=None, ge=1)
 
     @field_validator("crop_scale")
