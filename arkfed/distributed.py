@@ -69,14 +69,15 @@ class RankContext:
     def active(self) -> bool:
         return self.world_size > 1
 
-    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
-        """``module`` in DDP (gradients averaged over ranks in backward); itself when alone."""
-        if not self.active:
-            return module
-        from torch.nn.parallel import DistributedDataParallel
+    def wrap(self, module: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:
+        """What the visit calls to run ``module``: in DDP (gradients averaged over ranks in backward)
+        when there are several ranks, then ``torch.compile``d when asked (the first steps compile)."""
+        if self.active:
+            from torch.nn.parallel import DistributedDataParallel
 
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+            ids = [device.index] if device.type == "cuda" else None
+            module = DistributedDataParallel(module, device_ids=ids)
+        return torch.compile(module) if compile else module
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` summed over ranks (float64 totals of the visit's losses and examples)."""

@@ -48,6 +48,7 @@ class TrainSettings(BaseModel):
     device: str = "cpu"
     num_workers: int = Field(default=0, ge=0)
     gpus: int = Field(default=1, ge=1, description="DDP processes of one visit (arkfed.distributed); batch_size is per GPU")
+    compile: bool = Field(default=False, description="torch.compile the student for the visit (pays off on long CUDA visits)")
     max_steps_per_visit: int | None = Field(default=None, ge=1)
 
     @field_validator("crop_scale")

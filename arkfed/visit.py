@@ -116,7 +116,7 @@ def _run_visit(student, teacher, head, site, settings, plan, device, progress, r
         max_steps=settings.max_steps_per_visit, num_workers=settings.num_workers, pin_memory=device.type == "cuda",
         rank=rank.rank, world_size=rank.world_size,
     )
-    student_forward, head_forward = rank.wrap(student, device), rank.wrap(head, device)
+    student_forward, head_forward = rank.wrap(student, device, settings.compile), rank.wrap(head, device)
     optimizer = make_optimizer(student, head, settings, plan.lr)
     c = plan.consistency
     steps = len(loader)
