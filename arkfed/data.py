@@ -228,6 +228,7 @@ def make_train_loader(
     pin_memory: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    augment: str = "cpu",
 ) -> DataLoader:
     """The batches of one visit, in a reproducible order with reproducible augmentation.
 
@@ -235,17 +236,21 @@ def make_train_loader(
     a one-process visit with batch ``N x batch_size`` and this rank loads its slice of each batch.
     """
     order = visit_draws(len(table), batch_size * world_size, epochs, seed, max_steps)
-    pair = ViewPair(spec.img_size, crop_scale, views, jitter_p)
+    pair, collate = ViewPair(spec.img_size, crop_scale, views, jitter_p), TrainCollate(spec)
+    if augment == "device":  # workers draw the view parameters; the visit makes the views on its device
+        from arkfed.device_views import RawCollate, ViewParams
+
+        pair, collate = ViewParams(spec.img_size, crop_scale, views, jitter_p), RawCollate()
     dataset = TrainDataset(table, schema, spec.img_size, pair, order, seed)
     if world_size > 1:
         from arkfed.distributed import RankBatches
 
         per_rank = min(batch_size * world_size, len(table)) // world_size
         return DataLoader(dataset, batch_sampler=RankBatches(len(order), per_rank, rank, world_size),
-                          collate_fn=TrainCollate(spec), **_loader_kwargs(num_workers, pin_memory))
+                          collate_fn=collate, **_loader_kwargs(num_workers, pin_memory))
     return DataLoader(
         dataset, batch_size=min(batch_size, len(table)), shuffle=False, drop_last=False,
-        collate_fn=TrainCollate(spec), **_loader_kwargs(num_workers, pin_memory),
+        collate_fn=collate, **_loader_kwargs(num_workers, pin_memory),
     )
 
 

@@ -49,6 +49,7 @@ class TrainSettings(BaseModel):
     num_workers: int = Field(default=0, ge=0)
     gpus: int = Field(default=1, ge=1, description="DDP processes of one visit (arkfed.distributed); batch_size is per GPU")
     compile: bool = Field(default=False, description="torch.compile the student for the visit (pays off on long CUDA visits)")
+    augment: Literal["cpu", "device"] = Field(default="cpu", description="where the views are made (arkfed.device_views)")
     max_steps_per_visit: int | None = Field(default=None, ge=1)
 
     @field_validator("crop_scale")

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from arkfed.data import make_train_loader
+from arkfed.device_views import DeviceViews
 from arkfed.distributed import SINGLE, RankContext
 from arkfed.errors import ArkfedError
 from arkfed.losses import ark_loss, consistency_loss, task_loss
@@ -114,8 +115,9 @@ def _run_visit(student, teacher, head, site, settings, plan, device, progress, r
         site.split("train"), site.schema, student.spec, settings.batch_size, epochs=settings.local_epochs,
         seed=plan.seed, crop_scale=settings.crop_scale, views=settings.views, jitter_p=settings.jitter_p,
         max_steps=settings.max_steps_per_visit, num_workers=settings.num_workers, pin_memory=device.type == "cuda",
-        rank=rank.rank, world_size=rank.world_size,
+        rank=rank.rank, world_size=rank.world_size, augment=settings.augment,
     )
+    views = DeviceViews(student.spec.mean, student.spec.std) if settings.augment == "device" else None
     student_forward, head_forward = rank.wrap(student, device, settings.compile), rank.wrap(head, device)
     optimizer = make_optimizer(student, head, settings, plan.lr)
     c = plan.consistency
@@ -124,6 +126,8 @@ def _run_visit(student, teacher, head, site, settings, plan, device, progress, r
     examples = 0
     start = time.perf_counter()
     for step, batch in enumerate(loader):
+        if views is not None:  # the loader sent uint8 images + view parameters: make the views here
+            batch = views.batch(batch, device)
         xs = batch.student.to(device, non_blocking=True).contiguous(memory_format=fmt)
         targets = batch.targets.to(device, non_blocking=True)
         mask = batch.mask.to(device, non_blocking=True)
