@@ -1,6 +1,6 @@
 """One site visit on several GPUs: DistributedDataParallel, one process per GPU, same result as one.
 
-``settings.gpus = N > 1`` makes :func:`arkfed.visit.train_site_visit` call :func:`run_visit_on_gpus`,
+``compute.gpus = N > 1`` (the site YAML's ``compute:``, or ``--gpus N``) makes :func:`arkfed.visit.train_site_visit` call :func:`run_visit_on_gpus`,
 which starts N processes (``torch.multiprocessing``, no torchrun: the rendezvous is a free TCP
 port on 127.0.0.1). Each rank trains the same student and head wrapped in DDP on its share of
 every *global* batch:
@@ -38,7 +38,7 @@ from torch.utils.data import Sampler
 from arkfed.errors import ArkfedError
 
 if TYPE_CHECKING:
-    from arkfed.site import Site
+    from arkfed.site import ComputeSettings, Site
     from arkfed.training import TrainSettings, VisitPlan
 
 
@@ -112,22 +112,24 @@ def _rank_main(rank: int, world_size: int, port: int, folder: str, threads: int)
 
     torch.set_num_threads(threads)
     job = torch.load(Path(folder) / "job.pt", map_location="cpu", weights_only=False)
-    settings: TrainSettings = job["settings"]
+    compute: ComputeSettings = job["compute"]
     cuda = job["cuda"]
     if cuda:
         torch.cuda.set_device(rank)
-        settings = settings.model_copy(update={"device": f"cuda:{rank}"})
+        compute = compute.model_copy(update={"device": f"cuda:{rank}"})
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world_size)
     try:
-        student, teacher, head = job["student"], job["teacher"], job["head"]
+        student, teacher, head, teacher_head = job["student"], job["teacher"], job["head"], job["teacher_head"]
         if cuda:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         context = RankContext(rank, world_size)
         progress = _progress_to_file(Path(folder)) if rank == 0 else None
-        result = train_site_visit(student, teacher, head, job["site"], settings, job["plan"], progress=progress, rank=context)
+        result = train_site_visit(student, teacher, head, job["site"], job["settings"], job["plan"], compute=compute,
+                                  progress=progress, teacher_head=teacher_head, rank=context)
         if rank == 0:
-            state = {"student": _plain_state(student), "teacher": teacher.state_dict(), "head": head.state_dict(), "result": result}
+            state = {"student": _plain_state(student), "teacher": teacher.state_dict(), "head": head.state_dict(),
+                     "teacher_head": teacher_head.state_dict() if teacher_head is not None else None, "result": result}
             torch.save(state, Path(folder) / "result.tmp")
             os.replace(Path(folder) / "result.tmp", Path(folder) / "result.pt")
         dist.barrier()
@@ -151,9 +153,9 @@ def _progress_to_file(folder: Path) -> Callable[[int, int, float], None]:
 
 
 def run_visit_on_gpus(student, teacher, head, site: "Site", settings: "TrainSettings", plan: "VisitPlan",
-                      gpus: int, progress=None):
-    """Run :func:`arkfed.visit.train_site_visit` in ``gpus`` processes; load rank 0's weights into
-    ``student``, ``teacher`` and ``head`` in place and return its :class:`VisitResult`.
+                      compute: "ComputeSettings", progress=None, teacher_head=None):
+    """Run :func:`arkfed.visit.train_site_visit` in ``compute.gpus`` processes; load rank 0's weights
+    into ``student``, ``teacher``, ``head`` (and ``teacher_head``) in place and return its :class:`VisitResult`.
 
     On a machine without CUDA the ranks run on CPU with gloo (for tests); with CUDA, ``gpus`` must
     not exceed the visible devices.
@@ -162,7 +164,8 @@ def run_visit_on_gpus(student, teacher, head, site: "Site", settings: "TrainSett
 
     from arkfed.training import resolve_device
 
-    device = resolve_device(settings.device)
+    gpus = compute.gpus
+    device = resolve_device(compute.device)
     cuda = device.type == "cuda"
     if cuda and gpus > torch.cuda.device_count():
         raise ArkfedError(f"--gpus {gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible", site=site.name)
@@ -172,8 +175,9 @@ def run_visit_on_gpus(student, teacher, head, site: "Site", settings: "TrainSett
                           f"{settings.batch_size}); lower --batch-size or --gpus", site=site.name)
     threads = max(1, torch.get_num_threads() // gpus)
     with tempfile.TemporaryDirectory(prefix="arkfed-ddp-") as folder:
-        job = {"student": student, "teacher": teacher, "head": head, "site": _portable_site(site),
-               "settings": settings.model_copy(update={"gpus": 1}), "plan": plan, "cuda": cuda}
+        job = {"student": student, "teacher": teacher, "head": head, "teacher_head": teacher_head,
+               "site": _portable_site(site), "settings": settings, "compute": compute.model_copy(update={"gpus": 1}),
+               "plan": plan, "cuda": cuda}
         torch.save(job, Path(folder) / "job.pt")
         # CUDA cannot be forked; a CPU (gloo) run forks, which skips re-importing torch in each rank
         method = "spawn" if cuda or not hasattr(os, "fork") else "fork"
@@ -184,6 +188,8 @@ def run_visit_on_gpus(student, teacher, head, site: "Site", settings: "TrainSett
     student.load_state_dict(out["student"])
     teacher.load_state_dict(out["teacher"])
     head.load_state_dict(out["head"])
+    if teacher_head is not None:
+        teacher_head.load_state_dict(out["teacher_head"])
     return out["result"]
 
 

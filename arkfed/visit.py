@@ -13,8 +13,11 @@ travels between visits and a resumed or federated run matches a local one exactl
 The teacher gets no gradients and stays in eval mode (its BatchNorm statistics come only from
 the EMA). With ``settings.ema == "visit"`` (Ark's default) the *caller* applies
 :func:`arkfed.schedules.ema_update` with ``plan.momentum`` after the visit; with ``"iteration"``
-the visit updates the teacher after every step, the momentum following the cosine schedule at
-fractional visit positions.
+the visit updates the teacher (and the site's teacher head, when given) after every step, the
+momentum following the cosine schedule at fractional visit positions.
+
+Hardware (device, workers, precision) is the site's own :class:`arkfed.site.ComputeSettings`,
+never part of what the coordinator sends.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from arkfed.errors import ArkfedError
 from arkfed.losses import ark_loss, consistency_loss, task_loss
 from arkfed.model import ArkModel, SiteHead
 from arkfed.schedules import ema_update, teacher_momentum
-from arkfed.site import Site
+from arkfed.site import ComputeSettings, Site
 from arkfed.training import TrainSettings, VisitPlan, autocast, memory_format, resolve_device
 
 VisitProgress = Callable[[int, int, float], None]
@@ -85,40 +88,45 @@ def train_site_visit(
     site: Site,
     settings: TrainSettings,
     plan: VisitPlan,
+    compute: ComputeSettings | None = None,
     progress: VisitProgress | None = None,
+    teacher_head: SiteHead | None = None,
     rank: RankContext | None = None,
 ) -> VisitResult:
     """Train ``student`` and ``head`` in place on ``site``'s training split for one visit.
 
-    ``settings.gpus`` > 1 runs it in that many DDP processes (:mod:`arkfed.distributed`), which
+    ``compute.gpus`` > 1 runs it in that many DDP processes (:mod:`arkfed.distributed`), which
     call back here with their ``rank``."""
     _check_head(head, site, student)
-    if settings.gpus > 1 and rank is None:
+    compute = compute or site.config.compute
+    if compute.gpus > 1 and rank is None:
         from arkfed.distributed import run_visit_on_gpus
 
-        return run_visit_on_gpus(student, teacher, head, site, settings, plan, settings.gpus, progress)
+        return run_visit_on_gpus(student, teacher, head, site, settings, plan, compute, progress, teacher_head)
     rank = rank or SINGLE
-    device = resolve_device(settings.device)
+    device = resolve_device(compute.device)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(plan.seed + rank.rank)  # dropout / drop-path draws (own stream per rank)
-        return _run_visit(student, teacher, head, site, settings, plan, device, progress, rank)
+        return _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress, rank)
 
 
-def _run_visit(student, teacher, head, site, settings, plan, device, progress, rank=SINGLE) -> VisitResult:
+def _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress, rank=SINGLE) -> VisitResult:
     fmt = memory_format(device)
     student.to(device, memory_format=fmt).train()
     teacher.to(device, memory_format=fmt).eval()
     teacher.requires_grad_(False)
     head.to(device).train()
+    if teacher_head is not None:
+        teacher_head.to(device).eval()
     loader = make_train_loader(
         site.split("train"), site.schema, student.spec, settings.batch_size, epochs=settings.local_epochs,
         seed=plan.seed, crop_scale=settings.crop_scale, views=settings.views, jitter_p=settings.jitter_p,
-        max_steps=settings.max_steps_per_visit, num_workers=settings.num_workers, pin_memory=device.type == "cuda",
-        rank=rank.rank, world_size=rank.world_size, augment=settings.augment,
+        max_steps=settings.max_steps_per_visit, num_workers=compute.workers(), pin_memory=device.type == "cuda",
+        rank=rank.rank, world_size=rank.world_size, augment=compute.augment,
     )
-    views = DeviceViews(student.spec.mean, student.spec.std) if settings.augment == "device" else None
-    student_forward, head_forward = rank.wrap(student, device, settings.compile), rank.wrap(head, device)
+    student_forward, head_forward = rank.wrap(student, device, compute.compile), rank.wrap(head, device)
+    views = DeviceViews(student.spec.mean, student.spec.std) if compute.augment == "device" else None
     optimizer = make_optimizer(student, head, settings, plan.lr)
     c = plan.consistency
     steps = len(loader)
@@ -131,7 +139,7 @@ def _run_visit(student, teacher, head, site, settings, plan, device, progress, r
         xs = batch.student.to(device, non_blocking=True).contiguous(memory_format=fmt)
         targets = batch.targets.to(device, non_blocking=True)
         mask = batch.mask.to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, compute.precision):
             z_student = student_forward(xs)
             logits = head_forward(z_student)
             z_teacher = None
@@ -149,7 +157,10 @@ def _run_visit(student, teacher, head, site, settings, plan, device, progress, r
         loss.backward()
         optimizer.step()
         if settings.ema == "iteration":
-            ema_update(teacher, student, teacher_momentum(plan.visit + (step + 1) / steps, plan.total_visits, settings.momentum_teacher))
+            momentum = teacher_momentum(plan.visit + (step + 1) / steps, plan.total_visits, settings.momentum_teacher)
+            ema_update(teacher, student, momentum)
+            if teacher_head is not None:
+                ema_update(teacher_head, head, momentum)
         n = len(xs)
         totals += torch.tensor([value, float(task.detach()), float(cons.detach()) if cons is not None else 0.0]) * n
         examples += n

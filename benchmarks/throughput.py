@@ -31,7 +31,7 @@ import torch
 
 from arkfed.demo import generate_demo_federation
 from arkfed.model import ArkModel, ModelSpec, SiteHead
-from arkfed.site import Site, load_site
+from arkfed.site import ComputeSettings, Site, load_site
 from arkfed.training import TrainSettings, VisitPlan, autocast, memory_format, resolve_device
 from arkfed.visit import train_site_visit
 
@@ -79,7 +79,7 @@ def bare_loop(model_name: str, img_size: int, classes: int, batch: int, device: 
         yield steps * batch / (time.perf_counter() - start)
 
 
-def ark_visit(site: Site, spec: ModelSpec, settings: TrainSettings, warmup: int, steps: int, seed: int) -> float:
+def ark_visit(site: Site, spec: ModelSpec, settings: TrainSettings, compute: ComputeSettings, warmup: int, steps: int, seed: int) -> float:
     """One Ark visit mid-run (c > 0: teacher forward and consistency loss); images/s after warm-up steps."""
     torch.manual_seed(seed)
     student = ArkModel(spec)
@@ -89,8 +89,9 @@ def ark_visit(site: Site, spec: ModelSpec, settings: TrainSettings, warmup: int,
     stamps: dict[int, float] = {}
     settings = settings.model_copy(update={"max_steps_per_visit": warmup + steps})
     # progress runs after the step's loss is read back (a device sync), so the stamps are real step ends
-    train_site_visit(student, teacher, head, site, settings, plan, progress=lambda s, n, loss: stamps.__setitem__(s, time.perf_counter()))
-    return steps * settings.batch_size * settings.gpus / (stamps[warmup + steps] - stamps[warmup])
+    train_site_visit(student, teacher, head, site, settings, plan, compute=compute,
+                     progress=lambda s, n, loss: stamps.__setitem__(s, time.perf_counter()))
+    return steps * settings.batch_size * compute.gpus / (stamps[warmup + steps] - stamps[warmup])
 
 
 def summary(values: list[float]) -> dict:
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--cache", action="store_true", help="the visit reads the site's prepared-image cache")
     parser.add_argument("--compile", action="store_true", help="torch.compile both loops")
+    parser.add_argument("--augment", choices=("cpu", "device"), default="cpu", help="where the visit makes its views")
     parser.add_argument("--projector-dim", type=int, default=1376)
     parser.add_argument("--max-files", type=int, default=600, help="demo files to write; the visit runs several epochs over them")
     parser.add_argument("--json", type=Path, default=Path("throughput.json"))
@@ -134,12 +136,13 @@ def main() -> None:
         site = make_site(Path(tmp) / "demo", max(files, int(args.batch_size * args.gpus / 0.7) + 20), source, args.cache)
         n_train = len(site.split("train"))
         spec = ModelSpec(model=args.model, img_size=args.img_size, projector_dim=args.projector_dim)
-        settings = TrainSettings(batch_size=args.batch_size, device=str(device), num_workers=args.num_workers,
-                                 gpus=args.gpus, compile=args.compile, local_epochs=-(-draws // n_train))
+        settings = TrainSettings(batch_size=args.batch_size, local_epochs=-(-draws // n_train))
+        compute = ComputeSettings(device=str(device), num_workers=args.num_workers, gpus=args.gpus, compile=args.compile,
+                                  augment=args.augment)
         header = (f"{args.model} at {args.img_size} px (files {source} px{', cached' if args.cache else ''}), batch "
                   f"{args.batch_size}{f' x {args.gpus} GPUs' if args.gpus > 1 else ''}, {args.steps} timed steps after "
                   f"{args.warmup_steps}, {args.repeats} repeats, {n_train} training files, device {device}, "
-                  f"workers {args.num_workers}, torch threads {torch.get_num_threads()}"
+                  f"workers {args.num_workers}, views on {args.augment}, torch threads {torch.get_num_threads()}"
                   f"{', bf16 + channels_last' if device.type == 'cuda' else ', fp32'}")
         print(header, flush=True)
         bare_runs = bare_loop(args.model, args.img_size, site.schema.num_classes, args.batch_size * args.gpus, device,
@@ -147,7 +150,7 @@ def main() -> None:
         bare, ark, ratio = [], [], []
         for r in range(args.repeats):
             bare.append(next(bare_runs))
-            ark.append(ark_visit(site, spec, settings, args.warmup_steps, args.steps, r))
+            ark.append(ark_visit(site, spec, settings, compute, args.warmup_steps, args.steps, r))
             ratio.append(ark[-1] / bare[-1])
             print(f"  run {r + 1}: bare (in-memory) {bare[-1]:8.1f} img/s   ark visit {ark[-1]:8.1f} img/s   ratio {ratio[-1]:.3f}", flush=True)
     result = {"benchmark": "throughput", "config": vars(args) | {"json": str(args.json), "device": str(device)},

@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 from arkfed.data import make_train_loader
 from arkfed.device_views import WIDTH, DeviceViews, RawBatch, ViewParams, apply_jitter
 from arkfed.model import ArkModel, ModelSpec, SiteHead
-from arkfed.site import Site, SiteConfig
+from arkfed.site import ComputeSettings, Site, SiteConfig
 from arkfed.training import TrainSettings, VisitPlan
 from arkfed.visit import train_site_visit
 from tests.synthetic import multilabel_schema, synthetic_table
@@ -81,8 +81,8 @@ def test_visit_trains_with_views_made_on_the_device():
     student = ArkModel(ModelSpec(model="test_resnet", img_size=S, projector_dim=8))
     teacher, head = copy.deepcopy(student), SiteHead("d", schema, student.embed_dim)
     before = copy.deepcopy(student.state_dict())
-    settings = TrainSettings(batch_size=8, augment="device", max_steps_per_visit=2)
+    settings = TrainSettings(batch_size=8, max_steps_per_visit=2)
     plan = VisitPlan(round=0, visit=1, total_visits=4, site="d", consistency=0.3, momentum=0.9, lr=1e-3, seed=5)
-    result = train_site_visit(student, teacher, head, site, settings, plan)
+    result = train_site_visit(student, teacher, head, site, settings, plan, compute=ComputeSettings(augment="device"))
     assert result.steps == 2 and np.isfinite(result.loss) and result.consistency_loss > 0
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())

@@ -15,7 +15,7 @@ import torch
 
 from arkfed.data import make_train_loader
 from arkfed.model import ArkModel, ModelSpec, SiteHead
-from arkfed.site import Site, SiteConfig
+from arkfed.site import ComputeSettings, Site, SiteConfig
 from arkfed.training import TrainSettings, VisitPlan
 from arkfed.visit import train_site_visit
 from tests.synthetic import multilabel_schema, synthetic_table
@@ -30,12 +30,13 @@ def _site() -> Site:
     return Site(config=config, plugin=None, schema=schema, splits={"train": table})
 
 
-def _visit(site, student, teacher, head, batch_size, gpus, ema):
-    settings = TrainSettings(batch_size=batch_size, gpus=gpus, optimizer="sgd", lr=0.05, max_steps_per_visit=3,
-                             ema=ema, device="cpu")
+def _visit(site, student, teacher, head, teacher_head, batch_size, gpus, ema):
+    settings = TrainSettings(batch_size=batch_size, optimizer="sgd", lr=0.05, max_steps_per_visit=3, ema=ema)
+    compute = ComputeSettings(device="cpu", gpus=gpus)
     plan = VisitPlan(round=0, visit=2, total_visits=6, site=site.name, consistency=0.3, momentum=0.9, lr=0.05, seed=11)
     steps = []
-    result = train_site_visit(student, teacher, head, site, settings, plan, progress=lambda s, n, loss: steps.append((s, n)))
+    result = train_site_visit(student, teacher, head, site, settings, plan, compute=compute, teacher_head=teacher_head,
+                              progress=lambda s, n, loss: steps.append((s, n)))
     return result, steps
 
 
@@ -57,9 +58,11 @@ def test_two_process_visit_matches_one_process_visit_of_the_same_global_batch():
     student = ArkModel(ModelSpec(model="test_vit", img_size=32, projector_dim=16))
     teacher = copy.deepcopy(student)
     head = SiteHead(site.name, site.schema, student.embed_dim)
-    one = [copy.deepcopy(m) for m in (student, teacher, head)]
+    teacher_head = copy.deepcopy(head)
+    start = (student, teacher, head, teacher_head)
+    one = [copy.deepcopy(m) for m in start]
     ref, _ = _visit(site, *one, batch_size=8, gpus=1, ema="iteration")
-    two = [copy.deepcopy(m) for m in (student, teacher, head)]
+    two = [copy.deepcopy(m) for m in start]
     res, steps = _visit(site, *two, batch_size=4, gpus=2, ema="iteration")
 
     assert res.num_examples == ref.num_examples == 24 and res.steps == ref.steps == 3
@@ -67,10 +70,10 @@ def test_two_process_visit_matches_one_process_visit_of_the_same_global_batch():
     for name in ("loss", "task_loss", "consistency_loss"):
         assert abs(getattr(res, name) - getattr(ref, name)) < 1e-5, name
     moved = 0.0
-    for a, b, start in zip(one, two, (student, teacher, head)):
-        sa, sb, s0 = a.state_dict(), b.state_dict(), start.state_dict()
+    for a, b, first in zip(one, two, start):
+        sa, sb, s0 = a.state_dict(), b.state_dict(), first.state_dict()
         for key in sa:
             assert float((sa[key] - sb[key]).abs().max()) < TOLERANCE, key
             moved = max(moved, float((sa[key] - s0[key]).abs().max()))
-    assert moved > 1e-3  # the visits really trained (and the teacher EMA moved too)
+    assert moved > 1e-3  # the visits really trained (and the teacher and its head, EMA'd per step, moved too)
     assert np.isfinite(res.loss)
