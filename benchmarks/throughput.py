@@ -136,7 +136,8 @@ def main() -> None:
         site = make_site(Path(tmp) / "demo", max(files, int(args.batch_size * args.gpus / 0.7) + 20), source, args.cache)
         n_train = len(site.split("train"))
         spec = ModelSpec(model=args.model, img_size=args.img_size, projector_dim=args.projector_dim)
-        settings = TrainSettings(batch_size=args.batch_size, local_epochs=-(-draws // n_train))
+        per_epoch = n_train // (args.batch_size * args.gpus)  # whole global batches per epoch (drop-last)
+        settings = TrainSettings(batch_size=args.batch_size, local_epochs=-(-(args.warmup_steps + args.steps) // per_epoch))
         compute = ComputeSettings(device=str(device), num_workers=args.num_workers, gpus=args.gpus, compile=args.compile,
                                   augment=args.augment)
         header = (f"{args.model} at {args.img_size} px (files {source} px{', cached' if args.cache else ''}), batch "
