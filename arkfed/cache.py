@@ -10,9 +10,11 @@ pixels (aspect ratio kept, never enlarged) and appends the pixels to a shard.
 Why 512 px by default: it keeps a 100k-image cache within 100k x 512 x 512 bytes (26 GB), and
 recipes that cut their crops from the original image (Ark's random-resized crop at 224 px) still
 find at least 224 px of source under any crop of at least 19% of the area ((224/512)^2); smaller
-crops are upsampled a little, as they would be from a 1024 px ChestX-ray14 original at 8%. A
-model whose input is larger than the cache's size (Ark+ at 768 px) does not use a smaller cache: it
-decodes files, and says so, until the cache is prepared with ``size`` >= its input.
+crops are upsampled a little, as they would be from a 1024 px ChestX-ray14 original at 8%. The
+cache answers :func:`arkfed.data.source_pixels` ("the image as the source returns it") in place of
+the file, so everything downstream sees images of at most ``size`` px: a recipe that resizes to
+more than that (Ark+ squashes to 896 px before its 768 px crops) needs ``cache: {size: 896}``, or
+it trains on upsampled images.
 
 Layout, in the site's own folder (``cache.dir`` or ``<local_state_dir>/cache``, never sent anywhere)::
 
@@ -421,7 +423,6 @@ class CachedImages:
         self.source, self.folder, self.cache_size = source, Path(folder), cache_size
         self.shard, self.offset, self.shape, self.crc = shard, offset, shape, crc
         self._maps: dict[int, np.memmap] = {}
-        self._warned = False
 
     def __len__(self) -> int:
         return len(self.source)
@@ -456,14 +457,6 @@ class CachedImages:
             self.shard[index] = -1
         # shrunk like a stored row, so a row's pixels do not depend on whether its entry was fresh
         return fit_resize(self.source.read(index), self.cache_size)
-
-    def read_source(self, index: int, size: int) -> np.ndarray:
-        """The file itself, for a caller that needs more than the cache's ``cache_size`` px (warned once)."""
-        if not self._warned:
-            self._warned = True
-            log.warning("cache %s holds %d px images, the data pipeline asks for %d px: decoding files "
-                        "(prepare the cache with size >= %d)", self.folder, self.cache_size, size, size)
-        return self.source.read(index)
 
     def describe(self, index: int) -> str:
         return self.source.describe(index)

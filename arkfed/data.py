@@ -46,31 +46,24 @@ def evaluation_schema(schema: LabelSchema) -> LabelSchema:
     return schema.with_policies(uncertain="ignore")
 
 
-def read_decoded(table: DatasetTable, index: int, size: int = 0) -> np.ndarray:
-    """Row ``index`` as decoded: an ``H x W`` uint8 array. The one place pixels enter the pipeline.
+def source_pixels(table: DatasetTable, index: int) -> np.ndarray:
+    """Row ``index`` as the data source returns it: an ``H x W`` uint8 array at its own size.
 
-    A site's prepared-image cache (:class:`arkfed.cache.CachedImages`) answers here with its
-    stored array (the decoded image shrunk to the cache's size); one smaller than ``size``, the
-    largest side the caller will produce, is bypassed so the cache never lowers the resolution.
-    """
-    images = table.images
+    The one place an image enters the pipeline (a prepared-image cache slots in here)."""
     try:
-        if getattr(images, "cache_size", size) < size:
-            pixels = images.read_source(index, size)
-        else:
-            pixels = images.read(index)
+        pixels = table.images.read(index)
     except ArkfedError:
         raise
     except Exception as exc:
-        raise ArkfedError(f"cannot read image {images.describe(index)}: {type(exc).__name__}: {exc}") from None
+        raise ArkfedError(f"cannot read image {table.images.describe(index)}: {type(exc).__name__}: {exc}") from None
     if pixels.ndim != 2:
-        raise ArkfedError(f"image {images.describe(index)} has shape {pixels.shape}, expected H x W grayscale")
+        raise ArkfedError(f"image {table.images.describe(index)} has shape {pixels.shape}, expected H x W grayscale")
     return pixels
 
 
 def read_resized(table: DatasetTable, index: int, size: int) -> torch.Tensor:
     """Row ``index`` as a ``1 x size x size`` uint8 tensor (the whole image, squashed to a square)."""
-    pixels = read_decoded(table, index, size)
+    pixels = source_pixels(table, index)
     if pixels.shape != (size, size):
         pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
     return torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).unsqueeze(0)

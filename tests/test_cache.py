@@ -207,18 +207,6 @@ def test_cache_setting_shorthand_and_errors(tmp_path):
     assert config.cache.size == 768 and config.cache.dir == tmp_path / "c"
 
 
-def test_cache_smaller_than_the_requested_size_is_bypassed(tmp_path):
-    from arkfed.data import read_decoded
-
-    config, splits = _site(tmp_path)
-    _prepare(config, splits)
-    cached, _ = open_cached(config, splits)
-    table = cached["train"]
-    big = next(i for i in range(len(table)) if max(read_image(table.images.describe(i)).shape) > SIZE)
-    np.testing.assert_array_equal(read_decoded(table, big, SIZE * 2), read_image(table.images.describe(big)))
-    np.testing.assert_array_equal(read_decoded(table, big, SIZE), _expected(table.images.describe(big)))
-
-
 def test_dicom_sample_cached_like_the_reader(tmp_path, shared_data):
     dcm = next((shared_data / "samples").glob("*.dcm"), None)
     if dcm is None:
