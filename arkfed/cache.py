@@ -81,7 +81,7 @@ class CacheSettings(BaseModel):
     mode: CacheMode = "off"
     size: int = Field(default=DEFAULT_SIZE, ge=16, le=4096, description="longer side of the stored images, px")
     dir: Path | None = Field(default=None, description="cache folder (default: <state_dir>/cache)")
-    workers: int = Field(default=0, ge=0, description="decoding processes when preparing on first use")
+    workers: int | None = Field(default=None, ge=0, description="decoding processes when preparing on first use (default: cores - 1, at most 8)")
 
     @model_validator(mode="before")
     @classmethod
@@ -92,6 +92,13 @@ class CacheSettings(BaseModel):
         if isinstance(value, dict) and isinstance(value.get("mode"), bool):
             value = {**value, "mode": "on" if value["mode"] else "off"}
         return value
+
+    def decoders(self) -> int:
+        """Processes for a first-use prepare: 0 (this process) where only one would be free."""
+        if self.workers is not None:
+            return self.workers
+        spare = min(8, (os.cpu_count() or 1) - 1)
+        return spare if spare > 1 else 0
 
 
 # --- pixels ---------------------------------------------------------------------------------
@@ -590,7 +597,7 @@ def attach_cache(site: "Site") -> "Site":
     if mode == "off":
         return site
     try:
-        report = prepare_site(site, workers=config.cache.workers)
+        report = prepare_site(site, workers=config.cache.decoders())
         if report.decoded:
             log.info("site %s: cache prepared %d image(s) (%d changed) in %.1f s", config.name, report.decoded, report.changed, report.seconds)
     except OSError as exc:

@@ -161,7 +161,7 @@ def test_prepare_killed_midway_resumes_and_serves_right_pixels(tmp_path):
     assert before.shards and len(before) < 12  # some shards committed, the rest not
     assert before.orphans  # the shard being written when killed has pixels but no index
     sources = [(Path(p).name, p) for p in paths]
-    report = prepare_cache(folder, sources, SIZE, shard_bytes=3000)
+    report = prepare_cache(folder, sources, SIZE, shard_bytes=3000, workers=2)  # decoding processes this time
     assert report.reused == len(before) and report.new == 12 - len(before) and report.dropped
     after = CacheIndex.load(folder, SIZE)
     assert not after.orphans and len(after) == 12
