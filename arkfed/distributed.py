@@ -85,9 +85,10 @@ class RankContext:
             return values
         import torch.distributed as dist
 
-        out = values.clone()
+        nccl = dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+        out = values.to(f"cuda:{torch.cuda.current_device()}") if nccl else values.clone()
         dist.all_reduce(out)
-        return out
+        return out.cpu()
 
 
 SINGLE = RankContext()
