@@ -194,6 +194,16 @@ def test_site_yaml_cache_auto_prepares_on_first_use_and_trains_identically(tmp_p
     report = validate_site(yaml)
     assert report.ok and report.cache.fresh == report.cache.rows
 
+    from typer.testing import CliRunner
+
+    from arkfed.cli import app
+
+    Path(plain.split("train").images.paths[0]).touch()  # one source changed since prepared
+    out = CliRunner().invoke(app, ["prepare", str(yaml), "--verify"], catch_exceptions=False)
+    assert out.exit_code == 0 and f"{report.cache.rows - 1} already prepared, 0 new, 1 changed" in " ".join(out.output.split())
+    out = CliRunner().invoke(app, ["validate", str(yaml), "--no-check-images"], catch_exceptions=False)
+    assert f"{report.cache.rows}/{report.cache.rows} images fresh" in " ".join(out.output.split())
+
 
 def test_cache_setting_shorthand_and_errors(tmp_path):
     assert CacheSettings.model_validate("auto").mode == "auto"
