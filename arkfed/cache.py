@@ -598,8 +598,9 @@ def attach_cache(site: "Site") -> "Site":
         return site
     try:
         report = prepare_site(site, workers=config.cache.decoders())
-        if report.decoded:
-            log.info("site %s: cache prepared %d image(s) (%d changed) in %.1f s", config.name, report.decoded, report.changed, report.seconds)
+        if report.new:  # once per new image: worth a line on the console (the logging default shows warnings)
+            log.warning("site %s: image cache: decoded %d new image(s) in %.1f s into %s", config.name, report.new,
+                        report.seconds, report.folder)
     except OSError as exc:
         message = f"cannot prepare the image cache in {cache_folder(config)}: {exc}"
         if mode == "on":

@@ -76,6 +76,7 @@ def test_cached_pixels_equal_a_fresh_decode_without_reading_the_files(tmp_path, 
     assert (report.new, report.reused, report.unreadable) == (12, 0, 0)
     cached, status = open_cached(config, splits)
     assert (status.rows, status.fresh, status.changed, status.missing) == (12, 12, 0, 0)
+    assert status.nbytes <= 12 * SIZE * SIZE  # the memory bound: n x size^2 bytes of pixels at most
     expected = {t.images.describe(i): _expected(t.images.describe(i)) for t in splits.values() for i in range(len(t))}
     monkeypatch.setattr(arkfed.dataset, "read_image", lambda p: (_ for _ in ()).throw(AssertionError(f"decoded {p}")))
     for table in cached.values():
