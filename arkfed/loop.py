@@ -380,7 +380,9 @@ class ArkLoop:
     def _evaluate(self, state: RunState, rnd: int, started: float) -> None:
         split = self.config.eval_split
         records = []
-        for site, answer in self.sites.evaluate(state, split).items():
+        answers = self.sites.evaluate(state, split)
+        for site in self.config.sites:  # the run's order, whatever order the answers came in
+            answer = answers.get(site, SiteFailure("no answer"))
             if isinstance(answer, SiteFailure):
                 self._skip("evaluation", rnd, state.visits_done, site, answer.reason)
                 continue

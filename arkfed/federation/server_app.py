@@ -134,8 +134,12 @@ class FlowerSites:
         return {name: self.infos[name] for name in config.sites}
 
     def start(self, state: RunState, fresh: bool) -> None:
-        """The initial heads go to the sites with their first request; the coordinator keeps none."""
-        self.initial_heads = dict(state.heads)
+        """The initial heads go to the sites with their first request; the coordinator keeps none
+        (a resumed run rebuilds them, seeded exactly as at the start)."""
+        from arkfed.loop import initial_state
+
+        heads = state.heads if fresh else initial_state(self.config, {n: i.schema for n, i in self.infos.items()}).heads
+        self.initial_heads = dict(heads)
         state.heads, state.teacher_heads = {}, {}
 
     def _node_for(self, site: str, wait: float) -> int | None:
