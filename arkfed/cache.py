@@ -81,7 +81,7 @@ class CacheSettings(BaseModel):
     mode: CacheMode = "off"
     size: int = Field(default=DEFAULT_SIZE, ge=16, le=4096, description="longer side of the stored images, px")
     dir: Path | None = Field(default=None, description="cache folder (default: <state_dir>/cache)")
-    workers: int | None = Field(default=None, ge=0, description="decoding processes when preparing on first use (default: cores - 1, at most 8)")
+    workers: int | None = Field(default=None, ge=0, description="decoding processes of a first-use prepare (default: cores - 1, <= 8)")
 
     @model_validator(mode="before")
     @classmethod
@@ -385,7 +385,7 @@ def _write_shards(folder, index, todo, size, workers, shard_bytes, report, progr
     pool = ProcessPoolExecutor(workers) if workers > 0 and len(todo) > 1 else None
     try:
         results = pool.map(_decode, jobs, chunksize=8) if pool else map(_decode, jobs)
-        for done, ((key, path, fp, known), (pixels, original, error)) in enumerate(zip(todo, results), start=1):
+        for done, ((key, _path, fp, known), (pixels, original, error)) in enumerate(zip(todo, results), start=1):
             if pixels is None:
                 report.unreadable += 1
                 if len(report.errors) < 5:

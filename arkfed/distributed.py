@@ -1,6 +1,7 @@
 """One site visit on several GPUs: DistributedDataParallel, one process per GPU, same result as one.
 
-``compute.gpus = N > 1`` (the site YAML's ``compute:``, or ``--gpus N``) makes :func:`arkfed.visit.train_site_visit` call :func:`run_visit_on_gpus`,
+``compute.gpus = N > 1`` (the site YAML's ``compute:``, or ``--gpus N``) makes
+:func:`arkfed.visit.train_site_visit` call :func:`run_visit_on_gpus`,
 which starts N processes (``torch.multiprocessing``, no torchrun: the rendezvous is a free TCP
 port on 127.0.0.1). Each rank trains the same student and head wrapped in DDP on its share of
 every *global* batch:

@@ -44,7 +44,7 @@ class ComputeSettings(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gpus: int = Field(default=1, ge=1, description="GPUs one visit uses (DistributedDataParallel when > 1; batch_size is per GPU)")
     compile: bool = Field(default=False, description="torch.compile the student for each visit (pays off on long CUDA visits)")
-    augment: Literal["cpu", "device"] = Field(default="cpu", description="where the views are made: DataLoader workers | the training device")
+    augment: Literal["cpu", "device"] = Field(default="cpu", description="where the views are made: cpu (workers) | device")
 
     def workers(self) -> int:
         if self.num_workers is not None:

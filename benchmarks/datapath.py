@@ -128,7 +128,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"data path, one worker (1 thread): images/s, median (min-max) of {args.repeats} runs; cache at {args.cache_size} px")
+    title = f"data path, one worker (1 thread): images/s, median (min-max) of {args.repeats} runs; cache at {args.cache_size} px"
+    table = Table(title=title)
     for column in ("format", "out px", "decode file", "cache", "speed-up", "prepare img/s"):
         table.add_column(column, justify="left" if column == "format" else "right")
     for r in rows:

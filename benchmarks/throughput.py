@@ -153,7 +153,8 @@ def main() -> None:
             bare.append(next(bare_runs))
             ark.append(ark_visit(site, spec, settings, compute, args.warmup_steps, args.steps, r))
             ratio.append(ark[-1] / bare[-1])
-            print(f"  run {r + 1}: bare (in-memory) {bare[-1]:8.1f} img/s   ark visit {ark[-1]:8.1f} img/s   ratio {ratio[-1]:.3f}", flush=True)
+            print(f"  run {r + 1}: bare (in-memory) {bare[-1]:8.1f} img/s   ark visit {ark[-1]:8.1f} img/s   "
+                  f"ratio {ratio[-1]:.3f}", flush=True)
     result = {"benchmark": "throughput", "config": vars(args) | {"json": str(args.json), "device": str(device)},
               "header": header, "bare_in_memory": summary(bare), "ark_visit": summary(ark), "ratio": summary(ratio)}
     if device.type == "cuda":

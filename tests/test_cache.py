@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import arkfed.dataset
-from arkfed.cache import CacheIndex, CacheSettings, CachedImages, fit_resize, open_cached, prepare_cache, site_sources
+from arkfed.cache import CachedImages, CacheIndex, CacheSettings, fit_resize, open_cached, prepare_cache, site_sources
 from arkfed.dataset import DatasetTable, FileImages, make_meta
 from arkfed.errors import ArkfedError
 from arkfed.imageio import read_image
@@ -167,7 +167,7 @@ def test_prepare_killed_midway_resumes_and_serves_right_pixels(tmp_path):
     after = CacheIndex.load(folder, SIZE)
     assert not after.orphans and len(after) == 12
     pos = after.positions(k for k, _ in sources)
-    for (key, path), p in zip(sources, pos):
+    for (_, path), p in zip(sources, pos):
         number, start = int(after.shard[p]), int(after.columns["offset"][p])
         h, w = int(after.columns["h"][p]), int(after.columns["w"][p])
         stored = np.fromfile(after.shard_path(number), dtype=np.uint8, count=h * w, offset=start).reshape(h, w)

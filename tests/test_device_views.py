@@ -76,7 +76,8 @@ def test_device_loader_draws_reproducible_parameters_per_sample():
 
 def test_visit_trains_with_views_made_on_the_device():
     schema = multilabel_schema()
-    site = Site(SiteConfig(name="d", dataset="csv", root="/nonexistent"), None, schema, {"train": synthetic_table(16, schema.classes, size=S)})
+    table = synthetic_table(16, schema.classes, size=S)
+    site = Site(SiteConfig(name="d", dataset="csv", root="/nonexistent"), None, schema, {"train": table})
     torch.manual_seed(0)
     student = ArkModel(ModelSpec(model="test_resnet", img_size=S, projector_dim=8))
     teacher, head = copy.deepcopy(student), SiteHead("d", schema, student.embed_dim)

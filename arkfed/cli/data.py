@@ -69,7 +69,7 @@ def validate(
 def prepare(
     site: str = typer.Argument(..., help="site name (sites/NAME.yaml) or path to a site YAML"),
     plugins_dir: Optional[list[Path]] = typer.Option(None, "--plugins-dir", help=PLUGINS_DIR_HELP),
-    size: Optional[int] = typer.Option(None, min=16, max=4096, help="longer side of the stored images (default: the YAML's cache.size, 512)"),
+    size: Optional[int] = typer.Option(None, min=16, max=4096, help="longer side of stored images [cache.size, 512]"),
     workers: int = typer.Option(0, min=0, help="decoding processes (0: in this process)"),
     rebuild: bool = typer.Option(False, "--rebuild", help="discard the cache and decode everything again"),
     verify: bool = typer.Option(False, "--verify", help="afterwards, re-read every shard and check its CRC32"),
