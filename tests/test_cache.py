@@ -232,3 +232,21 @@ def test_dicom_sample_cached_like_the_reader(tmp_path, shared_data):
     original = read_image(local)
     assert (int(index.columns["orig_h"][0]), int(index.columns["orig_w"][0])) == original.shape and max(h, w) == 256
     np.testing.assert_array_equal(stored, fit_resize(original, 256))
+
+
+def test_unwritable_cache_folder_warns_under_auto_and_fails_under_on(tmp_path, caplog):
+    from arkfed.cache import attach_cache
+    from arkfed.site import Site
+
+    config, splits = _site(tmp_path)
+    (tmp_path / "blocked").write_text("a file where the cache folder should be")
+    config = config.model_copy(update={"cache": config.cache.model_copy(update={"dir": tmp_path / "blocked"})})
+    site = Site(config=config, plugin=None, schema=None, splits=splits)
+    with caplog.at_level("WARNING", logger="arkfed.cache"):
+        same = attach_cache(site)
+    assert same.cache is None and isinstance(same.splits["train"].images, FileImages)
+    assert "decoding files" in caplog.text
+    strict = Site(config=config.model_copy(update={"cache": config.cache.model_copy(update={"mode": "on"})}),
+                  plugin=None, schema=None, splits=splits)
+    with pytest.raises(ArkfedError, match="site 's': cannot prepare the image cache"):
+        attach_cache(strict)
