@@ -12,6 +12,8 @@ It draws from the same distributions as :class:`arkfed.transforms.ViewPair` (the
 ``geometry_transform``, the jitter of ``intensity_jitter``, the ``ark``/``ark+``/``independent``
 modes), but the pixels are not bit-identical: the CPU path rounds to uint8 after every op and
 torchvision samples its affine with nearest interpolation; this one stays in float and bilinear.
+The crop is cut from the image squashed to the model's input size (what travels to the device),
+like the CPU path's "crop the resized image" option, not from the source resolution.
 Use it where the benchmark shows the data path, not the model, bounds the visit.
 """
 
@@ -84,6 +86,10 @@ class ViewParams:
         return torch.tensor(row + teacher + [float(self.views == "ark+")], dtype=torch.float32)
 
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if image.shape[-2:] != (self.size, self.size):  # a source-size image: batches need one shape
+            from torchvision.transforms.v2 import functional as TF
+
+            image = TF.resize(image, [self.size, self.size], antialias=True)
         return image, self.draw()
 
 

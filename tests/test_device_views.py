@@ -72,6 +72,8 @@ def test_device_loader_draws_reproducible_parameters_per_sample():
     assert torch.equal(draws, again)  # seeded per (visit seed, draw): the same with worker processes
     p = ViewParams(S).draw()
     assert 0 < p[2] <= 1 and 0 < p[3] <= 1 and -10 <= p[4] <= 10
+    image, _ = ViewParams(S)(torch.zeros(1, 50, 70, dtype=torch.uint8))  # a source-size image is squashed
+    assert image.shape == (1, S, S)
 
 
 def test_visit_trains_with_views_made_on_the_device():
