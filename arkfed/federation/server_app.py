@@ -78,6 +78,7 @@ class FlowerSites:
 
     def _identify(self, node_ids: list[int], registered: dict[int, str]) -> None:
         """Ask new nodes who they are; record the listed sites among them."""
+        from arkfed.provenance import federated_fingerprint
         from arkfed.schema import LabelSchema
 
         request = m.json_record(run_uid=self.fed.run_uid, sites=self.config.sites, schemas=self.fed.schemas)
@@ -108,7 +109,7 @@ class FlowerSites:
                 continue
             sizes = {k.removesuffix("_size"): int(v) for k, v in reply.content[m.METRICS].items()}
             self.nodes[name] = node_id
-            self.infos[name] = SiteInfo(schema, sizes, {"split_sizes": sizes, "note": "what the site sent when it joined"})
+            self.infos[name] = SiteInfo(schema, sizes, federated_fingerprint(sizes, schema))
             self.callbacks.on_site_status(name, "joined", f"node {node_id}", **{f"{k}_size": float(v) for k, v in sizes.items()})
             self.log.info("site %r joined (node %s)", name, node_id)
 
@@ -253,8 +254,6 @@ def run_federation(grid: Grid, run_dir: Path, flower_run_id: int | None = None) 
 
 
 def _trackers(fed: FederationSettings, run_dir: Path) -> list:
-    if not fed.log:
-        return []
     from arkfed.trackers import make_trackers
 
     return make_trackers(fed.log, run_dir)
