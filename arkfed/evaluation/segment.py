@@ -150,8 +150,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SegmentSettings:
-    img_size: int = 128
-    steps: int = 60
+    img_size: int = 96
+    steps: int = 40
     batch_size: int = 8
     lr: float = 1e-3
     encoder_lr_scale: float = 0.1
@@ -160,7 +160,7 @@ class SegmentSettings:
     limit: int | None = None
     encoder: EncoderMode = "finetuned"
     train_sizes: tuple[int | None, ...] = (5, 10, 20, None)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1)
     n_boot: int = 1000
     correction: str = "holm"
     device: str = "cpu"
