@@ -11,7 +11,10 @@ is a label-efficiency curve (:mod:`arkfed.evaluation.curves`): Dice at several t
 sizes, for the model, the same architecture randomly initialised, and any ``--compare`` models,
 over seeds that draw the same training pairs for every encoder. Each run trains a fixed number
 of steps (not epochs: 5 pairs and 200 pairs get the same optimisation budget). The paired test
-is the Wilcoxon signed-rank test over held-out images. The all-foreground mask's Dice is
+is the Wilcoxon signed-rank test over held-out images (per-image Dice averaged over seeds): it
+asks whether the trained segmenters differ on the test population, so with tens of test images a
+difference of a few thousandths of Dice can be "significant"; read it beside the difference
+itself and the seed intervals, which carry the training-draw noise. The all-foreground mask's Dice is
 reported as the trivial floor. Pairs are ``images/NAME.ext`` + ``masks/NAME.png`` (any mask
 value > 127 is foreground).
 """
