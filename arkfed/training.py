@@ -16,14 +16,16 @@ import hashlib
 from typing import Literal, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from arkfed.model import ModelSpec
-from arkfed.schedules import consistency_weight, teacher_momentum
+from arkfed.schedules import consistency_from_momentum, consistency_weight, teacher_momentum
 
 ViewsMode = Literal["ark", "ark+", "independent"]
 EmaMode = Literal["visit", "iteration"]
 OrderMode = Literal["fixed", "shuffle"]
+CropSource = Literal["original", "resized"]
+ConsistencySchedule = Literal["cosine", "momentum"]
 
 
 class TrainSettings(BaseModel):
@@ -35,16 +37,28 @@ class TrainSettings(BaseModel):
     local_epochs: int = Field(default=1, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     min_lr: float = Field(default=1e-5, ge=0)
-    optimizer: Literal["sgd", "adamw"] = "adamw"
+    optimizer: Literal["sgd", "momentum", "adamw"] = Field(
+        default="adamw", description="timm names: sgd = SGD with Nesterov momentum (Ark's --opt sgd), momentum = classical SGD"
+    )
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_visits: int = Field(default=0, ge=0)
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_source: CropSource = Field(
+        default="original", description="cut the random crop from the source image (Ark) or from it squashed to train_resize"
+    )
+    train_resize: int | None = Field(
+        default=None, ge=16, description="crop_source=resized: the square the image is squashed to first (default img_size; Ark+: 896)"
+    )
     views: ViewsMode = "ark"
     jitter_p: float = Field(default=0.3, ge=0, le=1)
     ema: EmaMode = "visit"
     momentum_teacher: float = Field(default=0.9, ge=0, le=1)
     max_consistency: float = Field(default=0.5, ge=0, le=1)
+    consistency_schedule: ConsistencySchedule = Field(
+        default="cosine", description="cosine: c rises 0 -> max_consistency (Ark); momentum: c = (m - 0.9) * 5 from the teacher momentum m (Ark+)"
+    )
+    test_ten_crop: bool = Field(default=False, description="evaluate the test split with ten-crop averaging by default (Ark)")
     device: str = "cpu"
     num_workers: int = Field(default=0, ge=0)
     max_steps_per_visit: int | None = Field(default=None, ge=1)
@@ -56,6 +70,12 @@ class TrainSettings(BaseModel):
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _check_schedules(self) -> "TrainSettings":
+        if self.train_resize is not None and self.crop_source != "resized":
+            raise ValueError("train_resize applies only with crop_source='resized'")
+        return self
 
 
 class VisitPlan(BaseModel):
@@ -145,10 +165,13 @@ def plan_visits(config: TrainConfig) -> list[VisitPlan]:
     for rnd, names in enumerate(visit_order(config.sites, config.rounds, config.order, config.seed)):
         for name in names:
             v = len(plans)
+            momentum = teacher_momentum(v, total, settings.momentum_teacher)
+            if settings.consistency_schedule == "momentum":
+                c = consistency_from_momentum(momentum)
+            else:
+                c = consistency_weight(v, total, settings.max_consistency)
             plans.append(VisitPlan(
-                round=rnd, visit=v, total_visits=total, site=name,
-                consistency=consistency_weight(v, total, settings.max_consistency),
-                momentum=teacher_momentum(v, total, settings.momentum_teacher),
+                round=rnd, visit=v, total_visits=total, site=name, consistency=c, momentum=momentum,
                 lr=lrs[v], seed=derive_seed(config.seed, "visit", v),
             ))
     return plans
