@@ -79,6 +79,8 @@ def find_pretrained_weights(name: str, location: str | Path | None = None) -> Pa
     looked: list[str] = []
     for label, value in (("imagenet:PATH", location), (f"${PRETRAINED_ENV}", os.environ.get(PRETRAINED_ENV))):
         if not value:
+            if label.startswith("$"):
+                looked.append(f"{label} (unset)")
             continue
         path = Path(value).expanduser()
         if path.is_file():
@@ -101,8 +103,8 @@ def find_pretrained_weights(name: str, location: str | Path | None = None) -> Pa
     else:
         looked.append(f"no Hugging Face id: timm has no default weights for {name!r}")
     raise ArkfedError(
-        f"no local ImageNet weights for {name!r}: looked at {'; '.join(looked)}. Put timm's model.safetensors "
-        f"(or the original .pth) there, or pass --init imagenet:PATH"
+        f"no local ImageNet weights for {name!r} (arkfed never downloads them): looked at {'; '.join(looked)}. "
+        f"Pass --init imagenet:PATH or set {PRETRAINED_ENV} to timm's model.safetensors or the original .pth (or a folder holding it)"
     )
 
 
