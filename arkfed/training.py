@@ -43,6 +43,10 @@ class TrainSettings(BaseModel):
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_visits: int = Field(default=0, ge=0)
+    warmup_rounds: int = Field(
+        default=0, ge=0, description="warm-up in rounds (Ark's warm-up epochs): adds rounds x sites visits to warmup_visits"
+    )
+    warmup_lr: float | None = Field(default=None, ge=0, description="lr at the start of the warm-up (None: lr / 100; Ark: 1e-6)")
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_source: CropSource = Field(
         default="original", description="cut the random crop from the source image (Ark) or from it squashed to train_resize"
@@ -126,22 +130,36 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-def visit_lrs(settings: TrainSettings, total_visits: int) -> list[float]:
-    """The lr of every visit from timm's warm-up + cosine scheduler, stepped per visit."""
+def visit_lrs(settings: TrainSettings, total_visits: int, visits_per_round: int = 1) -> list[float]:
+    """The lr of every visit from timm's warm-up + cosine scheduler, stepped per visit.
+
+    The warm-up lasts ``warmup_visits + warmup_rounds * visits_per_round`` steps (so Ark's 20
+    warm-up epochs are 20 rounds whatever the number of sites)."""
     import torch
     from timm.scheduler import create_scheduler_v2
 
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=settings.lr)
-    warmup = min(settings.warmup_visits, max(total_visits - 1, 0))
+    warmup = settings.warmup_visits + settings.warmup_rounds * visits_per_round
+    warmup = min(warmup, max(total_visits - 1, 0))
+    warmup_lr = settings.lr * 0.01 if settings.warmup_lr is None else settings.warmup_lr
     scheduler, _ = create_scheduler_v2(
         dummy, sched="cosine", num_epochs=total_visits, warmup_epochs=warmup,
-        warmup_lr=settings.lr * 0.01, min_lr=settings.min_lr,
+        warmup_lr=warmup_lr, min_lr=settings.min_lr,
     )
     lrs = []
     for visit in range(total_visits):
         scheduler.step(visit)
         lrs.append(float(dummy.param_groups[0]["lr"]))
     return lrs
+
+
+def schedule_values(settings: TrainSettings, step: float, total: int) -> tuple[float, float]:
+    """(consistency weight c, teacher momentum) at ``step`` of ``total`` schedule steps: c from its
+    own cosine (Ark) or tied to the momentum (Ark+, ``consistency_schedule="momentum"``)."""
+    momentum = teacher_momentum(step, total, settings.momentum_teacher)
+    if settings.consistency_schedule == "momentum":
+        return consistency_from_momentum(momentum), momentum
+    return consistency_weight(step, total, settings.max_consistency), momentum
 
 
 def visit_order(sites: Sequence[str], rounds: int, order: OrderMode, seed: int) -> list[list[str]]:
@@ -160,16 +178,12 @@ def plan_visits(config: TrainConfig) -> list[VisitPlan]:
     """Every visit of a run, with its schedule values; identical in local and federated mode."""
     total = config.total_visits
     settings = config.settings
-    lrs = visit_lrs(settings, total)
+    lrs = visit_lrs(settings, total, len(config.sites))
     plans = []
     for rnd, names in enumerate(visit_order(config.sites, config.rounds, config.order, config.seed)):
         for name in names:
             v = len(plans)
-            momentum = teacher_momentum(v, total, settings.momentum_teacher)
-            if settings.consistency_schedule == "momentum":
-                c = consistency_from_momentum(momentum)
-            else:
-                c = consistency_weight(v, total, settings.max_consistency)
+            c, momentum = schedule_values(settings, v, total)
             plans.append(VisitPlan(
                 round=rnd, visit=v, total_visits=total, site=name, consistency=c, momentum=momentum,
                 lr=lrs[v], seed=derive_seed(config.seed, "visit", v),
