@@ -38,6 +38,9 @@ class ModelSpec(BaseModel):
         default=None, gt=0, le=1,
         description="evaluation view: Resize(img_size / crop_pct) + CenterCrop(img_size), as timm's crop_pct (Ark: 224/256 = 0.875); None squashes the whole image to img_size",
     )
+    test_ten_crop: bool = Field(
+        default=False, description="`arkfed evaluate --split test` averages ten crops unless told otherwise (Ark's test protocol)"
+    )
     num_features: int | None = None  # filled in once the backbone is built
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)

@@ -46,7 +46,6 @@ _ARK_COMMON_SETTINGS = {
     "ema": "visit",
     "momentum_teacher": 0.9,
     "max_consistency": 0.5,
-    "test_ten_crop": True,
 }
 
 RECIPES: dict[str, Recipe] = {
@@ -65,7 +64,7 @@ RECIPES: dict[str, Recipe] = {
         "The released Ark-6 file is named projector1376_mlp: add model.projector=mlp, projector_hidden=1376 to match it.",
         {
             "model": {"model": "swin_base_patch4_window7_224", "img_size": 224, "projector": "linear",
-                      "projector_dim": 1376, "projector_hidden": None, "crop_pct": 224 / 256},
+                      "projector_dim": 1376, "projector_hidden": None, "crop_pct": 224 / 256, "test_ten_crop": True},
             "init": "imagenet",
             "rounds": 200,
             "settings": {**_ARK_COMMON_SETTINGS, "lr": 0.3, "batch_size": 200, "crop_source": "original",
@@ -85,7 +84,7 @@ RECIPES: dict[str, Recipe] = {
         "(crop_pct 768/896); test ten-crop. The same lr_scheduler.step(val_loss) quirk as Ark is not reproduced.",
         {
             "model": {"model": "swin_large_patch4_window12_384", "img_size": 768, "projector": "linear",
-                      "projector_dim": 1376, "projector_hidden": None, "crop_pct": 768 / 896},
+                      "projector_dim": 1376, "projector_hidden": None, "crop_pct": 768 / 896, "test_ten_crop": True},
             "init": "imagenet",
             "rounds": 200,
             "settings": {**_ARK_COMMON_SETTINGS, "lr": 0.3, "batch_size": 50, "crop_source": "resized",

@@ -62,7 +62,6 @@ class TrainSettings(BaseModel):
     consistency_schedule: ConsistencySchedule = Field(
         default="cosine", description="cosine: c rises 0 -> max_consistency (Ark); momentum: c = (m - 0.9) * 5 from the teacher momentum m (Ark+)"
     )
-    test_ten_crop: bool = Field(default=False, description="evaluate the test split with ten-crop averaging by default (Ark)")
     device: str = "cpu"
     num_workers: int = Field(default=0, ge=0)
     max_steps_per_visit: int | None = Field(default=None, ge=1)

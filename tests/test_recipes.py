@@ -26,7 +26,7 @@ def test_ark_recipe_is_the_miccai_recipe_and_explicit_options_win():
     s, m = config.settings, config.model
     assert (m.model, m.img_size, m.projector_dim, config.init, config.rounds) == ("swin_base_patch4_window7_224", 224, 1376, "imagenet", 200)
     assert (s.optimizer, s.lr, s.batch_size, s.weight_decay, s.warmup_rounds, s.crop_scale) == ("sgd", 0.3, 200, 0.0, 20, (0.08, 1.0))
-    assert s.crop_source == "original" and s.test_ten_crop and round(256 * m.crop_pct) == 224
+    assert s.crop_source == "original" and m.test_ten_crop and round(256 * m.crop_pct) == 224
     explicit = apply_recipe("ark", BASE)
     explicit["settings"]["batch_size"] = 8  # what the CLI does with an explicit option, after the recipe
     assert TrainConfig.model_validate(explicit).settings.batch_size == 8
