@@ -70,13 +70,12 @@ def shift_scale_rotate(image: torch.Tensor, angle: float, scale: float, dx: floa
     padding reflects about the border pixels' centres, which is exactly reflect-101."""
     channels, height, width = image.shape[-3:]
     forward = torch.cat([affine_matrix(angle, scale, dx, dy, height, width), torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)])
-    inverse = torch.linalg.inv(forward)[:2]
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64), indexing="ij")
-    src_x = inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2]
-    src_y = inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2]
-    grid = torch.stack([2 * src_x / max(width - 1, 1) - 1, 2 * src_y / max(height - 1, 1) - 1], dim=-1)
+    # grid_sample's normalised coordinates (align_corners=True): u = 2 x / (W - 1) - 1
+    to_norm = torch.tensor([[2 / max(width - 1, 1), 0, -1], [0, 2 / max(height - 1, 1), -1], [0, 0, 1]], dtype=torch.float64)
+    theta = (to_norm @ torch.linalg.inv(forward) @ torch.linalg.inv(to_norm))[:2]
+    grid = torch.nn.functional.affine_grid(theta[None].float(), [1, channels, height, width], align_corners=True)
     x = image.reshape(1, channels, height, width).float()
-    out = torch.nn.functional.grid_sample(x, grid[None].float(), mode="bilinear", padding_mode="reflection", align_corners=True)
+    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
     out = out.reshape(image.shape)
     if image.dtype == torch.uint8:
         return out.round_().clamp_(0, 255).to(torch.uint8)
