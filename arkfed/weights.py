@@ -136,6 +136,18 @@ def load_file_heads(source: str | Path) -> dict[str, SiteHead]:
     return heads_from_state(state) if is_ark_state(state) else {}
 
 
+def load_init_heads(init: str | Path) -> dict[str, SiteHead]:
+    """The heads a ``--init`` source brings for continual accrual: a run's or an export's
+    ``heads/`` folder, or a released Ark checkpoint's named ``omni_heads``; none otherwise."""
+    text = str(init)
+    if text in ("random", IMAGENET) or text.startswith(IMAGENET + ":"):
+        return {}
+    path = Path(init)
+    if path.is_dir():
+        return load_heads(path / "heads") if (path / "heads").is_dir() else {}
+    return load_file_heads(path)
+
+
 def load_ark_model(source: str | Path, which: str = "teacher", spec: ModelSpec | None = None) -> ArkModel:
     """Load an ArkModel from a run folder, an export folder or a weights file.
 

@@ -170,3 +170,19 @@ def test_not_an_ark_checkpoint_is_named(tmp_path: Path):
         load_ark_checkpoint(path)
     with pytest.raises(ArkfedError, match="other.pth"):
         load_ark_model(path, spec=ModelSpec(model="test_resnet", img_size=32))
+
+
+def test_init_from_a_released_checkpoint_starts_a_run_on_a_new_site(released):
+    from arkfed.coordinator import initial_state
+    from arkfed.schema import LabelSchema
+    from arkfed.training import TrainConfig
+    from arkfed.weights import load_init_heads
+
+    path, backbone, _, _ = released
+    config = TrainConfig(sites=["mysite"], init=str(path), model=ModelSpec(model=TINY, img_size=224))
+    state = initial_state(config, {"mysite": LabelSchema(task="binary", classes=("Tuberculosis",))})
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(state.teacher.eval().features(x), backbone(x), atol=1e-5)
+    assert state.heads["mysite"].in_features == 24  # the new site's head sits on Ark's 24-wide projector
+    assert set(load_init_heads(path)) == {d.name for d in ARK_DATASETS[:6]}  # known sites could continue their heads
