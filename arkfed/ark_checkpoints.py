@@ -80,6 +80,9 @@ SWIN_MODELS: dict[tuple[int, tuple[int, ...], int], tuple[str, int]] = {
 }
 
 
+ARK_CROP_PCT = {224: 224 / 256, 768: 768 / 896}
+
+
 def read_checkpoint(path: str | Path, which: str = "teacher") -> dict[str, torch.Tensor]:
     """The state dict of ``which`` model in a published file, ``module.`` prefixes stripped."""
     path = Path(path)
@@ -136,7 +139,9 @@ def infer_spec(state: dict[str, torch.Tensor]) -> ModelSpec:
     if mask is not None:  # nW = (img / 4 / window)^2 windows in stage 0
         size = int(round(mask.shape[0] ** 0.5)) * window * 4
     num_features = embed * 2 ** (len(depths) - 1)
-    return ModelSpec(model=name, img_size=size, **_projector_spec(state, num_features))
+    # Ark evaluated with Resize(256) + CenterCrop(224) and ten-crop tests; Ark+ with Resize(896) + crop 768
+    crop_pct = ARK_CROP_PCT.get(size, 224 / 256)
+    return ModelSpec(model=name, img_size=size, crop_pct=crop_pct, test_ten_crop=True, **_projector_spec(state, num_features))
 
 
 def _filter_backbone(state: dict[str, torch.Tensor], backbone: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -152,6 +152,7 @@ def test_swin_b_and_swin_l_768_layouts_convert_to_todays_timm_keys(name, size, e
     spec = infer_spec(state)
     assert (spec.model, spec.img_size) == expected
     assert (spec.projector, spec.projector_hidden, spec.projector_dim) == ("mlp", 1376, 1376)
+    assert round(spec.img_size / spec.crop_pct) == {224: 256, 768: 896}[size] and spec.test_ten_crop  # Ark's eval protocol
     assert "layers.0.downsample.reduction.weight" in state and "layers.0.blocks.0.attn.relative_position_index" in state
     backbone_state, projector_state, heads = split_state(state)
     from timm.models.swin_transformer import checkpoint_filter_fn
