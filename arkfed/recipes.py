@@ -1,8 +1,9 @@
 """Named training recipes: the settings of a published Ark run, or of arkfed's own defaults, by name.
 
 A recipe is data: a nested dict of :class:`arkfed.training.TrainConfig` fields (``model``,
-``settings``, ``rounds``, ``init``, ...) applied over a base configuration with
-:func:`apply_recipe`; options given explicitly are applied after it and win. Each description says
+``settings``, ``rounds``, ``init``, ...). The run's settings are the recipe, then a ``--config``
+file, then explicit command-line options, each overriding the one before
+(:func:`arkfed.cli.options.resolve_run_config`); the run folder records the recipe. Each description says
 exactly what the recipe sets and where the values come from, so a user can check them against
 the source. Only ``ark`` and ``ark+`` claim to be the papers' recipes.
 
@@ -41,7 +42,7 @@ _ARK_COMMON_SETTINGS = {
     "warmup_visits": 0,
     "warmup_lr": 1e-6,
     "local_epochs": 1,
-    "crop_scale": (0.08, 1.0),
+    "crop_scale": [0.08, 1.0],
     "jitter_p": 0.3,
     "ema": "visit",
     "momentum_teacher": 0.9,
@@ -102,7 +103,7 @@ RECIPES: dict[str, Recipe] = {
             "init": "random",
             "rounds": 8,
             "settings": {"batch_size": 16, "lr": 3e-3, "optimizer": "adamw", "weight_decay": 0.05,
-                         "warmup_visits": 0, "warmup_rounds": 0, "crop_scale": (0.7, 1.0)},
+                         "warmup_visits": 0, "warmup_rounds": 0, "crop_scale": [0.7, 1.0]},
         },
     ),
     "base": Recipe(
@@ -116,17 +117,18 @@ RECIPES: dict[str, Recipe] = {
             "init": "random",
             "rounds": 20,
             "settings": {"batch_size": 32, "lr": 5e-4, "optimizer": "adamw", "weight_decay": 0.05,
-                         "warmup_visits": 0, "warmup_rounds": 0, "crop_scale": (0.08, 1.0)},
+                         "warmup_visits": 0, "warmup_rounds": 0, "crop_scale": [0.08, 1.0]},
         },
     ),
 }
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """``overrides`` on top of a copy of ``base``, nested dicts merged key by key."""
     out = copy.deepcopy(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -142,7 +144,7 @@ def apply_recipe(name: str, base: dict) -> dict:
     """``base`` (TrainConfig fields as a nested dict: defaults or a config file) with recipe
     ``name``'s overrides on top, nested dicts merged key by key. Apply explicit options after this
     so that they win. ``base`` is not modified."""
-    return _merge(base, get_recipe(name).overrides)
+    return deep_merge(base, get_recipe(name).overrides)
 
 
 def describe_recipes() -> str:

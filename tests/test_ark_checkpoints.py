@@ -19,7 +19,12 @@ import torch
 from torch import nn
 
 from arkfed import ark_checkpoints
-from arkfed.ark_checkpoints import ARK_DATASETS, infer_spec, load_ark_checkpoint, split_state
+from arkfed.ark_checkpoints import (
+    ARK_DATASETS,
+    infer_spec,
+    load_ark_checkpoint,
+    split_state,
+)
 from arkfed.model import ModelSpec
 from arkfed.weights import load_ark_model, load_file_heads
 
@@ -174,7 +179,7 @@ def test_not_an_ark_checkpoint_is_named(tmp_path: Path):
 
 
 def test_init_from_a_released_checkpoint_starts_a_run_on_a_new_site(released):
-    from arkfed.coordinator import initial_state
+    from arkfed.loop import initial_state
     from arkfed.schema import LabelSchema
     from arkfed.training import TrainConfig
     from arkfed.weights import load_init_heads

@@ -4,7 +4,6 @@ Ark's MLP projector width."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import timm
