@@ -8,13 +8,13 @@ from arkfed.errors import ArkfedError
 from arkfed.recipes import RECIPES, apply_recipe, describe_recipes
 from arkfed.training import TrainConfig, plan_visits
 
-BASE = {"sites": ["a", "b", "c"], "rounds": 3, "settings": {"jitter_p": 0.2, "lr": 1.0}}
+BASE = {"sites": ["a", "b", "c"], "rounds": 3, "settings": {"max_steps_per_visit": 5, "lr": 1.0}}
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_every_recipe_is_a_valid_config_and_is_described(name):
     config = TrainConfig.model_validate(apply_recipe(name, BASE))
-    assert config.sites == ["a", "b", "c"] and config.settings.jitter_p == 0.2
+    assert config.sites == ["a", "b", "c"] and config.settings.max_steps_per_visit == 5
     assert f"{name}: " in describe_recipes()
     claims_paper = "as published" in RECIPES[name].description
     assert claims_paper == (name in ("ark", "ark+"))
@@ -30,7 +30,7 @@ def test_ark_recipe_is_the_miccai_recipe_and_explicit_options_win():
     explicit = apply_recipe("ark", BASE)
     explicit["settings"]["batch_size"] = 8  # what the CLI does with an explicit option, after the recipe
     assert TrainConfig.model_validate(explicit).settings.batch_size == 8
-    assert BASE["settings"] == {"jitter_p": 0.2, "lr": 1.0}  # the base is left alone
+    assert BASE["settings"] == {"max_steps_per_visit": 5, "lr": 1.0}  # the base is left alone
 
 
 def test_ark_warmup_rounds_become_visits_and_start_from_warmup_lr():
