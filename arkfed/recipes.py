@@ -94,8 +94,8 @@ RECIPES: dict[str, Recipe] = {
     ),
     "demo": Recipe(
         "demo",
-        "arkfed's demo defaults (arkfed/cli/train.py DEMO_DEFAULTS), sized to learn visibly in about five minutes "
-        "on 2 CPU cores; NOT the paper's: test_resnet (timm's 0.4 M-parameter ResNet) at 128 px from random init, "
+        "arkfed's demo settings (the default without --sites), sized so the synthetic demo federation learns "
+        "visibly in about five minutes on 2 CPU cores; NOT the paper's: test_resnet (timm's 0.4 M-parameter ResNet) at 128 px from random init, "
         "8 rounds, batch 16, AdamW lr 3e-3 with weight decay 0.05 and no warm-up, crop scale 0.7-1; the rest "
         "(views, jitter, schedules of c and momentum) as Ark.",
         {
@@ -108,10 +108,10 @@ RECIPES: dict[str, Recipe] = {
     ),
     "base": Recipe(
         "base",
-        "arkfed's defaults for --sites (arkfed/cli/train.py SITES_DEFAULTS with TrainSettings' defaults); NOT the "
+        "arkfed's defaults for real sites (the default with --sites; the rest TrainSettings' defaults); NOT the "
         "paper's recipe: swin_base_patch4_window7_224 at 224 px from random init, 20 rounds, batch 32, AdamW lr "
-        "5e-4 with weight decay 0.05 and no warm-up, crop scale 0.08-1, whole-image validation resize, single-crop "
-        "test; views, jitter and the c / momentum schedules as Ark.",
+        "5e-4 with weight decay 0.05 and no warm-up, crop scale 0.08-1 cut from the source image, whole-image validation resize, "
+        "single-crop test; linear projector to 1376; views, jitter and the c / momentum schedules as Ark.",
         {
             "model": {"model": "swin_base_patch4_window7_224", "img_size": 224},
             "init": "random",

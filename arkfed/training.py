@@ -110,7 +110,11 @@ class TrainConfig(BaseModel):
     order: OrderMode = Field(default="fixed", description="site order per round: fixed | shuffle")
     seed: int = Field(default=0, ge=0, description="seed of initialisation, data order and augmentation")
     model: ModelSpec = Field(default_factory=ModelSpec)
-    init: str = Field(default="random", description="random | imagenet | PATH (weights file, export or run folder)")
+    init: str = Field(
+        default="random",
+        description="random | imagenet (local timm weights: $ARKFED_PRETRAINED or the Hugging Face cache; never downloaded) | "
+        "imagenet:PATH | PATH (weights file, export, run folder, or a released Ark .pth.tar)",
+    )
     eval_split: str = Field(default="val", description="the split every site evaluates after each round")
     settings: TrainSettings = Field(default_factory=TrainSettings)
 
