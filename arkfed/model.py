@@ -9,42 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from arkfed.errors import ArkfedError
 from arkfed.schema import LabelSchema
+from arkfed.spec import ModelSpec, ProjectorKind
 
-ProjectorKind = Literal["linear", "mlp"]
-
-
-class ModelSpec(BaseModel):
-    """Everything needed to rebuild an ArkModel's architecture (stored next to its weights)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field(default="swin_base_patch4_window7_224", description="timm backbone")
-    projector: ProjectorKind = Field(default="linear", description="linear | mlp")
-    projector_dim: int = Field(default=1376, ge=1, description="projector output (embedding) width")
-    projector_hidden: int | None = Field(
-        default=None, ge=1,
-        description="MLP projector's hidden width (default: the backbone width). Ark's MLP uses projector_dim (1376 in Ark-6's projector1376_mlp)",
-    )
-    img_size: int = Field(default=224, ge=16, description="input size in pixels")
-    crop_pct: float | None = Field(
-        default=None, gt=0, le=1,
-        description="evaluation view: Resize(img_size / crop_pct) + CenterCrop(img_size), as timm's crop_pct (Ark: 224/256 = 0.875); unset: the whole image squashed to img_size",
-    )
-    test_ten_crop: bool = Field(
-        default=False, description="`arkfed evaluate --split test` averages ten crops unless told otherwise (Ark's test protocol)"
-    )
-    num_features: int | None = None  # filled in once the backbone is built
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
+__all__ = ["ArkModel", "ModelSpec", "ProjectorKind", "SiteHead", "create_backbone", "create_projector"]
 
 PRETRAINED_ENV = "ARKFED_PRETRAINED"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
