@@ -270,9 +270,11 @@ def visit_draws(n: int, batch_size: int, epochs: int, seed: int, max_steps: int 
 
 
 def _loader_kwargs(num_workers: int, pin_memory: bool) -> dict:
+    """Pinned memory lets the visit's ``.to(device, non_blocking=True)`` overlap the copy with compute."""
     kwargs = {"num_workers": num_workers, "pin_memory": pin_memory}
     if num_workers > 0:
         kwargs["prefetch_factor"] = 4
+        kwargs["persistent_workers"] = True
     return kwargs
 
 
@@ -291,16 +293,32 @@ def make_train_loader(
     pin_memory: bool = False,
     crop_source: CropSource = "original",
     train_resize: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    augment: str = "cpu",
 ) -> DataLoader:
     """The batches of one visit, in a reproducible order with reproducible augmentation.
 
-    ``crop_source``/``train_resize``: which image the crop is cut from (see the module docstring)."""
-    order = visit_draws(len(table), batch_size, epochs, seed, max_steps)
-    pair = ViewPair(spec.img_size, crop_scale, views, jitter_p)
+    ``crop_source``/``train_resize``: which image the crop is cut from (see the module docstring).
+    With ``world_size`` > 1 (one DDP rank of N) ``batch_size`` is per rank: the draws are those of
+    a one-process visit with batch ``N x batch_size`` and this rank loads its slice of each batch.
+    """
+    order = visit_draws(len(table), batch_size * world_size, epochs, seed, max_steps)
+    pair, collate = ViewPair(spec.img_size, crop_scale, views, jitter_p), TrainCollate(spec)
+    if augment == "device":  # workers draw the view parameters; the visit makes the views on its device
+        from arkfed.device_views import RawCollate, ViewParams
+
+        pair, collate = ViewParams(spec.img_size, crop_scale, views, jitter_p), RawCollate()
     dataset = TrainDataset(table, schema, spec.img_size, pair, order, seed, crop_source, train_resize)
+    if world_size > 1:
+        from arkfed.distributed import RankBatches
+
+        per_rank = min(batch_size * world_size, len(table)) // world_size
+        return DataLoader(dataset, batch_sampler=RankBatches(len(order), per_rank, rank, world_size),
+                          collate_fn=collate, **_loader_kwargs(num_workers, pin_memory))
     return DataLoader(
         dataset, batch_size=min(batch_size, len(table)), shuffle=False, drop_last=False,
-        collate_fn=TrainCollate(spec), **_loader_kwargs(num_workers, pin_memory),
+        collate_fn=collate, **_loader_kwargs(num_workers, pin_memory),
     )
 
 
