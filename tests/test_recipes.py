@@ -56,3 +56,21 @@ def test_ark_plus_ties_c_to_the_momentum():
 def test_unknown_recipe_is_named():
     with pytest.raises(ArkfedError, match="unknown recipe 'arkk' \\(known: ark, ark\\+, demo, base\\)"):
         apply_recipe("arkk", BASE)
+
+
+def test_evaluate_uses_ten_crop_on_the_test_split_when_the_model_asks_for_it(tmp_path):
+    """``--recipe ark`` models carry Ark's test protocol in their spec; evaluate follows it by default."""
+    from eval_fixtures import make_run_folder, schemas, tiny_spec, write_site
+
+    from arkfed.evaluation.evaluate import evaluate_source
+    from arkfed.model import ArkModel
+    from arkfed.site import load_site
+
+    spec = tiny_spec().model_copy(update={"crop_pct": 28 / 32, "img_size": 28, "test_ten_crop": True})
+    run = make_run_folder(tmp_path / "run", teacher=ArkModel(spec), sites={"alpha": schemas()["alpha"]})
+    site = load_site(write_site(tmp_path, "alpha", schemas()["alpha"], {"train": 2, "val": 6, "test": 6}), [tmp_path / "plugins"])
+    test = evaluate_source(run, site, "test", n_boot=0)
+    assert test["ten_crop"] is True
+    assert evaluate_source(run, site, "val", n_boot=0)["ten_crop"] is False
+    single = evaluate_source(run, site, "test", ten_crop=False, n_boot=0)
+    assert single["ten_crop"] is False and single["models"]["teacher"]["loss"] != test["models"]["teacher"]["loss"]
