@@ -132,7 +132,10 @@ def load_file_heads(source: str | Path) -> dict[str, SiteHead]:
         return {}
     from arkfed.ark_checkpoints import heads_from_state, is_ark_state, read_checkpoint
 
-    state = read_checkpoint(path)
+    try:
+        state = read_checkpoint(path)
+    except ArkfedError:  # not a checkpoint dict at all: it carries no heads
+        return {}
     return heads_from_state(state) if is_ark_state(state) else {}
 
 
@@ -178,7 +181,10 @@ def load_ark_model(source: str | Path, which: str = "teacher", spec: ModelSpec |
     else:
         from arkfed.ark_checkpoints import is_ark_state, model_from_state, read_checkpoint
 
-        state = read_checkpoint(path, which)
+        try:
+            state = read_checkpoint(path, which)
+        except ArkfedError:
+            state = {}  # not an Ark checkpoint; the plain-backbone reader says what is wrong with it
         if is_ark_state(state):
             return model_from_state(state, path, spec)
     if spec is None:
