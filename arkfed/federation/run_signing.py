@@ -37,7 +37,8 @@ SIGNATURE_KEY = "arkfed-run-signature"
 CERT_KEY = "arkfed-coordinator-cert"
 CLAIM_FORMAT = 1
 RUN_UID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-LOCAL_ONLY_FIELDS = ("site_configs",)  # coordinator-local paths: neither sent nor signed
+LOCAL_ONLY_FIELDS = ("site_configs",)
+SIGNED_SPEC_FIELDS = ("model", "projector", "projector_dim", "img_size")  # coordinator-local paths: neither sent nor signed
 
 
 class RunRefused(ArkfedError):
@@ -148,9 +149,14 @@ def check_request(claim: Mapping | None, request: Mapping[str, Any]) -> None:
     if run_uid != claim["run_uid"]:
         raise RunRefused(f"the request is for run {run_uid!r}, but the signed run is {claim['run_uid']!r}")
     config = claim["config"]
-    for key, signed_key in (("spec", "model"), ("settings", "settings")):
-        if key in request and _json_field(request, key) != config.get(signed_key):
-            raise RunRefused(f"the request's {key} differ from the signed run configuration")
+    if "settings" in request and _json_field(request, "settings") != config.get("settings"):
+        raise RunRefused("the request's visit settings differ from the signed run configuration")
+    if "spec" in request:
+        spec, signed = _json_field(request, "spec"), config.get("model") or {}
+        # the architecture as signed; num_features/mean/std are filled in from the built backbone
+        changed = [k for k in SIGNED_SPEC_FIELDS if not isinstance(spec, dict) or spec.get(k) != signed.get(k)]
+        if changed:
+            raise RunRefused(f"the request's model ({', '.join(changed)}) differs from the signed run configuration")
     if "sites" in request and _json_field(request, "sites") != config.get("sites"):
         raise RunRefused("the request's site list differs from the signed run configuration")
     if "plan" in request:
