@@ -65,8 +65,9 @@ def fleet_paths(supernode_auth: bool) -> list[str]:
     return [f"/v1/fleet/{name}" for name in FLEET_ROUTES if not (supernode_auth and name in SELF_REGISTRATION_ROUTES)]
 
 
-def create_app(upstream: str, upstream_ca: str | None, supernode_auth: bool):
-    """The gateway's ASGI app: fixed Fleet routes to ``upstream`` (``https://127.0.0.1:PORT`` or ``http://``)."""
+def create_app(upstream: str, upstream_ca: str | None, supernode_auth: bool, transport=None):
+    """The gateway's ASGI app: fixed Fleet routes to ``upstream`` (``https://127.0.0.1:PORT`` or
+    ``http://``); ``transport`` replaces the network for tests (an ``httpx`` transport)."""
     import contextlib
 
     import httpx
@@ -82,7 +83,7 @@ def create_app(upstream: str, upstream_ca: str | None, supernode_auth: bool):
     client = httpx.AsyncClient(
         base_url=upstream, verify=verify, http2=False, follow_redirects=False, trust_env=False,
         timeout=httpx.Timeout(connect=10.0, read=600.0, write=600.0, pool=60.0),
-        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64), transport=transport,
     )
 
     def forward(path: str):
