@@ -252,3 +252,24 @@ def test_the_gateway_forwards_only_fleet_routes(tmp_path):
     assert all(xff == b"203.0.113.9" for *_, xff in reached)  # the client's own X-Forwarded-For is dropped
     assert "/v1/fleet/register-node" in fleet_paths(supernode_auth=False)
     assert "/v1/fleet/register-node" not in fleet_paths(supernode_auth=True)
+
+
+def test_certs_commands_make_the_key_at_the_site_and_register_it_at_the_coordinator(tmp_path):
+    import re
+
+    from typer.testing import CliRunner
+
+    from arkfed.cli import app
+
+    runner = CliRunner()
+    done = runner.invoke(app, ["certs", "init", str(tmp_path / "fed"), "--coordinator-host", "fed.example.org"])
+    assert done.exit_code == 0, done.output
+    assert not (tmp_path / "fed" / "sites").exists() or not list((tmp_path / "fed" / "sites").glob("*.key"))
+    done = runner.invoke(app, ["certs", "site-key", "hospital_a", "--out", str(tmp_path / "keys")])
+    assert done.exit_code == 0, done.output
+    at_site = re.search(r"SHA256:\S+", done.output).group()
+    done = runner.invoke(app, ["certs", "add-site", "hospital_a", str(tmp_path / "keys" / "hospital_a.pub"),
+                               "--certs", str(tmp_path / "fed")])
+    assert done.exit_code == 0, done.output
+    assert re.search(r"SHA256:\S+", done.output).group() == at_site  # what the two operators compare
+    assert (tmp_path / "fed" / "sites" / "hospital_a.pub").is_file() and not (tmp_path / "fed" / "sites" / "hospital_a.key").exists()

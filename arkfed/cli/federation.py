@@ -223,7 +223,8 @@ def certs_init(
     console.print(f"  every site: give it {folder.ca_cert} (arkfed site --root-certificates ca.crt)")
     made = [name for name in sorted(folder.registered_sites()) if folder.site_key(name).is_file()]
     for name in made:
-        console.print(f"  [yellow]trial only:[/] site {name}'s key was made here: {folder.site_key(name)}")
+        console.print(f"  site {name}: give it {folder.site_key(name)} ([yellow]trials only[/]: made here, so this "
+                      "machine could act as the site; across institutions use `arkfed certs site-key`)")
     if not made:
         console.print("  next: each site runs `arkfed certs site-key SITE --out DIR` and sends you SITE.pub; "
                       f"register it with `arkfed certs add-site SITE SITE.pub --certs {folder.root}`")
