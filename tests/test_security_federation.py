@@ -79,15 +79,16 @@ class Federation:
         return subprocess.run([flower_executable("flwr"), *args], env=env, capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL)
 
-    def run_ids(self) -> set[int]:
-        done = self.flwr("ls", CONNECTION, "--format", "json")
-        assert done.returncode == 0, done.stdout + done.stderr
-        return {int(r["run-id"]) for r in json.loads(done.stdout)["runs"]}
+    def superlink_lists(self) -> tuple[set[int], set[int]]:
+        """Run ids and node ids, as the coordinator's own flwr CLI lists them (loopback Control API)."""
+        from concurrent.futures import ThreadPoolExecutor
 
-    def node_ids(self) -> set[int]:
-        done = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
-        assert done.returncode == 0, done.stdout + done.stderr
-        return {int(n["node-id"]) for n in json.loads(done.stdout)["nodes"]}
+        with ThreadPoolExecutor(2) as pool:
+            runs, nodes = pool.map(lambda args: self.flwr(*args, CONNECTION, "--format", "json"), [["ls"], ["supernode", "ls"]])
+        for done in (runs, nodes):
+            assert done.returncode == 0, done.stdout + done.stderr
+        return ({int(r["run-id"]) for r in json.loads(runs.stdout)["runs"]},
+                {int(n["node-id"]) for n in json.loads(nodes.stdout)["nodes"]})
 
     def outbox_errors(self, name: str) -> list[str]:
         state = load_site_config(self.sites[name].config_path).local_state_dir
@@ -131,7 +132,7 @@ def test_keys_made_at_the_sites_join_and_the_signed_run_finishes(federation):
 
 def test_an_outsider_with_ca_crt_and_a_fresh_key_cannot_control_the_superlink(federation, tmp_path):
     federation.coordinator.wait(timeout=RUN_TIMEOUT)
-    runs_before, nodes_before = federation.run_ids(), federation.node_ids()
+    runs_before, nodes_before = federation.superlink_lists()
     assert len(nodes_before) == 2 and len(runs_before) == 1
 
     # the outsider: the federation's ca.crt (every site has it), its own key, the public address
@@ -171,7 +172,7 @@ def test_an_outsider_with_ca_crt_and_a_fresh_key_cannot_control_the_superlink(fe
         assert client.post(f"{base}/v1/fleet/get-run", content=b"",
                            headers={"content-type": "application/protobuf"}).status_code == 401
 
-    assert federation.run_ids() == runs_before and federation.node_ids() == nodes_before
+    assert federation.superlink_lists() == (runs_before, nodes_before)
     gateway_log = federation.coordinator.gateway.log_text()
     assert "refused POST /v1/control/list-runs" in gateway_log and "refused POST /v1/control/register-node" in gateway_log
 

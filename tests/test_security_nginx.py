@@ -72,7 +72,8 @@ def test_the_shipped_nginx_config_forwards_the_fleet_api_only(tmp_path):
                 reply = client.request(method, base + path, content=b"")
                 assert reply.status_code in (403, 404), (method, path, reply.status_code)
             assert client.get(f"{base}/v1/fleet/get-run").status_code == 403  # POST only
-            assert client.post(f"{base}/v1/fleet/get-run", content=b"").status_code == 401  # reaches Flower, unsigned
+            assert client.post(f"{base}/v1/fleet/get-run", content=b"",
+                               headers={"content-type": "application/protobuf"}).status_code == 401  # reaches Flower, unsigned
     finally:
         node.stop()
         coordinator.stop()
