@@ -50,7 +50,7 @@ def _request(config: TrainConfig, run_uid: str = "run1", **overrides) -> ConfigR
 
 def test_a_signed_run_verifies_and_its_requests_must_match_it(certs):
     config = _config()
-    entries = sign_claim(make_claim(config, "run1", "cyclic"), certs.coordinator_key, certs.coordinator_cert)
+    entries = sign_claim(make_claim(config, "run1"), certs.coordinator_key, certs.coordinator_cert)
     claim = verify_run(entries, certs.ca_cert)
     assert claim["run_uid"] == "run1" and "site_configs" not in claim["config"]  # coordinator paths are not sent
     assert claim_fingerprint(claim).startswith("run-")
@@ -70,7 +70,7 @@ def test_a_signed_run_verifies_and_its_requests_must_match_it(certs):
 
 def test_unsigned_forged_altered_and_foreign_runs_are_refused(certs, tmp_path):
     config = _config()
-    claim = make_claim(config, "run1", "cyclic")
+    claim = make_claim(config, "run1")
     good = sign_claim(claim, certs.coordinator_key, certs.coordinator_cert)
     with pytest.raises(RunRefused, match="not signed by a coordinator"):
         verify_run({}, certs.ca_cert)

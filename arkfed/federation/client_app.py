@@ -5,10 +5,11 @@ ClientApp reads the site's data with the site's own plugin, never anything the c
 Each handler is a thin shell around the functions local mode uses:
 
 - ``query.hello``: identify the site by name, check its label schema against the run's record;
-- ``train.visit``: :func:`arkfed.visit.train_site_visit`, unchanged, on the received weights;
-- ``evaluate.round``: :func:`arkfed.metrics.evaluate_site` for student and teacher; metrics only.
+- ``train.visit``: :func:`arkfed.site_tasks.visit_site`, unchanged, on the received weights;
+- ``evaluate.round``: :func:`arkfed.site_tasks.evaluate_site_models`; metrics only.
 
-The site's head never leaves: it is kept in the node's context state and in its
+The site's heads (the student's and the teacher's) never leave: they are kept in the node's
+context state and in its
 ``local_state_dir`` (:class:`~arkfed.federation.site_state.HeadStore`). Every reply passes through
 :func:`audit_outgoing`, which records what left the site in ``<local_state_dir>/outbox.jsonl`` and
 turns exceptions into error replies with local paths removed.
@@ -26,6 +27,7 @@ from flwr.clientapp import ClientApp
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.site_state import HeadStore, append_outbox, schema_mismatch
+from arkfed.site_tasks import SiteHeads
 
 NODE_SITE = "site"
 NODE_SITE_CONFIG = "site-config"
@@ -75,32 +77,35 @@ def _check_schema(site, request) -> None:
             raise SiteRefusal(str(schema_mismatch(site.name, site.schema, expected, "the run's record")))
 
 
-def _head_store(site, request, context: Context) -> HeadStore:
+def _head_stores(site, request, context: Context) -> tuple[HeadStore, HeadStore]:
     run_uid = m.read_json(request, "run_uid")
-    return HeadStore(site.config.local_state_dir, run_uid, site.name, site.schema, context.state)
+    return tuple(HeadStore(site.config.local_state_dir, run_uid, site.name, site.schema, context.state, kind)
+                 for kind in ("head", "teacher-head"))
 
 
-def _start_head(store: HeadStore, site, request, content: RecordDict, embed_dim: int):
-    """The head this request starts from: a stored version, or the initial head sent along."""
+def _start_heads(stores: tuple[HeadStore, HeadStore], site, request, content: RecordDict, embed_dim: int) -> SiteHeads:
+    """The heads this request starts from: a stored version, or the initial head sent along (the
+    teacher's head then starts as its copy)."""
     from arkfed.model import SiteHead
 
     version = int(m.read_json(request, "head_from"))
+    student_store, teacher_store = stores
     if version == m.NO_HEAD:
-        head = store.load(m.NO_HEAD)
+        head = student_store.load(m.NO_HEAD)
         if head is None:
             if m.HEAD not in content:
                 raise ArkfedError("request starts a new head but carries no initial head", site=site.name)
             head = SiteHead(site.name, site.schema, embed_dim)
             m.load_model_record(head, content[m.HEAD], "initial head")
-            store.save(m.NO_HEAD, head)
-        return head
-    head = store.load(version)
-    if head is None:
+            student_store.save(m.NO_HEAD, head)
+        return SiteHeads.fresh(head)
+    head, teacher = student_store.load(version), teacher_store.load(version)
+    if head is None or teacher is None:
         raise SiteRefusal(
-            f"has no head from visit {version} of run {store.run_uid} (neither in the SuperNode's state nor in "
-            f"{store.folder}); its local state was lost, so it cannot continue this run", site=site.name,
+            f"has no head from visit {version} of run {student_store.run_uid} (neither in the SuperNode's state nor in "
+            f"{student_store.folder}); its local state was lost, so it cannot continue this run", site=site.name,
         )
-    return head
+    return SiteHeads(head, teacher)
 
 
 def _models(content: RecordDict, request):
@@ -118,11 +123,11 @@ def hello(msg: Message, context: Context) -> Message:
     """Name, schema and split sizes of this site (after checking the run's schema record)."""
     site = load_node_site(context)
     request = msg.content[m.REQUEST]
-    store = _head_store(site, request, context)
     member = site.name in m.read_json(request, "sites")
     if member:
         _check_schema(site, request)
-        store.check_recorded_schema()
+        for store in _head_stores(site, request, context):
+            store.check_recorded_schema()
     sizes = {name: len(table) for name, table in site.splits.items()}
     content = RecordDict({
         m.SITE: m.json_record(name=site.name, schema=site.schema, member=member),
@@ -132,9 +137,10 @@ def hello(msg: Message, context: Context) -> Message:
 
 
 def visit(msg: Message, context: Context) -> Message:
-    """One Ark site visit on the received student/teacher, exactly as in local mode."""
+    """One Ark site visit on the received student/teacher (:func:`arkfed.site_tasks.visit_site`,
+    exactly as in local mode); the heads stay here, versioned by visit."""
+    from arkfed.site_tasks import visit_site
     from arkfed.training import TrainSettings, VisitPlan
-    from arkfed.visit import train_site_visit
 
     site = load_node_site(context)
     request = msg.content[m.REQUEST]
@@ -143,11 +149,12 @@ def visit(msg: Message, context: Context) -> Message:
     if plan.site != site.name:
         raise SiteRefusal(f"was sent visit {plan.visit}, which is planned for site {plan.site!r}", site=site.name)
     _check_schema(site, request)
-    store = _head_store(site, request, context)
+    stores = _head_stores(site, request, context)
     student, teacher = _models(msg.content, request)
-    head = _start_head(store, site, request, msg.content, student.embed_dim)
-    result = train_site_visit(student, teacher, head, site, settings, plan)
-    store.save(plan.visit, head)
+    heads = _start_heads(stores, site, request, msg.content, student.embed_dim)
+    result = visit_site(student, teacher, heads, site, settings, plan, float(m.read_json(request, "pending")))
+    stores[0].save(plan.visit, heads.student)
+    stores[1].save(plan.visit, heads.teacher)
     content = RecordDict({
         m.STUDENT: m.model_record(student),
         m.METRICS: m.metrics_record(result.model_dump(exclude={"site"})),
@@ -158,9 +165,9 @@ def visit(msg: Message, context: Context) -> Message:
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    """Student and teacher on this site's evaluation split with its head, exactly as local mode
-    evaluates (:func:`arkfed.coordinator.evaluate_at_site`): metrics only."""
-    from arkfed.coordinator import evaluate_at_site
+    """Student and teacher on this site's evaluation split with their heads, exactly as local
+    mode evaluates (:func:`arkfed.site_tasks.evaluate_site_models`): metrics only."""
+    from arkfed.site_tasks import evaluate_site_models
     from arkfed.training import TrainSettings
 
     site = load_node_site(context)
@@ -171,11 +178,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     content = RecordDict()
     table = site.splits.get(split)
     if table is not None and len(table) > 0:
-        store = _head_store(site, request, context)
+        stores = _head_stores(site, request, context)
         student, teacher = _models(msg.content, request)
-        head = _start_head(store, site, request, msg.content, student.embed_dim)
-        results = evaluate_at_site({m.STUDENT: student, m.TEACHER: teacher}, head, site, settings, split)
-        for label, result in results.items():
+        heads = _start_heads(stores, site, request, msg.content, student.embed_dim)
+        pending = float(m.read_json(request, "pending"))
+        for label, result in evaluate_site_models(student, teacher, heads, site, settings, split, pending).items():
             content[label] = m.metrics_record(result)
     return Message(content, reply_to=msg)
 

@@ -89,7 +89,7 @@ def sign_run_folder(run_dir: Path, certs) -> dict[str, str]:
     from arkfed.runs import RunFolder
 
     fed = FederationSettings.read(run_dir)
-    claim = make_claim(RunFolder(run_dir).read_config(), fed.run_uid, fed.mode)
+    claim = make_claim(RunFolder(run_dir).read_config(), fed.run_uid)
     return sign_claim(claim, certs.coordinator_key, certs.coordinator_cert)
 
 

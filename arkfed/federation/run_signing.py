@@ -57,8 +57,9 @@ def canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def make_claim(config, run_uid: str, mode: str) -> dict:
+def make_claim(config, run_uid: str) -> dict:
     """The claim for a run: its id, mode and training configuration (a TrainConfig)."""
+    mode = getattr(config, "mode", "cyclic")
     data = json.loads(config.model_dump_json())
     for key in LOCAL_ONLY_FIELDS:
         data.pop(key, None)
