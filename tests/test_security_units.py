@@ -36,7 +36,7 @@ def certs(tmp_path_factory) -> CertificateFolder:
 
 
 def _config() -> TrainConfig:
-    return TrainConfig(sites=["a", "b"], site_configs=["/coordinator/only/a.yaml"], rounds=2,
+    return TrainConfig(sites=["a", "b"], rounds=2,
                        model=ModelSpec(model="test_resnet", img_size=32, projector_dim=16),
                        settings=TrainSettings(batch_size=8, max_steps_per_visit=2))
 
@@ -52,7 +52,7 @@ def test_a_signed_run_verifies_and_its_requests_must_match_it(certs):
     config = _config()
     entries = sign_claim(make_claim(config, "run1"), certs.coordinator_key, certs.coordinator_cert)
     claim = verify_run(entries, certs.ca_cert)
-    assert claim["run_uid"] == "run1" and "site_configs" not in claim["config"]  # coordinator paths are not sent
+    assert claim["run_uid"] == "run1" and claim["config"]["sites"] == ["a", "b"] and claim["mode"] == config.mode
     assert claim_fingerprint(claim).startswith("run-")
     check_request(claim, _request(config))  # the model's filled-in num_features is not a change
     bigger = config.settings.model_copy(update={"batch_size": 1})
