@@ -42,7 +42,7 @@ def coordinator(
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/fed-TIMESTAMP)"),
     address: str = typer.Option("0.0.0.0:9092", help="HOST:PORT sites connect to (serves Flower's Fleet API only)"),
     superlink_port: Optional[int] = typer.Option(None, min=1, max=65535, help="port of the SuperLink on 127.0.0.1 "
-                                                 "[default: any free port]; fix it when your own reverse proxy forwards to it"),
+                                                 "(default: any free port); fix it when your own reverse proxy forwards to it"),
     certs: Optional[Path] = typer.Option(None, help="certificate folder from `arkfed certs init` (TLS + registered site keys)"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS, no site authentication (trials on trusted networks only)"),
     resume: Optional[Path] = typer.Option(None, help="continue RUN from its last finished visit"),
