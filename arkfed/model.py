@@ -107,7 +107,8 @@ def create_backbone(name: str, img_size: int, pretrained: bool | str | Path = Fa
         raise
     except Exception as exc:
         if pretrained is not False:
-            raise ArkfedError(f"{kwargs['pretrained_cfg_overlay']['file']}: not ImageNet weights of {name!r} ({type(exc).__name__}: {str(exc)[:200]})") from None
+            file = kwargs["pretrained_cfg_overlay"]["file"]
+            raise ArkfedError(f"{file}: not ImageNet weights of {name!r} ({type(exc).__name__}: {str(exc)[:200]})") from None
         raise
 
 

@@ -95,7 +95,8 @@ RECIPES: dict[str, Recipe] = {
     "demo": Recipe(
         "demo",
         "arkfed's demo settings (the default without --sites), sized so the synthetic demo federation learns "
-        "visibly in about five minutes on 2 CPU cores; NOT the paper's: test_resnet (timm's 0.4 M-parameter ResNet) at 128 px from random init, "
+        "visibly in about five minutes on 2 CPU cores; NOT the paper's: test_resnet (timm's 0.4 M-parameter "
+        "ResNet) at 128 px from random init, "
         "8 rounds, batch 16, AdamW lr 3e-3 with weight decay 0.05 and no warm-up, crop scale 0.7-1; the rest "
         "(views, jitter, schedules of c and momentum) as Ark.",
         {

@@ -41,7 +41,8 @@ class TrainSettings(BaseModel):
     lr: float = Field(default=1e-3, gt=0, description="peak learning rate (warm-up + cosine over visits)")
     min_lr: float = Field(default=1e-5, ge=0, description="final learning rate of the cosine")
     optimizer: Literal["sgd", "momentum", "adamw"] = Field(
-        default="adamw", description="sgd (SGD with Nesterov momentum, Ark's --opt sgd) | momentum (classical SGD) | adamw (timm create_optimizer_v2)"
+        default="adamw",
+        description="sgd (SGD with Nesterov momentum, Ark's --opt sgd) | momentum (classical SGD) | adamw (timm create_optimizer_v2)",
     )
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(default=0.05, ge=0, description="weight decay (not on biases and norms)")
@@ -52,18 +53,21 @@ class TrainSettings(BaseModel):
     warmup_lr: float | None = Field(default=None, ge=0, description="lr at the start of the warm-up (default lr / 100; Ark: 1e-6)")
     crop_scale: tuple[float, float] = Field(default=(0.08, 1.0), description="random-resized-crop area range MIN,MAX")
     crop_source: CropSource = Field(
-        default="original", description="cut the random crop from the source image (Ark) | from it squashed to train_resize (faster, less detail)"
+        default="original",
+        description="cut the random crop from the source image (Ark) | from it squashed to train_resize (faster, less detail)",
     )
     train_resize: int | None = Field(
         default=None, ge=16, description="crop_source=resized: the square the image is squashed to first (default img_size; Ark+: 896)"
     )
-    views: ViewsMode = Field(default="ark", description="ark (teacher: same crop, student: + jitter) | ark+ (teacher: whole image) | independent")
+    views: ViewsMode = Field(
+        default="ark", description="ark (teacher: same crop, student: + jitter) | ark+ (teacher: whole image) | independent")
     jitter_p: float = Field(default=0.3, ge=0, le=1, description="probability of the student's intensity jitter")
     ema: EmaMode = Field(default="visit", description="teacher EMA after each visit (Ark) | iteration")
     momentum_teacher: float = Field(default=0.9, ge=0, le=1, description="teacher momentum at the first visit (cosine to 1)")
     max_consistency: float = Field(default=0.5, ge=0, le=1, description="final consistency weight c (cosine from 0); 0 = no teacher term")
     consistency_schedule: ConsistencySchedule = Field(
-        default="cosine", description="cosine: c rises 0 -> max_consistency (Ark) | momentum: c = (m - 0.9) * 5 from the teacher momentum m (Ark+)"
+        default="cosine",
+        description="cosine: c rises 0 -> max_consistency (Ark) | momentum: c = (m - 0.9) * 5 from the teacher momentum m (Ark+)",
     )
     max_steps_per_visit: int | None = Field(default=None, ge=1, description="cap on batches per visit (quick trials)")
 
@@ -105,7 +109,9 @@ class TrainConfig(BaseModel):
     sites: list[str] = Field(min_length=1, description="site names, in visiting order")
     recipe: str | None = Field(default=None, description="the recipe the settings started from")
     rounds: int = Field(default=1, ge=1, description="rounds; each visits every site once")
-    mode: FederationMode = Field(default="cyclic", description="cyclic (Ark: one site after another, teacher EMA after each) | parallel (every site from the same student, averaged, one teacher EMA per round)")
+    mode: FederationMode = Field(default="cyclic", description=(
+        "cyclic (Ark: one site after another, teacher EMA after each) | "
+        "parallel (every site from the same student, averaged, one teacher EMA per round)"))
     weighting: Weighting = Field(default="samples", description="parallel mode's average: samples (FedAvg) | equal (Ark+)")
     order: OrderMode = Field(default="fixed", description="site order per round: fixed | shuffle")
     seed: int = Field(default=0, ge=0, description="seed of initialisation, data order and augmentation")

@@ -191,7 +191,8 @@ class ViewPair:
         elif self.views == "independent":
             teacher = self.jitter(shared)
         else:  # ark+: the whole image, resized
-            teacher = image if tuple(image.shape[-2:]) == (self.size, self.size) else TF.resize(image, [self.size, self.size], antialias=True)
+            whole = tuple(image.shape[-2:]) == (self.size, self.size)
+            teacher = image if whole else TF.resize(image, [self.size, self.size], antialias=True)
         return student.as_subclass(torch.Tensor), teacher.as_subclass(torch.Tensor)
 
     def single(self, image: torch.Tensor) -> torch.Tensor:

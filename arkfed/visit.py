@@ -151,7 +151,9 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
         task = task_loss(logits.float(), targets, mask, site.schema.task)
         cons = consistency_loss(z_student.float(), z_teacher.float()) if z_teacher is not None else None
         loss = ark_loss(task, cons, c)
-        value = float(loss.detach())
+        zero = torch.zeros((), device=loss.device)
+        parts = torch.stack([loss.detach(), task.detach(), cons.detach() if cons is not None else zero]).double().cpu()
+        value = float(parts[0])  # one device sync per step (all three losses at once)
         if not math.isfinite(value):  # stop before the step corrupts the weights; the last checkpoint stays good
             raise ArkfedError(f"loss became {value} in visit {plan.visit} step {step}; lower --lr", site=site.name)
         optimizer.zero_grad(set_to_none=True)
@@ -163,7 +165,7 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
             if teacher_head is not None:
                 ema_update(teacher_head, head, momentum)
         n = len(xs)
-        totals += torch.tensor([value, float(task.detach()), float(cons.detach()) if cons is not None else 0.0]) * n
+        totals += parts * n
         examples += n
         if progress is not None:
             progress(step + 1, steps, value)

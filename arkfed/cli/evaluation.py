@@ -130,7 +130,8 @@ def evaluate(
     split: str = typer.Option("test", help="train | val | test"),
     ten_crop: Optional[bool] = typer.Option(
         None, "--ten-crop/--single-crop",
-        help="average the probabilities of ten crops (corners, centre, flips); default: on for the test split of models trained with --recipe ark/ark+",
+        help="average the probabilities of ten crops (corners, centre, flips); "
+        "default: on for the test split of models trained with --recipe ark/ark+",
     ),
     bootstrap: int = typer.Option(1000, min=0, help="bootstrap resamples for the 95% CIs (0 = none)"),
     seed: int = typer.Option(0, min=0),
