@@ -125,7 +125,8 @@ def infer(forward, modules: Sequence[torch.nn.Module], loader,
     outputs, targets, masks = [], [], []
     try:
         for images, t, m in loader:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(device))
+            fmt = memory_format(device) if images.ndim == 4 else torch.contiguous_format  # ten-crop batches are 5-D
+            images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
             with autocast(device):
                 out = forward(images)
             outputs.append(out.float().cpu().numpy())

@@ -178,7 +178,8 @@ def load_site(config: SiteConfig | str | Path, plugins_dirs: Iterable[str | Path
         raise ArkfedError(f"plugin {config.dataset!r} returned unknown splits {sorted(unknown)}", site=config.name)
     for name, table in splits.items():
         if table.classes != schema.classes:
-            raise ArkfedError(f"plugin {config.dataset!r}: split {name!r} has classes {table.classes}, schema has {schema.classes}", site=config.name)
+            raise ArkfedError(f"plugin {config.dataset!r}: split {name!r} has classes {table.classes}, "
+                              f"schema has {schema.classes}", site=config.name)
         if config.max_images is not None and len(table) > config.max_images:
             splits[name] = table.subset(range(config.max_images))
     site = Site(config=config, plugin=plugin, schema=schema, splits=splits)

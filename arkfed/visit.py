@@ -66,7 +66,7 @@ def make_optimizer(student: nn.Module, head: nn.Module, settings: TrainSettings,
     """timm's optimizer over student + head (no weight decay on biases and norm layers)."""
     from timm.optim import create_optimizer_v2
 
-    kwargs = {"momentum": settings.momentum} if settings.optimizer == "sgd" else {}
+    kwargs = {"momentum": settings.momentum} if settings.optimizer in ("sgd", "momentum") else {}
     return create_optimizer_v2(
         nn.ModuleDict({"student": student, "head": head}), opt=settings.optimizer, lr=lr,
         weight_decay=settings.weight_decay, **kwargs,
@@ -123,6 +123,7 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
         site.split("train"), site.schema, student.spec, settings.batch_size, epochs=settings.local_epochs,
         seed=plan.seed, crop_scale=settings.crop_scale, views=settings.views, jitter_p=settings.jitter_p,
         max_steps=settings.max_steps_per_visit, num_workers=compute.workers(), pin_memory=device.type == "cuda",
+        crop_source=settings.crop_source, train_resize=settings.train_resize,
         rank=rank.rank, world_size=rank.world_size, augment=compute.augment,
     )
     student_forward, head_forward = rank.wrap(student, device, compute.compile), rank.wrap(head, device)
@@ -150,7 +151,9 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
         task = task_loss(logits.float(), targets, mask, site.schema.task)
         cons = consistency_loss(z_student.float(), z_teacher.float()) if z_teacher is not None else None
         loss = ark_loss(task, cons, c)
-        value = float(loss.detach())
+        zero = torch.zeros((), device=loss.device)
+        parts = torch.stack([loss.detach(), task.detach(), cons.detach() if cons is not None else zero]).double().cpu()
+        value = float(parts[0])  # one device sync per step (all three losses at once)
         if not math.isfinite(value):  # stop before the step corrupts the weights; the last checkpoint stays good
             raise ArkfedError(f"loss became {value} in visit {plan.visit} step {step}; lower --lr", site=site.name)
         optimizer.zero_grad(set_to_none=True)
@@ -162,7 +165,7 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
             if teacher_head is not None:
                 ema_update(teacher_head, head, momentum)
         n = len(xs)
-        totals += torch.tensor([value, float(task.detach()), float(cons.detach()) if cons is not None else 0.0]) * n
+        totals += parts * n
         examples += n
         if progress is not None:
             progress(step + 1, steps, value)

@@ -141,7 +141,11 @@ def evaluate(
     model: Path = ModelArg,
     site: str = SiteOpt,
     split: str = typer.Option("test", help="train | val | test"),
-    ten_crop: bool = typer.Option(False, "--ten-crop", help="average the probabilities of ten crops (corners, centre, flips)"),
+    ten_crop: Optional[bool] = typer.Option(
+        None, "--ten-crop/--single-crop",
+        help="average the probabilities of ten crops (corners, centre, flips); "
+        "default: on for the test split of models trained with --recipe ark/ark+",
+    ),
     bootstrap: int = typer.Option(1000, min=0, help="bootstrap resamples for the 95% CIs (0 = none)"),
     min_positives: int = MinPosOpt,
     seed: int = typer.Option(0, min=0),
@@ -158,7 +162,7 @@ def evaluate(
     result = evaluate_source(model, s, split, ten_crop, bootstrap, batch_size, _device(device), seed, min_positives)
     names = list(result["models"])
     first = result["models"][names[0]]
-    table = _table(f"{s.name} / {split} ({'ten-crop' if ten_crop else 'single crop'})", "class", "positives",
+    table = _table(f"{s.name} / {split} ({'ten-crop' if result['ten_crop'] else 'single crop'})", "class", "positives",
                    *[f"{n} AUC" for n in names], *[f"{n} 95% CI" for n in names])
     for c in s.schema.classes:
         mark = f" ({TOO_FEW})" if c in first["too_few_positives"] else ""

@@ -58,11 +58,13 @@ def print_recipes() -> None:
 @with_run_options
 def train(
     sites: Optional[str] = typer.Option(None, help="comma-separated site names (sites/NAME.yaml) or YAML paths; none = demo federation"),
-    recipe: Optional[str] = typer.Option(None, help="starting settings: demo | base | ... (`--recipe list` describes them) [demo without --sites, else base]"),
+    recipe: Optional[str] = typer.Option(None, help="starting settings: demo | base | ... (`--recipe list` describes them) "
+                                          "[demo without --sites, else base]"),
     config: Optional[Path] = typer.Option(None, "--config", help="run configuration YAML (e.g. an earlier run's config.yaml)"),
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/ark-TIMESTAMP)"),
     resume: Optional[Path] = typer.Option(None, help="continue RUN from its last finished visit (settings come from RUN/config.yaml)"),
-    device: Optional[str] = typer.Option(None, help="override every site's compute.device: cpu | cuda | auto (site YAMLs set it otherwise)"),
+    device: Optional[str] = typer.Option(None, help="override every site's compute.device: cpu | cuda | auto "
+                                          "(site YAMLs set it otherwise)"),
     num_workers: Optional[int] = typer.Option(None, min=0, help="override every site's compute.num_workers"),
     gpus: Optional[int] = typer.Option(None, min=1, help="override every site's compute.gpus: GPUs per visit (DDP; batch size is per GPU)"),
     log: str = typer.Option("", help="also log to trackers: tensorboard,mlflow (in the run folder)"),
@@ -70,7 +72,8 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="plain log lines instead of the live view (CI)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config.yaml and stop"),
     demo_dir: Path = typer.Option(DEMO_DIR, help="where the demo federation lives (used without --sites)"),
-    federated: bool = typer.Option(False, "--federated", help="run it as a Flower federation on this machine: one SuperLink + one SuperNode per site on 127.0.0.1 (TLS + site keys)"),
+    federated: bool = typer.Option(False, "--federated", help="run it as a Flower federation on this machine: one SuperLink + one "
+                                 "SuperNode per site on 127.0.0.1 (TLS + site keys)"),
     run_overrides: dict | None = None,
 ) -> None:
     from rich.console import Console

@@ -125,15 +125,19 @@ def evaluate_predictions(pred: Predictions, schema: LabelSchema, n_boot: int = 1
 
 
 def evaluate_source(
-    source: str | Path, site: "Site", split: str = "test", ten_crop: bool = False, n_boot: int = 1000,
+    source: str | Path, site: "Site", split: str = "test", ten_crop: bool | None = None, n_boot: int = 1000,
     batch_size: int = 64, device: str = "cpu", seed: int = 0, min_positives: int = MIN_POSITIVES,
 ) -> dict:
     """Every model of ``source`` (teacher and student of a run) with its own head for ``site``
-    on a split, BatchNorm recalibrated on the site's training split as in training."""
+    on a split, BatchNorm recalibrated on the site's training split as in training.
+
+    ``ten_crop=None``: ten-crop on the test split when the model's spec asks for it (``--recipe ark``)."""
     from arkfed.errors import ArkfedError
     from arkfed.evaluation.sources import head_for_site, load_models, model_heads
 
     models = load_models(source)
+    if ten_crop is None:
+        ten_crop = split == "test" and all(m.spec.test_ten_crop for m in models.values())
     out = {"source": str(source), "site": site.name, "split": split, "ten_crop": ten_crop, "n_boot": n_boot,
            "reported_classes": list(site.schema.reported_classes), "models": {}, "heads": {}, "notes": []}
     for name, model in models.items():

@@ -109,7 +109,8 @@ class FlowerSites:
         deadline = time.monotonic() + self.fed.join_timeout
         while missing := [s for s in config.sites if s not in self.nodes]:
             if time.monotonic() > deadline:
-                raise ArkfedError(f"sites {missing} did not join within {self.fed.join_timeout:.0f} s (joined: {sorted(self.nodes) or 'none'})")
+                joined = sorted(self.nodes) or "none"
+                raise ArkfedError(f"sites {missing} did not join within {self.fed.join_timeout:.0f} s (joined: {joined})")
             self._discover()
             time.sleep(self.poll)
         if not self.fed.schemas:
@@ -164,7 +165,8 @@ class FlowerSites:
                 content = self._content(state, site, **({"plan": item} if kind == m.VISIT else {"split": item}))
                 requests[site] = Message(content, node, kind, ttl=self.fed.visit_timeout, group_id=group)
                 self.sent_bytes[site] = sum(r.count_bytes() for r in content.array_records.values())
-                self.callbacks.on_site_status(site, "training" if kind == m.VISIT else "evaluating", f"attempt {attempt}" if attempt > 1 else "")
+                state_name = "training" if kind == m.VISIT else "evaluating"
+                self.callbacks.on_site_status(site, state_name, f"attempt {attempt}" if attempt > 1 else "")
             if requests:
                 results.update(exchange(self.grid, requests, self.fed.visit_timeout, self.poll, on_reply=self._log_inbox))
             todo = {}
@@ -198,7 +200,8 @@ class FlowerSites:
                 answers[plan.site] = SiteFailure(f"malformed reply: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}", refused=True)
                 continue
             received = sum(r.count_bytes() for r in reply.content.array_records.values())
-            answers[plan.site] = VisitReply(result, student, teacher, extra={"bytes_sent": self.sent_bytes.get(plan.site, 0), "bytes_received": received})
+            extra = {"bytes_sent": self.sent_bytes.get(plan.site, 0), "bytes_received": received}
+            answers[plan.site] = VisitReply(result, student, teacher, extra=extra)
         return answers
 
     def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None:
@@ -212,7 +215,8 @@ class FlowerSites:
                 answers[site] = reply
                 continue
             classes = self.infos[site].schema.classes
-            answers[site] = {label: m.eval_result(reply.content[label], classes) for label in (m.STUDENT, m.TEACHER) if label in reply.content}
+            labels = [label for label in (m.STUDENT, m.TEACHER) if label in reply.content]
+            answers[site] = {label: m.eval_result(reply.content[label], classes) for label in labels}
             self.callbacks.on_site_status(site, "done", "evaluated")
         return answers
 
