@@ -9,9 +9,10 @@ shift/scale/rotate compose into one affine map per sample, applied by a single `
 followed by the intensity jitter and normalisation in float.
 
 It draws from the same distributions as :class:`arkfed.transforms.ViewPair` (the geometry of
-``geometry_transform``, the jitter of ``intensity_jitter``, the ``ark``/``ark+``/``independent``
-modes), but the pixels are not bit-identical: the CPU path rounds to uint8 after every op and
-torchvision samples its affine with nearest interpolation; this one stays in float and bilinear.
+``geometry_transform``: shift/scale/rotate with p=0.5, reflected borders; the additive
+brightness, contrast or gamma of :class:`~arkfed.transforms.IntensityJitter`; the
+``ark``/``ark+``/``independent`` modes), but the pixels are not bit-identical: the CPU path rounds
+to uint8 after every op; this one stays in float.
 The crop is cut from the image squashed to the model's input size (what travels to the device),
 like the CPU path's "crop the resized image" option, not from the source resolution.
 Use it where the benchmark shows the data path, not the model, bounds the visit.
@@ -26,12 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from arkfed.transforms import BRIGHTNESS_CONTRAST, GAMMA, ROTATE_DEGREES, SCALE, SHIFT
+from arkfed.transforms import BRIGHTNESS_CONTRAST, GAMMA, ROTATE_DEGREES, SCALE, SHIFT, SSR_P
 
 # one row of view parameters per sample
 CROP = slice(0, 4)  # top, left, height, width of the crop, as fractions of the image side
 AFFINE = slice(4, 8)  # angle (degrees, counter-clockwise), shift x, shift y (fractions of the side), scale
-STUDENT_JITTER = slice(8, 13)  # applied, kind (0 brightness/contrast, 1 gamma), brightness, contrast, gamma
+STUDENT_JITTER = slice(8, 13)  # applied, kind (0 brightness/contrast, 1 gamma), contrast alpha, brightness beta, gamma
 TEACHER_JITTER = slice(13, 18)
 TEACHER_WHOLE = 18  # 1: the teacher sees the whole image (ark+)
 WIDTH = 19
@@ -65,9 +66,9 @@ def _crop_box(scale: tuple[float, float], ratio=(3 / 4, 4 / 3)) -> tuple[float, 
 def _jitter(p: float) -> list[float]:
     applied = float(torch.rand(1)) < p
     kind = int(torch.randint(0, 2, (1,)))
-    b = _uniform(1 - BRIGHTNESS_CONTRAST, 1 + BRIGHTNESS_CONTRAST)
-    c = _uniform(1 - BRIGHTNESS_CONTRAST, 1 + BRIGHTNESS_CONTRAST)
-    return [float(applied), float(kind), b, c, _uniform(*GAMMA)]
+    alpha = _uniform(1 - BRIGHTNESS_CONTRAST, 1 + BRIGHTNESS_CONTRAST)  # contrast: multiplies
+    beta = _uniform(-BRIGHTNESS_CONTRAST, BRIGHTNESS_CONTRAST)  # brightness: adds beta * 255, as albumentations
+    return [float(applied), float(kind), alpha, beta, _uniform(*GAMMA)]
 
 
 class ViewParams:
@@ -80,8 +81,11 @@ class ViewParams:
         self.size, self.crop_scale, self.views, self.jitter_p = size, crop_scale, views, jitter_p
 
     def draw(self) -> torch.Tensor:
-        row = [*_crop_box(self.crop_scale), _uniform(-ROTATE_DEGREES, ROTATE_DEGREES),
-               _uniform(-SHIFT, SHIFT), _uniform(-SHIFT, SHIFT), _uniform(1 - SCALE, 1 + SCALE), *_jitter(self.jitter_p)]
+        crop = list(_crop_box(self.crop_scale))
+        affine = [_uniform(-ROTATE_DEGREES, ROTATE_DEGREES), _uniform(-SHIFT, SHIFT), _uniform(-SHIFT, SHIFT), _uniform(1 - SCALE, 1 + SCALE)]
+        if float(torch.rand(1)) >= SSR_P:  # shift/scale/rotate with p=0.5, as the CPU path (albumentations)
+            affine = [0.0, 0.0, 0.0, 1.0]
+        row = crop + affine + _jitter(self.jitter_p)
         teacher = _jitter(self.jitter_p) if self.views == "independent" else [0.0] * 5
         return torch.tensor(row + teacher + [float(self.views == "ark+")], dtype=torch.float32)
 
@@ -108,11 +112,10 @@ def affine_theta(params: torch.Tensor) -> torch.Tensor:
 
 
 def apply_jitter(images: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
-    """Brightness then contrast, or gamma, per sample where applied (float 0-255 in and out)."""
-    applied, kind, b, c, g = (v.view(-1, 1, 1, 1) for v in jitter.unbind(1))
-    bc = (images * b).clamp(0, 255)
-    mean = bc.mean(dim=(1, 2, 3), keepdim=True)
-    bc = ((bc - mean) * c + mean).clamp(0, 255)
+    """albumentations' brightness/contrast (``x * alpha + beta * 255``), or gamma, per sample where
+    applied (float 0-255 in and out; :func:`arkfed.transforms.brightness_contrast` in float)."""
+    applied, kind, alpha, beta, g = (v.view(-1, 1, 1, 1) for v in jitter.unbind(1))
+    bc = (images * alpha + beta * 255.0).clamp(0, 255)
     gamma = 255.0 * (images / 255.0).clamp(min=0).pow(g)
     jittered = torch.where(kind > 0.5, gamma, bc)
     return torch.where(applied > 0.5, jittered, images)
@@ -121,7 +124,7 @@ def apply_jitter(images: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
 class DeviceViews:
     """The device-side half: :class:`RawBatch` -> (student, teacher) normalised ``B x 3 x S x S`` float."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], padding: str = "zeros"):
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], padding: str = "reflection"):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.padding = padding

@@ -50,13 +50,18 @@ def test_crop_and_rotation_match_torchvision():
     assert torch.allclose(views.geometry(image, _params(angle=90.0)), TF.rotate(image, 90.0), atol=1e-3)
 
 
-def test_jitter_where_applied_only():
-    images = _image(2).repeat(3, 1, 1, 1)
-    jitter = torch.tensor([[0, 0, 1.2, 1.0, 1.0], [1, 0, 1.2, 1.0, 1.0], [1, 1, 1.0, 1.0, 0.8]])
+def test_jitter_where_applied_only_and_as_the_cpu_path_computes_it():
+    from arkfed.transforms import brightness_contrast
+
+    images = _image(2).repeat(4, 1, 1, 1)
+    jitter = torch.tensor([[0, 0, 1.2, 0.1, 1.0], [1, 0, 1.2, 0.0, 1.0], [1, 1, 1.0, 0.0, 0.8], [1, 0, 0.9, 0.1, 1.0]])
     out = apply_jitter(images, jitter)
     assert torch.equal(out[0], images[0])
     assert torch.allclose(out[1], (images[1] * 1.2).clamp(0, 255))
     assert torch.allclose(out[2], 255 * (images[2] / 255) ** 0.8)
+    # brightness is added (beta * 255), as albumentations and the CPU path do; equal up to uint8 truncation
+    cpu = brightness_contrast(images[3].to(torch.uint8), 0.9, 0.1).float()
+    assert (out[3] - cpu).abs().max() < 1.0 and not torch.allclose(out[3], images[3] * 0.9)
 
 
 def test_device_loader_draws_reproducible_parameters_per_sample():
