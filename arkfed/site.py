@@ -1,8 +1,8 @@
 """Sites: an institution's dataset, as named by a YAML file in ``sites/``.
 
 A site config names a plugin and the local data folder; optional keys override the label
-policies, the split, the image size and where site-local state (e.g. the private head in
-federated runs) is kept. Unknown keys and bad values are errors naming the file and the field.
+policies, the split, the image size, where site-local state (e.g. the private head in
+federated runs) is kept and the site's ``policy:`` for federated runs (:mod:`arkfed.policy`). Unknown keys and bad values are errors naming the file and the field.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from arkfed.dataset import SPLITS, DatasetTable
 from arkfed.errors import ArkfedError
 from arkfed.plugins import DatasetPlugin, SplitConfig, get_plugin
+from arkfed.policy import SitePolicy
 from arkfed.schema import LabelSchema, MissingPolicy, UncertainPolicy
 
 SITES_DIR = Path("sites")
@@ -41,6 +42,7 @@ class SiteConfig(BaseModel):
     image_size: int | None = Field(default=None, ge=16, le=2048)
     state_dir: Path | None = None
     max_images: int | None = Field(default=None, ge=1, description="cap per split, for quick trials")
+    policy: SitePolicy = Field(default_factory=SitePolicy, description="what a coordinator may ask (federated runs)")
 
     @property
     def local_state_dir(self) -> Path:
