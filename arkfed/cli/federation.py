@@ -26,6 +26,10 @@ SITE_HELP = """Join a federated Ark run as one site: start a Flower SuperNode se
 The site's images, labels and head never leave this machine; what it sends is logged in
 <state_dir>/outbox.jsonl. Pass --root-certificates (the federation's ca.crt) and --key (this
 site's key from `arkfed certs init`), or --insecure for a trial on a trusted network.
+
+The site's `policy:` (in its YAML) limits what a coordinator may ask; with `approval: manual` each
+new run waits until you approve the fingerprint this command prints:
+`arkfed site --config SITE.yaml --approve FINGERPRINT` (from another terminal).
 """
 
 
@@ -132,21 +136,31 @@ def _print_summary(console, summary: dict, run_dir: Path) -> None:
 
 def site(
     config: Path = typer.Option(..., "--config", help="this site's YAML (sites/NAME.yaml)"),
-    coordinator_address: str = typer.Option(..., "--coordinator", help="HOST:PORT of the coordinator's SuperLink"),
+    coordinator_address: Optional[str] = typer.Option(None, "--coordinator", help="HOST:PORT of the coordinator's SuperLink"),
     root_certificates: Optional[Path] = typer.Option(None, help="the federation's ca.crt (TLS)"),
     key: Optional[Path] = typer.Option(None, help="this site's private key from `arkfed certs init` (authentication)"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS (trials on trusted networks only)"),
     plugins_dir: Optional[list[Path]] = typer.Option(None, help="extra dataset plugin folder(s)"),
     connect_timeout: float = typer.Option(120.0, help="seconds to wait for the first connection"),
+    approve: Optional[str] = typer.Option(None, "--approve", help="approve the run with this FINGERPRINT (policy approval: manual) and exit"),
 ) -> None:
     from rich.console import Console
 
     from arkfed.errors import ArkfedError
     from arkfed.federation.launcher import print_insecure_warning
     from arkfed.federation.site_node import SiteNode
-    from arkfed.site import resolve_site_path
+    from arkfed.site import load_site_config, resolve_site_path
 
     console = Console(highlight=False, soft_wrap=True)
+    if approve is not None:
+        from arkfed.policy import approve_run
+
+        site_config = load_site_config(resolve_site_path(config))
+        path = approve_run(site_config.local_state_dir, approve)
+        console.print(f"site {site_config.name!r}: run {approve.strip().lower()} approved (recorded in {path})")
+        return
+    if coordinator_address is None:
+        raise ArkfedError("give --coordinator HOST:PORT (or --approve FINGERPRINT to approve a waiting run)")
     if root_certificates is None and not insecure:
         raise ArkfedError("pass --root-certificates ca.crt (and --key SITE.key) from the coordinator, or --insecure")
     if insecure:
@@ -171,6 +185,7 @@ def _serve(node, console, connect_timeout: float) -> None:
     from arkfed.federation.site_node import SiteNotAdmitted
 
     backoff, admitted, first = 5.0, False, time.monotonic()
+    shown: set[str] = set()
     while True:
         node.start()
         try:
@@ -179,6 +194,7 @@ def _serve(node, console, connect_timeout: float) -> None:
             backoff, admitted = 5.0, True
             while True:
                 node.check()
+                _show_pending_runs(node, console, shown)
                 time.sleep(1.0)
         except SiteNotAdmitted as exc:
             # a coordinator that is still starting may not have registered the key yet
@@ -193,6 +209,26 @@ def _serve(node, console, connect_timeout: float) -> None:
             node.stop()
             time.sleep(backoff)
             backoff = min(backoff * 2, 60.0)
+
+
+def _show_pending_runs(node, console, shown: set[str]) -> None:
+    """Policy ``approval: manual``: each run waiting for approval, once, with what it asks."""
+    from arkfed.policy import pending_runs
+
+    for entry in pending_runs(node.state_dir):
+        fingerprint = entry.get("fingerprint", "?")
+        if fingerprint in shown:
+            continue
+        shown.add(fingerprint)
+        settings, model = entry.get("settings") or {}, entry.get("model") or {}
+        console.print(
+            f"[bold yellow]site {node.name!r}: run {entry.get('run_uid')} waits for your approval[/] (fingerprint {fingerprint})\n"
+            f"  model {model.get('model')} at {model.get('img_size')} px; batch {settings.get('batch_size')}, "
+            f"epochs {settings.get('local_epochs')}, max steps per visit {settings.get('max_steps_per_visit')}, "
+            f"lr {settings.get('lr')}, device {settings.get('device')}; first request: {entry.get('request')}"
+            + (f" on split {entry['split']}" if entry.get("split") else "") + "\n"
+            f"  approve: arkfed site --config {node.config_path} --approve {fingerprint}"
+        )
 
 
 @certs_app.command("init")

@@ -64,6 +64,8 @@ class FederatedCoordinator:
         self.schemas: dict = {}
         self.head_versions: dict[str, int] = {name: m.NO_HEAD for name in self.config.sites}
         self.initial_heads: dict = {}
+        self.declared: dict[str, dict[str, int]] = {}  # split sizes each site declared when it joined
+        self.checked: dict[str, m.VisitReply] = {}  # per site, its last visit reply as checked before use
         self.sent_bytes: dict[str, int] = {}
         self.status = FederationStatus(
             mode=self.fed.mode, rounds=self.config.rounds, total_visits=self.config.total_visits,
@@ -121,9 +123,11 @@ class FederatedCoordinator:
                 self._warn(f"SuperNode {node_id} could not say which site it is: {reply.reason}")
                 self.known_nodes.discard(node_id)  # ask again later
                 continue
-            info = reply.content[m.SITE]
-            name, member = m.read_json(info, "name"), m.read_json(info, "member")
-            schema = LabelSchema.model_validate(m.read_json(info, "schema"))
+            try:  # a malformed hello is reported, never a crash
+                name, member, schema, declared = m.read_hello_reply(reply.content)
+            except m.BadReply as exc:
+                self._warn(f"SuperNode {node_id} sent an unusable hello: {exc}")
+                continue
             if registered.get(node_id) and registered[node_id] != name:
                 self._warn(f"SuperNode {node_id} is registered as {registered[node_id]!r} but serves site {name!r}; ignored")
                 continue
@@ -140,9 +144,9 @@ class FederatedCoordinator:
             if old is not None and old != node_id and old in online_nodes(self.grid):
                 self._warn(f"two SuperNodes serve site {name!r} ({old} and {node_id}); keeping {old}")
                 continue
-            self.nodes[name], self.schemas[name] = node_id, schema
+            self.nodes[name], self.schemas[name], self.declared[name] = node_id, schema, declared
             self.status.sites[name].node_id = node_id
-            sizes = {k: float(v) for k, v in reply.content[m.METRICS].items()}
+            sizes = {f"{k}_size": float(v) for k, v in declared.items()}
             self._site(name, "joined", f"node {node_id}", **sizes)
             self.log.info("site %r joined (node %s)", name, node_id)
 
@@ -259,9 +263,8 @@ class FederatedCoordinator:
 
     def _visit_record(self, plan, reply: Message, seconds: float):
         from arkfed.coordinator import visit_record
-        from arkfed.visit import VisitResult
 
-        result = VisitResult(site=plan.site, **{k: v for k, v in reply.content[m.METRICS].items()})
+        result = self.checked[plan.site].result
         received = sum(r.count_bytes() for r in reply.content.array_records.values())
         record = visit_record(plan, result) | {"round_trip_s": seconds, "bytes_sent": self.sent_bytes.get(plan.site, 0), "bytes_received": received}
         self.run.append_metrics(record)
@@ -269,6 +272,26 @@ class FederatedCoordinator:
         site.visits += 1
         self._site(plan.site, "done", f"visit {plan.visit + 1}", loss=result.loss, images_per_s=result.images_per_s)
         return result
+
+    # -- issue 8: replies checked before use (logic in messages.read_visit_reply / arkfed.updates) --
+    def _max_examples(self, site: str) -> int:
+        from arkfed.updates import max_examples
+
+        return max_examples(self.declared.get(site, {}).get("train", 0), self.config.settings)
+
+    def _checked_visit(self, plan, reply):
+        """The reply (its checked content in ``self.checked[site]``), or a Failure saying why it is
+        not used (the visit is skipped, not retried)."""
+        if isinstance(reply, Failure):
+            return reply
+        try:
+            self.checked[plan.site] = m.read_visit_reply(
+                reply.content, plan, self.state.student, self.state.teacher, self.config.settings.ema == "iteration",
+                self._max_examples(plan.site), self.fed.max_update_norm,
+            )
+        except m.BadReply as exc:
+            return Failure(f"rejected reply: {exc}", refused=True)
+        return reply
 
     def _skip(self, rnd: int, visit: int, site: str, stage: str, failure: Failure) -> None:
         """Record a skipped visit/evaluation (metrics line, status, warning) and carry on."""
@@ -279,7 +302,8 @@ class FederatedCoordinator:
         })
         self.status.sites[site].skips += 1
         self._site(site, "skipped", f"skipped {stage} in round {rnd + 1}: {failure.reason}")
-        self._warn(f"site {site!r} skipped for the {stage} in round {rnd + 1} after a failed retry: {failure.reason}")
+        why = "" if failure.refused else " after a failed retry"
+        self._warn(f"site {site!r} skipped for the {stage} in round {rnd + 1}{why}: {failure.reason}")
 
     def _run_cyclic(self, evaluated: set[int]) -> None:
         from arkfed.coordinator import after_visit
@@ -294,13 +318,14 @@ class FederatedCoordinator:
                 start = time.perf_counter()
                 result = self._send(m.VISIT, {plan.site: plan}, str(rnd))[plan.site]
                 seconds = time.perf_counter() - start
+                result = self._checked_visit(plan, result)  # issue 8: checked before use
                 if isinstance(result, Failure):
                     self._skip(rnd, plan.visit, plan.site, "visit", result)
                     self.state.visits_done = plan.visit + 1
                 else:
-                    m.load_model_record(self.state.student, result.content[m.STUDENT], "returned student")
-                    if m.TEACHER in result.content:
-                        m.load_model_record(self.state.teacher, result.content[m.TEACHER], "returned teacher")
+                    self.state.student.load_state_dict(self.checked[plan.site].student)
+                    if self.checked[plan.site].teacher is not None:
+                        self.state.teacher.load_state_dict(self.checked[plan.site].teacher)
                     after_visit(self.state, plan, self.config)
                     self.head_versions[plan.site] = plan.visit
                     self._visit_record(plan, result, seconds)
@@ -320,6 +345,7 @@ class FederatedCoordinator:
             start = time.perf_counter()
             results = self._send(m.VISIT, {p.site: p for p in plans}, str(rnd))
             seconds = time.perf_counter() - start
+            results = {p.site: self._checked_visit(p, results[p.site]) for p in plans}  # issue 8: checked before use
             good = [(p, results[p.site]) for p in plans if not isinstance(results[p.site], Failure)]
             for plan in plans:
                 if isinstance(results[plan.site], Failure):
@@ -339,13 +365,14 @@ class FederatedCoordinator:
         """FedAvg of the returned students (weights: samples seen), then the round's teacher update."""
         from arkfed.schedules import ema_update
 
-        weights = [float(reply.content[m.METRICS]["num_examples"]) for _, reply in good]
-        students = [m.unpack_state(self.state.student, reply.content[m.STUDENT]) for _, reply in good]
+        # weights: examples seen, never more than the site declared when it joined (issue 8)
+        weights = [float(min(self.checked[plan.site].result.num_examples, self._max_examples(plan.site))) for plan, _ in good]
+        students = [self.checked[plan.site].student for plan, _ in good]
         self.state.student.load_state_dict(weighted_average(students, weights))
         if self.config.settings.ema == "visit":
             ema_update(self.state.teacher, self.state.student, good[0][0].momentum)
         else:
-            teachers = [m.unpack_state(self.state.teacher, reply.content[m.TEACHER]) for _, reply in good]
+            teachers = [self.checked[plan.site].teacher for plan, _ in good]
             self.state.teacher.load_state_dict(weighted_average(teachers, weights))
 
     def _evaluate_round(self, rnd: int, evaluated: set[int]) -> None:
@@ -363,10 +390,14 @@ class FederatedCoordinator:
             if isinstance(reply, Failure):
                 self._skip(rnd, self.state.visits_done, site, "evaluation", reply)
                 continue
+            try:  # issue 8: a malformed evaluation reply is skipped, never a crash
+                results = m.read_eval_reply(reply.content, self.schemas[site].classes, self.declared.get(site, {}).get(split))
+            except m.BadReply as exc:
+                self._skip(rnd, self.state.visits_done, site, "evaluation", Failure(f"rejected reply: {exc}", refused=True))
+                continue
             for label in (m.STUDENT, m.TEACHER):
-                if label in reply.content:
-                    result = m.eval_result(reply.content[label], self.schemas[site].classes)
-                    records.append(eval_record(rnd, site, label, split, result))
+                if label in results:
+                    records.append(eval_record(rnd, site, label, split, results[label]))
             student = next((r for r in records if r["site"] == site and r["model"] == m.STUDENT), None)
             teacher = next((r for r in records if r["site"] == site and r["model"] == m.TEACHER), None)
             self._site(site, "done", f"round {rnd + 1} evaluated",
