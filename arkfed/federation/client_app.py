@@ -276,7 +276,7 @@ def public_error(exc: BaseException) -> tuple[int, str]:
     from arkfed.updates import NonFiniteError
 
     if isinstance(exc, SiteRefusal):
-        return SITE_REFUSED, " ".join(exc.public.split())[:500]
+        return SITE_REFUSED, " ".join(exc.public.split())[:2000]
     if isinstance(exc, NonFiniteError):
         return SITE_FAILED, exc.category
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
