@@ -109,12 +109,12 @@ def load_model_record(module: "nn.Module", record: ArrayRecord, what: str = "mod
     module.load_state_dict(state)
 
 
-def unpack_state(module: "nn.Module", record: ArrayRecord) -> dict:
+def unpack_state(module: "nn.Module", record: ArrayRecord, what: str = "model") -> dict:
     """A packed record as a ``state_dict`` shaped like ``module``'s (for averaging)."""
     import copy
 
     clone = copy.deepcopy(module)
-    load_model_record(clone, record)
+    load_model_record(clone, record, what)
     return clone.state_dict()
 
 
@@ -245,10 +245,10 @@ def _record(content: RecordDict, key: str, kind: type, what: str):
     return record
 
 
-def _metric_values(record: MetricRecord, what: str) -> dict[str, float | int]:
+def _metric_values(record: MetricRecord, what: str, reserved: frozenset[str] = RESERVED_METRICS) -> dict[str, float | int]:
     values = {}
     for key, value in record.items():
-        if key in RESERVED_METRICS:
+        if key in reserved:
             raise BadReply(f"{what}: metric {key!r} is reserved for the coordinator's records")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise BadReply(f"{what}: metric {key!r} is a {type(value).__name__}, not a number")
@@ -258,7 +258,7 @@ def _metric_values(record: MetricRecord, what: str) -> dict[str, float | int]:
 
 def _unpack(module, record: ArrayRecord, what: str) -> dict:
     try:
-        return unpack_state(module, record)
+        return unpack_state(module, record, what)
     except ArkfedError as exc:
         raise BadReply(str(exc)) from None
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -275,7 +275,8 @@ def read_visit_reply(content: RecordDict, plan, student: "nn.Module", teacher: "
     from arkfed.updates import check_update
     from arkfed.visit import VisitResult
 
-    values = _metric_values(_record(content, METRICS, MetricRecord, "visit reply"), "visit reply")
+    values = _metric_values(_record(content, METRICS, MetricRecord, "visit reply"), "visit reply",
+                            RESERVED_METRICS - {"round", "visit"})  # a visit's own; checked against the plan below
     try:
         result = VisitResult.model_validate({"site": plan.site, **values}, strict=False)
     except ValidationError as exc:
