@@ -103,14 +103,15 @@ def test_bad_replies_are_skipped_the_teacher_stays_finite_and_errors_leave_no_pa
     federation.wait(timeout=RUN_TIMEOUT)  # the policy run, if this test runs alone
     paths = federation.paths
     _set_policies(paths, {name: {"min_batch_size": 2, "min_steps_per_visit": 1} for name in paths})
-    # cyclic, fixed order nih, chexpert, shenzhen: visits 0-5 over two rounds; only visit 2 is honest
+    # parallel mode (the average must not take a bad reply), nih, chexpert, shenzhen: visits 0-5 over
+    # two rounds; only visit 2 is honest (the cyclic path checks replies in the policy run above)
     federation.faults.write_text(json.dumps({
         f"{NIH}:visit:0": "nan", f"{CHEXPERT}:visit:1": "shape", f"{NIH}:visit:3": "missing",
         f"{CHEXPERT}:visit:4": "examples", f"{SHENZHEN}:visit:5": "error", f"{NIH}:eval:1": "site_metric",
     }))
     config = tiny_config(list(paths.values()), rounds=2)
     out = tmp_path / "run-faults"
-    federation.submit(config, out, fast_settings())
+    federation.submit(config, out, fast_settings(mode="parallel"))
     summary = federation.wait(timeout=RUN_TIMEOUT)
 
     skipped = {(s["site"], s["stage"], s["visit"] if s["stage"] == "visit" else s["round"]): s["reason"]

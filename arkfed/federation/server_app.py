@@ -391,13 +391,13 @@ class FederatedCoordinator:
                 self._skip(rnd, self.state.visits_done, site, "evaluation", reply)
                 continue
             try:  # issue 8: a malformed evaluation reply is skipped, never a crash
-                results = m.read_eval_reply(reply.content, self.schemas[site].classes, self.declared.get(site, {}).get(split))
+                checked = m.read_eval_reply(reply.content, self.schemas[site].classes, self.declared.get(site, {}).get(split))
             except m.BadReply as exc:
                 self._skip(rnd, self.state.visits_done, site, "evaluation", Failure(f"rejected reply: {exc}", refused=True))
                 continue
             for label in (m.STUDENT, m.TEACHER):
-                if label in results:
-                    records.append(eval_record(rnd, site, label, split, results[label]))
+                if label in checked:
+                    records.append(eval_record(rnd, site, label, split, checked[label]))
             student = next((r for r in records if r["site"] == site and r["model"] == m.STUDENT), None)
             teacher = next((r for r in records if r["site"] == site and r["model"] == m.TEACHER), None)
             self._site(site, "done", f"round {rnd + 1} evaluated",
