@@ -154,3 +154,31 @@ def test_per_class_metrics_stay_at_the_site_when_its_policy_says_so(site_setup):
         keys = set(reply.content[m.STUDENT].keys())
         assert "mean_auc" in keys and "loss" in keys
         assert any(k.startswith(m.AUC_PREFIX) for k in keys) == allowed
+
+
+def test_arkfed_site_shows_each_run_waiting_for_approval_once(tmp_path):
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from arkfed.cli.federation import _show_pending_runs
+    from arkfed.policy import wait_for_approval
+
+    settings = TrainSettings(batch_size=32, max_steps_per_visit=50)
+    fingerprint = run_fingerprint("run42", SPEC, settings)
+    details = {"run_uid": "run42", "request": "visit", "split": None, "model": SPEC.model_dump(mode="json"),
+               "settings": settings.model_dump(mode="json")}
+    refusal = wait_for_approval(tmp_path, fingerprint, details, timeout=0.05, poll=0.01)
+    assert refusal.key == "approval"
+    out = io.StringIO()
+    node = SimpleNamespace(name="mimic", state_dir=tmp_path, config_path=tmp_path / "mimic.yaml")
+    shown: set[str] = set()
+    console = Console(file=out, width=200, highlight=False)
+    _show_pending_runs(node, console, shown)
+    _show_pending_runs(node, console, shown)
+    text = out.getvalue()
+    assert text.count(f"fingerprint {fingerprint}") == 1 and "batch 32" in text and "max steps per visit 50" in text
+    assert f"arkfed site --config {tmp_path / 'mimic.yaml'} --approve {fingerprint}" in text
+    approve_run(tmp_path, fingerprint)
+    assert pending_runs(tmp_path) == [] and wait_for_approval(tmp_path, fingerprint, details, timeout=0.05) is None
