@@ -79,7 +79,7 @@ class Refusal:
         return f"policy_refused: {self.key}: {self.reason}"
 
 
-def planned_steps(settings: "TrainSettings", train_size: int) -> tuple[int, int]:
+def planned_steps(settings: TrainSettings, train_size: int) -> tuple[int, int]:
     """(batch, steps) a visit really takes on ``train_size`` images, as
     :func:`arkfed.data.visit_draws` cuts it: whole batches, at least one, at most max_steps."""
     batch = min(settings.batch_size, train_size)
@@ -92,15 +92,16 @@ def planned_steps(settings: "TrainSettings", train_size: int) -> tuple[int, int]
 def check_request(
     policy: SitePolicy,
     kind: RequestKind,
-    settings: "TrainSettings",
-    plan: "VisitPlan | None" = None,
+    settings: TrainSettings,
+    plan: VisitPlan | None = None,
     split: str | None = None,
-    spec: "ModelSpec | None" = None,
+    spec: ModelSpec | None = None,
     train_size: int | None = None,
 ) -> Refusal | None:
     """The first policy key a request breaks, or None. Plain and side-effect free: the ClientApp
     calls it before touching data or weights; ``train_size`` (the site's own) makes the batch and
-    step limits count what the visit would really do."""
+    step limits count what the visit would really do. ``plan`` (the visit's schedule values) is
+    part of every visit request; no rule reads it yet."""
     if spec is not None and spec.img_size > policy.max_image_size:
         return Refusal("max_image_size", f"image size {spec.img_size} > {policy.max_image_size}")
     if settings.num_workers > policy.max_workers:
@@ -128,7 +129,7 @@ def check_request(
 # -- approval -------------------------------------------------------------------------------
 
 
-def run_fingerprint(run_uid: str, spec: "ModelSpec", settings: "TrainSettings") -> str:
+def run_fingerprint(run_uid: str, spec: ModelSpec, settings: TrainSettings) -> str:
     """What the operator approves: the run's id, model and settings (16 hex digits of SHA-256)."""
     text = json.dumps({"run": run_uid, "spec": spec.model_dump(mode="json"), "settings": settings.model_dump(mode="json")},
                       sort_keys=True)

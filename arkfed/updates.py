@@ -11,7 +11,8 @@ checks serve the Flower ServerApp, the shared loop and the tests.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from arkfed.errors import ArkfedError
 
@@ -29,21 +30,21 @@ class NonFiniteError(ArkfedError):
         self.category = category
 
 
-def non_finite_keys(state: Mapping[str, "Tensor"]) -> list[str]:
+def non_finite_keys(state: Mapping[str, Tensor]) -> list[str]:
     """Names of floating-point tensors holding a NaN or an Inf."""
     import torch
 
     return [key for key, value in state.items() if value.dtype.is_floating_point and not bool(torch.isfinite(value).all())]
 
 
-def check_finite(state: Mapping[str, "Tensor"], what: str) -> None:
+def check_finite(state: Mapping[str, Tensor], what: str) -> None:
     """Raise :class:`NonFiniteError` when any tensor of ``state`` is not finite."""
     bad = non_finite_keys(state)
     if bad:
         raise NonFiniteError(f"{what} has non-finite values in {len(bad)} tensor(s), first {bad[0]!r}")
 
 
-def max_examples(split_size: int, settings: "TrainSettings") -> int:
+def max_examples(split_size: int, settings: TrainSettings) -> int:
     """The most examples a visit can see on a training split of ``split_size`` images: whole
     batches over ``local_epochs`` epochs (:func:`arkfed.data.visit_draws`), capped by max_steps."""
     batch = min(settings.batch_size, split_size)
@@ -53,7 +54,7 @@ def max_examples(split_size: int, settings: "TrainSettings") -> int:
     return max(bound, 0)
 
 
-def update_norm(reference: Mapping[str, "Tensor"], update: Mapping[str, "Tensor"]) -> float:
+def update_norm(reference: Mapping[str, Tensor], update: Mapping[str, Tensor]) -> float:
     """||update - reference|| over the floating-point tensors (float64 accumulation)."""
     import torch
 
@@ -65,8 +66,8 @@ def update_norm(reference: Mapping[str, "Tensor"], update: Mapping[str, "Tensor"
 
 
 def check_update(
-    reference: Mapping[str, "Tensor"],
-    update: Mapping[str, "Tensor"],
+    reference: Mapping[str, Tensor],
+    update: Mapping[str, Tensor],
     num_examples: int,
     split_size: int | None,
     max_norm: float | None,

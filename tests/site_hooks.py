@@ -38,7 +38,7 @@ def _fault(msg, context) -> str | None:
 
 def _replace_array(record: ArrayRecord, dtype: str, values: np.ndarray) -> ArrayRecord:
     out = ArrayRecord()
-    for key in record.keys():
+    for key in record:
         out[key] = Array(values) if key == dtype else record[key]
     return out
 

@@ -7,6 +7,8 @@ import json
 import threading
 
 import pytest
+from federation_fixtures import make_sites, tiny_config
+from site_messages import RUN_UID, context, message, request, set_policy
 from typer.testing import CliRunner
 
 from arkfed.coordinator import initial_state
@@ -17,20 +19,23 @@ from arkfed.federation.client_app import SITE_REFUSED, app
 from arkfed.federation.site_state import read_outbox
 from arkfed.model import ModelSpec
 from arkfed.policy import (
-    SitePolicy, approve_run, approved_runs, check_request, pending_runs, planned_steps, run_fingerprint,
+    SitePolicy,
+    approve_run,
+    approved_runs,
+    check_request,
+    pending_runs,
+    planned_steps,
+    run_fingerprint,
 )
 from arkfed.site import load_site, load_site_config
 from arkfed.training import TrainSettings, plan_visits
 
-from federation_fixtures import make_sites, tiny_config
-from site_messages import RUN_UID, context, message, request, set_policy
-
 SPEC = ModelSpec(model="test_resnet", img_size=224)
 
 
-def _visit(policy=SitePolicy(), train_size=None, spec=SPEC, **settings):
+def _visit(policy=None, train_size=None, spec=SPEC, **settings):
     options = {"batch_size": 32} | settings
-    return check_request(policy, "visit", TrainSettings(**options), spec=spec, train_size=train_size)
+    return check_request(policy or SitePolicy(), "visit", TrainSettings(**options), spec=spec, train_size=train_size)
 
 
 def test_defaults_refuse_what_would_leak_and_name_the_key():
@@ -46,7 +51,7 @@ def test_defaults_refuse_what_would_leak_and_name_the_key():
     assert refusal.key == "min_batch_size" and "batch size 10 < 16 (the training split has 10 images)" in refusal.reason
     assert str(_visit(train_size=100)) == "policy_refused: min_steps_per_visit: 3 steps per visit < 10"
     assert _visit(train_size=100, local_epochs=4) is None
-    evaluate = lambda split, p=SitePolicy(): check_request(p, "evaluate", TrainSettings(batch_size=1), split=split, spec=SPEC)
+    evaluate = lambda split, p=None: check_request(p or SitePolicy(), "evaluate", TrainSettings(batch_size=1), split=split, spec=SPEC)
     assert evaluate("val") is None  # an evaluation takes no gradient: batch size does not matter
     assert str(evaluate("test")) == "policy_refused: evaluate_splits: split 'test' is not in ['val']"
     assert evaluate("test", SitePolicy(evaluate_splits=["val", "test"])) is None
@@ -106,7 +111,7 @@ def test_the_clientapp_refuses_before_loading_anything(site_setup):
     assert reply.error.reason == "policy_refused: evaluate_splits: split 'test' is not in ['val']"
     assert not store.exists()  # no head was ever stored: nothing ran
     sent = read_outbox(site.config.local_state_dir)[-4:]
-    assert [e["error"]["reason"] for e in sent][0].startswith("policy_refused: min_batch_size")
+    assert sent[0]["error"]["reason"].startswith("policy_refused: min_batch_size")
     log = (site.config.local_state_dir / "logs" / "site-errors.log").read_text()
     assert "refused by the site's policy: policy_refused: max_image_size" in log
 

@@ -11,22 +11,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from federation_fixtures import make_sites, tiny_config
 from flwr.app import Error, Message
+from site_hooks import FAULTS_ENV, LEAKY_ERROR
+from site_messages import context, message, request
 
 from arkfed.coordinator import initial_state
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.client_app import (
-    SITE_FAILED, SITE_REFUSED, TEST_HOOK_ENV, SiteRefusal, app, guard_task_replies, public_error,
+    SITE_FAILED,
+    SITE_REFUSED,
+    TEST_HOOK_ENV,
+    SiteRefusal,
+    app,
+    guard_task_replies,
+    public_error,
 )
 from arkfed.federation.site_state import read_outbox
 from arkfed.site import load_site
 from arkfed.training import plan_visits
 from arkfed.updates import NonFiniteError
-
-from federation_fixtures import make_sites, tiny_config
-from site_hooks import FAULTS_ENV, LEAKY_ERROR
-from site_messages import context, message, request
 
 LEAKS = ("Jane Doe", "p10000032", "s50414267", "C:\\", "02aa804e")
 
@@ -101,7 +106,7 @@ def test_errors_built_by_flowers_task_runtime_are_replaced_before_they_leave(sit
 
 
 def test_the_site_checks_its_student_is_finite_before_returning_it(site_setup):
-    path, site, config, state = site_setup
+    path, site, config, _ = site_setup
     broken = initial_state(config, {site.name: site.schema})
     # a NaN running mean: training-mode BatchNorm ignores it, so the loss stays finite and only the
     # site's final check can notice that the student it would return is not

@@ -13,11 +13,18 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from arkfed.data import visit_draws
+from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.model import ArkModel, ModelSpec
 from arkfed.runs import RunFolder, RunState
 from arkfed.training import TrainSettings, VisitPlan
-from arkfed.updates import NonFiniteError, check_finite, check_update, max_examples, update_norm
+from arkfed.updates import (
+    NonFiniteError,
+    check_finite,
+    check_update,
+    max_examples,
+    update_norm,
+)
 
 SPEC = ModelSpec(model="test_resnet", img_size=32, projector_dim=16)
 PLAN = VisitPlan(round=1, visit=4, total_visits=6, site="a", consistency=0.1, momentum=0.9, lr=1e-3, seed=5)
@@ -97,7 +104,7 @@ def test_a_good_visit_reply_is_parsed_into_the_result_and_the_returned_state(mod
 
 def _replace(record: ArrayRecord, dtype: str, array: np.ndarray) -> ArrayRecord:
     out = ArrayRecord()
-    for key in record.keys():
+    for key in record:
         out[key] = Array(array) if key == dtype else record[key]
     return out
 
@@ -195,5 +202,5 @@ def test_the_previous_checkpoint_is_kept_and_used_when_the_latest_cannot_be_read
         assert run.load_checkpoint().visits_done == 3
     run.previous_checkpoint_path.unlink()
     run.checkpoint_path.write_bytes(data[:100])
-    with pytest.raises(Exception):
+    with pytest.raises(ArkfedError, match="checkpoint.safetensors"):  # no previous one: a clear error
         run.load_checkpoint()
