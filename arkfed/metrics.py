@@ -18,6 +18,7 @@ from arkfed.schema import LabelSchema
 
 if TYPE_CHECKING:
     from arkfed.dataset import DatasetTable
+    from arkfed.site import ComputeSettings
     from arkfed.model import ArkModel, SiteHead
     from arkfed.training import TrainSettings
 
@@ -154,19 +155,21 @@ def evaluate_site(
     settings: "TrainSettings",
     calibration: "DatasetTable | None" = None,
     calibration_images: int = CALIBRATION_IMAGES,
+    compute: "ComputeSettings | None" = None,
 ) -> dict:
     """Loss, per-class AUC, mean AUC (and accuracy for multiclass) of ``head(model(x))`` on a split.
 
     With ``calibration`` (the site's training split) a BatchNorm model is scored with running
     statistics re-estimated on up to ``calibration_images`` of its images (see
     :func:`recalibrate_batchnorm`); the result then says ``"bn_recalibrated": true``. Uses
-    ``settings.batch_size``, ``settings.num_workers`` and ``settings.device``; the model is moved
-    to that device and stays there.
+    ``settings.batch_size`` and the site's ``compute`` (device, workers; CPU when not given); the
+    model is moved to that device and stays there.
     """
     from arkfed.data import make_eval_loader
     from arkfed.training import memory_format, resolve_device
 
-    device = resolve_device(settings.device)
+    device = resolve_device(compute.device if compute is not None else "cpu")
+    workers = compute.workers() if compute is not None else 0
     model.to(device, memory_format=memory_format(device))
     head.to(device)
     pin = device.type == "cuda"
@@ -174,9 +177,9 @@ def evaluate_site(
     if recalibrate:
         subset = calibration.subset(np.arange(min(calibration_images, len(calibration))))
         model = recalibrate_batchnorm(
-            model, make_eval_loader(subset, schema, model.spec, settings.batch_size, settings.num_workers, pin), device
+            model, make_eval_loader(subset, schema, model.spec, settings.batch_size, workers, pin), device
         )
-    loader = make_eval_loader(table, schema, model.spec, settings.batch_size, settings.num_workers, pin)
+    loader = make_eval_loader(table, schema, model.spec, settings.batch_size, workers, pin)
     result = score_predictions(predict(model, head, loader, device), schema)
     result["bn_recalibrated"] = recalibrate
     return result

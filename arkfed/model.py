@@ -24,10 +24,10 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = "swin_base_patch4_window7_224"
-    projector: ProjectorKind = "linear"
-    projector_dim: int = Field(default=1376, ge=1)
-    img_size: int = Field(default=224, ge=16)
+    model: str = Field(default="swin_base_patch4_window7_224", description="timm backbone")
+    projector: ProjectorKind = Field(default="linear", description="linear | mlp")
+    projector_dim: int = Field(default=1376, ge=1, description="projector output (embedding) width")
+    img_size: int = Field(default=224, ge=16, description="input size in pixels")
     num_features: int | None = None  # filled in once the backbone is built
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)

@@ -1,7 +1,7 @@
 """How a training run reports itself: a rich live view, or plain lines for CI logs (quiet mode).
 
-Both reporters have the same methods, called by the coordinator; the visit-level callback
-(:meth:`TrainProgress.step`) matches :data:`arkfed.visit.VisitProgress`.
+Both are callbacks of the Ark loop (:class:`arkfed.callbacks.LoopCallback`); ``on_step`` matches
+:data:`arkfed.visit.VisitProgress`.
 """
 
 from __future__ import annotations
@@ -13,48 +13,47 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from arkfed.callbacks import LoopCallback
+
 if TYPE_CHECKING:
+    from arkfed.callbacks import RunInfo
     from arkfed.training import VisitPlan
-    from arkfed.visit import VisitResult
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
-class QuietProgress:
-    """One plain line per visit and per round's evaluation: readable in CI logs."""
+class QuietProgress(LoopCallback):
+    """One plain line per round's evaluation (and per visit with ``per_visit``): readable in CI
+    logs and in a Flower ServerApp's streamed output."""
 
     def __init__(self, console: Console | None = None, per_visit: bool = False):
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.per_visit = per_visit
         self.total = 0
+        self.rounds = 0
 
-    def start(self, total_visits: int, done: int) -> None:
-        self.total = total_visits
-        if done:
-            self.console.print(f"resuming after visit {done}/{total_visits}")
+    def on_run_start(self, run: "RunInfo") -> None:
+        self.total, self.rounds = run.total_visits, run.config.rounds
+        if run.visits_done:
+            self.console.print(f"resuming after visit {run.visits_done}/{run.total_visits}")
 
-    def visit_started(self, plan: "VisitPlan") -> None:
-        pass
-
-    def step(self, step: int, steps: int, loss: float) -> None:
-        pass
-
-    def visit_finished(self, plan: "VisitPlan", result: "VisitResult") -> None:
+    def on_visit_end(self, plan: "VisitPlan", record: dict) -> None:
         if self.per_visit:
             self.console.print(
-                f"visit {plan.visit + 1}/{self.total} {plan.site}: loss {result.loss:.4f} "
-                f"({result.images_per_s:.0f} img/s)"
+                f"visit {plan.visit + 1}/{self.total} {plan.site}: loss {record['loss']:.4f} "
+                f"({record['images_per_s']:.0f} img/s)"
             )
 
-    def round_evaluated(self, rnd: int, rounds: int, records: list[dict]) -> None:
-        parts = [f"{r['site']} {_fmt(r['mean_auc'])}" for r in records if r["model"] == "student"]
-        teacher = [f"{r['site']} {_fmt(r['mean_auc'])}" for r in records if r["model"] == "teacher"]
-        self.console.print(f"round {rnd + 1}/{rounds} val mean AUC  student: {', '.join(parts)}  teacher: {', '.join(teacher)}")
+    def on_warning(self, text: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {text}")
 
-    def close(self) -> None:
-        pass
+    def on_round_end(self, rnd: int, records: list[dict]) -> None:
+        evals = [r for r in records if r.get("kind") == "eval"]
+        parts = [f"{r['site']} {_fmt(r['mean_auc'])}" for r in evals if r["model"] == "student"]
+        teacher = [f"{r['site']} {_fmt(r['mean_auc'])}" for r in evals if r["model"] == "teacher"]
+        self.console.print(f"round {rnd + 1}/{self.rounds} val mean AUC  student: {', '.join(parts)}  teacher: {', '.join(teacher)}")
 
 
 class RichProgress(QuietProgress):
@@ -72,26 +71,27 @@ class RichProgress(QuietProgress):
         self.overall = None
         self.current = None
 
-    def start(self, total_visits: int, done: int) -> None:
-        super().start(total_visits, done)
+    def on_run_start(self, run: "RunInfo") -> None:
+        super().on_run_start(run)
         self.progress.start()
-        self.overall = self.progress.add_task("visits", total=total_visits, completed=done, info="")
+        self.overall = self.progress.add_task("visits", total=run.total_visits, completed=run.visits_done, info="")
         self.current = self.progress.add_task("site", total=1, info="", visible=False)
 
-    def visit_started(self, plan: "VisitPlan") -> None:
+    def on_visit_start(self, plan: "VisitPlan") -> None:
         self.progress.update(
             self.overall, description=f"round {plan.round + 1}", info=f"c={plan.consistency:.2f} m={plan.momentum:.3f}"
         )
         self.progress.reset(self.current, total=1, description=f"  {plan.site}", info="", visible=True)
 
-    def step(self, step: int, steps: int, loss: float) -> None:
+    def on_step(self, step: int, steps: int, loss: float) -> None:
         self.progress.update(self.current, completed=step, total=steps, info=f"loss {loss:.4f}")
 
-    def visit_finished(self, plan: "VisitPlan", result: "VisitResult") -> None:
+    def on_visit_end(self, plan: "VisitPlan", record: dict) -> None:
         self.progress.update(self.overall, advance=1)
 
-    def round_evaluated(self, rnd: int, rounds: int, records: list[dict]) -> None:
-        super().round_evaluated(rnd, rounds, records)
+    def on_skip(self, record: dict) -> None:
+        if record.get("stage") == "visit":
+            self.progress.update(self.overall, advance=1)
 
     def close(self) -> None:
         self.progress.stop()

@@ -8,7 +8,9 @@
     RUN/checkpoint.prev.safetensors  the checkpoint before it (read, with a warning, when the latest cannot be)
     RUN/teacher.safetensors       the teacher (backbone + projector): the foundation model
     RUN/student.safetensors
-    RUN/heads/<site>.safetensors  each site's head, with its class names and schema
+    RUN/heads/<site>.safetensors  each site's (student) head, with its class names and schema
+    RUN/teacher-heads/<site>.safetensors  the teacher's head for each site (an EMA of the student's)
+    RUN/sites.yaml                the site YAMLs of a local run (what --resume reloads)
     RUN/summary.json              final metrics per site
 
 The checkpoint is one file so that it is always consistent (weights and counter from the same
@@ -18,10 +20,11 @@ checkpoint and a metrics line never leaves duplicates or holes.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -29,7 +32,8 @@ import yaml
 from arkfed.errors import ArkfedError
 from arkfed.model import ArkModel, ModelSpec, SiteHead
 from arkfed.schema import LabelSchema
-from arkfed.training import TrainConfig
+from arkfed.site_tasks import SiteHeads, catch_up
+from arkfed.training import TeacherClock, TrainConfig
 from arkfed.io import append_jsonl, atomic_write, read_jsonl, rewrite_jsonl
 from arkfed.weights import read_safetensors, save_ark_model, save_head, save_safetensors
 
@@ -38,12 +42,23 @@ CHECKPOINT_KEY = "arkfed_checkpoint"
 
 @dataclass
 class RunState:
-    """The weights of a run between two visits, and how many visits they include."""
+    """The weights of a run between two visits, and how many visits they include.
+
+    Heads are here only for in-process sites; in federated runs they stay at the sites.
+    """
 
     student: ArkModel
     teacher: ArkModel
     heads: dict[str, SiteHead]
     visits_done: int = 0
+    teacher_heads: dict[str, SiteHead] = field(default_factory=dict)
+    clock: TeacherClock = field(default_factory=TeacherClock)
+    versions: dict[str, int] = field(default_factory=dict)  # per site, its last accepted visit
+
+
+def config_text(config: TrainConfig) -> str:
+    """What ``RUN/config.yaml`` holds for ``config`` (also what ``--dry-run`` prints)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -65,22 +80,40 @@ class RunFolder:
     previous_checkpoint_path = property(lambda self: self.path / "checkpoint.prev.safetensors")
     summary_path = property(lambda self: self.path / "summary.json")
     heads_dir = property(lambda self: self.path / "heads")
+    teacher_heads_dir = property(lambda self: self.path / "teacher-heads")
+    sites_path = property(lambda self: self.path / "sites.yaml")
 
     def has_run(self) -> bool:
         return self.config_path.is_file()
 
     # -- config ---------------------------------------------------------------------------
     def write_config(self, config: TrainConfig) -> None:
-        text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+        text = config_text(config)
         atomic_write(self.config_path, lambda tmp: tmp.write_text(text))
 
     def read_config(self) -> TrainConfig:
         if not self.config_path.is_file():
             raise ArkfedError(f"{self.path}: not a run folder (no config.yaml)")
         try:
-            return TrainConfig.model_validate(yaml.safe_load(self.config_path.read_text()))
+            data = yaml.safe_load(self.config_path.read_text())
+            data.pop("site_configs", None)  # run folders before arkfed 0.2 kept them here
+            data.get("settings", {}).pop("device", None)  # ... and the sites' hardware
+            data.get("settings", {}).pop("num_workers", None)
+            return TrainConfig.model_validate(data)
         except Exception as exc:
-            raise ArkfedError(f"{self.config_path}: invalid run config: {exc}") from None
+            raise ArkfedError(f"{self.config_path}: invalid run config: {' '.join(str(exc).split())}") from None
+
+    def write_site_configs(self, paths: list[str]) -> None:
+        """Where a local run's sites are described (not part of the run's configuration)."""
+        text = yaml.safe_dump({"site_configs": [str(p) for p in paths]}, sort_keys=False)
+        atomic_write(self.sites_path, lambda tmp: tmp.write_text(text))
+
+    def read_site_configs(self) -> list[str]:
+        if self.sites_path.is_file():
+            return list(yaml.safe_load(self.sites_path.read_text()).get("site_configs") or [])
+        if self.config_path.is_file():  # an older run folder
+            return list((yaml.safe_load(self.config_path.read_text()) or {}).get("site_configs") or [])
+        return []
 
     # -- metrics --------------------------------------------------------------------------
     def append_metrics(self, record: dict) -> None:
@@ -99,10 +132,14 @@ class RunFolder:
         tensors |= {f"teacher.{k}": v for k, v in state.teacher.state_dict().items()}
         for site, head in state.heads.items():
             tensors |= {f"heads.{site}.{k}": v for k, v in head.state_dict().items()}
+        for site, head in state.teacher_heads.items():
+            tensors |= {f"teacher_heads.{site}.{k}": v for k, v in head.state_dict().items()}
         meta = {
             "visits_done": state.visits_done,
             "spec": state.student.spec.model_dump(mode="json"),
             "heads": {site: head.schema.model_dump(mode="json") for site, head in state.heads.items()},
+            "clock": state.clock.model_dump(mode="json"),
+            "versions": state.versions,
         }
         if self.checkpoint_path.is_file():  # keep the previous one (issue 8): a fallback if the new one is unreadable
             os.replace(self.checkpoint_path, self.previous_checkpoint_path)
@@ -138,12 +175,17 @@ class RunFolder:
         student, teacher = ArkModel(spec), ArkModel(spec)
         student.load_state_dict(part("student."))
         teacher.load_state_dict(part("teacher."))
-        heads = {}
+        heads, teacher_heads = {}, {}
         for site, schema in meta["heads"].items():
-            head = SiteHead(site, LabelSchema.model_validate(schema), spec.projector_dim)
-            head.load_state_dict(part(f"heads.{site}."))
-            heads[site] = head
-        return RunState(student, teacher, heads, int(meta["visits_done"]))
+            for store, prefix in ((heads, "heads"), (teacher_heads, "teacher_heads")):
+                state = part(f"{prefix}.{site}.")
+                if state:
+                    head = SiteHead(site, LabelSchema.model_validate(schema), spec.projector_dim)
+                    head.load_state_dict(state)
+                    store[site] = head
+        clock = TeacherClock.model_validate(meta.get("clock", {}))
+        versions = {str(k): int(v) for k, v in meta.get("versions", {}).items()}
+        return RunState(student, teacher, heads, int(meta["visits_done"]), teacher_heads, clock, versions)
 
     # -- weights and summary --------------------------------------------------------------
     def save_weights(self, state: RunState) -> None:
@@ -152,6 +194,12 @@ class RunFolder:
         save_ark_model(self.path / "student.safetensors", state.student)
         for site, head in state.heads.items():
             save_head(self.heads_dir / f"{site}.safetensors", head)
+        for site, head in state.teacher_heads.items():  # caught up with the teacher steps since the site's visit
+            current = SiteHeads(state.heads[site], copy.deepcopy(head)) if site in state.heads else None
+            if current is not None:
+                catch_up(current, state.clock.pending(site))
+                head = current.teacher
+            save_head(self.teacher_heads_dir / f"{site}.safetensors", head)
 
     def write_summary(self, summary: dict) -> None:
         text = json.dumps(summary, indent=2, allow_nan=True)

@@ -13,7 +13,6 @@ import json
 import keyword
 import os
 import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from arkfed.errors import ArkfedError
 from arkfed.label_files import read_csv, require_columns
-from arkfed.plugins import discover_plugins
+from arkfed.plugins import discover_plugins, forget_plugin_file
 from arkfed.schema import LabelSchema, MissingPolicy, TaskType, UncertainPolicy
 
 LABEL_VALUES = (0.0, 1.0, -1.0)
@@ -234,7 +233,7 @@ def _refuse_overwrite(request: DatasetRequest, plugin_file: Path, site_file: Pat
         if path.exists():
             raise ArkfedError(f"{path} already exists; pass --force to overwrite it")
     catalog = discover_plugins([request.plugins_dir])
-    if request.name in catalog.plugins:
+    if request.name in catalog.plugins or request.name in catalog.failures:
         raise ArkfedError(f"a dataset plugin named {request.name!r} already exists; choose another name or pass --force")
 
 
@@ -258,21 +257,18 @@ def scaffold_dataset(request: DatasetRequest) -> ScaffoldResult:
     request.sites_dir.mkdir(parents=True, exist_ok=True)
     plugin_file.write_text(plugin_source(request, inferred, file_option))
     site_file.write_text(site_yaml(request.name, _relative(root, request.sites_dir)))
-    _forget_module(plugin_file)
+    forget_plugin_file(plugin_file)  # a rewritten file (--force) is read again, not its cached module
     return ScaffoldResult(plugin_file=plugin_file, site_file=site_file, site_name=request.name, label_schema=schema, inferred=inferred)
 
 
 def _schema(request: DatasetRequest, inferred: InferredLabels) -> LabelSchema:
     classes = tuple(inferred.classes or inferred.label_columns)
     if request.task == "binary" and len(classes) != 1:
-        raise ArkfedError(f"a binary task has one label column (the positive finding); found {list(classes)}: pick one with --label-columns")
+        raise ArkfedError(
+            f"a binary task has one label column (the positive finding); found {list(classes)}: pick one with --label-columns"
+        )
     try:
         return LabelSchema(task=request.task, classes=classes, uncertain=request.uncertain, missing=request.missing)
     except ValidationError as exc:
         raise ArkfedError(f"{request.labels}: cannot make a {request.task} schema of {list(classes)}: {exc.errors()[0]['msg']}") from None
 
-
-def _forget_module(plugin_file: Path) -> None:
-    """Drop a previously imported version of this plugin file so discovery reads the new one."""
-    stale = f"arkfed_plugins.{plugin_file.parent.name}.{plugin_file.stem}"  # arkfed.plugins' module naming
-    sys.modules.pop(stale, None)

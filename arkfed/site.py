@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -30,6 +30,36 @@ class LabelPolicies(BaseModel):
     missing: MissingPolicy | None = None
 
 
+class ComputeSettings(BaseModel):
+    """The site's own hardware: never sent by the coordinator (a site decides how it trains).
+
+    ``precision: auto`` is bf16 autocast on CUDA and fp32 on CPU; ``num_workers: null`` picks
+    0 on CPU (workers would compete with the model for the cores) and up to 8 with CUDA.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field(default="cpu", description="cpu | cuda | cuda:N | auto")
+    num_workers: int | None = Field(default=None, ge=0, description="DataLoader worker processes")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gpus: int = Field(default=1, ge=1, description="GPUs one visit uses (DistributedDataParallel when > 1)")
+
+    def workers(self) -> int:
+        if self.num_workers is not None:
+            return self.num_workers
+        import os
+
+        from arkfed.training import resolve_device
+
+        if resolve_device(self.device).type != "cuda":
+            return 0
+        return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+    def override(self, **values) -> "ComputeSettings":
+        """A copy with the given values (``None`` = keep), e.g. ``arkfed train --device cuda``."""
+        return self.model_copy(update={k: v for k, v in values.items() if v is not None})
+
+
 class SiteConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -42,6 +72,7 @@ class SiteConfig(BaseModel):
     image_size: int | None = Field(default=None, ge=16, le=2048)
     state_dir: Path | None = None
     max_images: int | None = Field(default=None, ge=1, description="cap per split, for quick trials")
+    compute: ComputeSettings = Field(default_factory=ComputeSettings)
     policy: SitePolicy = Field(default_factory=SitePolicy, description="what a coordinator may ask (federated runs)")
 
     @property

@@ -24,30 +24,31 @@ from arkfed.schedules import consistency_weight, teacher_momentum
 ViewsMode = Literal["ark", "ark+", "independent"]
 EmaMode = Literal["visit", "iteration"]
 OrderMode = Literal["fixed", "shuffle"]
+FederationMode = Literal["cyclic", "parallel"]
+Weighting = Literal["equal", "samples"]
 
 
 class TrainSettings(BaseModel):
-    """Hyper-parameters of a site visit (sent to every site in federated runs)."""
+    """Hyper-parameters of a site visit (sent to every site in federated runs). The hardware a
+    site trains on is the site's own (:class:`arkfed.site.ComputeSettings`), not part of this."""
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(default=32, ge=1)
-    local_epochs: int = Field(default=1, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    min_lr: float = Field(default=1e-5, ge=0)
-    optimizer: Literal["sgd", "adamw"] = "adamw"
+    batch_size: int = Field(default=32, ge=1, description="images per step at a site")
+    local_epochs: int = Field(default=1, ge=1, description="epochs over a site's training split per visit")
+    lr: float = Field(default=1e-3, gt=0, description="peak learning rate (warm-up + cosine over visits)")
+    min_lr: float = Field(default=1e-5, ge=0, description="final learning rate of the cosine")
+    optimizer: Literal["sgd", "adamw"] = Field(default="adamw", description="sgd | adamw (timm create_optimizer_v2)")
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
-    weight_decay: float = Field(default=0.05, ge=0)
-    warmup_visits: int = Field(default=0, ge=0)
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    views: ViewsMode = "ark"
-    jitter_p: float = Field(default=0.3, ge=0, le=1)
-    ema: EmaMode = "visit"
-    momentum_teacher: float = Field(default=0.9, ge=0, le=1)
-    max_consistency: float = Field(default=0.5, ge=0, le=1)
-    device: str = "cpu"
-    num_workers: int = Field(default=0, ge=0)
-    max_steps_per_visit: int | None = Field(default=None, ge=1)
+    weight_decay: float = Field(default=0.05, ge=0, description="weight decay (not on biases and norms)")
+    warmup_visits: int = Field(default=0, ge=0, description="linear lr warm-up, in visits")
+    crop_scale: tuple[float, float] = Field(default=(0.08, 1.0), description="random-resized-crop area range MIN,MAX")
+    views: ViewsMode = Field(default="ark", description="ark (teacher: same crop, student: + jitter) | ark+ (teacher: whole image) | independent")
+    jitter_p: float = Field(default=0.3, ge=0, le=1, description="probability of the student's intensity jitter")
+    ema: EmaMode = Field(default="visit", description="teacher EMA after each visit (Ark) | iteration")
+    momentum_teacher: float = Field(default=0.9, ge=0, le=1, description="teacher momentum at the first visit (cosine to 1)")
+    max_consistency: float = Field(default=0.5, ge=0, le=1, description="final consistency weight c (cosine from 0); 0 = no teacher term")
+    max_steps_per_visit: int | None = Field(default=None, ge=1, description="cap on batches per visit (quick trials)")
 
     @field_validator("crop_scale")
     @classmethod
@@ -79,13 +80,15 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sites: list[str] = Field(min_length=1, description="site names, in visiting order")
-    site_configs: list[str] = Field(default_factory=list, description="site YAML paths (local mode)")
-    rounds: int = Field(default=1, ge=1)
-    order: OrderMode = "fixed"
-    seed: int = Field(default=0, ge=0)
+    recipe: str | None = Field(default=None, description="the recipe the settings started from")
+    rounds: int = Field(default=1, ge=1, description="rounds; each visits every site once")
+    mode: FederationMode = Field(default="cyclic", description="cyclic (Ark: one site after another, teacher EMA after each) | parallel (every site from the same student, averaged, one teacher EMA per round)")
+    weighting: Weighting = Field(default="samples", description="parallel mode's average: samples (FedAvg) | equal (Ark+)")
+    order: OrderMode = Field(default="fixed", description="site order per round: fixed | shuffle")
+    seed: int = Field(default=0, ge=0, description="seed of initialisation, data order and augmentation")
     model: ModelSpec = Field(default_factory=ModelSpec)
-    init: str = "random"
-    eval_split: str = "val"
+    init: str = Field(default="random", description="random | imagenet | PATH (weights file, export or run folder)")
+    eval_split: str = Field(default="val", description="the split every site evaluates after each round")
     settings: TrainSettings = Field(default_factory=TrainSettings)
 
     @field_validator("sites")
@@ -98,6 +101,34 @@ class TrainConfig(BaseModel):
     @property
     def total_visits(self) -> int:
         return self.rounds * len(self.sites)
+
+
+class TeacherClock(BaseModel):
+    """The teacher EMA steps a run has taken, so that each site's teacher head can be caught up
+    with the steps it missed (see :mod:`arkfed.site_tasks`).
+
+    ``events``: (visit index after which the teacher moved, momentum); ``last``: per site, the
+    event that included its last accepted visit (its teacher head is current up to there).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[tuple[int, float]] = Field(default_factory=list)
+    last: dict[str, int] = Field(default_factory=dict)
+
+    def record(self, visit: int, momentum: float, sites: Sequence[str]) -> None:
+        self.events.append((visit, momentum))
+        for site in sites:
+            self.last[site] = visit
+
+    def pending(self, site: str) -> float:
+        """The product of the momenta of every teacher step since the site's own last one."""
+        since = self.last.get(site, -1)
+        product = 1.0
+        for visit, momentum in self.events:
+            if visit > since:
+                product *= momentum
+        return product
 
 
 def derive_seed(*parts: object) -> int:
@@ -154,6 +185,32 @@ def plan_visits(config: TrainConfig) -> list[VisitPlan]:
     return plans
 
 
+def plan_groups(config: TrainConfig) -> list[list[VisitPlan]]:
+    """The run as groups of visits that start from the same student and end in one teacher
+    update: one visit per group in cyclic mode (Ark), every site of a round in parallel mode.
+
+    Parallel mode (the federated variant of Ark+) indexes its schedules by round: all sites of a
+    round share the round's lr, consistency weight and teacher momentum. Visit indices still count
+    site visits (round * sites + position), so checkpoints, metrics and resume work alike.
+    """
+    if config.mode == "cyclic":
+        return [[plan] for plan in plan_visits(config)]
+    rounds, n, settings = config.rounds, len(config.sites), config.settings
+    lrs = visit_lrs(settings, rounds)
+    groups = []
+    for rnd, names in enumerate(visit_order(config.sites, rounds, config.order, config.seed)):
+        groups.append([
+            VisitPlan(
+                round=rnd, visit=rnd * n + i, total_visits=rounds * n, site=name,
+                consistency=consistency_weight(rnd, rounds, settings.max_consistency),
+                momentum=teacher_momentum(rnd, rounds, settings.momentum_teacher),
+                lr=lrs[rnd], seed=derive_seed(config.seed, "visit", rnd * n + i),
+            )
+            for i, name in enumerate(names)
+        ])
+    return groups
+
+
 def resolve_device(name: str):
     """``auto`` -> CUDA when present, else CPU; anything else is passed to ``torch.device``."""
     import torch
@@ -168,12 +225,13 @@ def resolve_device(name: str):
     return device
 
 
-def autocast(device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (fast and range-safe); a no-op on CPU, which stays fp32 and exact."""
+def autocast(device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA with ``auto`` (fast and range-safe) or ``bf16``; fp32 otherwise (CPU
+    stays fp32 and exact under ``auto``)."""
     import torch
 
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -13,8 +13,11 @@ travels between visits and a resumed or federated run matches a local one exactl
 The teacher gets no gradients and stays in eval mode (its BatchNorm statistics come only from
 the EMA). With ``settings.ema == "visit"`` (Ark's default) the *caller* applies
 :func:`arkfed.schedules.ema_update` with ``plan.momentum`` after the visit; with ``"iteration"``
-the visit updates the teacher after every step, the momentum following the cosine schedule at
-fractional visit positions.
+the visit updates the teacher (and the site's teacher head, when given) after every step, the
+momentum following the cosine schedule at fractional visit positions.
+
+Hardware (device, workers, precision) is the site's own :class:`arkfed.site.ComputeSettings`,
+never part of what the coordinator sends.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from arkfed.errors import ArkfedError
 from arkfed.losses import ark_loss, consistency_loss, task_loss
 from arkfed.model import ArkModel, SiteHead
 from arkfed.schedules import ema_update, teacher_momentum
-from arkfed.site import Site
+from arkfed.site import ComputeSettings, Site
 from arkfed.training import TrainSettings, VisitPlan, autocast, memory_format, resolve_device
 from arkfed.updates import NonFiniteError
 
@@ -84,27 +87,32 @@ def train_site_visit(
     site: Site,
     settings: TrainSettings,
     plan: VisitPlan,
+    compute: ComputeSettings | None = None,
     progress: VisitProgress | None = None,
+    teacher_head: SiteHead | None = None,
 ) -> VisitResult:
     """Train ``student`` and ``head`` in place on ``site``'s training split for one visit."""
     _check_head(head, site, student)
-    device = resolve_device(settings.device)
+    compute = compute or site.config.compute
+    device = resolve_device(compute.device)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(plan.seed)  # dropout / drop-path draws
-        return _run_visit(student, teacher, head, site, settings, plan, device, progress)
+        return _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress)
 
 
-def _run_visit(student, teacher, head, site, settings, plan, device, progress) -> VisitResult:
+def _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress) -> VisitResult:
     fmt = memory_format(device)
     student.to(device, memory_format=fmt).train()
     teacher.to(device, memory_format=fmt).eval()
     teacher.requires_grad_(False)
     head.to(device).train()
+    if teacher_head is not None:
+        teacher_head.to(device).eval()
     loader = make_train_loader(
         site.split("train"), site.schema, student.spec, settings.batch_size, epochs=settings.local_epochs,
         seed=plan.seed, crop_scale=settings.crop_scale, views=settings.views, jitter_p=settings.jitter_p,
-        max_steps=settings.max_steps_per_visit, num_workers=settings.num_workers, pin_memory=device.type == "cuda",
+        max_steps=settings.max_steps_per_visit, num_workers=compute.workers(), pin_memory=device.type == "cuda",
     )
     optimizer = make_optimizer(student, head, settings, plan.lr)
     c = plan.consistency
@@ -116,7 +124,7 @@ def _run_visit(student, teacher, head, site, settings, plan, device, progress) -
         xs = batch.student.to(device, non_blocking=True).contiguous(memory_format=fmt)
         targets = batch.targets.to(device, non_blocking=True)
         mask = batch.mask.to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, compute.precision):
             z_student = student(xs)
             logits = head(z_student)
             z_teacher = None
@@ -135,7 +143,10 @@ def _run_visit(student, teacher, head, site, settings, plan, device, progress) -
         loss.backward()
         optimizer.step()
         if settings.ema == "iteration":
-            ema_update(teacher, student, teacher_momentum(plan.visit + (step + 1) / steps, plan.total_visits, settings.momentum_teacher))
+            momentum = teacher_momentum(plan.visit + (step + 1) / steps, plan.total_visits, settings.momentum_teacher)
+            ema_update(teacher, student, momentum)
+            if teacher_head is not None:
+                ema_update(teacher_head, head, momentum)
         n = len(xs)
         totals += torch.tensor([value, float(task.detach()), float(cons.detach()) if cons is not None else 0.0]) * n
         examples += n

@@ -108,7 +108,8 @@ def load_demo_sites(demo_dir: Path, budget: Budget) -> dict:
 def pretrain(sites: dict, budget: Budget, seed: int, out: Path, device: str, visits: int | None = None, num_workers: int = 0):
     """Ark over ``sites`` (``visits`` total, default rounds x sites) with a fixed number of steps
     per visit; returns (teacher, total optimizer steps, seconds)."""
-    from arkfed.coordinator import train_local
+    from arkfed.loop import train_local
+    from arkfed.site import ComputeSettings
     from arkfed.model import ModelSpec
     from arkfed.runs import RunFolder
     from arkfed.training import TrainConfig, TrainSettings
@@ -119,18 +120,18 @@ def pretrain(sites: dict, budget: Budget, seed: int, out: Path, device: str, vis
     # enough local epochs that every visit runs exactly steps_per_visit batches
     per_epoch = min(max(1, len(s.split("train")) // budget.batch_size) for s in sites.values())
     config = TrainConfig(
-        sites=list(sites), site_configs=[], rounds=rounds, seed=seed,
+        sites=list(sites), rounds=rounds, seed=seed,
         model=ModelSpec(model=budget.model, img_size=budget.img_size, projector_dim=budget.projector_dim),
         settings=TrainSettings(batch_size=budget.batch_size, lr=budget.lr, local_epochs=math.ceil(budget.steps_per_visit / per_epoch),
-                               max_steps_per_visit=budget.steps_per_visit, crop_scale=budget.crop_scale, ema=budget.ema, device=device,
-                               num_workers=num_workers),
+                               max_steps_per_visit=budget.steps_per_visit, crop_scale=budget.crop_scale, ema=budget.ema),
     )
     start = time.perf_counter()
     if RunFolder(out).has_run():
         import shutil
 
         shutil.rmtree(out)
-    train_local(config, out, sites=sites)
+    compute = ComputeSettings(device=device, num_workers=num_workers)
+    train_local(config, out, sites=sites, compute={name: compute for name in sites})
     steps = sum(r.get("steps", 0) for r in RunFolder(out).read_metrics() if r.get("kind") == "visit")
     return load_ark_model(out, "teacher").eval(), steps, time.perf_counter() - start
 

@@ -42,12 +42,18 @@ def make_sites(root: Path, images: int, size: int) -> list[Path]:
     return paths
 
 
-def local_visit_seconds(config, out: Path) -> list[float]:
+def local_visit_seconds(config, out: Path, site_configs) -> list[float]:
     """Wall time of each visit that directly follows another visit of the same round."""
-    from arkfed.coordinator import train_local
+    from arkfed.callbacks import LoopCallback
+    from arkfed.loop import train_local
 
     stamps = []
-    train_local(config, out, on_visit=lambda plan, result: stamps.append((plan.round, time.perf_counter())))
+
+    class Stamps(LoopCallback):
+        def on_visit_end(self, plan, record):
+            stamps.append((plan.round, time.perf_counter()))
+
+    train_local(config, out, site_configs=site_configs, callbacks=[Stamps()])
     return [b[1] - a[1] for a, b in zip(stamps, stamps[1:]) if a[0] == b[0]]
 
 
@@ -74,15 +80,15 @@ def main() -> None:
         root = Path(tmp)
         sites = make_sites(root, args.images, max(args.img_size, 32))
         config = TrainConfig(
-            sites=[load_site_config(p).name for p in sites], site_configs=[str(p) for p in sites], rounds=args.rounds,
+            sites=[load_site_config(p).name for p in sites], rounds=args.rounds,
             model=ModelSpec(model=args.model, img_size=args.img_size),
             settings=TrainSettings(batch_size=args.batch_size, max_steps_per_visit=args.steps, crop_scale=(0.5, 1.0)),
         )
         fp32_bytes = 4 * m.layout(ArkModel(config.model))["float32"]
 
-        local = local_visit_seconds(config, root / "local")
+        local = local_visit_seconds(config, root / "local", sites)
         start = time.perf_counter()
-        run_loopback(config, root / "fed", FederationSettings(join_timeout=300, visit_timeout=600), secure=not args.insecure)
+        run_loopback(config, root / "fed", sites, FederationSettings(join_timeout=300, visit_timeout=600), secure=not args.insecure)
         fed_wall = time.perf_counter() - start
         visits = [r for r in RunFolder(root / "fed").read_metrics() if r["kind"] == "visit"]
 

@@ -94,7 +94,7 @@ def make_run_folder(folder: Path, arch: str = ARCH, img_size: int = SIZE, seed: 
     for name, schema in sites.items():
         head = (heads or {}).get(name) or SiteHead(name, schema, spec.projector_dim)
         save_head(folder / "heads" / f"{name}.safetensors", head)
-    config = {"sites": list(sites), "site_configs": [], "rounds": 2, "order": "fixed", "seed": seed, "init": "random",
+    config = {"sites": list(sites), "rounds": 2, "order": "fixed", "seed": seed, "init": "random",
               "model": spec.model_dump(mode="json"), "settings": {"batch_size": 8, "lr": 0.001, "optimizer": "adamw", "local_epochs": 1, "ema": "visit", "momentum_teacher": 0.9}}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     lines = []

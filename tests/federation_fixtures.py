@@ -46,7 +46,7 @@ def tiny_config(paths: list[Path], rounds: int = 2, seed: int = 3, **settings) -
     """test_resnet at 32 px, two batches of 8 per visit: seconds per visit on a CPU."""
     options = dict(batch_size=8, max_steps_per_visit=2, crop_scale=(0.5, 1.0)) | settings
     return TrainConfig(
-        sites=[site_name(p) for p in paths], site_configs=[str(p) for p in paths], rounds=rounds, seed=seed,
+        sites=[site_name(p) for p in paths], rounds=rounds, seed=seed,
         model=ModelSpec(model="test_resnet", img_size=32, projector_dim=16), settings=TrainSettings(**options),
     )
 

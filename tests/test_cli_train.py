@@ -51,7 +51,7 @@ def test_train_without_sites_runs_the_demo_federation(demo_dir, tmp_path):
 
 def test_train_single_named_site(demo_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(demo_dir)  # names resolve to sites/NAME.yaml
-    result = invoke("--sites", "demo-shenzhen", "--out", str(tmp_path / "one"), *TINY, "--ema", "per-iteration")
+    result = invoke("--sites", "demo-shenzhen", "--out", str(tmp_path / "one"), *TINY, "--ema", "iteration")
     assert result.exit_code == 0, result.output
     config = (tmp_path / "one" / "config.yaml").read_text()
     assert "demo-shenzhen" in config and "ema: iteration" in config
@@ -73,3 +73,48 @@ def test_bad_options_give_one_line_errors(demo_dir, tmp_path, monkeypatch, args,
     assert isinstance(result.exception, ArkfedError), result.output
     assert message in str(result.exception) and "\n" not in str(result.exception)
     assert not (tmp_path / "x").exists()
+
+
+def test_train_and_coordinator_resolve_the_same_config_from_one_file(demo_dir, tmp_path, monkeypatch):
+    """One run configuration: the same file and options give the same config.yaml whether the run
+    is local (`train`) or federated (`coordinator`); options override the file, which overrides the
+    recipe."""
+    import yaml
+
+    monkeypatch.chdir(demo_dir)
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump({
+        "sites": ["demo-nih", "demo-shenzhen"], "recipe": "demo", "rounds": 1, "mode": "cyclic",
+        "model": {"model": "test_resnet", "img_size": 32, "projector_dim": 16},
+        "settings": {"batch_size": 8, "max_steps_per_visit": 1, "optimizer": "sgd", "weight_decay": 0.0, "jitter_p": 0.2},
+    }))
+    runner = CliRunner(env={"COLUMNS": "200"})
+    extra = ["--lr", "0.02", "--warmup-visits", "1", "--max-consistency", "0.3"]
+    train = runner.invoke(app, ["train", "--config", str(run_yaml), "--dry-run", *extra])
+    coordinator = runner.invoke(app, ["coordinator", "--config", str(run_yaml), "--dry-run", *extra])
+    assert train.exit_code == 0 and coordinator.exit_code == 0, train.output + coordinator.output
+    assert train.stdout == coordinator.stdout
+    resolved = yaml.safe_load(train.stdout)
+    assert resolved["settings"]["lr"] == 0.02 and resolved["settings"]["optimizer"] == "sgd"  # option > file
+    assert resolved["settings"]["crop_scale"] == [0.7, 1.0] and resolved["recipe"] == "demo"  # file > recipe
+    assert resolved["settings"]["jitter_p"] == 0.2 and resolved["settings"]["max_consistency"] == 0.3
+
+    result = invoke("--config", str(run_yaml), "--out", str(tmp_path / "run"), "-q", *extra)
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == resolved
+
+
+def test_both_commands_offer_every_run_setting():
+    import click
+    import typer.main
+
+    from arkfed.cli.options import run_options
+
+    commands = typer.main.get_command(app).commands
+    wanted = {f"--{o.param.replace('_', '-')}" for o in run_options()}
+    for name in ("train", "coordinator"):
+        flags = {opt for p in commands[name].params if isinstance(p, click.Option) for opt in p.opts}
+        assert wanted <= flags, (name, wanted - flags)
+    for flag in ("--optimizer", "--weight-decay", "--warmup-visits", "--views", "--ema", "--momentum-teacher",
+                 "--projector", "--jitter-p", "--max-consistency", "--momentum", "--mode", "--weighting"):
+        assert flag in wanted

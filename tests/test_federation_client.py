@@ -10,14 +10,14 @@ import pytest
 import torch
 from flwr.app import Context, Message, Metadata, RecordDict
 
-from arkfed.coordinator import evaluate_at_site, initial_state
+from arkfed.loop import initial_state
 from arkfed.federation import messages as m
 from arkfed.federation.client_app import SITE_FAILED, SITE_REFUSED, app
 from arkfed.federation.site_state import read_outbox
 from arkfed.schedules import ema_update
 from arkfed.site import load_site
 from arkfed.training import plan_visits
-from arkfed.visit import train_site_visit
+from arkfed.site_tasks import SiteHeads, evaluate_site_models, visit_site
 
 from federation_fixtures import make_sites, max_abs_diff, tiny_config
 
@@ -44,10 +44,10 @@ def _message(content: RecordDict, message_type: str) -> Message:
     return Message(content=content, metadata=metadata)
 
 
-def _request(site, state, config, head_from, schema=None, **extra) -> RecordDict:
+def _request(site, state, config, head_from, schema=None, pending=1.0, **extra) -> RecordDict:
     schema = schema or site.schema
     request = m.json_record(run_uid=RUN_UID, spec=state.student.spec, settings=config.settings, head_from=head_from,
-                            schemas={site.name: schema.model_dump(mode="json")}, **extra)
+                            schemas={site.name: schema.model_dump(mode="json")}, pending=pending, **extra)
     arrays = {m.STUDENT: m.model_record(state.student), m.TEACHER: m.model_record(state.teacher)}
     if head_from == m.NO_HEAD:
         arrays[m.HEAD] = m.model_record(state.heads[site.name])
@@ -80,6 +80,7 @@ def test_visits_match_local_mode_and_the_head_survives_a_supernode_restart(site_
     path, site, config = site_setup
     fed = initial_state(config, {site.name: site.schema})
     local = copy.deepcopy(fed)
+    local_heads = SiteHeads.fresh(local.heads[site.name])
     plans = plan_visits(config)
 
     # visit 0: the site starts from the initial head sent along; nothing but student + metrics comes back
@@ -87,7 +88,7 @@ def test_visits_match_local_mode_and_the_head_survives_a_supernode_restart(site_
     reply = app(_message(_request(site, fed, config, m.NO_HEAD, plan=plans[0]), m.VISIT), context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert set(reply.content.keys()) == {m.STUDENT, m.METRICS}
-    train_site_visit(local.student, local.teacher, local.heads[site.name], site, config.settings, plans[0])
+    visit_site(local.student, local.teacher, local_heads, site, config.settings, plans[0])
     m.load_model_record(fed.student, reply.content[m.STUDENT])
     assert max_abs_diff(fed.student, local.student) < 1e-6
     sent = read_outbox(site.config.local_state_dir)[-1]
@@ -100,27 +101,31 @@ def test_visits_match_local_mode_and_the_head_survives_a_supernode_restart(site_
     fresh = _context(path, site)
     reply = app(_message(_request(site, fed, config, 0, plan=plans[1]), m.VISIT), fresh)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    train_site_visit(local.student, local.teacher, local.heads[site.name], site, config.settings, plans[1])
+    visit_site(local.student, local.teacher, local_heads, site, config.settings, plans[1])
     m.load_model_record(fed.student, reply.content[m.STUDENT])
     assert max_abs_diff(fed.student, local.student) < 1e-6
     stored = site.config.local_state_dir / "runs" / RUN_UID
     assert (stored / "head-v00001.safetensors").is_file() and (stored / "head.safetensors").is_file()
     from arkfed.weights import load_head
 
-    head = load_head(stored / "head.safetensors")
-    assert torch.allclose(head.weight, local.heads[site.name].weight, atol=1e-6)
-    assert "arkfed.head" in fresh.state  # and the node's context state holds it for the next message
+    head, teacher_head = load_head(stored / "head.safetensors"), load_head(stored / "teacher-head.safetensors")
+    assert torch.allclose(head.weight, local_heads.student.weight, atol=1e-6)
+    assert torch.allclose(teacher_head.weight, local_heads.teacher.weight, atol=1e-6)
+    assert not torch.allclose(teacher_head.weight, head.weight)  # an EMA, not a copy
+    assert "arkfed.head.head" in fresh.state  # and the node's context state holds it for the next message
 
     # evaluation: metrics only, equal to local evaluation with the site's head
     reply = app(_message(_request(site, fed, config, 1, split="val"), m.EVALUATE), fresh)
     assert not reply.has_error()
     assert set(reply.content.keys()) == {m.STUDENT, m.TEACHER}
     assert all(type(r).__name__ == "MetricRecord" for r in reply.content.values())
-    expected = evaluate_at_site({"student": local.student}, local.heads[site.name], site, config.settings, "val")["student"]
-    got = m.eval_result(reply.content[m.STUDENT], site.schema.classes)
-    assert list(got) == list(expected) and got["num_examples"] == expected["num_examples"]
-    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6)
-    assert got["mean_auc"] == pytest.approx(expected["mean_auc"], abs=1e-6, nan_ok=True)
+    local_results = evaluate_site_models(local.student, local.teacher, local_heads, site, config.settings, "val")
+    for label in (m.STUDENT, m.TEACHER):
+        expected = local_results[label]
+        got = m.eval_result(reply.content[label], site.schema.classes)
+        assert list(got) == list(expected) and got["num_examples"] == expected["num_examples"]
+        assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6)
+        assert got["mean_auc"] == pytest.approx(expected["mean_auc"], abs=1e-6, nan_ok=True)
 
 
 def test_a_head_version_the_site_never_stored_is_refused(site_setup):

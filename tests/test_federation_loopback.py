@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from arkfed.coordinator import train_local
+from arkfed.loop import train_local
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.certs import CertificateFolder, write_site_key_pair
@@ -51,7 +51,7 @@ def sites(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def local_run(sites, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("local") / "run"
-    train_local(tiny_config(sites), out)
+    train_local(tiny_config(sites), out, site_configs=sites)
     return out
 
 
@@ -134,7 +134,7 @@ def test_parity_insecure_and_every_message_is_only_weights_and_metrics(sites, lo
         federation.start()
         summary = federation.wait(timeout=RUN_TIMEOUT)
     _check_parity(local_run, out)
-    assert set(summary["sites"]) == set(config.sites) and summary["federation"]["skipped"] == []
+    assert set(summary["sites"]) == set(config.sites) and summary["skipped"] == []
 
     expected = m.layout(ArkModel(load_ark_model(out).spec))
     forbidden = _forbidden_strings(own_sites)
@@ -191,7 +191,7 @@ def test_a_site_killed_mid_run_is_skipped_and_the_run_finishes(secure_federation
     federation = secure_federation
     federation.wait(timeout=RUN_TIMEOUT)  # the parity run, if this test runs alone
     paths = [federation.sites[name].config_path for name in federation.config.sites[:2]]
-    config = tiny_config(paths, rounds=2)
+    config = tiny_config(paths, rounds=2).model_copy(update={"mode": "parallel"})
     victim = config.sites[1]
     out = tmp_path / "fed-kill"
     killed = []
@@ -201,11 +201,11 @@ def test_a_site_killed_mid_run_is_skipped_and_the_run_finishes(secure_federation
             federation.sites[victim].kill(signal.SIGTERM)  # the site's SuperNode, executor and running task
             killed.append(status.visits_done)
 
-    federation.submit(config, out, fast_settings(mode="parallel"))
+    federation.submit(config, out, fast_settings())
     summary = federation.wait(timeout=RUN_TIMEOUT, on_status=kill_in_second_round)
     status = federation.coordinator.status()
     assert killed, "the victim was never seen training in round 2"
-    skipped = summary["federation"]["skipped"]
+    skipped = summary["skipped"]
     assert skipped and {s["site"] for s in skipped} == {victim} and {s["round"] for s in skipped} == {1}
     assert all("offline" in s["reason"] for s in skipped)
     records = RunFolder(out).read_metrics()

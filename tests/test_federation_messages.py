@@ -10,9 +10,10 @@ import torch
 
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
-from arkfed.federation.protocol import FederationSettings, parallel_plans, weighted_average
+from arkfed.federation.protocol import FederationSettings
+from arkfed.loop import weighted_average
 from arkfed.model import ArkModel, ModelSpec
-from arkfed.training import TrainConfig, TrainSettings
+from arkfed.training import TrainConfig, TrainSettings, plan_groups
 
 SPEC = ModelSpec(model="test_resnet", img_size=32, projector_dim=8)
 
@@ -86,8 +87,8 @@ def test_weighted_average_matches_sample_weighted_mean():
 
 
 def test_parallel_plans_share_schedule_values_within_a_round():
-    config = TrainConfig(sites=["a", "b", "c"], rounds=3, settings=TrainSettings(lr=0.01, warmup_visits=0))
-    rounds = parallel_plans(config)
+    config = TrainConfig(sites=["a", "b", "c"], rounds=3, mode="parallel", settings=TrainSettings(lr=0.01, warmup_visits=0))
+    rounds = plan_groups(config)
     assert [[p.visit for p in r] for r in rounds] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     for plans in rounds:
         assert len({(p.lr, p.consistency, p.momentum) for p in plans}) == 1
@@ -97,7 +98,7 @@ def test_parallel_plans_share_schedule_values_within_a_round():
 
 
 def test_federation_settings_round_trip(tmp_path):
-    settings = FederationSettings(mode="parallel", schemas={"a": {"task": "binary", "classes": ["x"]}})
+    settings = FederationSettings(log=["tensorboard"], schemas={"a": {"task": "binary", "classes": ["x"]}})
     settings.write(tmp_path)
     assert FederationSettings.read(tmp_path) == settings
     with pytest.raises(ArkfedError, match="not a federated run folder"):

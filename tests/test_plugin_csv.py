@@ -9,10 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import arkfed.plugins
 from arkfed.csv_dataset import CsvOptions, read_csv_dataset
 from arkfed.errors import ArkfedError
-from arkfed.plugins import SplitConfig, get_plugin
+from arkfed.plugins import SplitConfig, discover_plugins, get_plugin
 from arkfed.schema import UNCERTAIN
 from arkfed.site import SiteConfig, load_site
 
@@ -154,9 +153,8 @@ class Scaffolded(CsvDatasetPlugin):
 '''
 
 
-def test_a_subclass_with_default_options_is_a_working_plugin(root: Path, tmp_path_factory, monkeypatch):
+def test_a_subclass_with_default_options_is_a_working_plugin(root: Path, tmp_path_factory):
     """What `arkfed add-dataset` writes: a plugin file subclassing CsvDatasetPlugin with default options."""
-    monkeypatch.setattr(arkfed.plugins, "_REGISTRY", dict(arkfed.plugins._REGISTRY))  # keep it out of other tests
     folder = tmp_path_factory.mktemp("user_plugins")
     (folder / "scaffolded_csv.py").write_text(SCAFFOLDED)
     config = SiteConfig(name="scaffolded", dataset="scaffolded_csv", root=root, labels={"uncertain": "ones"})
@@ -164,3 +162,4 @@ def test_a_subclass_with_default_options_is_a_working_plugin(root: Path, tmp_pat
     assert site.schema.task == "binary" and site.schema.classes == ("pneumonia",) and site.schema.uncertain == "ones"
     labels = np.concatenate([t.labels for t in site.splits.values()])
     assert sorted(labels[:, 0].tolist()) == sorted([1.0, 0.0, UNCERTAIN, 0.0, 1.0, 0.0])
+    assert "scaffolded_csv" not in discover_plugins().plugins  # a folder's plugins do not leak into later discoveries

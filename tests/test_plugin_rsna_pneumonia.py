@@ -86,7 +86,8 @@ def test_class_disagreeing_with_target_names_patient_and_line(root: Path, boxes:
     pid = info["patientId"][row]
     info.loc[info["patientId"] == pid, "class"] = "Normal"
     info.to_csv(root / "stage_2_detailed_class_info.csv", index=False)
-    with pytest.raises(ArkfedError, match=rf"stage_2_detailed_class_info.csv: line {row + 2}: patientId {pid} has class 'Normal' but Target 1"):
+    expected = rf"stage_2_detailed_class_info.csv: line {row + 2}: patientId {pid} has class 'Normal' but Target 1"
+    with pytest.raises(ArkfedError, match=expected):
         plugin().read_records(root)
 
 

@@ -15,7 +15,7 @@ from eval_fixtures import schemas, tiny_spec, write_site
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
-    from arkfed.coordinator import train_local
+    from arkfed.loop import train_local
     from arkfed.site import load_site
     from arkfed.training import TrainConfig, TrainSettings
 
@@ -23,9 +23,9 @@ def real_run(tmp_path_factory):
     paths = {name: write_site(root, name, schemas()[name], {"train": 32, "val": 24, "test": 8}, seed=i)
              for i, name in enumerate(("alpha", "gamma"))}
     sites = {name: load_site(p, [root / "plugins"]) for name, p in paths.items()}
-    config = TrainConfig(sites=list(sites), site_configs=[str(p) for p in paths.values()], rounds=2, model=tiny_spec(),
+    config = TrainConfig(sites=list(sites), rounds=2, model=tiny_spec(),
                          settings=TrainSettings(batch_size=16, max_steps_per_visit=2))
-    train_local(config, root / "run", sites=sites)
+    train_local(config, root / "run", sites=sites, site_configs=list(paths.values()))
     return root / "run"
 
 

@@ -1,4 +1,5 @@
-"""The local coordinator: resume equivalence, the 3-site demo run, single-site runs, run folder."""
+"""The Ark loop with in-process sites: resume equivalence, the 3-site demo run, single-site runs,
+the run folder, parallel mode and the teacher's heads."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from arkfed.coordinator import initial_state, train_local
+from arkfed.callbacks import LoopCallback
+from arkfed.loop import initial_state, train_local
 from arkfed.demo import generate_demo_federation
 from arkfed.model import ModelSpec
 from arkfed.runs import RunFolder
@@ -48,18 +50,20 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     config = tiny_config(sites, rounds=2)
     train_local(config, tmp_path / "full", sites=sites)
 
-    def stop_after_third(plan, result):
-        if plan.visit == 2:  # mid-way through round 2
-            raise Interrupt
+    class StopBeforeFourth(LoopCallback):
+        def on_visit_start(self, plan):
+            if plan.visit == 3:  # mid-way through round 2, three visits checkpointed
+                raise Interrupt
 
     with pytest.raises(Interrupt):
-        train_local(config, tmp_path / "cut", sites=sites, on_visit=stop_after_third)
+        train_local(config, tmp_path / "cut", sites=sites, callbacks=[StopBeforeFourth()])
     cut = RunFolder(tmp_path / "cut")
     assert cut.load_checkpoint().visits_done == 3
     assert not (tmp_path / "cut" / "summary.json").exists()
     train_local(cut.read_config(), cut.path, resume=True, sites=sites)
 
-    for name in ("teacher.safetensors", "student.safetensors", "heads/a.safetensors", "heads/b.safetensors"):
+    for name in ("teacher.safetensors", "student.safetensors", "heads/a.safetensors", "heads/b.safetensors",
+                 "teacher-heads/a.safetensors", "teacher-heads/b.safetensors"):
         full, resumed = weights(tmp_path / "full" / name), weights(cut.path / name)
         assert full.keys() == resumed.keys()
         for key in full:
@@ -122,7 +126,7 @@ def test_three_site_demo_run_teacher_learns(tiny_demo, tmp_path):
     round by round)."""
     sites = {s.name: s for s in (load_site(p) for p in tiny_demo)}
     config = TrainConfig(
-        sites=list(sites), site_configs=[str(p) for p in tiny_demo], rounds=8, seed=0,
+        sites=list(sites), rounds=8, seed=0,
         model=ModelSpec(model="test_resnet", img_size=64, projector_dim=64),
         settings=TrainSettings(batch_size=16, lr=3e-3, crop_scale=(0.7, 1.0), ema="iteration"),
     )
@@ -141,3 +145,85 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path
     summary = train_local(config, tmp_path / "run", resume=True, sites={"only": site})
     fresh = train_local(config, tmp_path / "fresh", sites={"only": site})
     assert summary["sites"] == fresh["sites"]
+
+
+def test_teacher_heads_are_the_ema_of_every_head_after_every_visit(tmp_path):
+    """Ark EMAs the whole teacher, heads included, after every visit: head k moves towards the
+    student's head k even when another site was visited. Recompute that by hand from the
+    per-visit student heads and momenta, and compare with the run's teacher heads."""
+    from arkfed.weights import load_head
+
+    sites = {s.name: s for s in (synthetic_site("a", ("x", "y"), 0), synthetic_site("b", ("t",), 1))}
+    config = tiny_config(sites, rounds=2)
+    initial = initial_state(config, {n: s.schema for n, s in sites.items()})
+    student_heads = {n: {k: v.clone() for k, v in h.state_dict().items()} for n, h in initial.heads.items()}
+    teacher_heads = {n: {k: v.clone() for k, v in h.state_dict().items()} for n, h in initial.heads.items()}
+
+    seen = []
+
+    class Heads(LoopCallback):
+        def on_visit_end(self, plan, record):
+            seen.append((plan.site, plan.momentum))
+
+    run = tmp_path / "run"
+    train_local(config, run, sites=sites, callbacks=[Heads()])
+    final_student = {n: load_head(run / "heads" / f"{n}.safetensors").state_dict() for n in sites}
+    final_teacher = {n: load_head(run / "teacher-heads" / f"{n}.safetensors").state_dict() for n in sites}
+    # replay the run visit by visit (deterministic) to get each student head after each visit,
+    # and apply Ark's EMA to every teacher head by hand
+    from arkfed.loop import InProcessSites
+    from arkfed.training import plan_groups
+
+    state = initial_state(config, {n: s.schema for n, s in sites.items()})
+    in_process = InProcessSites(sites)
+    in_process.join(config)
+    in_process.start(state, True)
+    from arkfed.schedules import ema_update
+
+    for (plan,) in plan_groups(config):
+        reply = in_process.visit(state, [plan])[plan.site]
+        state.student.load_state_dict(reply.student)
+        ema_update(state.teacher, state.student, plan.momentum)
+        state.heads[plan.site] = reply.heads.student
+        student_heads[plan.site] = {k: v.clone() for k, v in reply.heads.student.state_dict().items()}
+        for name in teacher_heads:  # every teacher head moves after every visit
+            for key in teacher_heads[name]:
+                teacher_heads[name][key] = plan.momentum * teacher_heads[name][key] + (1 - plan.momentum) * student_heads[name][key]
+        state.clock.record(plan.visit, plan.momentum, [plan.site])
+        state.teacher_heads[plan.site] = reply.heads.teacher
+    assert [s for s, _ in seen] == ["a", "b", "a", "b"]
+    for name in sites:
+        for key in final_teacher[name]:
+            assert torch.allclose(student_heads[name][key], final_student[name][key], atol=1e-6)
+            assert torch.allclose(teacher_heads[name][key], final_teacher[name][key], atol=1e-6), (name, key)
+        assert not torch.allclose(final_teacher[name]["weight"], final_student[name]["weight"])
+
+
+def test_parallel_mode_averages_students_with_the_chosen_weights(tmp_path):
+    sites = {s.name: s for s in (synthetic_site("a", ("x", "y"), 0, n=48), synthetic_site("b", ("t",), 1, n=24))}
+    runs = {}
+    for weighting in ("equal", "samples"):
+        config = tiny_config(sites, rounds=1, max_steps_per_visit=None).model_copy(update={"mode": "parallel", "weighting": weighting})
+        summary = train_local(config, tmp_path / weighting, sites=sites)
+        runs[weighting] = load_ark_model(tmp_path / weighting, "student")
+        visits = [r for r in RunFolder(tmp_path / weighting).read_metrics() if r["kind"] == "visit"]
+        assert {r["site"] for r in visits} == {"a", "b"} and summary["mode"] == "parallel"
+        assert len({(r["lr"], r["consistency"], r["momentum"]) for r in visits}) == 1  # one schedule value per round
+    # recompute both averages from the two sites' own visits, started from the same student
+    from arkfed.loop import InProcessSites, weighted_average
+    from arkfed.training import plan_groups
+
+    config = tiny_config(sites, rounds=1, max_steps_per_visit=None).model_copy(update={"mode": "parallel"})
+    state = initial_state(config, {n: s.schema for n, s in sites.items()})
+    in_process = InProcessSites(sites)
+    in_process.join(config)
+    (group,) = plan_groups(config)
+    replies = in_process.visit(state, group)
+    students = [replies[p.site].student for p in group]
+    sizes = [replies[p.site].result.num_examples for p in group]
+    assert sizes == [48, 24]
+    for weighting, weights in (("equal", [1, 1]), ("samples", sizes)):
+        expected = weighted_average(students, weights)
+        got = runs[weighting].state_dict()
+        assert all(torch.allclose(expected[k].float(), got[k].float(), atol=1e-6) for k in got), weighting
+    assert not torch.allclose(runs["equal"].state_dict()["projector.weight"], runs["samples"].state_dict()["projector.weight"])

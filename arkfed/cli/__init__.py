@@ -25,19 +25,13 @@ app = typer.Typer(
 
 @app.callback()
 def _root() -> None:
-    """Always a command group (also while only one area has registered its commands)."""
+    """Keeps ``arkfed`` a command group whatever the number of registered commands."""
 
 
 COMMAND_MODULES = ("data", "train", "federation", "evaluation")
 
 for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"arkfed.cli.{_name}")
-    except ModuleNotFoundError as _exc:  # an area not built yet
-        if _exc.name != f"arkfed.cli.{_name}":
-            raise
-        continue
-    _module.register(app)
+    importlib.import_module(f"arkfed.cli.{_name}").register(app)
 
 
 def main() -> None:

@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from arkfed.cli.options import with_run_options
+
 certs_app = typer.Typer(help="Certificates and keys for a secure federation.", no_args_is_help=True)
 
 COORDINATOR_HELP = """Coordinate a federated Ark run: start a Flower SuperLink, wait for the listed sites, train.
@@ -33,105 +35,58 @@ new run waits until you approve the fingerprint this command prints:
 """
 
 
-def _train_config(sites: list[str], config_file: Optional[Path], **options):
-    """The run's TrainConfig: from a YAML file (e.g. an earlier run's config.yaml) or the options."""
-    import yaml
-
-    from arkfed.cli.train import SITES_DEFAULTS
-    from arkfed.errors import ArkfedError
-    from arkfed.model import ModelSpec
-    from arkfed.training import TrainConfig, TrainSettings
-
-    try:
-        if config_file is not None:
-            data = yaml.safe_load(Path(config_file).read_text())
-            data.update({"sites": sites or data.get("sites", []), "site_configs": [], "rounds": options["rounds"] or data.get("rounds", SITES_DEFAULTS["rounds"])})
-            return TrainConfig.model_validate(data)
-        # the same defaults as `arkfed train --sites`, so a federated run trains what a local one would
-        options = {k: SITES_DEFAULTS[k] if v is None and k in SITES_DEFAULTS else v for k, v in options.items()}
-        low, high = (float(x) for x in options["crop_scale"].split(","))
-        return TrainConfig(
-            sites=sites, rounds=options["rounds"], seed=options["seed"], init=options["init"], order=options["order"],
-            model=ModelSpec(model=options["model"], img_size=options["img_size"], projector_dim=options["projector_dim"]),
-            settings=TrainSettings(
-                batch_size=options["batch_size"], local_epochs=options["local_epochs"], lr=options["lr"],
-                crop_scale=(low, high), max_steps_per_visit=options["max_steps_per_visit"], device=options["device"],
-            ),
-        )
-    except (OSError, ValueError, TypeError) as exc:
-        raise ArkfedError(f"invalid training configuration: {' '.join(str(exc).split())[:300]}") from None
-
-
+@with_run_options
 def coordinator(
     sites: Optional[str] = typer.Option(None, help="comma-separated site names, in visiting order (as in each site's YAML)"),
-    rounds: Optional[int] = typer.Option(None, min=1, help="rounds; each visits every site once [default 20]"),
-    mode: str = typer.Option("cyclic", help="cyclic (Ark: one site after the other) | parallel (all sites at once, averaged)"),
+    recipe: Optional[str] = typer.Option(None, help="starting settings: base | ... (`--recipe list` describes them) [base]"),
+    config: Optional[Path] = typer.Option(None, "--config", help="run configuration YAML (e.g. an earlier run's config.yaml)"),
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/fed-TIMESTAMP)"),
     address: str = typer.Option("0.0.0.0:9092", help="HOST:PORT the SuperLink listens on (sites connect here)"),
     certs: Optional[Path] = typer.Option(None, help="certificate folder from `arkfed certs init` (TLS + site keys)"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS, no site authentication (trials on trusted networks only)"),
     resume: Optional[Path] = typer.Option(None, help="continue RUN from its last finished visit"),
-    config: Optional[Path] = typer.Option(None, "--config", help="TrainConfig YAML (e.g. a run's config.yaml) instead of the options below"),
-    model: Optional[str] = typer.Option(None, help="timm backbone [default as `arkfed train --sites`: swin_base_patch4_window7_224]"),
-    img_size: Optional[int] = typer.Option(None, min=16, help="[default 224]"),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="[default 32]"),
-    lr: Optional[float] = typer.Option(None, help="[default 5e-4]"),
-    local_epochs: int = typer.Option(1, min=1),
-    crop_scale: Optional[str] = typer.Option(None, help="random-resized-crop area range MIN,MAX [default 0.08,1]"),
-    projector_dim: int = typer.Option(1376, min=1),
-    init: str = typer.Option("random", help="random | imagenet | PATH"),
-    order: str = typer.Option("fixed", help="fixed | shuffle"),
-    seed: int = typer.Option(0, min=0),
-    device: str = typer.Option("cpu", help="device at the sites: cpu | cuda | auto"),
-    max_steps_per_visit: Optional[int] = typer.Option(None, min=1),
     join_timeout: float = typer.Option(600.0, help="seconds to wait for all sites to join"),
     visit_timeout: float = typer.Option(3600.0, help="seconds a visit may take before it is retried, then skipped"),
+    log: str = typer.Option("", help="also log to trackers: tensorboard,mlflow (in the run folder)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="plain log lines instead of the live view"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config.yaml and stop"),
+    run_overrides: dict | None = None,
 ) -> None:
-    from datetime import datetime
-
     from rich.console import Console
 
+    from arkfed.cli.options import resolve_run_config
+    from arkfed.cli.train import default_out, print_recipes
     from arkfed.errors import ArkfedError
     from arkfed.federation.certs import CertificateFolder
     from arkfed.federation.launcher import print_insecure_warning, run_coordinator
     from arkfed.federation.live import FederationView
     from arkfed.federation.protocol import FederationSettings
+    from arkfed.runs import config_text
 
+    if recipe == "list":
+        return print_recipes()
     console = Console(highlight=False, soft_wrap=True)
+    names = [s.strip() for s in (sites or "").split(",") if s.strip()]
+    train_config = None if resume is not None else resolve_run_config(names, run_overrides or {}, config, recipe, "base")
+    if dry_run:
+        if train_config is not None:
+            typer.echo(config_text(train_config), nl=False)
+        return
     if certs is None and not insecure:
         raise ArkfedError("the coordinator needs --certs DIR (create it with `arkfed certs init DIR --coordinator-host HOST "
                           "--sites A,B`), or --insecure to run without encryption and site authentication")
     if insecure:
         print_insecure_warning(lambda text: console.print(f"[bold red]{text}[/]"))
-    if mode not in ("cyclic", "parallel"):
-        raise ArkfedError(f"--mode must be cyclic or parallel, got {mode!r}")
-    names = [s.strip() for s in (sites or "").split(",") if s.strip()]
-    if resume is None and not names and config is None:
-        raise ArkfedError("give --sites NAME,NAME (the names in the sites' YAML files)")
-    train_config = None if resume is not None else _train_config(
-        names, config, rounds=rounds, model=model, img_size=img_size, batch_size=batch_size, lr=lr,
-        local_epochs=local_epochs, crop_scale=crop_scale, projector_dim=projector_dim, init=init, order=order,
-        seed=seed, device=device, max_steps_per_visit=max_steps_per_visit,
-    )
-    run_dir = resume or out or Path("runs") / datetime.now().strftime("fed-%Y%m%d-%H%M%S")
-    fed = FederationSettings(mode=mode, join_timeout=join_timeout, visit_timeout=visit_timeout)
+    run_dir = resume or out or default_out("fed")
+    log_names = [n.strip() for n in log.split(",") if n.strip()]
+    fed = FederationSettings(join_timeout=join_timeout, visit_timeout=visit_timeout, log=log_names)
     folder = CertificateFolder(certs) if certs is not None and not insecure else None
     console.print(f"coordinator listening on {address}; run folder {run_dir}")
     with FederationView(console, quiet=quiet) as view:
         summary = run_coordinator(train_config, run_dir, fed, address, folder, resume=resume is not None, view=view)
-    _print_summary(console, summary, run_dir)
+    from arkfed.cli.train import print_summary
 
-
-def _print_summary(console, summary: dict, run_dir: Path) -> None:
-    from arkfed.progress import summary_table
-
-    if summary.get("sites"):
-        console.print(summary_table(summary))
-    skipped = (summary.get("federation") or {}).get("skipped") or []
-    for skip in skipped:
-        console.print(f"[yellow]skipped:[/] site {skip['site']} {skip['stage']} in round {skip['round'] + 1}: {skip['reason']}")
-    console.print(f"run folder: {run_dir}  (teacher: {Path(run_dir) / 'teacher.safetensors'})")
+    print_summary(console, summary, run_dir)
 
 
 def site(

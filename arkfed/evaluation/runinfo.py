@@ -53,10 +53,11 @@ class RunInfo:
 
     def site_datasets(self) -> dict[str, str]:
         """Site name -> dataset plugin, from the site configs the run recorded (where readable)."""
+        from arkfed.runs import RunFolder
         from arkfed.site import load_site_config
 
         out: dict[str, str] = {}
-        for ref in self.config.get("site_configs") or []:
+        for ref in RunFolder(self.folder).read_site_configs():
             try:
                 site = load_site_config(ref)
             except ArkfedError:

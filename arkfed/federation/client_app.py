@@ -5,23 +5,25 @@ ClientApp reads the site's data with the site's own plugin, never anything the c
 Each handler is a thin shell around the functions local mode uses:
 
 - ``query.hello``: identify the site by name, check its label schema against the run's record;
-- ``train.visit``: :func:`arkfed.visit.train_site_visit`, unchanged, on the received weights;
-- ``evaluate.round``: :func:`arkfed.metrics.evaluate_site` for student and teacher; metrics only.
+- ``train.visit``: :func:`arkfed.site_tasks.visit_site`, unchanged, on the received weights;
+- ``evaluate.round``: :func:`arkfed.site_tasks.evaluate_site_models`; metrics only.
+
+The site's heads (the student's and the teacher's) never leave: they are kept in the node's
+context state and in its
+``local_state_dir`` (:class:`~arkfed.federation.site_state.HeadStore`).
 
 Before a visit or an evaluation touches an image or a weight, the request is checked against the
 site's policy (:func:`arkfed.policy.check_request`; with ``approval: manual`` the operator's
 approval of the run's fingerprint is awaited); a refusal names the policy key. A trained student
-is checked finite before it is returned.
+is checked finite before it is returned (:func:`arkfed.site_tasks.visit_site`).
 
-The site's head never leaves: it is kept in the node's context state and in its
-``local_state_dir`` (:class:`~arkfed.federation.site_state.HeadStore`). Every reply passes through
-:func:`audit_outgoing`, which records what left the site in ``<local_state_dir>/outbox.jsonl``.
-A failure leaves the site as an error code and a fixed category (:func:`public_error`:
-``data_error``, ``out_of_memory``, ``non_finite_update``, ``policy_refused: <key>: <limit>``, ...):
-error text can hold paths, patient and study ids, so the full text and traceback stay in
-``<local_state_dir>/logs/site-errors.log``. :class:`SiteClientApp` does the same for exceptions
-Flower raises around the handlers, and :func:`guard_task_replies` for those raised in Flower's
-task runtime before the ClientApp runs.
+Every reply passes through :func:`audit_outgoing`, which records what left the site in
+``<local_state_dir>/outbox.jsonl``. A failure leaves the site as an error code and a fixed
+category (:func:`public_error`: ``data_error``, ``out_of_memory``, ``non_finite_update``,
+``policy_refused: <key>: <limit>``, ...): error text can hold paths, patient and study ids, so
+the full text and traceback stay in ``<local_state_dir>/logs/site-errors.log``.
+:class:`SiteClientApp` does the same for exceptions Flower raises around the handlers, and
+:func:`guard_task_replies` for those raised in Flower's task runtime before the ClientApp runs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from flwr.clientapp import ClientApp
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.site_state import HeadStore, append_outbox, schema_mismatch
+from arkfed.site_tasks import SiteHeads
 
 NODE_SITE = "site"
 NODE_SITE_CONFIG = "site-config"
@@ -98,33 +101,36 @@ def _check_schema(site, request) -> None:
             raise SiteRefusal(text, public=f"schema_mismatch: {text}")
 
 
-def _head_store(site, request, context: Context) -> HeadStore:
+def _head_stores(site, request, context: Context) -> tuple[HeadStore, HeadStore]:
     run_uid = m.read_json(request, "run_uid")
-    return HeadStore(site.config.local_state_dir, run_uid, site.name, site.schema, context.state)
+    return tuple(HeadStore(site.config.local_state_dir, run_uid, site.name, site.schema, context.state, kind)
+                 for kind in ("head", "teacher-head"))
 
 
-def _start_head(store: HeadStore, site, request, content: RecordDict, embed_dim: int):
-    """The head this request starts from: a stored version, or the initial head sent along."""
+def _start_heads(stores: tuple[HeadStore, HeadStore], site, request, content: RecordDict, embed_dim: int) -> SiteHeads:
+    """The heads this request starts from: a stored version, or the initial head sent along (the
+    teacher's head then starts as its copy)."""
     from arkfed.model import SiteHead
 
     version = int(m.read_json(request, "head_from"))
+    student_store, teacher_store = stores
     if version == m.NO_HEAD:
-        head = store.load(m.NO_HEAD)
+        head = student_store.load(m.NO_HEAD)
         if head is None:
             if m.HEAD not in content:
                 raise ArkfedError("request starts a new head but carries no initial head", site=site.name)
             head = SiteHead(site.name, site.schema, embed_dim)
             m.load_model_record(head, content[m.HEAD], "initial head")
-            store.save(m.NO_HEAD, head)
-        return head
-    head = store.load(version)
-    if head is None:
+            student_store.save(m.NO_HEAD, head)
+        return SiteHeads.fresh(head)
+    head, teacher = student_store.load(version), teacher_store.load(version)
+    if head is None or teacher is None:
         raise SiteRefusal(
-            f"has no head from visit {version} of run {store.run_uid} (neither in the SuperNode's state nor in "
-            f"{store.folder}); its local state was lost, so it cannot continue this run", site=site.name,
+            f"has no head from visit {version} of run {student_store.run_uid} (neither in the SuperNode's state nor in "
+            f"{student_store.folder}); its local state was lost, so it cannot continue this run", site=site.name,
             public=f"head_missing: the site has no head from visit {version}; its local state was lost",
         )
-    return head
+    return SiteHeads(head, teacher)
 
 
 def _models(content: RecordDict, request):
@@ -142,11 +148,11 @@ def hello(msg: Message, context: Context) -> Message:
     """Name, schema and split sizes of this site (after checking the run's schema record)."""
     site = load_node_site(context)
     request = msg.content[m.REQUEST]
-    store = _head_store(site, request, context)
     member = site.name in m.read_json(request, "sites")
     if member:
         _check_schema(site, request)
-        store.check_recorded_schema()
+        for store in _head_stores(site, request, context):
+            store.check_recorded_schema()
     sizes = {name: len(table) for name, table in site.splits.items()}
     content = RecordDict({
         m.SITE: m.json_record(name=site.name, schema=site.schema, member=member),
@@ -193,13 +199,12 @@ def _train_size(site) -> int:
 
 
 def visit(msg: Message, context: Context) -> Message:
-    """One Ark site visit on the received student/teacher, exactly as in local mode, within the
-    site's policy; the returned student is checked finite first."""
+    """One Ark site visit on the received student/teacher (:func:`arkfed.site_tasks.visit_site`,
+    exactly as in local mode), within the site's policy; the heads stay here, versioned by visit."""
     from arkfed.model import ModelSpec
     from arkfed.policy import apply_memory_limit
-    from arkfed.training import TrainSettings, VisitPlan, resolve_device
-    from arkfed.updates import check_finite
-    from arkfed.visit import train_site_visit
+    from arkfed.site_tasks import check_finite, visit_site
+    from arkfed.training import TrainSettings, VisitPlan
 
     config = node_site_config(context)
     request = msg.content[m.REQUEST]
@@ -213,16 +218,15 @@ def visit(msg: Message, context: Context) -> Message:
     site = load_node_site(context)
     _enforce_policy(config, "visit", request, settings, spec, plan=plan, train_size=_train_size(site))
     _check_schema(site, request)
-    store = _head_store(site, request, context)
+    stores = _head_stores(site, request, context)
     student, teacher = _models(msg.content, request)
-    head = _start_head(store, site, request, msg.content, student.embed_dim)
-    apply_memory_limit(config.policy, resolve_device(settings.device))
-    result = train_site_visit(student, teacher, head, site, settings, plan)
-    check_finite(student.state_dict(), "the student after the visit")
-    check_finite(head.state_dict(), "the site's head after the visit")
-    if settings.ema == "iteration":
-        check_finite(teacher.state_dict(), "the teacher after the visit")
-    store.save(plan.visit, head)
+    heads = _start_heads(stores, site, request, msg.content, student.embed_dim)
+    apply_memory_limit(config.policy, config.compute.device)
+    result = visit_site(student, teacher, heads, site, settings, plan, float(_read(request, "pending")))
+    if settings.ema == "iteration":  # visit_site checked the student and its head
+        check_finite(teacher, "teacher", site.name)
+    stores[0].save(plan.visit, heads.student)
+    stores[1].save(plan.visit, heads.teacher)
     content = RecordDict({
         m.STUDENT: m.model_record(student),
         m.METRICS: m.metrics_record(result.model_dump(exclude={"site"})),
@@ -233,13 +237,13 @@ def visit(msg: Message, context: Context) -> Message:
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    """Student and teacher on this site's evaluation split with its head, exactly as local mode
-    evaluates (:func:`arkfed.coordinator.evaluate_at_site`): metrics only (per-class AUCs only
-    where the site's policy allows them)."""
-    from arkfed.coordinator import evaluate_at_site
+    """Student and teacher on this site's evaluation split with their heads, exactly as local
+    mode evaluates (:func:`arkfed.site_tasks.evaluate_site_models`): metrics only (per-class AUCs
+    only where the site's policy allows them)."""
     from arkfed.model import ModelSpec
     from arkfed.policy import apply_memory_limit
-    from arkfed.training import TrainSettings, resolve_device
+    from arkfed.site_tasks import evaluate_site_models
+    from arkfed.training import TrainSettings
 
     config = node_site_config(context)
     request = msg.content[m.REQUEST]
@@ -253,12 +257,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     content = RecordDict()
     table = site.splits.get(split)
     if table is not None and len(table) > 0:
-        store = _head_store(site, request, context)
+        stores = _head_stores(site, request, context)
         student, teacher = _models(msg.content, request)
-        head = _start_head(store, site, request, msg.content, student.embed_dim)
-        apply_memory_limit(config.policy, resolve_device(settings.device))
-        results = evaluate_at_site({m.STUDENT: student, m.TEACHER: teacher}, head, site, settings, split)
-        for label, result in results.items():
+        heads = _start_heads(stores, site, request, msg.content, student.embed_dim)
+        apply_memory_limit(config.policy, config.compute.device)
+        pending = float(_read(request, "pending"))
+        for label, result in evaluate_site_models(student, teacher, heads, site, settings, split, pending).items():
             if not config.policy.per_class_metrics:
                 result = {k: v for k, v in result.items() if k != "auc"}
             content[label] = m.metrics_record(result)

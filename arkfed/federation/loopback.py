@@ -29,6 +29,10 @@ class LoopbackFederation:
                  secure: bool = True, resume: bool = False, plugins_dirs: Iterable[str | Path] = ()):
         self.out = Path(out).resolve()
         self.config, self.fed = prepare_run(self.out, config, fed or FederationSettings(), resume)
+        if not resume:  # so that `arkfed train --resume RUN --federated` finds the sites again
+            from arkfed.runs import RunFolder
+
+            RunFolder(self.out).write_site_configs([str(Path(p).resolve()) for p in site_configs])
         self.secure = secure
         self.plugins_dirs = list(plugins_dirs)
         port = free_port()
@@ -87,21 +91,24 @@ class LoopbackFederation:
         self.stop()
 
 
-def run_loopback(config, out: Path, fed: FederationSettings | None = None, secure: bool = True, resume: bool = False,
-                 view=None, timeout: float | None = None, plugins_dirs: Iterable[str | Path] = ()) -> dict:
+def run_loopback(config, out: Path, site_configs: Sequence[str | Path] = (), fed: FederationSettings | None = None,
+                 secure: bool = True, resume: bool = False, view=None, timeout: float | None = None,
+                 plugins_dirs: Iterable[str | Path] = ()) -> dict:
     """``arkfed train --federated``: the whole federation on 127.0.0.1 with real processes."""
-    if resume:
-        from arkfed.runs import RunFolder
+    from arkfed.runs import RunFolder
 
+    if resume:
         config = RunFolder(out).read_config()
-    if not config.site_configs:
+        site_configs = site_configs or RunFolder(out).read_site_configs()
+    if not site_configs:
         raise ArkfedError("--federated needs the site configs (--sites with YAML names or paths)")
-    with LoopbackFederation(config, out, [Path(p) for p in config.site_configs], fed, secure, resume, plugins_dirs) as federation:
+    with LoopbackFederation(config, out, [Path(p) for p in site_configs], fed, secure, resume, plugins_dirs) as federation:
         federation.start()
         return federation.wait(timeout, view.update if view is not None else None)
 
 
-def train_federated(config, out: Path, resume: bool = False, quiet: bool = False, secure: bool = True) -> dict:
+def train_federated(config, out: Path, site_configs: Sequence[str | Path] = (), resume: bool = False, quiet: bool = False,
+                    secure: bool = True, log: str = "") -> dict:
     """``arkfed train --federated``: :func:`run_loopback` with the live view; returns the summary."""
     from rich.console import Console
 
@@ -110,5 +117,6 @@ def train_federated(config, out: Path, resume: bool = False, quiet: bool = False
     console = Console(highlight=False, soft_wrap=True)
     mode = "TLS + site authentication (throwaway certificates in RUN/flower/certs)" if secure else "INSECURE"
     console.print(f"federated on this machine: one SuperLink and one SuperNode per site on 127.0.0.1, {mode}")
+    fed = FederationSettings(log=[n.strip() for n in log.split(",") if n.strip()])
     with FederationView(console, quiet=quiet, title="arkfed train --federated") as view:
-        return run_loopback(config, Path(out), secure=secure, resume=resume, view=view)
+        return run_loopback(config, Path(out), site_configs, fed, secure=secure, resume=resume, view=view)

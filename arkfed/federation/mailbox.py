@@ -9,28 +9,20 @@ replies every ``poll`` seconds and ends a request early when its SuperNode leave
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable, Hashable, Mapping
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from arkfed.federation.client_app import SITE_REFUSED
+from arkfed.loop import SiteFailure
 
 
-@dataclass(frozen=True)
-class Failure:
-    """Why a request got no usable reply; ``refused`` means retrying cannot help."""
-
-    reason: str
-    refused: bool = False
-
-
-def reply_failure(reply: Message) -> Failure | None:
+def reply_failure(reply: Message) -> SiteFailure | None:
     if not reply.has_error():
         return None
     error = reply.error
-    return Failure(str(error.reason or f"error code {error.code}"), refused=error.code == SITE_REFUSED)
+    return SiteFailure(str(error.reason or f"error code {error.code}"), refused=error.code == SITE_REFUSED)
 
 
 def online_nodes(grid: Grid) -> set[int]:
@@ -43,19 +35,18 @@ def exchange(
     timeout: float,
     poll: float = 0.25,
     liveness_every: float = 1.0,
-    on_poll: Callable[[], None] | None = None,
     on_reply: Callable[[Message], None] | None = None,
-) -> dict[Hashable, Message | Failure]:
+) -> dict[Hashable, Message | SiteFailure]:
     """Send every request and wait for each reply until its deadline; never raises for a site.
 
-    Returns, per request key, the reply or a :class:`Failure` (error reply, site offline, timeout).
+    Returns, per request key, the reply or a :class:`~arkfed.loop.SiteFailure` (error reply, site offline, timeout).
     ``on_reply`` sees every reply that arrives (the coordinator's inbox log).
     """
     keys = list(requests)
     message_ids = list(grid.push_messages([requests[k] for k in keys]))
     pending = {mid: key for mid, key in zip(message_ids, keys)}
     node_of = {key: requests[key].metadata.dst_node_id for key in keys}
-    results: dict[Hashable, Message | Failure] = {}
+    results: dict[Hashable, Message | SiteFailure] = {}
     deadline = time.monotonic() + timeout
     next_liveness = time.monotonic() + liveness_every
     while pending:
@@ -70,16 +61,14 @@ def exchange(
         now = time.monotonic()
         if now >= deadline:
             for key in pending.values():
-                results[key] = Failure(f"no reply within {timeout:.0f} s")
+                results[key] = SiteFailure(f"no reply within {timeout:.0f} s")
             break
         if now >= next_liveness:
             alive = online_nodes(grid)
             for mid, key in list(pending.items()):
                 if node_of[key] not in alive:
-                    results[key] = Failure("site went offline (its SuperNode stopped or lost its connection)")
+                    results[key] = SiteFailure("site went offline (its SuperNode stopped or lost its connection)")
                     del pending[mid]
             next_liveness = now + liveness_every
-        if on_poll is not None:
-            on_poll()
         time.sleep(poll)
     return results

@@ -1,10 +1,12 @@
-"""What a site keeps for itself in a federated run: its private head, versioned by visit.
+"""What a site keeps for itself in a federated run: its private heads, versioned by visit.
 
 The head lives in two places: the SuperNode's persistent context state (fast, survives between
 messages of a run) and the site's ``local_state_dir`` (survives a SuperNode restart)::
 
     <local_state_dir>/runs/<run uid>/head-v00007.safetensors   the head after visit 7 (with its schema)
     <local_state_dir>/runs/<run uid>/head.safetensors          the latest head (the site's result)
+    <local_state_dir>/runs/<run uid>/teacher-head-v00007.safetensors, teacher-head.safetensors
+                                                              the teacher's head (an EMA of the student's)
     <local_state_dir>/outbox.jsonl                            audit log of every reply the site sent
 
 Versions matter: the coordinator says which visit's head a visit starts from (the last visit it
@@ -42,17 +44,20 @@ def schema_mismatch(site: str, have: LabelSchema, record: LabelSchema, where: st
 class HeadStore:
     """The versions of one site's head in one run (context state first, then disk)."""
 
-    def __init__(self, state_dir: Path, run_uid: str, site: str, schema: LabelSchema, context_state: "RecordDict | None" = None):
+    def __init__(self, state_dir: Path, run_uid: str, site: str, schema: LabelSchema, context_state: "RecordDict | None" = None,
+                 kind: str = "head"):
         self.folder = Path(state_dir) / "runs" / run_uid
         self.run_uid, self.site, self.schema = run_uid, site, schema
         self.context_state = context_state
+        self.kind = kind  # "head" (the student's) or "teacher-head"
+        self.state_key, self.meta_key = f"{STATE_HEAD}.{kind}", f"{STATE_HEAD_META}.{kind}"
 
     def version_path(self, visit: int) -> Path:
-        return self.folder / f"head-v{visit:05d}.safetensors"
+        return self.folder / f"{self.kind}-v{visit:05d}.safetensors"
 
     @property
     def latest_path(self) -> Path:
-        return self.folder / "head.safetensors"
+        return self.folder / f"{self.kind}.safetensors"
 
     def check_recorded_schema(self) -> None:
         """Refuse when this run's stored head was trained on a different label schema."""
@@ -72,13 +77,13 @@ class HeadStore:
         from arkfed.model import SiteHead
 
         state = self.context_state
-        if state is None or STATE_HEAD not in state or STATE_HEAD_META not in state:
+        if state is None or self.state_key not in state or self.meta_key not in state:
             return None
-        meta = state[STATE_HEAD_META]
+        meta = state[self.meta_key]
         if str(meta["run"]) != self.run_uid or int(meta["visit"]) != visit:
             return None
         head = SiteHead(self.site, self.schema, int(meta["embed_dim"]))
-        load_model_record(head, state[STATE_HEAD], "stored head")
+        load_model_record(head, state[self.state_key], "stored head")
         return head
 
     def load(self, visit: int) -> "SiteHead | None":
@@ -106,9 +111,9 @@ class HeadStore:
         save_head(self.version_path(visit), head)
         save_head(self.latest_path, head)
         if self.context_state is not None:
-            self.context_state[STATE_HEAD] = model_record(head)
-            self.context_state[STATE_HEAD_META] = ConfigRecord({"run": self.run_uid, "visit": visit, "embed_dim": head.in_features})
-        versions = sorted(self.folder.glob("head-v*.safetensors"))
+            self.context_state[self.state_key] = model_record(head)
+            self.context_state[self.meta_key] = ConfigRecord({"run": self.run_uid, "visit": visit, "embed_dim": head.in_features})
+        versions = sorted(self.folder.glob(f"{self.kind}-v*.safetensors"))
         for old in versions[:-KEEP_VERSIONS]:
             old.unlink(missing_ok=True)
 

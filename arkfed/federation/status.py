@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from arkfed.callbacks import LoopCallback
+
 STATUS_FILE = "federation-status.json"
 
 SiteState = Literal["waiting", "joined", "training", "evaluating", "done", "failed", "skipped", "refused"]
@@ -62,3 +64,77 @@ def read_status(run_dir: Path) -> FederationStatus | None:
         return FederationStatus.model_validate(json.loads(path.read_text()))
     except (OSError, ValueError):
         return None
+
+
+class StatusFile(LoopCallback):
+    """The loop's callback that keeps ``RUN/federation-status.json`` current for the live view."""
+
+    def __init__(self, run_dir: Path, config, flower_run_id: int | None = None):
+        import os
+
+        self.run_dir = Path(run_dir)
+        self.status = FederationStatus(
+            mode=config.mode, rounds=config.rounds, total_visits=config.total_visits,
+            sites={name: SiteStatus() for name in config.sites}, pid=os.getpid(), flower_run_id=flower_run_id,
+            phase="joining",
+        )
+        self._save()
+
+    def _save(self) -> None:
+        write_status(self.run_dir, self.status)
+
+    def on_run_start(self, run) -> None:
+        self.status.phase, self.status.visits_done = "training", run.visits_done
+        self._save()
+
+    def on_site_status(self, site: str, state: str, detail: str = "", **metrics) -> None:
+        entry = self.status.sites.get(site)
+        if entry is None:
+            return
+        entry.state, entry.detail = state, detail
+        if state == "joined":
+            entry.node_id = int(detail.split()[-1]) if detail.startswith("node ") else entry.node_id
+        entry.last_metrics.update(metrics)
+        if state == "evaluating":
+            self.status.phase = "evaluating"
+        self._save()
+
+    def on_visit_start(self, plan) -> None:
+        self.status.phase, self.status.round = "training", plan.round
+        self._save()
+
+    def on_visit_end(self, plan, record: dict) -> None:
+        entry = self.status.sites[plan.site]
+        entry.visits += 1
+        entry.state, entry.detail = "done", f"visit {plan.visit + 1}"
+        entry.last_metrics.update(loss=record.get("loss"), images_per_s=record.get("images_per_s"))
+        self.status.visits_done = plan.visit + 1
+        self._save()
+
+    def on_skip(self, record: dict) -> None:
+        entry = self.status.sites[record["site"]]
+        entry.skips += 1
+        entry.state = "skipped"
+        entry.detail = f"skipped {record['stage']} in round {record['round'] + 1}: {record['reason']}"
+        self._save()
+
+    def on_round_end(self, rnd: int, records: list[dict]) -> None:
+        for r in records:
+            if r.get("kind") == "eval":
+                self.status.sites[r["site"]].last_metrics[f"{r['model']}_auc"] = r.get("mean_auc")
+        self._save()
+
+    def on_warning(self, text: str) -> None:
+        self.status.warnings.append(text)
+        self._save()
+
+    def on_run_end(self, summary: dict) -> None:
+        self.status.phase, self.status.summary = "finished", summary
+        for entry in self.status.sites.values():
+            if entry.state not in ("skipped", "failed", "refused"):
+                entry.state = "done"
+        self._save()
+
+    def fail(self, error: str) -> None:
+        self.status.phase, self.status.error = "failed", error
+        self._save()

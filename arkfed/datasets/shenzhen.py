@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from arkfed.dataset import DatasetTable, make_meta
+from arkfed.dataset import make_meta
 from arkfed.errors import ArkfedError
-from arkfed.label_files import FileDatasetOptions, LabelRecords, assemble_splits, list_files
-from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
+from arkfed.label_files import FileDatasetOptions, LabelRecords, list_files
+from arkfed.plugins import DatasetPlugin, register_dataset
 from arkfed.schema import LabelSchema
 
 IMAGE_NAME = re.compile(r"^(CHNCXR_\d+)_([01])\.png$", re.IGNORECASE)
@@ -77,6 +77,3 @@ class Shenzhen(DatasetPlugin):
             classes=("Tuberculosis",),
             source=folder,
         )
-
-    def read(self, root: Path, split: SplitConfig) -> dict[str, DatasetTable]:
-        return assemble_splits(self.read_records(root), split, self.options.missing_images)

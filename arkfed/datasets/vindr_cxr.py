@@ -26,12 +26,11 @@ import numpy as np
 import pandas as pd
 from pydantic import model_validator
 
-from arkfed.dataset import DatasetTable, make_meta
+from arkfed.dataset import make_meta
 from arkfed.errors import ArkfedError
 from arkfed.label_files import (
     FileDatasetOptions,
     LabelRecords,
-    assemble_splits,
     concat_records,
     find_label_file,
     label_matrix,
@@ -40,7 +39,7 @@ from arkfed.label_files import (
     read_csv,
     require_columns,
 )
-from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
+from arkfed.plugins import DatasetPlugin, register_dataset
 from arkfed.schema import LabelSchema
 
 GLOBAL_LABELS = ("Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases", "COPD", "No finding")
@@ -170,6 +169,3 @@ class VinDrCxr(DatasetPlugin):
             source=file,
             official=None if official is None else np.full(len(ids), official, dtype=object),
         )
-
-    def read(self, root: Path, split: SplitConfig) -> dict[str, DatasetTable]:
-        return assemble_splits(self.read_records(root), split, self.options.missing_images)

@@ -16,19 +16,18 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from arkfed.dataset import DatasetTable, make_meta
+from arkfed.dataset import make_meta
 from arkfed.errors import ArkfedError
 from arkfed.findings import CHEXPERT_CLASSES
 from arkfed.label_files import (
     FileDatasetOptions,
     LabelRecords,
-    assemble_splits,
     find_label_file,
     label_matrix,
     read_csv,
     require_columns,
 )
-from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
+from arkfed.plugins import DatasetPlugin, register_dataset
 from arkfed.schema import CHEXPERT_LABELER_SCHEMA, UNCERTAIN
 
 PREFIX = "mimic-cxr-2.0.0"
@@ -136,6 +135,3 @@ class MimicCxr(DatasetPlugin):
             source=split_file,
             official=rows["split"].to_numpy(dtype=object),
         )
-
-    def read(self, root: Path, split: SplitConfig) -> dict[str, DatasetTable]:
-        return assemble_splits(self.read_records(root), split, self.options.missing_images)

@@ -13,20 +13,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from arkfed.dataset import DatasetTable, make_meta
+from arkfed.dataset import make_meta
 from arkfed.errors import ArkfedError
 from arkfed.findings import CHESTXRAY14_CLASSES
 from arkfed.label_files import (
     FileDatasetOptions,
     LabelRecords,
-    assemble_splits,
     find_label_file,
     list_files,
     locate_images,
     read_csv,
     require_columns,
 )
-from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
+from arkfed.plugins import DatasetPlugin, register_dataset
 from arkfed.schema import LabelSchema
 
 LABEL_FILE_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
@@ -122,6 +121,3 @@ class ChestXray14(DatasetPlugin):
             return None
         in_test = names.isin(test) if test is not None else ~names.isin(train_val)
         return np.where(in_test.to_numpy(), "test", "trainval").astype(object)
-
-    def read(self, root: Path, split: SplitConfig) -> dict[str, DatasetTable]:
-        return assemble_splits(self.read_records(root), split, self.options.missing_images)

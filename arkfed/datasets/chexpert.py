@@ -16,20 +16,19 @@ from typing import Literal
 
 import numpy as np
 
-from arkfed.dataset import DatasetTable, make_meta
+from arkfed.dataset import make_meta
 from arkfed.errors import ArkfedError
 from arkfed.findings import CHEXPERT_CLASSES
 from arkfed.label_files import (
     FileDatasetOptions,
     LabelRecords,
-    assemble_splits,
     concat_records,
     find_label_file,
     label_matrix,
     read_csv,
     require_columns,
 )
-from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
+from arkfed.plugins import DatasetPlugin, register_dataset
 from arkfed.schema import CHEXPERT_LABELER_SCHEMA, UNCERTAIN
 
 DATASET_FOLDERS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
@@ -100,6 +99,3 @@ class CheXpert(DatasetPlugin):
         if valid is None:  # no held-out file: split everything by patient
             records = replace(records, official=None)
         return records
-
-    def read(self, root: Path, split: SplitConfig) -> dict[str, DatasetTable]:
-        return assemble_splits(self.read_records(root), split, self.options.missing_images)

@@ -1,0 +1,466 @@
+"""The Ark loop: the one place where a run is planned, trained, checked, recorded and resumed.
+
+Local and federated runs are the same loop over a small :class:`Sites` interface with two
+implementations: :class:`InProcessSites` here (the sites' data in this process) and
+``arkfed.federation.server_app.FlowerSites`` (join, send, receive, retry, skip over Flower).
+Either way a site runs :mod:`arkfed.site_tasks` on the weights it is given.
+
+A run is a list of *groups* (:func:`arkfed.training.plan_groups`): visits that start from the same
+student and end in one teacher update. Cyclic mode (Ark) has one visit per group; parallel mode
+(the federated variant of Ark+) has every site of a round in one group, whose returned students
+are averaged (equal or sample weights) before the teacher's EMA step. Every returned update is
+checked (:func:`arkfed.updates.check_update`) before it touches the student; a visit that fails or
+is refused is skipped and recorded, and the run goes on.
+
+After each group the checkpoint is written (visit counter, student, teacher, in-process heads and
+the teacher clock in one file); after each round every site evaluates student and teacher. Resume
+continues from the checkpoint with ``metrics.jsonl`` trimmed back to it. What the loop reports
+goes to :class:`arkfed.callbacks.LoopCallback` s: the metrics log, progress, status file, trackers.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Mapping, Protocol, Sequence
+
+import torch
+
+from arkfed.callbacks import CallbackList, LoopCallback, RunInfo
+from arkfed.errors import ArkfedError
+from arkfed.io import json_safe
+from arkfed.model import ArkModel, SiteHead
+from arkfed.runs import RunFolder, RunState
+from arkfed.schedules import ema_update
+from arkfed.schema import LabelSchema
+from arkfed.site import ComputeSettings, Site
+from arkfed.site_tasks import SiteHeads, evaluate_site_models, visit_site
+from arkfed.training import TrainConfig, VisitPlan, derive_seed, plan_groups
+from arkfed.visit import VisitResult
+
+
+# -- what sites answer --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SiteFailure:
+    """Why a request got no usable answer; ``refused`` means retrying cannot help (policy, schema)."""
+
+    reason: str
+    refused: bool = False
+
+
+@dataclass
+class SiteInfo:
+    """What a site tells the loop when it joins: its label schema and split sizes."""
+
+    schema: LabelSchema
+    sizes: dict[str, int]
+    fingerprint: dict = field(default_factory=dict)
+
+
+@dataclass
+class VisitReply:
+    """A finished visit: its scalar result, the returned student (and teacher, with per-iteration
+    EMA), and ``extra`` fields for the metrics line (e.g. bytes and round-trip time)."""
+
+    result: VisitResult
+    student: dict[str, torch.Tensor]
+    teacher: dict[str, torch.Tensor] | None = None
+    extra: dict = field(default_factory=dict)
+    heads: SiteHeads | None = None  # in-process sites: the trained heads, kept only if accepted
+
+
+class Sites(Protocol):
+    """Where visits and evaluations happen. ``visit``/``evaluate`` never raise for one site's
+    failure: they answer a :class:`SiteFailure` for it."""
+
+    mode: str
+
+    def join(self, config: TrainConfig) -> dict[str, SiteInfo]: ...
+
+    def start(self, state: RunState, fresh: bool) -> None: ...
+
+    def visit(self, state: RunState, plans: Sequence[VisitPlan]) -> dict[str, VisitReply | SiteFailure]: ...
+
+    def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None: ...
+
+    def evaluate(self, state: RunState, split: str) -> dict[str, dict[str, dict] | SiteFailure]: ...
+
+
+# -- records (metrics.jsonl lines) ----------------------------------------------------------------
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def visit_record(plan: VisitPlan, result: VisitResult, **extra) -> dict:
+    return {"kind": "visit", "round": plan.round, "visit": plan.visit, "site": plan.site, "time": now(),
+            **result.model_dump(exclude={"site", "round", "visit"}), **extra}
+
+
+def eval_record(rnd: int, site: str, model: str, split: str, result: dict) -> dict:
+    """One evaluation line; absent AUCs (one-valued classes) are ``null``."""
+    return {"kind": "eval", "round": rnd, "site": site, "model": model, "split": split, "time": now(), **json_safe(result)}
+
+
+def skip_record(stage: str, rnd: int, visit: int, site: str, reason: str) -> dict:
+    return {"kind": "skip", "stage": stage, "round": rnd, "visit": visit, "site": site, "time": now(), "reason": reason}
+
+
+def round_record(rnd: int, seconds: float) -> dict:
+    """Marks round ``rnd``'s evaluation as complete (what resume trusts)."""
+    return {"kind": "round", "round": rnd, "time": now(), "seconds": seconds}
+
+
+def trim_metrics(records: list[dict], visits_done: int) -> tuple[list[dict], set[int]]:
+    """Keep what the checkpoint covers: visits (and skipped visits) before it, and rounds whose
+    evaluation completed (marked by a ``"kind": "round"`` line); returns them and those rounds."""
+    complete = {r["round"] for r in records if r.get("kind") == "round"}
+
+    def covered(r: dict) -> bool:
+        kind = r.get("kind")
+        if kind == "visit" or (kind == "skip" and r.get("stage") == "visit"):
+            return r["visit"] < visits_done
+        return kind in ("eval", "round", "skip") and r["round"] in complete
+
+    return [r for r in records if covered(r)], complete
+
+
+def build_summary(config: TrainConfig, records: list[dict], seconds: float, schemas: Mapping[str, LabelSchema]) -> dict:
+    """Final (last evaluated round) metrics per site, skips, and the run's size and time."""
+    evals = [r for r in records if r.get("kind") == "eval"]
+    last = max((r["round"] for r in evals), default=None)
+    sites: dict[str, dict] = {name: {"task": schemas[name].task} if name in schemas else {} for name in config.sites}
+    for r in evals:
+        if r["round"] == last:
+            sites[r["site"]][r["model"]] = {k: r[k] for k in ("loss", "mean_auc", "auc", "num_examples", "accuracy") if k in r}
+    return {"rounds": config.rounds, "visits": config.total_visits, "mode": config.mode, "evaluated_round": last,
+            "split": config.eval_split, "seconds": seconds, "sites": sites,
+            "skipped": [r for r in records if r.get("kind") == "skip"]}
+
+
+class MetricsLog(LoopCallback):
+    """Writes the records to ``RUN/metrics.jsonl`` (fsynced line by line): what resume trims and
+    what every report reads."""
+
+    def __init__(self, run: RunFolder):
+        self.run = run
+
+    def on_visit_end(self, plan: VisitPlan, record: dict) -> None:
+        self.run.append_metrics(record)
+
+    def on_skip(self, record: dict) -> None:
+        self.run.append_metrics(record)
+
+    def on_round_end(self, rnd: int, records: list[dict]) -> None:
+        for record in records:
+            self.run.append_metrics(record)
+
+
+# -- state ----------------------------------------------------------------------------------------
+def _init_model(config: TrainConfig) -> ArkModel:
+    from arkfed.weights import load_ark_model
+
+    if config.init == "random":
+        return ArkModel(config.model)
+    if config.init == "imagenet":
+        return ArkModel(config.model, pretrained=True)
+    return load_ark_model(config.init, "teacher", spec=config.model)
+
+
+def _init_heads(config: TrainConfig, schemas: Mapping[str, LabelSchema], embed_dim: int) -> dict[str, SiteHead]:
+    """Fresh heads, except that continual accrual reuses an earlier run's head for a known site
+    whose classes are unchanged."""
+    from arkfed.weights import load_heads
+
+    previous: dict[str, SiteHead] = {}
+    if config.init not in ("random", "imagenet"):
+        folder = Path(config.init) / "heads"
+        if folder.is_dir():
+            previous = load_heads(folder)
+    heads = {}
+    for name in config.sites:
+        head = SiteHead(name, schemas[name], embed_dim)
+        old = previous.get(name)
+        if old is not None and old.classes == head.classes and old.in_features == embed_dim:
+            head.load_state_dict(old.state_dict())
+        heads[name] = head
+    return heads
+
+
+def initial_state(config: TrainConfig, schemas: Mapping[str, LabelSchema]) -> RunState:
+    """Seeded student, teacher (a copy of the student, as in Ark) and both heads per site."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.seed, "init"))
+        student = _init_model(config)
+        heads = _init_heads(config, schemas, student.embed_dim)
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    teacher_heads = {name: SiteHeads.fresh(head).teacher for name, head in heads.items()}
+    return RunState(student, teacher, heads, 0, teacher_heads)
+
+
+def open_run(run: RunFolder, config: TrainConfig, schemas: Mapping[str, LabelSchema], resume: bool) -> tuple[RunState, set[int], bool]:
+    """The state to start from, the rounds already evaluated and whether it is fresh: a new run
+    writes its config; a resumed one continues from its checkpoint with metrics trimmed back to it
+    (a run killed before its first checkpoint starts over)."""
+    if resume:
+        if not run.has_run():
+            raise ArkfedError(f"{run.path}: nothing to resume (no config.yaml)")
+        if run.has_checkpoint():
+            state = run.load_checkpoint()
+            records, evaluated = trim_metrics(run.read_metrics(), state.visits_done)
+            run.rewrite_metrics(records)
+            return state, evaluated, False
+        run.rewrite_metrics([])
+        return initial_state(config, schemas), set(), True
+    if run.has_run():
+        raise ArkfedError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
+    run.write_config(config)
+    return initial_state(config, schemas), set(), True
+
+
+# -- updates --------------------------------------------------------------------------------------
+def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """FedAvg of state dicts: floating tensors weighted by ``weights``; integer buffers (BatchNorm's
+    ``num_batches_tracked``) take the largest value."""
+    if not states or len(states) != len(weights):
+        raise ValueError("need one weight per state, and at least one state")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to a positive number, got {list(weights)}")
+    out = {}
+    for key, first in states[0].items():
+        if first.dtype.is_floating_point:
+            acc = torch.zeros_like(first, dtype=torch.float64)
+            for state, weight in zip(states, weights):
+                acc += state[key].to(torch.float64) * (weight / total)
+            out[key] = acc.to(first.dtype)
+        else:
+            out[key] = torch.stack([s[key] for s in states]).max(dim=0).values
+    return out
+
+
+def update_problem(model: torch.nn.Module, update: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a returned state cannot be loaded into ``model`` (keys, shapes, dtypes, non-finite values)."""
+    reference = model.state_dict()
+    if set(update) != set(reference):
+        missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
+        return f"update keys differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, ref in reference.items():
+        value = update[key]
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            return f"{key!r} is {value.dtype} {tuple(value.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"{key!r} has non-finite values"
+    return None
+
+
+# -- in-process sites -----------------------------------------------------------------------------
+class InProcessSites:
+    """Sites whose data this process reads: visits run :func:`arkfed.site_tasks.visit_site` on a
+    copy of the student, so a visit's result is checked and accepted exactly like a remote one."""
+
+    mode = "local"
+
+    def __init__(self, sites: Mapping[str, Site], compute: Mapping[str, ComputeSettings] | None = None,
+                 callbacks: LoopCallback | None = None):
+        self.sites = dict(sites)
+        self.compute = {name: (compute or {}).get(name) or site.config.compute for name, site in self.sites.items()}
+        self.callbacks = callbacks or LoopCallback()
+        self.settings = None
+
+    def join(self, config: TrainConfig) -> dict[str, SiteInfo]:
+        self.settings = config.settings
+        missing = [name for name in config.sites if name not in self.sites]
+        if missing:
+            raise ArkfedError(f"no site config for {missing} (sites given: {sorted(self.sites)})")
+        return {name: SiteInfo(self.sites[name].schema, {k: len(v) for k, v in self.sites[name].splits.items()})
+                for name in config.sites}
+
+    def start(self, state: RunState, fresh: bool) -> None:
+        for name, head in state.heads.items():  # checkpoints from before teacher heads existed
+            state.teacher_heads.setdefault(name, SiteHeads.fresh(head).teacher)
+
+    def _heads(self, state: RunState, name: str) -> SiteHeads:
+        return SiteHeads(copy.deepcopy(state.heads[name]), copy.deepcopy(state.teacher_heads[name]))
+
+    def visit(self, state: RunState, plans: Sequence[VisitPlan]) -> dict[str, VisitReply | SiteFailure]:
+        replies: dict[str, VisitReply | SiteFailure] = {}
+        for plan in plans:
+            site = self.sites[plan.site]
+            student, teacher = copy.deepcopy(state.student), copy.deepcopy(state.teacher)
+            heads = self._heads(state, plan.site)
+            result = visit_site(student, teacher, heads, site, self.settings, plan, state.clock.pending(plan.site),
+                                self.compute[plan.site], progress=self.callbacks.on_step)
+            teacher_state = teacher.state_dict() if self.settings.ema == "iteration" else None
+            replies[plan.site] = VisitReply(result, student.state_dict(), teacher_state, heads=heads)
+        return replies
+
+    def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None:
+        state.heads[plan.site], state.teacher_heads[plan.site] = reply.heads.student, reply.heads.teacher
+
+    def evaluate(self, state: RunState, split: str) -> dict[str, dict[str, dict] | SiteFailure]:
+        return {
+            name: evaluate_site_models(state.student, state.teacher, SiteHeads(state.heads[name], state.teacher_heads[name]),
+                                       site, self.settings, split, state.clock.pending(name), self.compute[name])
+            for name, site in self.sites.items() if name in state.heads
+        }
+
+
+# -- the loop -------------------------------------------------------------------------------------
+class ArkLoop:
+    """One run of Ark over ``sites``, writing ``run`` (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, run: RunFolder, sites: Sites, callbacks: Sequence[LoopCallback] = ()):
+        self.config, self.run, self.sites = config, run, sites
+        self.callbacks = CallbackList([MetricsLog(run), *callbacks])
+        self.schemas: dict[str, LabelSchema] = {}
+
+    def warn(self, text: str) -> None:
+        self.callbacks.on_warning(text)
+
+    def _skip(self, stage: str, rnd: int, visit: int, site: str, reason: str) -> None:
+        self.callbacks.on_skip(skip_record(stage, rnd, visit, site, reason))
+        self.warn(f"site {site!r}: {stage} in round {rnd + 1} skipped: {reason}")
+
+    def _checked(self, state: RunState, plans: Sequence[VisitPlan], replies) -> list[tuple[VisitPlan, VisitReply]]:
+        accepted = []
+        for plan in plans:
+            reply = replies.get(plan.site) or SiteFailure("no answer")
+            if not isinstance(reply, SiteFailure):
+                problem = update_problem(state.student, reply.student)
+                if problem is None and reply.teacher is not None:
+                    problem = update_problem(state.teacher, reply.teacher)
+                if problem is not None:
+                    reply = SiteFailure(f"update rejected: {problem}", refused=True)
+            if isinstance(reply, SiteFailure):
+                self._skip("visit", plan.round, plan.visit, plan.site, reply.reason)
+            else:
+                accepted.append((plan, reply))
+        return accepted
+
+    def _apply(self, state: RunState, group: Sequence[VisitPlan], accepted: list[tuple[VisitPlan, VisitReply]]) -> None:
+        """The student (averaged in parallel mode), then the teacher's EMA step for the group."""
+        if not accepted:
+            return
+        iteration = self.config.settings.ema == "iteration"
+        if len(group) == 1:
+            plan, reply = accepted[0]
+            state.student.load_state_dict(reply.student)
+            if iteration:
+                state.teacher.load_state_dict(reply.teacher)
+        else:
+            weights = [1.0 if self.config.weighting == "equal" else float(r.result.num_examples) for _, r in accepted]
+            state.student.load_state_dict(weighted_average([r.student for _, r in accepted], weights))
+            if iteration:
+                state.teacher.load_state_dict(weighted_average([r.teacher for _, r in accepted], weights))
+        momentum = group[0].momentum
+        if not iteration:
+            ema_update(state.teacher, state.student, momentum)
+        state.clock.record(group[-1].visit, momentum, [plan.site for plan, _ in accepted])
+        for plan, reply in accepted:
+            self.sites.accept(state, plan, reply)
+            state.versions[plan.site] = plan.visit
+
+    def _train_group(self, state: RunState, group: Sequence[VisitPlan]) -> None:
+        for plan in group:
+            self.callbacks.on_visit_start(plan)
+        start = time.perf_counter()
+        replies = self.sites.visit(state, group)
+        seconds = time.perf_counter() - start
+        accepted = self._checked(state, group, replies)
+        self._apply(state, group, accepted)
+        for plan, reply in accepted:  # metrics before the checkpoint: resume trims what it lacks
+            self.callbacks.on_visit_end(plan, visit_record(plan, reply.result, round_trip_s=seconds, **reply.extra))
+        state.visits_done = group[-1].visit + 1
+        self.run.save_checkpoint(state)
+
+    def _evaluate(self, state: RunState, rnd: int, started: float) -> None:
+        split = self.config.eval_split
+        records = []
+        answers = self.sites.evaluate(state, split)
+        for site in self.config.sites:  # the run's order, whatever order the answers came in
+            answer = answers.get(site, SiteFailure("no answer"))
+            if isinstance(answer, SiteFailure):
+                self._skip("evaluation", rnd, state.visits_done, site, answer.reason)
+                continue
+            records += [eval_record(rnd, site, label, split, result) for label, result in answer.items()]
+        self.run.save_weights(state)
+        self.callbacks.on_round_end(rnd, records + [round_record(rnd, time.perf_counter() - started)])
+
+    def run_loop(self, resume: bool = False) -> dict:
+        """Join, train every group, evaluate every round, write the summary."""
+        started = time.perf_counter()
+        try:
+            infos = self.sites.join(self.config)
+            self.schemas = {name: info.schema for name, info in infos.items()}
+            state, evaluated, fresh = open_run(self.run, self.config, self.schemas, resume)
+            self.sites.start(state, fresh)
+            self._write_provenance(infos)
+            groups = plan_groups(self.config)
+            self.callbacks.on_run_start(RunInfo(self.config, self.run.path, self.config.total_visits, state.visits_done, self.sites.mode))
+            for rnd in range(self.config.rounds):
+                for group in (g for g in groups if g[0].round == rnd and g[-1].visit >= state.visits_done):
+                    self._train_group(state, group)
+                if rnd not in evaluated:
+                    self._evaluate(state, rnd, started)
+            self.run.save_weights(state)
+            summary = build_summary(self.config, self.run.read_metrics(), time.perf_counter() - started, self.schemas)
+            self.run.write_summary(summary)
+            self.callbacks.on_run_end(summary)
+            return summary
+        finally:
+            self.callbacks.close()
+
+    def _write_provenance(self, infos: Mapping[str, SiteInfo]) -> None:
+        try:
+            from arkfed.provenance import write_provenance
+        except ImportError:
+            return
+        write_provenance(self.run.path, {name: info.fingerprint for name, info in infos.items()})
+
+
+def load_sites(refs: Sequence[str | Path], names: Sequence[str] | None = None, plugins_dirs=()) -> dict[str, Site]:
+    """Sites from their YAMLs, keyed by name (in the order of ``names`` when given)."""
+    from arkfed.site import load_site
+
+    sites = {}
+    for ref in refs:
+        site = load_site(ref, plugins_dirs)
+        sites[site.name] = site
+    if names is None:
+        return sites
+    missing = [name for name in names if name not in sites]
+    if missing:
+        raise ArkfedError(f"no site config for {missing} (configs given: {[str(r) for r in refs]})")
+    return {name: sites[name] for name in names}
+
+
+def train_local(
+    config: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    sites: Mapping[str, Site] | None = None,
+    callbacks: Sequence[LoopCallback] = (),
+    compute: Mapping[str, ComputeSettings] | None = None,
+    site_configs: Sequence[str | Path] = (),
+    plugins_dirs=(),
+) -> dict:
+    """Run (or resume) Ark with in-process sites into ``out``; returns the summary.
+
+    Sites come from ``sites`` or from the site YAMLs (``site_configs``, recorded in
+    ``RUN/sites.yaml`` so that ``--resume`` finds them again).
+    """
+    run = RunFolder(out)
+    refs = [str(Path(r).resolve()) for r in site_configs] or run.read_site_configs()
+    if sites is None:
+        if not refs:
+            raise ArkfedError(f"{run.path}: no site configs given or recorded")
+        sites = load_sites(refs, config.sites, plugins_dirs)
+    if refs and not resume and not run.has_run():
+        run.write_site_configs(refs)
+    callback_list = CallbackList(list(callbacks))
+    in_process = InProcessSites(sites, compute, callback_list)
+    return ArkLoop(config, run, in_process, callbacks).run_loop(resume)
