@@ -21,9 +21,10 @@ Defaults protect the site (a security review should not have to change anything)
   split, not a per-image value; the coordinator already learns their mean, and Ark's report needs
   them. A site whose validation split has only a handful of positives for some class can set it
   to ``false``: then only the mean AUC and the loss leave the site.
-- ``max_image_size: 1024``, ``max_batch_size: 1024``, ``max_epochs_per_visit: 10``,
-  ``max_workers: 8``: the coordinator cannot make a site spend unbounded compute per visit;
-  ``max_memory_gb`` (unset) caps the accelerator memory a task may allocate.
+- ``max_image_size: 1024``, ``max_batch_size: 1024``, ``max_epochs_per_visit: 10``: the
+  coordinator cannot make a site spend unbounded compute per visit; ``max_memory_gb`` (unset)
+  caps the accelerator memory a task may allocate. Devices and data-loading workers are the
+  site's own choice (``compute:`` in its YAML), never the coordinator's, so need no limit here.
 - ``approval: auto``; with ``manual`` a site serves a run only after its operator approved the
   run's fingerprint (``arkfed site --config SITE.yaml --approve FINGERPRINT``): ``arkfed site``
   prints every new run's settings and fingerprint and the task waits (``approval_timeout``).
@@ -60,7 +61,6 @@ class SitePolicy(BaseModel):
     max_batch_size: int = Field(default=1024, ge=1)
     max_image_size: int = Field(default=1024, ge=16, description="largest model input size (pixels per side)")
     max_epochs_per_visit: int = Field(default=10, ge=1)
-    max_workers: int = Field(default=8, ge=0, description="largest number of data-loading workers")
     max_memory_gb: float | None = Field(default=None, gt=0, description="accelerator memory a task may allocate")
     evaluate_splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["val"])
     per_class_metrics: bool = True
@@ -104,8 +104,6 @@ def check_request(
     part of every visit request; no rule reads it yet."""
     if spec is not None and spec.img_size > policy.max_image_size:
         return Refusal("max_image_size", f"image size {spec.img_size} > {policy.max_image_size}")
-    if settings.num_workers > policy.max_workers:
-        return Refusal("max_workers", f"{settings.num_workers} workers > {policy.max_workers}")
     if kind == "evaluate":
         if split not in policy.evaluate_splits:
             return Refusal("evaluate_splits", f"split {split!r} is not in {policy.evaluate_splits}")
@@ -198,12 +196,17 @@ def wait_for_approval(state_dir: Path, fingerprint: str, details: dict, timeout:
     return Refusal("approval", f"run {fingerprint} was not approved within {math.ceil(timeout)} s")
 
 
-def apply_memory_limit(policy: SitePolicy, device) -> None:
+def apply_memory_limit(policy: SitePolicy, device_name: str) -> None:
     """Cap the accelerator memory this task may allocate (``max_memory_gb``; CUDA only: on a CPU
     the operating system's limits for the site's account apply)."""
     import torch
 
-    if policy.max_memory_gb is None or getattr(device, "type", None) != "cuda":
+    from arkfed.training import resolve_device
+
+    if policy.max_memory_gb is None:
+        return
+    device = resolve_device(device_name)
+    if device.type != "cuda":
         return
     index = device.index or 0
     total = torch.cuda.get_device_properties(index).total_memory / 2**30

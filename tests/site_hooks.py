@@ -1,7 +1,7 @@
 """TEST ONLY: makes a site misbehave, loaded by the ClientApp through ARKFED_TEST_SITE_HOOK.
 
 ``ARKFED_TEST_FAULTS`` names a JSON file mapping ``"<site>:visit:<index>"`` or
-``"<site>:eval:<round>"`` to a fault; the file is read at every message, so a test changes the
+``"<site>:eval"`` (every evaluation) to a fault; the file is read at every message, so a test changes the
 faults between runs without restarting the sites. Faults tamper with the reply the honest site
 built (after its own checks), as a buggy or hostile site would.
 """
@@ -30,7 +30,7 @@ def _fault(msg, context) -> str | None:
     if msg.metadata.message_type == m.VISIT:
         key = f"{site}:visit:{m.read_json(msg.content[m.REQUEST], 'plan')['visit']}"
     elif msg.metadata.message_type == m.EVALUATE:
-        key = f"{site}:eval:{msg.metadata.group_id}"
+        key = f"{site}:eval"
     else:
         return None
     return faults.get(key)

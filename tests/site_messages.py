@@ -33,7 +33,7 @@ def request(site, state, settings, spec=None, raw: dict | None = None, **extra) 
     """A request as the coordinator builds it; ``raw`` replaces fields by JSON text the
     coordinator's own validation would not let through."""
     record = m.json_record(run_uid=RUN_UID, spec=spec or state.student.spec, settings=settings, head_from=m.NO_HEAD,
-                           schemas={site.name: site.schema.model_dump(mode="json")}, **extra)
+                           schemas={site.name: site.schema.model_dump(mode="json")}, pending=1.0, **extra)
     for key, text in (raw or {}).items():
         record[key] = text
     arrays = {m.STUDENT: m.model_record(state.student), m.TEACHER: m.model_record(state.teacher),

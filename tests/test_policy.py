@@ -11,7 +11,7 @@ from federation_fixtures import make_sites, tiny_config
 from site_messages import RUN_UID, context, message, request, set_policy
 from typer.testing import CliRunner
 
-from arkfed.coordinator import initial_state
+from arkfed.loop import initial_state
 from arkfed.data import visit_draws
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
@@ -44,7 +44,6 @@ def test_defaults_refuse_what_would_leak_and_name_the_key():
     assert str(_visit(max_steps_per_visit=2)) == "policy_refused: min_steps_per_visit: 2 steps per visit < 10"
     assert _visit(spec=ModelSpec(model="test_resnet", img_size=4096)).key == "max_image_size"
     assert _visit(local_epochs=50).key == "max_epochs_per_visit"
-    assert _visit(num_workers=64).key == "max_workers"
     assert _visit(batch_size=4096).key == "max_batch_size"
     # counted as the site would really train: a batch never exceeds the training split
     refusal = _visit(train_size=10)

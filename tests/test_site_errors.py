@@ -16,7 +16,7 @@ from flwr.app import Error, Message
 from site_hooks import FAULTS_ENV, LEAKY_ERROR
 from site_messages import context, message, request
 
-from arkfed.coordinator import initial_state
+from arkfed.loop import initial_state
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.client_app import (
@@ -114,4 +114,4 @@ def test_the_site_checks_its_student_is_finite_before_returning_it(site_setup):
     broken.student.state_dict()[name].fill_(math.nan)
     reply = app(message(request(site, broken, config.settings, plan=plan_visits(config)[0]), m.VISIT), context(path, site.name))
     assert (reply.error.code, reply.error.reason) == (SITE_FAILED, "non_finite_update")
-    assert "the student after the visit has non-finite values" in (site.config.local_state_dir / "logs" / "site-errors.log").read_text()
+    assert "the student has non-finite values in" in (site.config.local_state_dir / "logs" / "site-errors.log").read_text()
