@@ -80,7 +80,7 @@ def federation(tmp_path_factory):
 def test_requests_outside_a_sites_policy_are_refused_reported_and_the_run_goes_on(federation):
     summary = federation.wait(timeout=RUN_TIMEOUT)
     out = federation.out
-    skipped = {(s["site"], s["stage"]): s["reason"] for s in summary["federation"]["skipped"]}
+    skipped = {(s["site"], s["stage"]): s["reason"] for s in summary["skipped"]}
     assert set(skipped) == {(NIH, "visit"), (NIH, "evaluation"), (CHEXPERT, "visit"), (CHEXPERT, "evaluation")}
     assert skipped[NIH, "visit"] == "policy_refused: min_batch_size: batch size 1 < 16"
     assert skipped[NIH, "evaluation"] == "policy_refused: evaluate_splits: split 'test' is not in ['val']"
@@ -91,8 +91,8 @@ def test_requests_outside_a_sites_policy_are_refused_reported_and_the_run_goes_o
     assert [r["round"] for r in records if r["kind"] == "round"] == [0]
     errors = [e for e in _inbox(out) if "error" in e]
     assert len(errors) == 4 and all(e["error"]["code"] == 100 for e in errors)  # refused once each: never retried
-    log = (out / "logs" / "coordinator.log").read_text()
-    assert "policy_refused: min_batch_size" in log and "policy_refused: max_image_size" in log
+    log = (out / "logs" / "serverapp.log").read_text()  # the coordinator's warnings
+    assert "visit in round 1 skipped: policy_refused: min_batch_size" in log and "policy_refused: max_image_size" in log
     for name, key in ((NIH, "min_batch_size"), (CHEXPERT, "max_image_size")):
         state = yaml.safe_load(federation.paths[name].read_text())["state_dir"]
         assert f"policy_refused: {key}" in (Path(state) / "logs" / "site-errors.log").read_text()
@@ -114,7 +114,7 @@ def test_bad_replies_are_skipped_the_teacher_stays_finite_and_errors_leave_no_pa
     summary = federation.wait(timeout=RUN_TIMEOUT)
 
     skipped = {(s["site"], s["stage"], s["visit"] if s["stage"] == "visit" else s["round"]): s["reason"]
-               for s in summary["federation"]["skipped"]}
+               for s in summary["skipped"]}
     assert set(skipped) == {(NIH, "visit", 0), (CHEXPERT, "visit", 1), (NIH, "visit", 3), (CHEXPERT, "visit", 4),
                             (SHENZHEN, "visit", 5), (NIH, "evaluation", 0), (NIH, "evaluation", 1)}
     assert "rejected reply: returned student: non-finite values" in skipped[NIH, "visit", 0]
@@ -136,10 +136,10 @@ def test_bad_replies_are_skipped_the_teacher_stays_finite_and_errors_leave_no_pa
     leaks = ("Jane Doe", "p10000032", "s50414267", "C:\\", "02aa804e")
     errors = [e["error"] for e in _inbox(out) if "error" in e]
     assert {"code": 101, "reason": "data_error"} in errors  # the Flower reply as it arrived
-    for name in ("inbox.jsonl", "coordinator.log"):
+    for name in ("inbox.jsonl", "coordinator.log", "serverapp.log"):
         text = (out / "logs" / name).read_text()
         assert not [w for w in leaks if w in text], name
-    for name in ("metrics.jsonl", "summary.json", "status.json"):
+    for name in ("metrics.jsonl", "summary.json", "federation-status.json"):
         if (out / name).is_file():
             assert not [w for w in leaks if w in (out / name).read_text()], name
     state = Path(yaml.safe_load(paths[SHENZHEN].read_text())["state_dir"])
