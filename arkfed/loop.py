@@ -276,7 +276,10 @@ class InProcessSites:
         missing = [name for name in config.sites if name not in self.sites]
         if missing:
             raise ArkfedError(f"no site config for {missing} (sites given: {sorted(self.sites)})")
-        return {name: SiteInfo(self.sites[name].schema, {k: len(v) for k, v in self.sites[name].splits.items()})
+        from arkfed.provenance import dataset_fingerprint
+
+        return {name: SiteInfo(self.sites[name].schema, {k: len(v) for k, v in self.sites[name].splits.items()},
+                               dataset_fingerprint(self.sites[name]))
                 for name in config.sites}
 
     def start(self, state: RunState, fresh: bool) -> None:
@@ -415,10 +418,8 @@ class ArkLoop:
             self.callbacks.close()
 
     def _write_provenance(self, infos: Mapping[str, SiteInfo]) -> None:
-        try:
-            from arkfed.provenance import write_provenance
-        except ImportError:
-            return
+        from arkfed.provenance import write_provenance
+
         write_provenance(self.run.path, {name: info.fingerprint for name, info in infos.items()})
 
 

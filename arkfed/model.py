@@ -7,31 +7,14 @@ projector output, as in Ark's reference code, and never leaves its site in feder
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from arkfed.errors import ArkfedError
 from arkfed.schema import LabelSchema
+from arkfed.spec import ModelSpec, ProjectorKind
 
-ProjectorKind = Literal["linear", "mlp"]
-
-
-class ModelSpec(BaseModel):
-    """Everything needed to rebuild an ArkModel's architecture (stored next to its weights)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field(default="swin_base_patch4_window7_224", description="timm backbone")
-    projector: ProjectorKind = Field(default="linear", description="linear | mlp")
-    projector_dim: int = Field(default=1376, ge=1, description="projector output (embedding) width")
-    img_size: int = Field(default=224, ge=16, description="input size in pixels")
-    num_features: int | None = None  # filled in once the backbone is built
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
+__all__ = ["ArkModel", "ModelSpec", "ProjectorKind", "SiteHead", "create_backbone", "create_projector"]
 
 def create_backbone(name: str, img_size: int, pretrained: bool = False) -> nn.Module:
     """A timm model without classifier (``num_classes=0``): forward returns pooled features."""

@@ -18,8 +18,8 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from arkfed.model import ModelSpec
 from arkfed.schedules import consistency_weight, teacher_momentum
+from arkfed.spec import ModelSpec
 
 ViewsMode = Literal["ark", "ark+", "independent"]
 EmaMode = Literal["visit", "iteration"]

@@ -78,8 +78,9 @@ def coordinator(
     if insecure:
         print_insecure_warning(lambda text: console.print(f"[bold red]{text}[/]"))
     run_dir = resume or out or default_out("fed")
-    log_names = [n.strip() for n in log.split(",") if n.strip()]
-    fed = FederationSettings(join_timeout=join_timeout, visit_timeout=visit_timeout, log=log_names)
+    from arkfed.trackers import parse_log_option
+
+    fed = FederationSettings(join_timeout=join_timeout, visit_timeout=visit_timeout, log=parse_log_option(log))
     folder = CertificateFolder(certs) if certs is not None and not insecure else None
     console.print(f"coordinator listening on {address}; run folder {run_dir}")
     with FederationView(console, quiet=quiet) as view:

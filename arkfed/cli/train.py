@@ -130,12 +130,9 @@ def _run(config, run_dir: Path, refs: list[str], resume: bool, federated: bool, 
 
 
 def trackers(log: str, run_dir: Path) -> list:
-    names = [n.strip() for n in (log or "").split(",") if n.strip()]
-    if not names:
-        return []
     from arkfed.trackers import make_trackers
 
-    return make_trackers(names, run_dir)
+    return make_trackers(log, run_dir)
 
 
 def print_summary(console, summary: dict, run_dir: Path) -> None:

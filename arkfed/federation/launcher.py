@@ -7,7 +7,7 @@ it writes. Layout at the coordinator::
 
     RUN/flower/            FLWR_HOME of the SuperLink and the flwr CLI (config.toml, installed app)
     RUN/flower/app/        the generated Flower app (pyproject.toml only)
-    RUN/logs/              superlink.log, serverapp.log (the ServerApp's output), coordinator.log,
+    RUN/logs/              superlink.log, serverapp.log (the ServerApp's output),
                            inbox.jsonl (what every site message carried), registered-sites.log
 
 Sites are started by :mod:`arkfed.federation.site_node`; both together on one machine by

@@ -117,6 +117,8 @@ def train_federated(config, out: Path, site_configs: Sequence[str | Path] = (), 
     console = Console(highlight=False, soft_wrap=True)
     mode = "TLS + site authentication (throwaway certificates in RUN/flower/certs)" if secure else "INSECURE"
     console.print(f"federated on this machine: one SuperLink and one SuperNode per site on 127.0.0.1, {mode}")
-    fed = FederationSettings(log=[n.strip() for n in log.split(",") if n.strip()])
+    from arkfed.trackers import parse_log_option
+
+    fed = FederationSettings(log=parse_log_option(log))
     with FederationView(console, quiet=quiet, title="arkfed train --federated") as view:
         return run_loopback(config, Path(out), site_configs, fed, secure=secure, resume=resume, view=view)

@@ -14,9 +14,6 @@ same head as in an uninterrupted run.
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -28,25 +25,13 @@ from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.mailbox import exchange, online_nodes
 from arkfed.federation.protocol import FederationSettings
+from arkfed.io import append_jsonl
 from arkfed.loop import ArkLoop, SiteFailure, SiteInfo, VisitReply
 from arkfed.runs import RunFolder, RunState
 from arkfed.training import TrainConfig, VisitPlan
 
 RUN_DIR_KEY = "run-dir"
 HELLO_TIMEOUT = 120.0
-
-
-def _logger(run_dir: Path) -> logging.Logger:
-    log = logging.getLogger(f"arkfed.server_app.{run_dir}")
-    if not log.handlers:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-        for handler in (logging.FileHandler(run_dir / "logs" / "coordinator.log"), logging.StreamHandler(sys.stdout)):
-            handler.setFormatter(fmt)
-            log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    return log
 
 
 class FlowerSites:
@@ -56,7 +41,6 @@ class FlowerSites:
 
     def __init__(self, grid: Grid, run_dir: Path, fed: FederationSettings, callbacks, poll: float = 0.25):
         self.grid, self.run_dir, self.fed, self.callbacks, self.poll = grid, Path(run_dir), fed, callbacks, poll
-        self.log = _logger(self.run_dir)
         self.nodes: dict[str, int] = {}
         self.known: set[int] = set()
         self.infos: dict[str, SiteInfo] = {}
@@ -73,8 +57,7 @@ class FlowerSites:
             entry["error"] = {"code": reply.error.code, "reason": reply.error.reason}
         else:
             entry["content"] = m.describe_content(reply.content)
-        with (self.run_dir / "logs" / "inbox.jsonl").open("a") as f:
-            f.write(json.dumps(entry, allow_nan=True) + "\n")
+        append_jsonl(self.run_dir / "logs" / "inbox.jsonl", entry)
 
     def _identify(self, node_ids: list[int], registered: dict[int, str]) -> None:
         """Ask new nodes who they are; record the listed sites among them."""
@@ -99,7 +82,7 @@ class FlowerSites:
                 self.callbacks.on_warning(f"SuperNode {node_id} is registered as {registered[node_id]!r} but serves site {name!r}; ignored")
                 continue
             if not member:
-                self.log.info("site %r (node %s) is connected but not part of this run", name, node_id)
+                print(f"site {name!r} (node {node_id}) is connected but not part of this run", flush=True)
                 continue
             recorded = self.fed.schemas.get(name)
             if recorded is not None and LabelSchema.model_validate(recorded) != schema:
@@ -112,7 +95,7 @@ class FlowerSites:
             self.nodes[name] = node_id
             self.infos[name] = SiteInfo(schema, sizes, federated_fingerprint(sizes, schema))
             self.callbacks.on_site_status(name, "joined", f"node {node_id}", **{f"{k}_size": float(v) for k, v in sizes.items()})
-            self.log.info("site %r joined (node %s)", name, node_id)
+            print(f"site {name!r} joined (node {node_id})", flush=True)
 
     def _discover(self) -> None:
         nodes = list(self.grid.get_nodes())
@@ -145,14 +128,15 @@ class FlowerSites:
         state.heads, state.teacher_heads = {}, {}
 
     def _node_for(self, site: str, wait: float) -> int | None:
-        """The site's current node (a restarted SuperNode is found again by name)."""
+        """The site's current node (a restarted SuperNode is found again by name), waiting up to ``wait`` s."""
         deadline = time.monotonic() + wait
         while True:
+            if self.nodes.get(site) not in online_nodes(self.grid):
+                self._discover()
             if self.nodes.get(site) in online_nodes(self.grid):
                 return self.nodes[site]
-            self._discover()
-            if self.nodes.get(site) in online_nodes(self.grid) or time.monotonic() >= deadline:
-                return self.nodes.get(site) if self.nodes.get(site) in online_nodes(self.grid) else None
+            if time.monotonic() >= deadline:
+                return None
             time.sleep(self.poll)
 
     # -- requests -------------------------------------------------------------------------------
@@ -256,7 +240,7 @@ def run_federation(grid: Grid, run_dir: Path, flower_run_id: int | None = None) 
         return ArkLoop(config, run, sites, callbacks).run_loop(resume=True)
     except BaseException as exc:
         status.fail(str(exc) or type(exc).__name__)
-        sites.log.error("run failed: %s", exc)
+        print(f"run failed: {exc}", flush=True)
         raise
 
 

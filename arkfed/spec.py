@@ -1,0 +1,24 @@
+"""What an ArkModel is, as plain data: kept free of torch so that light modules (the CLI's
+option definitions, configs) can import it without paying for torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ProjectorKind = Literal["linear", "mlp"]
+
+
+class ModelSpec(BaseModel):
+    """Everything needed to rebuild an ArkModel's architecture (stored next to its weights)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(default="swin_base_patch4_window7_224", description="timm backbone")
+    projector: ProjectorKind = Field(default="linear", description="linear | mlp")
+    projector_dim: int = Field(default=1376, ge=1, description="projector output (embedding) width")
+    img_size: int = Field(default=224, ge=16, description="input size in pixels")
+    num_features: int | None = None  # filled in once the backbone is built
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
