@@ -7,16 +7,14 @@ import json
 import threading
 
 import pytest
-from federation_fixtures import make_sites, tiny_config
-from site_messages import RUN_UID, context, message, request, set_policy
 from typer.testing import CliRunner
 
-from arkfed.loop import initial_state
 from arkfed.data import visit_draws
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.client_app import SITE_REFUSED, app
 from arkfed.federation.site_state import read_outbox
+from arkfed.loop import initial_state
 from arkfed.model import ModelSpec
 from arkfed.policy import (
     SitePolicy,
@@ -29,6 +27,8 @@ from arkfed.policy import (
 )
 from arkfed.site import load_site, load_site_config
 from arkfed.training import TrainSettings, plan_visits
+from federation_fixtures import make_sites, tiny_config
+from site_messages import RUN_UID, context, message, request, set_policy
 
 SPEC = ModelSpec(model="test_resnet", img_size=224)
 
@@ -186,3 +186,20 @@ def test_arkfed_site_shows_each_run_waiting_for_approval_once(tmp_path):
     assert f"arkfed site --config {tmp_path / 'mimic.yaml'} --approve {fingerprint}" in text
     approve_run(tmp_path, fingerprint)
     assert pending_runs(tmp_path) == [] and wait_for_approval(tmp_path, fingerprint, details, timeout=0.05) is None
+
+
+def test_the_demo_recipe_passes_the_default_policy_on_the_demo_sites_and_the_demo_yaml_allows_trial_runs():
+    from arkfed.demo import DEMO_POLICY, DEMO_SITES
+    from arkfed.recipes import apply_recipe
+    from arkfed.training import TrainConfig
+
+    config = TrainConfig.model_validate(apply_recipe("demo", {"sites": ["a"]}))
+    for site in DEMO_SITES:  # at least half of every demo site is its training split
+        refusal = check_request(SitePolicy(), "visit", config.settings, spec=config.model, train_size=site.images // 2)
+        assert refusal is None, (site.name, str(refusal))
+    import yaml
+
+    demo = SitePolicy.model_validate(yaml.safe_load("\n".join(DEMO_POLICY))["policy"])
+    tiny = TrainSettings(batch_size=8, max_steps_per_visit=2)  # tests/federation_fixtures.tiny_config on 16 images
+    assert check_request(demo, "visit", tiny, spec=ModelSpec(model="test_resnet", img_size=32), train_size=5) is None
+    assert check_request(SitePolicy(), "visit", tiny, spec=ModelSpec(model="test_resnet", img_size=32), train_size=5).key == "min_batch_size"
