@@ -30,11 +30,11 @@ from pathlib import Path
 import yaml
 
 from arkfed.errors import ArkfedError
+from arkfed.io import append_jsonl, atomic_write, read_jsonl, rewrite_jsonl
 from arkfed.model import ArkModel, ModelSpec, SiteHead
 from arkfed.schema import LabelSchema
 from arkfed.site_tasks import SiteHeads, catch_up
 from arkfed.training import TeacherClock, TrainConfig
-from arkfed.io import append_jsonl, atomic_write, read_jsonl, rewrite_jsonl
 from arkfed.weights import read_safetensors, save_ark_model, save_head, save_safetensors
 
 CHECKPOINT_KEY = "arkfed_checkpoint"

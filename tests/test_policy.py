@@ -50,7 +50,10 @@ def test_defaults_refuse_what_would_leak_and_name_the_key():
     assert refusal.key == "min_batch_size" and "batch size 10 < 16 (the training split has 10 images)" in refusal.reason
     assert str(_visit(train_size=100)) == "policy_refused: min_steps_per_visit: 3 steps per visit < 10"
     assert _visit(train_size=100, local_epochs=4) is None
-    evaluate = lambda split, p=None: check_request(p or SitePolicy(), "evaluate", TrainSettings(batch_size=1), split=split, spec=SPEC)
+
+    def evaluate(split, p=None):
+        return check_request(p or SitePolicy(), "evaluate", TrainSettings(batch_size=1), split=split, spec=SPEC)
+
     assert evaluate("val") is None  # an evaluation takes no gradient: batch size does not matter
     assert str(evaluate("test")) == "policy_refused: evaluate_splits: split 'test' is not in ['val']"
     assert evaluate("test", SitePolicy(evaluate_splits=["val", "test"])) is None
@@ -95,9 +98,11 @@ def test_the_clientapp_refuses_before_loading_anything(site_setup):
     set_policy(path, {})  # the defaults
     plan = plan_visits(config)[0]
     store = site.config.local_state_dir / "runs" / RUN_UID
+    zero_steps = json.dumps(config.settings.model_dump(mode="json") | {"max_steps_per_visit": 0})  # arkfed would not send it
     cases = [
-        (request(site, state, config.settings.model_copy(update={"batch_size": 1}), plan=plan), "policy_refused: min_batch_size: batch size 1 < 16"),
-        (request(site, state, config.settings, raw={"settings": json.dumps(config.settings.model_dump(mode="json") | {"max_steps_per_visit": 0})}, plan=plan),
+        (request(site, state, config.settings.model_copy(update={"batch_size": 1}), plan=plan),
+         "policy_refused: min_batch_size: batch size 1 < 16"),
+        (request(site, state, config.settings, raw={"settings": zero_steps}, plan=plan),
          "invalid_request: settings.max_steps_per_visit: Input should be greater than or equal to 1"),
         (request(site, state, config.settings.model_copy(update={"batch_size": 16, "max_steps_per_visit": 20}),
                  spec=state.student.spec.model_copy(update={"img_size": 100_000}), plan=plan),
@@ -202,4 +207,5 @@ def test_the_demo_recipe_passes_the_default_policy_on_the_demo_sites_and_the_dem
     demo = SitePolicy.model_validate(yaml.safe_load("\n".join(DEMO_POLICY))["policy"])
     tiny = TrainSettings(batch_size=8, max_steps_per_visit=2)  # tests/federation_fixtures.tiny_config on 16 images
     assert check_request(demo, "visit", tiny, spec=ModelSpec(model="test_resnet", img_size=32), train_size=5) is None
-    assert check_request(SitePolicy(), "visit", tiny, spec=ModelSpec(model="test_resnet", img_size=32), train_size=5).key == "min_batch_size"
+    small = ModelSpec(model="test_resnet", img_size=32)
+    assert check_request(SitePolicy(), "visit", tiny, spec=small, train_size=5).key == "min_batch_size"

@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from federation_fixtures import fast_settings, make_sites, tiny_config
-from site_hooks import FAULTS_ENV
 
 from arkfed.federation import messages as m
 from arkfed.federation.client_app import TEST_HOOK_ENV
@@ -29,6 +27,8 @@ from arkfed.federation.site_state import read_outbox
 from arkfed.model import ModelSpec
 from arkfed.runs import RunFolder
 from arkfed.weights import load_ark_model
+from federation_fixtures import fast_settings, make_sites, tiny_config
+from site_hooks import FAULTS_ENV
 
 RUN_TIMEOUT = 300.0
 HOOK = Path(__file__).with_name("site_hooks.py")

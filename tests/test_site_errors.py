@@ -11,12 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from federation_fixtures import make_sites, tiny_config
 from flwr.app import Error, Message
-from site_hooks import FAULTS_ENV, LEAKY_ERROR
-from site_messages import context, message, request
 
-from arkfed.loop import initial_state
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.client_app import (
@@ -29,9 +25,13 @@ from arkfed.federation.client_app import (
     public_error,
 )
 from arkfed.federation.site_state import read_outbox
+from arkfed.loop import initial_state
 from arkfed.site import load_site
 from arkfed.training import plan_visits
 from arkfed.updates import NonFiniteError
+from federation_fixtures import make_sites, tiny_config
+from site_hooks import FAULTS_ENV, LEAKY_ERROR
+from site_messages import context, message, request
 
 LEAKS = ("Jane Doe", "p10000032", "s50414267", "C:\\", "02aa804e")
 

@@ -168,7 +168,8 @@ def test_evaluation_and_hello_replies_are_checked(model):
     from arkfed.schema import LabelSchema
 
     schema = LabelSchema(task="multilabel", classes=classes)
-    hello = RecordDict({m.SITE: m.json_record(name="a", schema=schema, member=True), m.METRICS: MetricRecord({"train_size": 12, "val_size": 4})})
+    hello = RecordDict({m.SITE: m.json_record(name="a", schema=schema, member=True),
+                        m.METRICS: MetricRecord({"train_size": 12, "val_size": 4})})
     name, member, parsed, sizes = m.read_hello_reply(hello)
     assert (name, member, parsed, sizes) == ("a", True, schema, {"train": 12, "val": 4})
     with pytest.raises(m.BadReply, match="hello reply lacks 'site'"):
