@@ -47,6 +47,7 @@ def coordinator(
     resume: Optional[Path] = typer.Option(None, help="continue RUN from its last finished visit"),
     join_timeout: float = typer.Option(600.0, help="seconds to wait for all sites to join"),
     visit_timeout: float = typer.Option(3600.0, help="seconds a visit may take before it is retried, then skipped"),
+    max_update_norm: Optional[float] = typer.Option(None, min=0.0, help="skip a returned student farther (L2) than this from the one sent"),
     log: str = typer.Option("", help="also log to trackers: tensorboard,mlflow (in the run folder)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="plain log lines instead of the live view"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config.yaml and stop"),
@@ -80,7 +81,8 @@ def coordinator(
     run_dir = resume or out or default_out("fed")
     from arkfed.trackers import parse_log_option
 
-    fed = FederationSettings(join_timeout=join_timeout, visit_timeout=visit_timeout, log=parse_log_option(log))
+    fed = FederationSettings(join_timeout=join_timeout, visit_timeout=visit_timeout, log=parse_log_option(log),
+                             max_update_norm=max_update_norm or None)
     folder = CertificateFolder(certs) if certs is not None and not insecure else None
     console.print(f"coordinator listening on {address}; run folder {run_dir}")
     with FederationView(console, quiet=quiet) as view:
@@ -98,7 +100,7 @@ def site(
     insecure: bool = typer.Option(False, "--insecure", help="no TLS (trials on trusted networks only)"),
     plugins_dir: Optional[list[Path]] = typer.Option(None, help="extra dataset plugin folder(s)"),
     connect_timeout: float = typer.Option(120.0, help="seconds to wait for the first connection"),
-    approve: Optional[str] = typer.Option(None, "--approve", help="approve the run with this FINGERPRINT (policy approval: manual) and exit"),
+    approve: Optional[str] = typer.Option(None, "--approve", help="approve the waiting run FINGERPRINT (policy approval: manual), then exit"),
 ) -> None:
     from rich.console import Console
 
