@@ -100,7 +100,7 @@ def site(
     insecure: bool = typer.Option(False, "--insecure", help="no TLS (trials on trusted networks only)"),
     plugins_dir: Optional[list[Path]] = typer.Option(None, help="extra dataset plugin folder(s)"),
     connect_timeout: float = typer.Option(120.0, help="seconds to wait for the first connection"),
-    approve: Optional[str] = typer.Option(None, "--approve", help="approve the waiting run FINGERPRINT (policy approval: manual), then exit"),
+    approve: Optional[str] = typer.Option(None, "--approve", help="approve the waiting run FINGERPRINT, then exit"),
 ) -> None:
     from rich.console import Console
 
