@@ -46,8 +46,10 @@ def evaluation_schema(schema: LabelSchema) -> LabelSchema:
     return schema.with_policies(uncertain="ignore")
 
 
-def read_resized(table: DatasetTable, index: int, size: int) -> torch.Tensor:
-    """Row ``index`` as a ``1 x size x size`` uint8 tensor (the whole image, squashed to a square)."""
+def source_pixels(table: DatasetTable, index: int) -> np.ndarray:
+    """Row ``index`` as the data source returns it: an ``H x W`` uint8 array at its own size.
+
+    The one place an image enters the pipeline (a prepared-image cache slots in here)."""
     try:
         pixels = table.images.read(index)
     except ArkfedError:
@@ -56,6 +58,12 @@ def read_resized(table: DatasetTable, index: int, size: int) -> torch.Tensor:
         raise ArkfedError(f"cannot read image {table.images.describe(index)}: {type(exc).__name__}: {exc}") from None
     if pixels.ndim != 2:
         raise ArkfedError(f"image {table.images.describe(index)} has shape {pixels.shape}, expected H x W grayscale")
+    return pixels
+
+
+def read_resized(table: DatasetTable, index: int, size: int) -> torch.Tensor:
+    """Row ``index`` as a ``1 x size x size`` uint8 tensor (the whole image, squashed to a square)."""
+    pixels = source_pixels(table, index)
     if pixels.shape != (size, size):
         pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
     return torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).unsqueeze(0)
@@ -190,9 +198,11 @@ def visit_draws(n: int, batch_size: int, epochs: int, seed: int, max_steps: int 
 
 
 def _loader_kwargs(num_workers: int, pin_memory: bool) -> dict:
+    """Pinned memory lets the visit's ``.to(device, non_blocking=True)`` overlap the copy with compute."""
     kwargs = {"num_workers": num_workers, "pin_memory": pin_memory}
     if num_workers > 0:
         kwargs["prefetch_factor"] = 4
+        kwargs["persistent_workers"] = True
     return kwargs
 
 
@@ -209,14 +219,31 @@ def make_train_loader(
     max_steps: int | None = None,
     num_workers: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    augment: str = "cpu",
 ) -> DataLoader:
-    """The batches of one visit, in a reproducible order with reproducible augmentation."""
-    order = visit_draws(len(table), batch_size, epochs, seed, max_steps)
-    pair = ViewPair(spec.img_size, crop_scale, views, jitter_p)
+    """The batches of one visit, in a reproducible order with reproducible augmentation.
+
+    With ``world_size`` > 1 (one DDP rank of N) ``batch_size`` is per rank: the draws are those of
+    a one-process visit with batch ``N x batch_size`` and this rank loads its slice of each batch.
+    """
+    order = visit_draws(len(table), batch_size * world_size, epochs, seed, max_steps)
+    pair, collate = ViewPair(spec.img_size, crop_scale, views, jitter_p), TrainCollate(spec)
+    if augment == "device":  # workers draw the view parameters; the visit makes the views on its device
+        from arkfed.device_views import RawCollate, ViewParams
+
+        pair, collate = ViewParams(spec.img_size, crop_scale, views, jitter_p), RawCollate()
     dataset = TrainDataset(table, schema, spec.img_size, pair, order, seed)
+    if world_size > 1:
+        from arkfed.distributed import RankBatches
+
+        per_rank = min(batch_size * world_size, len(table)) // world_size
+        return DataLoader(dataset, batch_sampler=RankBatches(len(order), per_rank, rank, world_size),
+                          collate_fn=collate, **_loader_kwargs(num_workers, pin_memory))
     return DataLoader(
         dataset, batch_size=min(batch_size, len(table)), shuffle=False, drop_last=False,
-        collate_fn=TrainCollate(spec), **_loader_kwargs(num_workers, pin_memory),
+        collate_fn=collate, **_loader_kwargs(num_workers, pin_memory),
     )
 
 

@@ -43,7 +43,8 @@ class TrainSettings(BaseModel):
     weight_decay: float = Field(default=0.05, ge=0, description="weight decay (not on biases and norms)")
     warmup_visits: int = Field(default=0, ge=0, description="linear lr warm-up, in visits")
     crop_scale: tuple[float, float] = Field(default=(0.08, 1.0), description="random-resized-crop area range MIN,MAX")
-    views: ViewsMode = Field(default="ark", description="ark (teacher: same crop, student: + jitter) | ark+ (teacher: whole image) | independent")
+    views: ViewsMode = Field(
+        default="ark", description="ark (teacher: same crop, student: + jitter) | ark+ (teacher: whole image) | independent")
     jitter_p: float = Field(default=0.3, ge=0, le=1, description="probability of the student's intensity jitter")
     ema: EmaMode = Field(default="visit", description="teacher EMA after each visit (Ark) | iteration")
     momentum_teacher: float = Field(default=0.9, ge=0, le=1, description="teacher momentum at the first visit (cosine to 1)")
@@ -82,7 +83,9 @@ class TrainConfig(BaseModel):
     sites: list[str] = Field(min_length=1, description="site names, in visiting order")
     recipe: str | None = Field(default=None, description="the recipe the settings started from")
     rounds: int = Field(default=1, ge=1, description="rounds; each visits every site once")
-    mode: FederationMode = Field(default="cyclic", description="cyclic (Ark: one site after another, teacher EMA after each) | parallel (every site from the same student, averaged, one teacher EMA per round)")
+    mode: FederationMode = Field(default="cyclic", description=(
+        "cyclic (Ark: one site after another, teacher EMA after each) | "
+        "parallel (every site from the same student, averaged, one teacher EMA per round)"))
     weighting: Weighting = Field(default="samples", description="parallel mode's average: samples (FedAvg) | equal (Ark+)")
     order: OrderMode = Field(default="fixed", description="site order per round: fixed | shuffle")
     seed: int = Field(default=0, ge=0, description="seed of initialisation, data order and augmentation")

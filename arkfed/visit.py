@@ -31,6 +31,8 @@ from pydantic import BaseModel
 from torch import nn
 
 from arkfed.data import make_train_loader
+from arkfed.device_views import DeviceViews
+from arkfed.distributed import SINGLE, RankContext
 from arkfed.errors import ArkfedError
 from arkfed.losses import ark_loss, consistency_loss, task_loss
 from arkfed.model import ArkModel, SiteHead
@@ -90,18 +92,27 @@ def train_site_visit(
     compute: ComputeSettings | None = None,
     progress: VisitProgress | None = None,
     teacher_head: SiteHead | None = None,
+    rank: RankContext | None = None,
 ) -> VisitResult:
-    """Train ``student`` and ``head`` in place on ``site``'s training split for one visit."""
+    """Train ``student`` and ``head`` in place on ``site``'s training split for one visit.
+
+    ``compute.gpus`` > 1 runs it in that many DDP processes (:mod:`arkfed.distributed`), which
+    call back here with their ``rank``."""
     _check_head(head, site, student)
     compute = compute or site.config.compute
+    if compute.gpus > 1 and rank is None:
+        from arkfed.distributed import run_visit_on_gpus
+
+        return run_visit_on_gpus(student, teacher, head, site, settings, plan, compute, progress, teacher_head)
+    rank = rank or SINGLE
     device = resolve_device(compute.device)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(plan.seed)  # dropout / drop-path draws
-        return _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress)
+        torch.manual_seed(plan.seed + rank.rank)  # dropout / drop-path draws (own stream per rank)
+        return _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress, rank)
 
 
-def _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress) -> VisitResult:
+def _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress, rank=SINGLE) -> VisitResult:
     fmt = memory_format(device)
     student.to(device, memory_format=fmt).train()
     teacher.to(device, memory_format=fmt).eval()
@@ -113,7 +124,10 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
         site.split("train"), site.schema, student.spec, settings.batch_size, epochs=settings.local_epochs,
         seed=plan.seed, crop_scale=settings.crop_scale, views=settings.views, jitter_p=settings.jitter_p,
         max_steps=settings.max_steps_per_visit, num_workers=compute.workers(), pin_memory=device.type == "cuda",
+        rank=rank.rank, world_size=rank.world_size, augment=compute.augment,
     )
+    student_forward, head_forward = rank.wrap(student, device, compute.compile), rank.wrap(head, device)
+    views = DeviceViews(student.spec.mean, student.spec.std) if compute.augment == "device" else None
     optimizer = make_optimizer(student, head, settings, plan.lr)
     c = plan.consistency
     steps = len(loader)
@@ -121,12 +135,14 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
     examples = 0
     start = time.perf_counter()
     for step, batch in enumerate(loader):
+        if views is not None:  # the loader sent uint8 images + view parameters: make the views here
+            batch = views.batch(batch, device)
         xs = batch.student.to(device, non_blocking=True).contiguous(memory_format=fmt)
         targets = batch.targets.to(device, non_blocking=True)
         mask = batch.mask.to(device, non_blocking=True)
         with autocast(device, compute.precision):
-            z_student = student(xs)
-            logits = head(z_student)
+            z_student = student_forward(xs)
+            logits = head_forward(z_student)
             z_teacher = None
             if c > 0:
                 xt = batch.teacher.to(device, non_blocking=True).contiguous(memory_format=fmt)
@@ -135,7 +151,9 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
         task = task_loss(logits.float(), targets, mask, site.schema.task)
         cons = consistency_loss(z_student.float(), z_teacher.float()) if z_teacher is not None else None
         loss = ark_loss(task, cons, c)
-        value = float(loss.detach())
+        zero = torch.zeros((), device=loss.device)
+        parts = torch.stack([loss.detach(), task.detach(), cons.detach() if cons is not None else zero]).double().cpu()
+        value = float(parts[0])  # one device sync per step (all three losses at once)
         if not math.isfinite(value):  # stop before the step corrupts the weights; the last checkpoint stays good
             raise NonFiniteError(f"loss became {value} in visit {plan.visit} step {step}; lower --lr", site=site.name,
                                  category="non_finite_loss")
@@ -148,11 +166,13 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
             if teacher_head is not None:
                 ema_update(teacher_head, head, momentum)
         n = len(xs)
-        totals += torch.tensor([value, float(task.detach()), float(cons.detach()) if cons is not None else 0.0]) * n
+        totals += parts * n
         examples += n
         if progress is not None:
             progress(step + 1, steps, value)
     seconds = time.perf_counter() - start
+    summed = rank.sum(torch.cat([totals, torch.tensor([examples], dtype=torch.float64)]))  # over DDP ranks
+    totals, examples = summed[:3], int(summed[3])
     mean = (totals / max(examples, 1)).tolist()
     return VisitResult(
         site=site.name, round=plan.round, visit=plan.visit, loss=mean[0], task_loss=mean[1], consistency_loss=mean[2],

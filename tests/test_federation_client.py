@@ -10,15 +10,14 @@ import pytest
 import torch
 from flwr.app import Context, Message, Metadata, RecordDict
 
-from arkfed.loop import initial_state
 from arkfed.federation import messages as m
 from arkfed.federation.client_app import SITE_FAILED, SITE_REFUSED, app
 from arkfed.federation.site_state import read_outbox
+from arkfed.loop import initial_state
 from arkfed.schedules import ema_update
 from arkfed.site import load_site
-from arkfed.training import plan_visits
 from arkfed.site_tasks import SiteHeads, evaluate_site_models, visit_site
-
+from arkfed.training import plan_visits
 from federation_fixtures import make_sites, max_abs_diff, tiny_config
 
 RUN_UID = "testrun0001"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from arkfed.callbacks import LoopCallback
-from arkfed.loop import initial_state, train_local
 from arkfed.demo import generate_demo_federation
+from arkfed.loop import initial_state, train_local
 from arkfed.model import ModelSpec
 from arkfed.runs import RunFolder
 from arkfed.site import Site, SiteConfig, load_site

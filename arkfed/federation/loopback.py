@@ -1,8 +1,10 @@
 """``arkfed train --federated``: the whole federation on one machine, with real processes on 127.0.0.1.
 
-One SuperLink (:class:`~arkfed.federation.launcher.Coordinator`) and one SuperNode per site
-(:class:`~arkfed.federation.site_node.SiteNode`), exactly as in a deployment; used for trying
-federation out, for the tests and for the benchmark.
+One SuperLink behind its Fleet-only gateway (:class:`~arkfed.federation.launcher.Coordinator`)
+and one SuperNode per site (:class:`~arkfed.federation.site_node.SiteNode`) connecting through the
+gateway, with signed runs and gated site tasks, exactly as in a deployment; used for trying
+federation out, for the tests and for the benchmark. Its throwaway site keys are made at the
+coordinator (``certs init --sites``), which is acceptable on one machine only.
 """
 
 from __future__ import annotations

@@ -208,7 +208,8 @@ def describe_content(content: RecordDict) -> dict[str, dict]:
         elif isinstance(record, MetricRecord):
             out[name] = {"kind": "metrics", "values": {k: v for k, v in record.items()}}
         elif isinstance(record, ConfigRecord):
-            out[name] = {"kind": "config", "values": {k: (v if not isinstance(v, bytes) else f"<{len(v)} bytes>") for k, v in record.items()}}
+            values = {k: (v if not isinstance(v, bytes) else f"<{len(v)} bytes>") for k, v in record.items()}
+            out[name] = {"kind": "config", "values": values}
         else:  # pragma: no cover - Flower has no other record types today
             out[name] = {"kind": type(record).__name__}
     return out

@@ -110,7 +110,8 @@ class FlowerSites:
         deadline = time.monotonic() + self.fed.join_timeout
         while missing := [s for s in config.sites if s not in self.nodes]:
             if time.monotonic() > deadline:
-                raise ArkfedError(f"sites {missing} did not join within {self.fed.join_timeout:.0f} s (joined: {sorted(self.nodes) or 'none'})")
+                joined = sorted(self.nodes) or "none"
+                raise ArkfedError(f"sites {missing} did not join within {self.fed.join_timeout:.0f} s (joined: {joined})")
             self._discover()
             time.sleep(self.poll)
         if not self.fed.schemas:
@@ -165,7 +166,8 @@ class FlowerSites:
                 content = self._content(state, site, **({"plan": item} if kind == m.VISIT else {"split": item}))
                 requests[site] = Message(content, node, kind, ttl=self.fed.visit_timeout, group_id=group)
                 self.sent_bytes[site] = sum(r.count_bytes() for r in content.array_records.values())
-                self.callbacks.on_site_status(site, "training" if kind == m.VISIT else "evaluating", f"attempt {attempt}" if attempt > 1 else "")
+                state_name = "training" if kind == m.VISIT else "evaluating"
+                self.callbacks.on_site_status(site, state_name, f"attempt {attempt}" if attempt > 1 else "")
             if requests:
                 results.update(exchange(self.grid, requests, self.fed.visit_timeout, self.poll, on_reply=self._log_inbox))
             todo = {}
@@ -192,8 +194,9 @@ class FlowerSites:
                 continue
             try:  # issue 8: checked before use (arkfed.updates.check_update); a bad reply skips the visit
                 declared = max_examples(self.infos[plan.site].sizes.get("train", 0), self.config.settings)
-                checked = m.read_visit_reply(reply.content, plan, state.student, state.teacher, self.config.settings.ema == "iteration",
-                                             declared, self.fed.max_update_norm)
+                iteration = self.config.settings.ema == "iteration"
+                checked = m.read_visit_reply(reply.content, plan, state.student, state.teacher, iteration, declared,
+                                             self.fed.max_update_norm)
             except m.BadReply as exc:
                 answers[plan.site] = SiteFailure(f"rejected reply: {exc}", refused=True)
                 continue
@@ -201,8 +204,8 @@ class FlowerSites:
                 answers[plan.site] = SiteFailure(f"malformed reply: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}", refused=True)
                 continue
             received = sum(r.count_bytes() for r in reply.content.array_records.values())
-            answers[plan.site] = VisitReply(checked.result, checked.student, checked.teacher,
-                                            extra={"bytes_sent": self.sent_bytes.get(plan.site, 0), "bytes_received": received})
+            extra = {"bytes_sent": self.sent_bytes.get(plan.site, 0), "bytes_received": received}
+            answers[plan.site] = VisitReply(checked.result, checked.student, checked.teacher, extra=extra)
         return answers
 
     def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None:
@@ -216,7 +219,8 @@ class FlowerSites:
                 answers[site] = reply
                 continue
             try:  # issue 8: a malformed evaluation reply is skipped, never a crash
-                answers[site] = m.read_eval_reply(reply.content, self.infos[site].schema.classes, self.infos[site].sizes.get(split))
+                info = self.infos[site]
+                answers[site] = m.read_eval_reply(reply.content, info.schema.classes, info.sizes.get(split))
             except m.BadReply as exc:
                 answers[site] = SiteFailure(f"rejected reply: {exc}", refused=True)
                 continue
