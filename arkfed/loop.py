@@ -170,15 +170,11 @@ def _init_model(config: TrainConfig) -> ArkModel:
 
 
 def _init_heads(config: TrainConfig, schemas: Mapping[str, LabelSchema], embed_dim: int) -> dict[str, SiteHead]:
-    """Fresh heads, except that continual accrual reuses an earlier run's head for a known site
-    whose classes are unchanged."""
-    from arkfed.weights import load_heads
+    """Fresh heads, except that continual accrual reuses an earlier run's (or a released Ark
+    checkpoint's) head for a known site whose classes are unchanged."""
+    from arkfed.weights import load_init_heads
 
-    previous: dict[str, SiteHead] = {}
-    if config.init not in ("random", "imagenet"):
-        folder = Path(config.init) / "heads"
-        if folder.is_dir():
-            previous = load_heads(folder)
+    previous = load_init_heads(config.init)
     heads = {}
     for name in config.sites:
         head = SiteHead(name, schemas[name], embed_dim)

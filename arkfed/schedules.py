@@ -32,6 +32,17 @@ def teacher_momentum(visit: float, total_visits: int, base: float = 0.9) -> floa
     return cosine_value(base, 1.0, visit, total_visits)
 
 
+ARK_PLUS_C = (0.9, 5.0)  # Ark_Plus/Pretraining/trainer.py: coff = (momentum_schedule[it] - 0.9) * 5
+
+
+def consistency_from_momentum(momentum: float) -> float:
+    """Ark+'s c, tied to the teacher momentum: ``(m - 0.9) * 5`` (``Ark_Plus/Pretraining/trainer.py``),
+    clamped to ``[0, 1]``. With Ark's base momentum 0.9 this equals the cosine ``c`` schedule
+    (0 -> 0.5); with another base it does not (0.99: c runs 0.45 -> 0.5), which is Ark+'s behaviour."""
+    offset, slope = ARK_PLUS_C
+    return min(max((momentum - offset) * slope, 0.0), 1.0)
+
+
 def ema_update(teacher: "nn.Module", student: "nn.Module", momentum: float) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, parameters *and* buffers.
 

@@ -18,7 +18,20 @@ class ModelSpec(BaseModel):
     model: str = Field(default="swin_base_patch4_window7_224", description="timm backbone")
     projector: ProjectorKind = Field(default="linear", description="linear | mlp")
     projector_dim: int = Field(default=1376, ge=1, description="projector output (embedding) width")
+    projector_hidden: int | None = Field(
+        default=None, ge=1,
+        description="MLP projector's hidden width (default: the backbone width); "
+        "Ark's MLP uses projector_dim (1376 in Ark-6's projector1376_mlp)",
+    )
     img_size: int = Field(default=224, ge=16, description="input size in pixels")
+    crop_pct: float | None = Field(
+        default=None, gt=0, le=1,
+        description="evaluation view: Resize(img_size / crop_pct) + CenterCrop(img_size), as timm's crop_pct "
+        "(Ark: 224/256 = 0.875); unset: the whole image squashed to img_size",
+    )
+    test_ten_crop: bool = Field(
+        default=False, description="`arkfed evaluate --split test` averages ten crops unless told otherwise (Ark's test protocol)"
+    )
     num_features: int | None = None  # filled in once the backbone is built
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)

@@ -67,7 +67,7 @@ def make_optimizer(student: nn.Module, head: nn.Module, settings: TrainSettings,
     """timm's optimizer over student + head (no weight decay on biases and norm layers)."""
     from timm.optim import create_optimizer_v2
 
-    kwargs = {"momentum": settings.momentum} if settings.optimizer == "sgd" else {}
+    kwargs = {"momentum": settings.momentum} if settings.optimizer in ("sgd", "momentum") else {}
     return create_optimizer_v2(
         nn.ModuleDict({"student": student, "head": head}), opt=settings.optimizer, lr=lr,
         weight_decay=settings.weight_decay, **kwargs,
@@ -124,6 +124,7 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
         site.split("train"), site.schema, student.spec, settings.batch_size, epochs=settings.local_epochs,
         seed=plan.seed, crop_scale=settings.crop_scale, views=settings.views, jitter_p=settings.jitter_p,
         max_steps=settings.max_steps_per_visit, num_workers=compute.workers(), pin_memory=device.type == "cuda",
+        crop_source=settings.crop_source, train_resize=settings.train_resize,
         rank=rank.rank, world_size=rank.world_size, augment=compute.augment,
     )
     student_forward, head_forward = rank.wrap(student, device, compute.compile), rank.wrap(head, device)

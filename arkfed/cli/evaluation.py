@@ -128,7 +128,11 @@ def evaluate(
     model: Path = ModelArg,
     site: str = SiteOpt,
     split: str = typer.Option("test", help="train | val | test"),
-    ten_crop: bool = typer.Option(False, "--ten-crop", help="average the probabilities of ten crops (corners, centre, flips)"),
+    ten_crop: Optional[bool] = typer.Option(
+        None, "--ten-crop/--single-crop",
+        help="average the probabilities of ten crops (corners, centre, flips); "
+        "default: on for the test split of models trained with --recipe ark/ark+",
+    ),
     bootstrap: int = typer.Option(1000, min=0, help="bootstrap resamples for the 95% CIs (0 = none)"),
     seed: int = typer.Option(0, min=0),
     batch_size: int = BatchOpt,
@@ -142,7 +146,7 @@ def evaluate(
     s = _site(site, plugins_dir)
     result = evaluate_source(model, s, split, ten_crop, bootstrap, batch_size, _device(device), seed)
     names = list(result["models"])
-    table = _table(f"{s.name} / {split} ({'ten-crop' if ten_crop else 'single crop'})", "class",
+    table = _table(f"{s.name} / {split} ({'ten-crop' if result['ten_crop'] else 'single crop'})", "class",
                    *[f"{n} AUC" for n in names], *[f"{n} 95% CI" for n in names])
     for c in s.schema.classes:
         table.add_row(c, *[_f(result["models"][n]["auc"].get(c)) for n in names],

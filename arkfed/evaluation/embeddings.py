@@ -42,12 +42,12 @@ def ten_crops(images: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _run(fn: Callable[[torch.Tensor], torch.Tensor], table: DatasetTable, schema: LabelSchema, spec: ModelSpec,
-         batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+         batch_size: int, device: str, ten_crop: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from arkfed.data import make_eval_loader
 
     outputs, targets, masks = [], [], []
     with torch.no_grad():
-        for images, t, m in make_eval_loader(table, schema, spec, batch_size):
+        for images, t, m in make_eval_loader(table, schema, spec, batch_size, ten_crop=ten_crop):
             outputs.append(fn(images.to(device)).float().cpu().numpy())
             targets.append(t.numpy())
             masks.append(m.numpy())
@@ -79,13 +79,16 @@ def head_predictions(
     model: ArkModel, head: SiteHead, table: DatasetTable, schema: LabelSchema,
     ten_crop: bool = False, batch_size: int = 64, device: str = "cpu",
 ) -> Predictions:
-    """``head(model(x))`` over a split; with ``ten_crop`` the crops' probabilities are averaged."""
+    """``head(model(x))`` over a split; with ``ten_crop`` the probabilities of Ark's ten crops, cut
+    from the source image by the data pipeline (:func:`arkfed.data.ten_crop_views`), are averaged."""
     model, head = model.to(device).eval(), head.to(device).eval()
 
     def forward(images: torch.Tensor) -> torch.Tensor:
-        if not ten_crop:
+        if images.ndim == 4:
             return head(model(images))
-        return _mean_probability_logits([head(model(crop)) for crop in ten_crops(images)], schema.task)
+        b, n = images.shape[:2]
+        logits = head(model(images.flatten(0, 1))).view(b, n, -1)
+        return _mean_probability_logits(list(logits.unbind(1)), schema.task)
 
-    logits, targets, mask = _run(forward, table, schema, model.spec, batch_size, device)
+    logits, targets, mask = _run(forward, table, schema, model.spec, batch_size, device, ten_crop)
     return Predictions(logits, targets, mask)

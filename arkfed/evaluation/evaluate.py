@@ -79,10 +79,12 @@ def evaluate_predictions(pred: Predictions, schema: LabelSchema, n_boot: int = 1
 
 
 def evaluate_source(
-    source: str | Path, site: "Site", split: str = "test", ten_crop: bool = False, n_boot: int = 1000,
+    source: str | Path, site: "Site", split: str = "test", ten_crop: bool | None = None, n_boot: int = 1000,
     batch_size: int = 64, device: str = "cpu", seed: int = 0,
 ) -> dict:
-    """Every model of ``source`` (teacher and student of a run) with ``site``'s own head on a split."""
+    """Every model of ``source`` (teacher and student of a run) with ``site``'s own head on a split.
+
+    ``ten_crop=None``: ten-crop on the test split when the model's spec asks for it (``--recipe ark``)."""
     from arkfed.evaluation.embeddings import head_predictions
     from arkfed.evaluation.sources import head_for_site, load_models, load_source_heads
 
@@ -93,6 +95,8 @@ def evaluate_source(
 
         raise ArkfedError(f"{source}: head {site.name!r} predicts {list(head.classes)} but the site's schema has {list(site.schema.classes)}")
     table = site.split(split)
+    if ten_crop is None:
+        ten_crop = split == "test" and all(m.spec.test_ten_crop for m in models.values())
     out = {"source": str(source), "site": site.name, "split": split, "ten_crop": ten_crop, "n_boot": n_boot,
            "reported_classes": list(site.schema.reported_classes), "models": {}}
     for name, model in models.items():

@@ -53,11 +53,14 @@ def load_models(
 
 
 def load_source_heads(source: str | Path) -> dict[str, SiteHead]:
-    """The site heads stored with a run or an export (empty for a bare weights file)."""
-    from arkfed.weights import load_heads
+    """The site heads stored with a run or an export; for a weights file, the heads it carries
+    (a released Ark checkpoint's omni_heads, named; none for other files)."""
+    from arkfed.weights import load_file_heads, load_heads
 
     path = Path(source)
-    if source_kind(path) == "file" or not (path / "heads").is_dir():
+    if source_kind(path) == "file":
+        return {site: head.eval() for site, head in load_file_heads(path).items()}
+    if not (path / "heads").is_dir():
         return {}
     return {site: head.eval() for site, head in load_heads(path / "heads").items()}
 
