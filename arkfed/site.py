@@ -1,8 +1,9 @@
 """Sites: an institution's dataset, as named by a YAML file in ``sites/``.
 
 A site config names a plugin and the local data folder; optional keys override the label
-policies, the split, the image size and where site-local state (e.g. the private head in
-federated runs) is kept. Unknown keys and bad values are errors naming the file and the field.
+policies, the split, the image size, where site-local state (e.g. the private head in
+federated runs) is kept and the site's ``policy:`` for federated runs (:mod:`arkfed.policy`).
+Unknown keys and bad values are errors naming the file and the field.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from arkfed.cache import CacheSettings, CacheStatus
 from arkfed.dataset import SPLITS, DatasetTable
 from arkfed.errors import ArkfedError
 from arkfed.plugins import DatasetPlugin, SplitConfig, get_plugin
+from arkfed.policy import SitePolicy
 from arkfed.schema import LabelSchema, MissingPolicy, UncertainPolicy
 
 SITES_DIR = Path("sites")
@@ -76,6 +78,7 @@ class SiteConfig(BaseModel):
     max_images: int | None = Field(default=None, ge=1, description="cap per split, for quick trials")
     cache: CacheSettings = Field(default_factory=CacheSettings, description="prepared-image cache (arkfed.cache)")
     compute: ComputeSettings = Field(default_factory=ComputeSettings)
+    policy: SitePolicy = Field(default_factory=SitePolicy, description="what a coordinator may ask (federated runs)")
 
     @property
     def local_state_dir(self) -> Path:

@@ -39,6 +39,7 @@ from arkfed.model import ArkModel, SiteHead
 from arkfed.schedules import ema_update, teacher_momentum
 from arkfed.site import ComputeSettings, Site
 from arkfed.training import TrainSettings, VisitPlan, autocast, memory_format, resolve_device
+from arkfed.updates import NonFiniteError
 
 VisitProgress = Callable[[int, int, float], None]
 """Called after every step with (step done, steps in this visit, loss of the step)."""
@@ -155,7 +156,8 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
         parts = torch.stack([loss.detach(), task.detach(), cons.detach() if cons is not None else zero]).double().cpu()
         value = float(parts[0])  # one device sync per step (all three losses at once)
         if not math.isfinite(value):  # stop before the step corrupts the weights; the last checkpoint stays good
-            raise ArkfedError(f"loss became {value} in visit {plan.visit} step {step}; lower --lr", site=site.name)
+            raise NonFiniteError(f"loss became {value} in visit {plan.visit} step {step}; lower --lr", site=site.name,
+                                 category="non_finite_loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -31,6 +31,10 @@ The site's images, labels and head never leave this machine; what it sends is lo
 <state_dir>/outbox.jsonl. Pass --root-certificates (the federation's ca.crt) and --key (this
 site's key from `arkfed certs site-key`), or --insecure for a trial on a trusted network. The site
 runs only arkfed's own ClientApp, for runs signed by the coordinator that ca.crt certifies.
+
+The site's `policy:` (in its YAML) limits what a coordinator may ask; with `approval: manual` each
+new run waits until you approve the fingerprint this command prints:
+`arkfed site --config SITE.yaml --approve FINGERPRINT` (from another terminal).
 """
 
 
@@ -48,6 +52,7 @@ def coordinator(
     resume: Optional[Path] = typer.Option(None, help="continue RUN from its last finished visit"),
     join_timeout: float = typer.Option(600.0, help="seconds to wait for all sites to join"),
     visit_timeout: float = typer.Option(3600.0, help="seconds a visit may take before it is retried, then skipped"),
+    max_update_norm: Optional[float] = typer.Option(None, min=0.0, help="skip a returned student farther (L2) than this from the one sent"),
     log: str = typer.Option("", help="also log to trackers: tensorboard,mlflow (in the run folder)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="plain log lines instead of the live view"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config.yaml and stop"),
@@ -82,7 +87,8 @@ def coordinator(
     run_dir = resume or out or default_out("fed")
     from arkfed.trackers import parse_log_option
 
-    fed = FederationSettings(join_timeout=join_timeout, visit_timeout=visit_timeout, log=parse_log_option(log))
+    fed = FederationSettings(join_timeout=join_timeout, visit_timeout=visit_timeout, log=parse_log_option(log),
+                             max_update_norm=max_update_norm or None)
     folder = CertificateFolder(certs) if certs is not None and not insecure else None
     console.print(f"coordinator: Fleet API on {address} (SuperLink on 127.0.0.1 only); run folder {run_dir}")
     with FederationView(console, quiet=quiet) as view:
@@ -95,21 +101,31 @@ def coordinator(
 
 def site(
     config: Path = typer.Option(..., "--config", help="this site's YAML (sites/NAME.yaml)"),
-    coordinator_address: str = typer.Option(..., "--coordinator", help="HOST:PORT of the coordinator's SuperLink"),
+    coordinator_address: Optional[str] = typer.Option(None, "--coordinator", help="HOST:PORT of the coordinator's SuperLink"),
     root_certificates: Optional[Path] = typer.Option(None, help="the federation's ca.crt (TLS)"),
     key: Optional[Path] = typer.Option(None, help="this site's private key from `arkfed certs site-key` (authentication)"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS (trials on trusted networks only)"),
     plugins_dir: Optional[list[Path]] = typer.Option(None, help="extra dataset plugin folder(s)"),
     connect_timeout: float = typer.Option(120.0, help="seconds to wait for the first connection"),
+    approve: Optional[str] = typer.Option(None, "--approve", help="approve the waiting run FINGERPRINT, then exit"),
 ) -> None:
     from rich.console import Console
 
     from arkfed.errors import ArkfedError
     from arkfed.federation.launcher import print_insecure_warning
     from arkfed.federation.site_node import SiteNode
-    from arkfed.site import resolve_site_path
+    from arkfed.site import load_site_config, resolve_site_path
 
     console = Console(highlight=False, soft_wrap=True)
+    if approve is not None:
+        from arkfed.policy import approve_run
+
+        site_config = load_site_config(resolve_site_path(config))
+        path = approve_run(site_config.local_state_dir, approve)
+        console.print(f"site {site_config.name!r}: run {approve.strip().lower()} approved (recorded in {path})")
+        return
+    if coordinator_address is None:
+        raise ArkfedError("give --coordinator HOST:PORT (or --approve FINGERPRINT to approve a waiting run)")
     if root_certificates is None and not insecure:
         raise ArkfedError("pass --root-certificates ca.crt (and --key SITE.key) from the coordinator, or --insecure")
     if insecure:
@@ -134,6 +150,7 @@ def _serve(node, console, connect_timeout: float) -> None:
     from arkfed.federation.site_node import SiteNotAdmitted
 
     backoff, admitted, first = 5.0, False, time.monotonic()
+    shown: set[str] = set()
     while True:
         node.start()
         try:
@@ -142,6 +159,7 @@ def _serve(node, console, connect_timeout: float) -> None:
             backoff, admitted = 5.0, True
             while True:
                 node.check()
+                _show_pending_runs(node, console, shown)
                 time.sleep(1.0)
         except SiteNotAdmitted as exc:
             # a coordinator that is still starting may not have registered the key yet
@@ -156,6 +174,26 @@ def _serve(node, console, connect_timeout: float) -> None:
             node.stop()
             time.sleep(backoff)
             backoff = min(backoff * 2, 60.0)
+
+
+def _show_pending_runs(node, console, shown: set[str]) -> None:
+    """Policy ``approval: manual``: each run waiting for approval, once, with what it asks."""
+    from arkfed.policy import pending_runs
+
+    for entry in pending_runs(node.state_dir):
+        fingerprint = entry.get("fingerprint", "?")
+        if fingerprint in shown:
+            continue
+        shown.add(fingerprint)
+        settings, model = entry.get("settings") or {}, entry.get("model") or {}
+        console.print(
+            f"[bold yellow]site {node.name!r}: run {entry.get('run_uid')} waits for your approval[/] (fingerprint {fingerprint})\n"
+            f"  model {model.get('model')} at {model.get('img_size')} px; batch {settings.get('batch_size')}, "
+            f"epochs {settings.get('local_epochs')}, max steps per visit {settings.get('max_steps_per_visit')}, "
+            f"lr {settings.get('lr')}, device {settings.get('device')}; first request: {entry.get('request')}"
+            + (f" on split {entry['split']}" if entry.get("split") else "") + "\n"
+            f"  approve: arkfed site --config {node.config_path} --approve {fingerprint}"
+        )
 
 
 @certs_app.command("init")

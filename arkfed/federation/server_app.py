@@ -73,9 +73,11 @@ class FlowerSites:
                 self.callbacks.on_warning(f"SuperNode {node_id} could not say which site it is: {reply.reason}")
                 self.known.discard(node_id)  # ask again later
                 continue
-            info = reply.content[m.SITE]
-            name, member = m.read_json(info, "name"), m.read_json(info, "member")
-            schema = LabelSchema.model_validate(m.read_json(info, "schema"))
+            try:  # issue 8: a malformed hello is reported, never a crash
+                name, member, schema, sizes = m.read_hello_reply(reply.content)
+            except m.BadReply as exc:
+                self.callbacks.on_warning(f"SuperNode {node_id} sent an unusable hello: {exc}")
+                continue
             if registered.get(node_id) and registered[node_id] != name:
                 self.callbacks.on_warning(f"SuperNode {node_id} is registered as {registered[node_id]!r} but serves site {name!r}; ignored")
                 continue
@@ -90,7 +92,6 @@ class FlowerSites:
             if old is not None and old != node_id and old in online_nodes(self.grid):
                 self.callbacks.on_warning(f"two SuperNodes serve site {name!r} ({old} and {node_id}); keeping {old}")
                 continue
-            sizes = {k.removesuffix("_size"): int(v) for k, v in reply.content[m.METRICS].items()}
             self.nodes[name] = node_id
             self.infos[name] = SiteInfo(schema, sizes, federated_fingerprint(sizes, schema))
             self.callbacks.on_site_status(name, "joined", f"node {node_id}", **{f"{k}_size": float(v) for k, v in sizes.items()})
@@ -182,7 +183,7 @@ class FlowerSites:
         return results
 
     def visit(self, state: RunState, plans: Sequence[VisitPlan]) -> dict[str, VisitReply | SiteFailure]:
-        from arkfed.visit import VisitResult
+        from arkfed.updates import max_examples
 
         answers: dict[str, VisitReply | SiteFailure] = {}
         replies = self._send(state, m.VISIT, {p.site: p for p in plans}, str(plans[0].round))
@@ -191,17 +192,20 @@ class FlowerSites:
             if isinstance(reply, SiteFailure):
                 answers[plan.site] = reply
                 continue
-            try:
-                metrics = dict(reply.content[m.METRICS].items())
-                result = VisitResult(site=plan.site, **{k: v for k, v in metrics.items() if k != "site"})
-                student = m.unpack_state(state.student, reply.content[m.STUDENT])
-                teacher = m.unpack_state(state.teacher, reply.content[m.TEACHER]) if m.TEACHER in reply.content else None
+            try:  # issue 8: checked before use (arkfed.updates.check_update); a bad reply skips the visit
+                declared = max_examples(self.infos[plan.site].sizes.get("train", 0), self.config.settings)
+                iteration = self.config.settings.ema == "iteration"
+                checked = m.read_visit_reply(reply.content, plan, state.student, state.teacher, iteration, declared,
+                                             self.fed.max_update_norm)
+            except m.BadReply as exc:
+                answers[plan.site] = SiteFailure(f"rejected reply: {exc}", refused=True)
+                continue
             except Exception as exc:  # a malformed reply skips the visit, never the run
                 answers[plan.site] = SiteFailure(f"malformed reply: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}", refused=True)
                 continue
             received = sum(r.count_bytes() for r in reply.content.array_records.values())
             extra = {"bytes_sent": self.sent_bytes.get(plan.site, 0), "bytes_received": received}
-            answers[plan.site] = VisitReply(result, student, teacher, extra=extra)
+            answers[plan.site] = VisitReply(checked.result, checked.student, checked.teacher, extra=extra)
         return answers
 
     def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None:
@@ -214,9 +218,12 @@ class FlowerSites:
             if isinstance(reply, SiteFailure):
                 answers[site] = reply
                 continue
-            classes = self.infos[site].schema.classes
-            labels = [label for label in (m.STUDENT, m.TEACHER) if label in reply.content]
-            answers[site] = {label: m.eval_result(reply.content[label], classes) for label in labels}
+            try:  # issue 8: a malformed evaluation reply is skipped, never a crash
+                info = self.infos[site]
+                answers[site] = m.read_eval_reply(reply.content, info.schema.classes, info.sizes.get(split))
+            except m.BadReply as exc:
+                answers[site] = SiteFailure(f"rejected reply: {exc}", refused=True)
+                continue
             self.callbacks.on_site_status(site, "done", "evaluated")
         return answers
 

@@ -198,6 +198,9 @@ def _run_task(spec) -> int:
         _install_gate()
         exit_handler.registered_exit_handlers.clear()  # the parent's handlers are not ours
         exit_handler._lock_handlers = threading.Lock()
+        from arkfed.federation.client_app import guard_task_replies
+
+        guard_task_replies()  # Flower's own error text never leaves the site (issue 8, item 6)
         run_clientapp(
             runtime_api_address=spec.runtime_api_address,
             token=spec.token,
