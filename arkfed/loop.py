@@ -238,21 +238,6 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
     return out
 
 
-def update_problem(model: torch.nn.Module, update: Mapping[str, torch.Tensor]) -> str | None:
-    """Why a returned state cannot be loaded into ``model`` (keys, shapes, dtypes, non-finite values)."""
-    reference = model.state_dict()
-    if set(update) != set(reference):
-        missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
-        return f"update keys differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})"
-    for key, ref in reference.items():
-        value = update[key]
-        if value.shape != ref.shape or value.dtype != ref.dtype:
-            return f"{key!r} is {value.dtype} {tuple(value.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return f"{key!r} has non-finite values"
-    return None
-
-
 # -- in-process sites -----------------------------------------------------------------------------
 class InProcessSites:
     """Sites whose data this process reads: visits run :func:`arkfed.site_tasks.visit_site` on a
@@ -316,6 +301,7 @@ class ArkLoop:
         self.config, self.run, self.sites = config, run, sites
         self.callbacks = CallbackList([MetricsLog(run), *callbacks])
         self.schemas: dict[str, LabelSchema] = {}
+        self.infos: dict[str, SiteInfo] = {}
 
     def warn(self, text: str) -> None:
         self.callbacks.on_warning(text)
@@ -329,9 +315,7 @@ class ArkLoop:
         for plan in plans:
             reply = replies.get(plan.site) or SiteFailure("no answer")
             if not isinstance(reply, SiteFailure):
-                problem = update_problem(state.student, reply.student)
-                if problem is None and reply.teacher is not None:
-                    problem = update_problem(state.teacher, reply.teacher)
+                problem = self._update_problem(state, plan.site, reply)
                 if problem is not None:
                     reply = SiteFailure(f"update rejected: {problem}", refused=True)
             if isinstance(reply, SiteFailure):
@@ -339,6 +323,18 @@ class ArkLoop:
             else:
                 accepted.append((plan, reply))
         return accepted
+
+    def _update_problem(self, state: RunState, site: str, reply: VisitReply) -> str | None:
+        """The one gate for every returned update, local or remote (:func:`arkfed.updates.check_update`):
+        the model's keys, dtypes and shapes, finite values, and ``num_examples`` within what the
+        site's declared training split allows (it weights the parallel-mode average)."""
+        from arkfed.updates import check_update, max_examples
+
+        bound = max_examples(self.infos[site].sizes.get("train", 0), self.config.settings)
+        problem = check_update(state.student.state_dict(), reply.student, reply.result.num_examples, bound, None)
+        if problem is None and reply.teacher is not None:
+            problem = check_update(state.teacher.state_dict(), reply.teacher, reply.result.num_examples, bound, None)
+        return problem
 
     def _apply(self, state: RunState, group: Sequence[VisitPlan], accepted: list[tuple[VisitPlan, VisitReply]]) -> None:
         """The student (averaged in parallel mode), then the teacher's EMA step for the group."""
@@ -393,7 +389,7 @@ class ArkLoop:
         """Join, train every group, evaluate every round, write the summary."""
         started = time.perf_counter()
         try:
-            infos = self.sites.join(self.config)
+            infos = self.infos = self.sites.join(self.config)
             self.schemas = {name: info.schema for name, info in infos.items()}
             state, evaluated, fresh = open_run(self.run, self.config, self.schemas, resume)
             self.sites.start(state, fresh)
