@@ -82,7 +82,8 @@ class ViewParams:
 
     def draw(self) -> torch.Tensor:
         crop = list(_crop_box(self.crop_scale))
-        affine = [_uniform(-ROTATE_DEGREES, ROTATE_DEGREES), _uniform(-SHIFT, SHIFT), _uniform(-SHIFT, SHIFT), _uniform(1 - SCALE, 1 + SCALE)]
+        affine = [_uniform(-ROTATE_DEGREES, ROTATE_DEGREES), _uniform(-SHIFT, SHIFT), _uniform(-SHIFT, SHIFT),
+                  _uniform(1 - SCALE, 1 + SCALE)]
         if float(torch.rand(1)) >= SSR_P:  # shift/scale/rotate with p=0.5, as the CPU path (albumentations)
             affine = [0.0, 0.0, 0.0, 1.0]
         row = crop + affine + _jitter(self.jitter_p)

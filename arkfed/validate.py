@@ -141,7 +141,8 @@ def label_problems(name: str, table: DatasetTable, schema: LabelSchema) -> list[
         several = (labels == 1).sum(axis=1) > 1
         if several.any():
             r = int(np.flatnonzero(several)[0])
-            problems.append(f"split {name!r}: {int(several.sum())} multiclass row(s) with more than one class, first {table.images.describe(r)}")
+            problems.append(f"split {name!r}: {int(several.sum())} multiclass row(s) with more than one class, "
+                            f"first {table.images.describe(r)}")
     return problems
 
 

@@ -61,11 +61,10 @@ def test_unknown_recipe_is_named():
 
 def test_evaluate_uses_ten_crop_on_the_test_split_when_the_model_asks_for_it(tmp_path):
     """``--recipe ark`` models carry Ark's test protocol in their spec; evaluate follows it by default."""
-    from eval_fixtures import make_run_folder, schemas, tiny_spec, write_site
-
     from arkfed.evaluation.evaluate import evaluate_source
     from arkfed.model import ArkModel
     from arkfed.site import load_site
+    from eval_fixtures import make_run_folder, schemas, tiny_spec, write_site
 
     spec = tiny_spec().model_copy(update={"crop_pct": 28 / 32, "img_size": 28, "test_ten_crop": True})
     run = make_run_folder(tmp_path / "run", teacher=ArkModel(spec), sites={"alpha": schemas()["alpha"]})

@@ -10,18 +10,28 @@ import json
 import os
 import stat
 import zipfile
-from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord
 
 from arkfed.errors import ArkfedError
 from arkfed.federation.certs import (
-    CertificateFolder, add_site, init_certificates, make_site_key, public_key_fingerprint, read_site_public_key,
+    CertificateFolder,
+    add_site,
+    init_certificates,
+    make_site_key,
+    public_key_fingerprint,
+    read_site_public_key,
 )
 from arkfed.federation.flower_app import CLIENT_APP, SERVER_APP, write_flower_app
 from arkfed.federation.run_signing import (
-    CLAIM_KEY, RunRefused, check_request, claim_fingerprint, make_claim, sign_claim, verify_run,
+    CLAIM_KEY,
+    RunRefused,
+    check_request,
+    claim_fingerprint,
+    make_claim,
+    sign_claim,
+    verify_run,
 )
 from arkfed.federation.site_executor import GatedClientApp, inspect_bundle
 from arkfed.federation.site_state import HeadStore, run_folder

@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 
-
 def _console() -> Console:
     """A console made per command, so the terminal width (or $COLUMNS) of that call is used."""
     return Console(highlight=False)
@@ -190,7 +189,8 @@ def add_dataset(
     name: str = typer.Argument(..., help="plugin name (a Python identifier); also the site name"),
     labels: Path = typer.Option(..., "--labels", help="label CSV: one row per image"),
     image_column: str = typer.Option(..., "--image-column", help="column holding image paths"),
-    label_columns: Optional[str] = typer.Option(None, "--label-columns", help="comma-separated label columns (default: every column holding only 1/0/-1/blank)"),
+    label_columns: Optional[str] = typer.Option(
+        None, "--label-columns", help="comma-separated label columns (default: every column holding only 1/0/-1/blank)"),
     task: str = typer.Option("multilabel", help="multilabel | multiclass | binary"),
     uncertain: str = typer.Option("lsr-ones", help="uncertain (-1) policy: ones | zeros | lsr-ones | lsr-zeros | ignore"),
     missing: str = typer.Option("zeros", help="blank label policy: zeros | ignore"),

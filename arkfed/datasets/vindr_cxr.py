@@ -169,7 +169,8 @@ class VinDrCxr(DatasetPlugin):
         return self.records(root / "train", readers.index, labels.astype(np.float32), KAGGLE_LABELS, file, None)
 
     @staticmethod
-    def records(image_folder: Path, image_ids: pd.Index, labels: np.ndarray, classes: tuple[str, ...], file: Path, official: str | None) -> LabelRecords:
+    def records(image_folder: Path, image_ids: pd.Index, labels: np.ndarray, classes: tuple[str, ...], file: Path,
+                official: str | None) -> LabelRecords:
         ids = image_ids.astype(str)
         return LabelRecords(
             paths=image_paths(image_folder, ids),

@@ -121,8 +121,8 @@ def _write_public(path: Path, data: bytes) -> None:
 
 
 def _name(common_name: str):
-    from cryptography.x509.oid import NameOID
     from cryptography import x509
+    from cryptography.x509.oid import NameOID
 
     return x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "arkfed federation"),

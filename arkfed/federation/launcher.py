@@ -30,7 +30,14 @@ from arkfed.errors import ArkfedError
 from arkfed.federation.certs import CertificateFolder, public_key_fingerprint
 from arkfed.federation.flower_app import CONNECTION, split_address, write_connection, write_flower_app
 from arkfed.federation.processes import (
-    LOOPBACK, ManagedProcess, flower_env, flower_executable, free_port, run_flower_cli, stop_all, wait_for_port,
+    LOOPBACK,
+    ManagedProcess,
+    flower_env,
+    flower_executable,
+    free_port,
+    run_flower_cli,
+    stop_all,
+    wait_for_port,
 )
 from arkfed.federation.protocol import FederationSettings
 from arkfed.federation.status import FederationStatus, read_status
@@ -166,7 +173,8 @@ class Coordinator:
             if self.runner is not None and not self.runner.alive():
                 ended_at = ended_at or time.monotonic()
                 if time.monotonic() - ended_at > 2:  # the status file gets a moment to land
-                    raise ArkfedError(f"the ServerApp ended without finishing the run; {self.runner.log_path} ends:\n{self.runner.log_tail()}")
+                    raise ArkfedError(f"the ServerApp ended without finishing the run; {self.runner.log_path} ends:\n"
+                                      f"{self.runner.log_tail()}")
             if deadline is not None and time.monotonic() > deadline:
                 raise ArkfedError(f"the federated run did not finish within {timeout:.0f} s (status: {status.phase if status else 'none'})")
             time.sleep(poll)

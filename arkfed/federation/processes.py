@@ -151,7 +151,8 @@ def wait_for_port(host: str, port: int, process: ManagedProcess, timeout: float)
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
     while time.monotonic() < deadline:
         if not process.alive():
-            raise ArkfedError(f"{process.name} exited with status {process.returncode}; its log ({process.log_path}) ends:\n{process.log_tail()}")
+            raise ArkfedError(f"{process.name} exited with status {process.returncode}; its log ({process.log_path}) ends:\n"
+                              f"{process.log_tail()}")
         try:
             with socket.create_connection((connect_host, port), timeout=0.5):
                 return
