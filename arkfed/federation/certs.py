@@ -78,14 +78,11 @@ class CertificateFolder:
 def write_file(path: Path, data: bytes, mode: int = 0o600, overwrite: bool = True) -> Path:
     """Write ``data`` to ``path`` with exactly ``mode`` (umask-proof), atomically and durably.
 
-    A new temporary file is created next to ``path`` (``O_CREAT | O_EXCL | O_NOFOLLOW``), chmod-ed,
-    written, fsynced and renamed over ``path``: an old file's permissions never carry over, and a
-    symlink at ``path`` (or as the temporary name) is refused rather than followed.
+    Through :func:`arkfed.io.atomic_write`: a new owner-only temporary file (``O_EXCL``, no symlink
+    followed) chmod-ed to ``mode``, written, fsynced and renamed over ``path``, so an old file's
+    permissions never carry over; a symlink at ``path`` is refused outright.
     """
-    import os
-    import secrets
-
-    from arkfed.io import fsync_dir
+    from arkfed.io import atomic_write
 
     path = Path(path)
     if path.is_symlink():
@@ -94,20 +91,7 @@ def write_file(path: Path, data: bytes, mode: int = 0o600, overwrite: bool = Tru
         raise ArkfedError(f"{path} already exists; pass --overwrite to replace it")
     if not path.parent.exists():
         path.parent.mkdir(parents=True, mode=0o700)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(tmp, flags, mode)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), mode=mode)
     return path
 
 
