@@ -397,7 +397,17 @@ def _site_yaml(site: DemoSite, root: str) -> str:
     if site.split:
         lines.append("split:")
         lines += [f"  {key}: {value}" for key, value in site.split.items()]
+    lines += DEMO_POLICY
     return "\n".join(lines) + "\n"
+
+
+DEMO_POLICY = [
+    "# Federated runs: synthetic images, nothing to protect, so small trial runs (a few dozen images,",
+    "# --max-steps-per-visit 2) are accepted. A real site keeps the defaults (arkfed/policy.py).",
+    "policy:",
+    "  min_batch_size: 2",
+    "  min_steps_per_visit: 1",
+]
 
 
 def _readme(sites: list[tuple[DemoSite, int]], seed: int, size: int) -> str:

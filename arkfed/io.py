@@ -36,12 +36,18 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], None], mode: int | None = None) -> None:
     """Write through a temporary file in the same folder (``write(tmp)``), fsync it and rename it
-    into place, then fsync the folder: a crash leaves the old file or the new one, never a torn one."""
+    into place, then fsync the folder: a crash leaves the old file or the new one, never a torn one.
+
+    The temporary file is new (``mkstemp``: ``O_EXCL``, owner-only, never through a symlink) and the
+    rename replaces a symlink at ``path`` rather than following it; ``mode`` sets its permissions
+    exactly (an old file's permissions never carry over)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if mode is not None:
+        os.fchmod(fd, mode)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -170,15 +170,11 @@ def _init_model(config: TrainConfig) -> ArkModel:
 
 
 def _init_heads(config: TrainConfig, schemas: Mapping[str, LabelSchema], embed_dim: int) -> dict[str, SiteHead]:
-    """Fresh heads, except that continual accrual reuses an earlier run's head for a known site
-    whose classes are unchanged."""
-    from arkfed.weights import load_heads
+    """Fresh heads, except that continual accrual reuses an earlier run's (or a released Ark
+    checkpoint's) head for a known site whose classes are unchanged."""
+    from arkfed.weights import load_init_heads
 
-    previous: dict[str, SiteHead] = {}
-    if config.init not in ("random", "imagenet"):
-        folder = Path(config.init) / "heads"
-        if folder.is_dir():
-            previous = load_heads(folder)
+    previous = load_init_heads(config.init)
     heads = {}
     for name in config.sites:
         head = SiteHead(name, schemas[name], embed_dim)
@@ -242,21 +238,6 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
     return out
 
 
-def update_problem(model: torch.nn.Module, update: Mapping[str, torch.Tensor]) -> str | None:
-    """Why a returned state cannot be loaded into ``model`` (keys, shapes, dtypes, non-finite values)."""
-    reference = model.state_dict()
-    if set(update) != set(reference):
-        missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
-        return f"update keys differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})"
-    for key, ref in reference.items():
-        value = update[key]
-        if value.shape != ref.shape or value.dtype != ref.dtype:
-            return f"{key!r} is {value.dtype} {tuple(value.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return f"{key!r} has non-finite values"
-    return None
-
-
 # -- in-process sites -----------------------------------------------------------------------------
 class InProcessSites:
     """Sites whose data this process reads: visits run :func:`arkfed.site_tasks.visit_site` on a
@@ -276,7 +257,10 @@ class InProcessSites:
         missing = [name for name in config.sites if name not in self.sites]
         if missing:
             raise ArkfedError(f"no site config for {missing} (sites given: {sorted(self.sites)})")
-        return {name: SiteInfo(self.sites[name].schema, {k: len(v) for k, v in self.sites[name].splits.items()})
+        from arkfed.provenance import dataset_fingerprint
+
+        return {name: SiteInfo(self.sites[name].schema, {k: len(v) for k, v in self.sites[name].splits.items()},
+                               dataset_fingerprint(self.sites[name]))
                 for name in config.sites}
 
     def start(self, state: RunState, fresh: bool) -> None:
@@ -317,6 +301,7 @@ class ArkLoop:
         self.config, self.run, self.sites = config, run, sites
         self.callbacks = CallbackList([MetricsLog(run), *callbacks])
         self.schemas: dict[str, LabelSchema] = {}
+        self.infos: dict[str, SiteInfo] = {}
 
     def warn(self, text: str) -> None:
         self.callbacks.on_warning(text)
@@ -330,9 +315,7 @@ class ArkLoop:
         for plan in plans:
             reply = replies.get(plan.site) or SiteFailure("no answer")
             if not isinstance(reply, SiteFailure):
-                problem = update_problem(state.student, reply.student)
-                if problem is None and reply.teacher is not None:
-                    problem = update_problem(state.teacher, reply.teacher)
+                problem = self._update_problem(state, plan.site, reply)
                 if problem is not None:
                     reply = SiteFailure(f"update rejected: {problem}", refused=True)
             if isinstance(reply, SiteFailure):
@@ -340,6 +323,18 @@ class ArkLoop:
             else:
                 accepted.append((plan, reply))
         return accepted
+
+    def _update_problem(self, state: RunState, site: str, reply: VisitReply) -> str | None:
+        """The one gate for every returned update, local or remote (:func:`arkfed.updates.check_update`):
+        the model's keys, dtypes and shapes, finite values, and ``num_examples`` within what the
+        site's declared training split allows (it weights the parallel-mode average)."""
+        from arkfed.updates import check_update, max_examples
+
+        bound = max_examples(self.infos[site].sizes.get("train", 0), self.config.settings)
+        problem = check_update(state.student.state_dict(), reply.student, reply.result.num_examples, bound, None)
+        if problem is None and reply.teacher is not None:
+            problem = check_update(state.teacher.state_dict(), reply.teacher, reply.result.num_examples, bound, None)
+        return problem
 
     def _apply(self, state: RunState, group: Sequence[VisitPlan], accepted: list[tuple[VisitPlan, VisitReply]]) -> None:
         """The student (averaged in parallel mode), then the teacher's EMA step for the group."""
@@ -394,7 +389,7 @@ class ArkLoop:
         """Join, train every group, evaluate every round, write the summary."""
         started = time.perf_counter()
         try:
-            infos = self.sites.join(self.config)
+            infos = self.infos = self.sites.join(self.config)
             self.schemas = {name: info.schema for name, info in infos.items()}
             state, evaluated, fresh = open_run(self.run, self.config, self.schemas, resume)
             self.sites.start(state, fresh)
@@ -415,10 +410,8 @@ class ArkLoop:
             self.callbacks.close()
 
     def _write_provenance(self, infos: Mapping[str, SiteInfo]) -> None:
-        try:
-            from arkfed.provenance import write_provenance
-        except ImportError:
-            return
+        from arkfed.provenance import write_provenance
+
         write_provenance(self.run.path, {name: info.fingerprint for name, info in infos.items()})
 
 

@@ -18,8 +18,8 @@ from arkfed.schema import LabelSchema
 
 if TYPE_CHECKING:
     from arkfed.dataset import DatasetTable
-    from arkfed.site import ComputeSettings
     from arkfed.model import ArkModel, SiteHead
+    from arkfed.site import ComputeSettings
     from arkfed.training import TrainSettings
 
 
@@ -32,15 +32,41 @@ class Predictions:
     mask: np.ndarray
 
 
-def class_auc(scores: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> float:
-    """ROC AUC of one class over its counted entries; NaN when only one label value is present."""
-    from sklearn.metrics import roc_auc_score
+def roc_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float | np.ndarray:
+    """ROC AUC (the Mann-Whitney statistic, ties count one half), the one AUC of arkfed.
 
+    ``weights`` (N, or B x N) counts each case that many times: a B x N matrix of bootstrap
+    multiplicities gives the B replicates' AUCs in one vectorised pass (the scores are sorted
+    once), which is what makes bootstrap CIs over thousands of replicates affordable on a laptop.
+    NaN where a replicate lacks positives or negatives. Checked against scikit-learn in the tests.
+    """
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    single = weights is None or np.ndim(weights) == 1
+    w = np.ones((1, len(scores))) if weights is None else np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    if len(scores) == 0:
+        out = np.full(len(w), np.nan)
+        return float(out[0]) if single else out
+    order = np.argsort(scores, kind="mergesort")
+    s, y, w = scores[order], labels[order], w[:, order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # tie groups of equal scores
+    pos = np.add.reduceat(w * y, starts, axis=1)
+    neg = np.add.reduceat(w * ~y, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negatives strictly below each tie group
+    total_pos, total_neg = pos.sum(axis=1), neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (pos * (below + 0.5 * neg)).sum(axis=1) / (total_pos * total_neg)
+    out[(total_pos == 0) | (total_neg == 0)] = np.nan
+    return float(out[0]) if single else out
+
+
+def class_auc(scores: np.ndarray, targets: np.ndarray, mask: np.ndarray, weights: np.ndarray | None = None) -> float | np.ndarray:
+    """ROC AUC of one class over its counted entries; NaN when only one label value is present
+    (per replicate, with a B x N ``weights`` matrix: see :func:`roc_auc`)."""
     keep = mask > 0
-    y = targets[keep] > 0.5
-    if y.all() or not y.any():
-        return float("nan")
-    return float(roc_auc_score(y, scores[keep]))
+    if weights is not None:
+        weights = np.asarray(weights)[..., keep]
+    return roc_auc(targets[keep] > 0.5, scores[keep], weights)
 
 
 def scores_from_logits(logits: np.ndarray, task: str) -> np.ndarray:
@@ -83,28 +109,44 @@ def score_predictions(pred: Predictions, schema: LabelSchema) -> dict:
 
 
 @torch.no_grad()
-def predict(model: "ArkModel", head: "SiteHead", loader, device: torch.device | str = "cpu") -> Predictions:
-    """Run model + head over an eval loader in eval mode (training state restored afterwards)."""
+def infer(forward, modules: Sequence[torch.nn.Module], loader,
+          device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one inference loop: ``forward(images)`` over an eval loader with ``modules`` in eval
+    mode (their training state restored afterwards) -> (outputs, targets, masks) as numpy.
+
+    Head outputs for metrics, frozen embeddings for probes and fine-tuned networks all go
+    through here, so device placement, memory format and autocast are the same everywhere."""
     from arkfed.training import autocast, memory_format
 
     device = torch.device(device)
-    was_training = model.training, head.training
-    model.eval(), head.eval()
-    logits, targets, masks = [], [], []
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    outputs, targets, masks = [], [], []
     try:
         for images, t, m in loader:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(device))
+            fmt = memory_format(device) if images.ndim == 4 else torch.contiguous_format  # ten-crop batches are 5-D
+            images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
             with autocast(device):
-                out = head(model(images))
-            logits.append(out.float().cpu().numpy())
+                out = forward(images)
+            outputs.append(out.float().cpu().numpy())
             targets.append(t.numpy())
             masks.append(m.numpy())
     finally:
-        model.train(was_training[0]), head.train(was_training[1])
-    k = head.out_features
-    if not logits:
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
+    if not outputs:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(outputs), np.concatenate(targets), np.concatenate(masks)
+
+
+def predict(model: "ArkModel", head: "SiteHead", loader, device: torch.device | str = "cpu") -> Predictions:
+    """Run model + head over an eval loader in eval mode (training state restored afterwards)."""
+    logits, targets, masks = infer(lambda x: head(model(x)), (model, head), loader, device)
+    if not len(logits):
+        k = head.out_features
         return Predictions(np.zeros((0, k), np.float32), np.zeros((0, k), np.float32), np.zeros((0, k), np.float32))
-    return Predictions(np.concatenate(logits), np.concatenate(targets), np.concatenate(masks))
+    return Predictions(logits, targets, masks)
 
 
 def has_batchnorm(model: torch.nn.Module) -> bool:
@@ -145,6 +187,41 @@ def recalibrate_batchnorm(model: "ArkModel", loader, device: torch.device) -> "A
 
 
 CALIBRATION_IMAGES = 256
+CALIBRATION_BATCH = 32  # fixed, not the run's batch size: the statistics must not depend on it
+
+
+def calibrated_model(model: "ArkModel", schema: LabelSchema, calibration: "DatasetTable | None", device: torch.device | str,
+                     num_workers: int = 0, calibration_images: int = CALIBRATION_IMAGES) -> tuple["ArkModel", bool]:
+    """``model`` with BatchNorm statistics re-estimated on the first ``calibration_images`` rows
+    of ``calibration`` (a site's training split), in batches of :data:`CALIBRATION_BATCH`; the
+    model itself when it has no BatchNorm or there is nothing to calibrate on. The same rows,
+    order and batches every time, so training-time evaluation, ``arkfed evaluate`` and
+    ``arkfed export --calibrate`` arrive at identical statistics. Returns (model, recalibrated)."""
+    from arkfed.data import make_eval_loader
+
+    device = torch.device(device)
+    if calibration is None or len(calibration) < 2 or not has_batchnorm(model):
+        return model, False
+    subset = calibration.subset(np.arange(min(calibration_images, len(calibration))))
+    loader = make_eval_loader(subset, schema, model.spec, CALIBRATION_BATCH, num_workers, device.type == "cuda")
+    calibrated = recalibrate_batchnorm(model, loader, device)
+    return calibrated, calibrated is not model
+
+
+def site_predictions(model: "ArkModel", head: "SiteHead", table: "DatasetTable", schema: LabelSchema, device: torch.device | str,
+                     batch_size: int = 64, num_workers: int = 0, calibration: "DatasetTable | None" = None,
+                     calibration_images: int = CALIBRATION_IMAGES) -> tuple[Predictions, bool]:
+    """``head(model(x))`` on a split, after the BatchNorm recalibration of :func:`calibrated_model`;
+    what training-time evaluation scores and what ``arkfed evaluate`` scores. -> (predictions, recalibrated)."""
+    from arkfed.data import make_eval_loader
+    from arkfed.training import memory_format
+
+    device = torch.device(device)
+    model.to(device, memory_format=memory_format(device))
+    head.to(device)
+    model, recalibrated = calibrated_model(model, schema, calibration, device, num_workers, calibration_images)
+    loader = make_eval_loader(table, schema, model.spec, batch_size, num_workers, device.type == "cuda")
+    return predict(model, head, loader, device), recalibrated
 
 
 def evaluate_site(
@@ -161,26 +238,15 @@ def evaluate_site(
 
     With ``calibration`` (the site's training split) a BatchNorm model is scored with running
     statistics re-estimated on up to ``calibration_images`` of its images (see
-    :func:`recalibrate_batchnorm`); the result then says ``"bn_recalibrated": true``. Uses
+    :func:`calibrated_model`); the result then says ``"bn_recalibrated": true``. Uses
     ``settings.batch_size`` and the site's ``compute`` (device, workers; CPU when not given); the
     model is moved to that device and stays there.
     """
-    from arkfed.data import make_eval_loader
-    from arkfed.training import memory_format, resolve_device
+    from arkfed.training import resolve_device
 
     device = resolve_device(compute.device if compute is not None else "cpu")
     workers = compute.workers() if compute is not None else 0
-    model.to(device, memory_format=memory_format(device))
-    head.to(device)
-    pin = device.type == "cuda"
-    recalibrate = calibration is not None and len(calibration) > 0 and has_batchnorm(model)
-    if recalibrate:
-        subset = calibration.subset(np.arange(min(calibration_images, len(calibration))))
-        model = recalibrate_batchnorm(
-            model, make_eval_loader(subset, schema, model.spec, settings.batch_size, workers, pin), device
-        )
-    loader = make_eval_loader(table, schema, model.spec, settings.batch_size, workers, pin)
-    result = score_predictions(predict(model, head, loader, device), schema)
-    result["bn_recalibrated"] = recalibrate
+    pred, recalibrated = site_predictions(model, head, table, schema, device, settings.batch_size, workers, calibration, calibration_images)
+    result = score_predictions(pred, schema)
+    result["bn_recalibrated"] = recalibrated
     return result
-

@@ -5,6 +5,7 @@
     RUN/config.yaml               the resolved TrainConfig
     RUN/metrics.jsonl             one JSON object per visit ("kind": "visit") and per evaluation ("kind": "eval")
     RUN/checkpoint.safetensors    student, teacher, every head and the visit counter, written atomically after every visit
+    RUN/checkpoint.prev.safetensors  the checkpoint before it (read, with a warning, when the latest cannot be)
     RUN/teacher.safetensors       the teacher (backbone + projector): the foundation model
     RUN/student.safetensors
     RUN/heads/<site>.safetensors  each site's (student) head, with its class names and schema
@@ -21,17 +22,19 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from arkfed.errors import ArkfedError
+from arkfed.io import append_jsonl, atomic_write, read_jsonl, rewrite_jsonl
 from arkfed.model import ArkModel, ModelSpec, SiteHead
 from arkfed.schema import LabelSchema
 from arkfed.site_tasks import SiteHeads, catch_up
 from arkfed.training import TeacherClock, TrainConfig
-from arkfed.io import append_jsonl, atomic_write, read_jsonl, rewrite_jsonl
 from arkfed.weights import read_safetensors, save_ark_model, save_head, save_safetensors
 
 CHECKPOINT_KEY = "arkfed_checkpoint"
@@ -74,6 +77,7 @@ class RunFolder:
     config_path = property(lambda self: self.path / "config.yaml")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
     checkpoint_path = property(lambda self: self.path / "checkpoint.safetensors")
+    previous_checkpoint_path = property(lambda self: self.path / "checkpoint.prev.safetensors")
     summary_path = property(lambda self: self.path / "summary.json")
     heads_dir = property(lambda self: self.path / "heads")
     teacher_heads_dir = property(lambda self: self.path / "teacher-heads")
@@ -137,15 +141,31 @@ class RunFolder:
             "clock": state.clock.model_dump(mode="json"),
             "versions": state.versions,
         }
+        if self.checkpoint_path.is_file():  # keep the previous one (issue 8): a fallback if the new one is unreadable
+            os.replace(self.checkpoint_path, self.previous_checkpoint_path)
         save_safetensors(self.checkpoint_path, tensors, {CHECKPOINT_KEY: json.dumps(meta)})
 
     def has_checkpoint(self) -> bool:
-        return self.checkpoint_path.is_file()
+        return self.checkpoint_path.is_file() or self.previous_checkpoint_path.is_file()
 
     def load_checkpoint(self) -> RunState:
-        tensors, metadata = read_safetensors(self.checkpoint_path)
+        """The latest checkpoint; when it cannot be read (cut short, corrupted, missing after a
+        crash mid-rotation), the previous one, with a warning (resume then redoes one visit)."""
+        try:
+            return self._read_checkpoint(self.checkpoint_path)
+        except Exception as exc:
+            if not self.previous_checkpoint_path.is_file():
+                raise
+            warnings.warn(f"{self.checkpoint_path} cannot be read ({' '.join(str(exc).split())[:200]}); "
+                          f"using the previous checkpoint {self.previous_checkpoint_path.name}", RuntimeWarning, stacklevel=2)
+            return self._read_checkpoint(self.previous_checkpoint_path)
+
+    def _read_checkpoint(self, path: Path) -> RunState:
+        if not path.is_file():
+            raise ArkfedError(f"{path}: no checkpoint")
+        tensors, metadata = read_safetensors(path)
         if CHECKPOINT_KEY not in metadata:
-            raise ArkfedError(f"{self.checkpoint_path}: not an arkfed checkpoint")
+            raise ArkfedError(f"{path}: not an arkfed checkpoint")
         meta = json.loads(metadata[CHECKPOINT_KEY])
         spec = ModelSpec.model_validate(meta["spec"])
 

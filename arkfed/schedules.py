@@ -9,9 +9,10 @@ first visit gets ``base`` and the last approaches ``final``. The consistency wei
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def cosine_value(base: float, final: float, step: float, total: int) -> float:
@@ -31,14 +32,34 @@ def teacher_momentum(visit: float, total_visits: int, base: float = 0.9) -> floa
     return cosine_value(base, 1.0, visit, total_visits)
 
 
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+ARK_PLUS_C = (0.9, 5.0)  # Ark_Plus/Pretraining/trainer.py: coff = (momentum_schedule[it] - 0.9) * 5
+
+
+def consistency_from_momentum(momentum: float) -> float:
+    """Ark+'s c, tied to the teacher momentum: ``(m - 0.9) * 5`` (``Ark_Plus/Pretraining/trainer.py``),
+    clamped to ``[0, 1]``. With Ark's base momentum 0.9 this equals the cosine ``c`` schedule
+    (0 -> 0.5); with another base it does not (0.99: c runs 0.45 -> 0.5), which is Ark+'s behaviour."""
+    offset, slope = ARK_PLUS_C
+    return min(max((momentum - offset) * slope, 0.0), 1.0)
+
+
+def ema_update(teacher: "nn.Module", student: "nn.Module", momentum: float) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, parameters *and* buffers.
 
     Floating-point buffers (BatchNorm running mean/var) are averaged like parameters, so a CNN
     teacher's normalisation statistics follow its weights (Ark's code leaves them stale). Integer
-    buffers (``num_batches_tracked``) are copied from the student.
+    buffers (``num_batches_tracked``) are copied from the student. (torch is imported here so
+    that the schedules stay importable without it.)
     """
+    import torch
+
+    with torch.no_grad():
+        _ema(teacher, student, momentum)
+
+
+def _ema(teacher: "nn.Module", student: "nn.Module", momentum: float) -> None:
+    import torch
+
     t_state = teacher.state_dict(keep_vars=True)
     s_state = student.state_dict(keep_vars=True)
     if t_state.keys() != s_state.keys():

@@ -20,7 +20,10 @@ TaskType = Literal["multilabel", "multiclass", "binary"]
 UncertainPolicy = Literal["ones", "zeros", "lsr-ones", "lsr-zeros", "ignore"]
 MissingPolicy = Literal["zeros", "ignore"]
 
-# Label-smoothing ranges of Ark's reference code (uniform draws per sample, per access).
+# Label-smoothing ranges of Ark's reference code. The reference draws each uncertain entry once,
+# when the dataset is built (``random.uniform`` in ``CheXpert.__init__``), so an image keeps one soft
+# target for the whole run; arkfed draws again at every access (seeded per visit and draw), a
+# departure that averages the smoothing over the run instead of fixing one draw per image.
 LSR_ONES = (0.55, 0.85)
 LSR_ZEROS = (0.0, 0.3)
 

@@ -1,8 +1,9 @@
 """Sites: an institution's dataset, as named by a YAML file in ``sites/``.
 
 A site config names a plugin and the local data folder; optional keys override the label
-policies, the split, the image size and where site-local state (e.g. the private head in
-federated runs) is kept. Unknown keys and bad values are errors naming the file and the field.
+policies, the split, the image size, where site-local state (e.g. the private head in
+federated runs) is kept and the site's ``policy:`` for federated runs (:mod:`arkfed.policy`).
+Unknown keys and bad values are errors naming the file and the field.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Iterable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from arkfed.cache import CacheSettings, CacheStatus
 from arkfed.dataset import SPLITS, DatasetTable
 from arkfed.errors import ArkfedError
 from arkfed.plugins import DatasetPlugin, SplitConfig, get_plugin
+from arkfed.policy import SitePolicy
 from arkfed.schema import LabelSchema, MissingPolicy, UncertainPolicy
 
 SITES_DIR = Path("sites")
@@ -41,7 +44,9 @@ class ComputeSettings(BaseModel):
     device: str = Field(default="cpu", description="cpu | cuda | cuda:N | auto")
     num_workers: int | None = Field(default=None, ge=0, description="DataLoader worker processes")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    gpus: int = Field(default=1, ge=1, description="GPUs one visit uses (DistributedDataParallel when > 1)")
+    gpus: int = Field(default=1, ge=1, description="GPUs one visit uses (DistributedDataParallel when > 1; batch_size is per GPU)")
+    compile: bool = Field(default=False, description="torch.compile the student for each visit (pays off on long CUDA visits)")
+    augment: Literal["cpu", "device"] = Field(default="cpu", description="where the views are made: cpu (workers) | device")
 
     def workers(self) -> int:
         if self.num_workers is not None:
@@ -71,7 +76,9 @@ class SiteConfig(BaseModel):
     image_size: int | None = Field(default=None, ge=16, le=2048)
     state_dir: Path | None = None
     max_images: int | None = Field(default=None, ge=1, description="cap per split, for quick trials")
+    cache: CacheSettings = Field(default_factory=CacheSettings, description="prepared-image cache (arkfed.cache)")
     compute: ComputeSettings = Field(default_factory=ComputeSettings)
+    policy: SitePolicy = Field(default_factory=SitePolicy, description="what a coordinator may ask (federated runs)")
 
     @property
     def local_state_dir(self) -> Path:
@@ -117,6 +124,8 @@ def load_site_config(ref: str | Path, sites_dir: Path = SITES_DIR) -> SiteConfig
     update = {"root": base / config.root}
     if config.state_dir is not None:
         update["state_dir"] = base / config.state_dir
+    if config.cache.dir is not None:
+        update["cache"] = config.cache.model_copy(update={"dir": base / config.cache.dir})
     return config.model_copy(update=update)
 
 
@@ -128,6 +137,7 @@ class Site:
     plugin: DatasetPlugin
     schema: LabelSchema
     splits: dict[str, DatasetTable]
+    cache: CacheStatus | None = None  # set when the splits read from the prepared-image cache
 
     @property
     def name(self) -> str:
@@ -150,8 +160,11 @@ def site_schema(config: SiteConfig, plugins_dirs: Iterable[str | Path] = ()) -> 
     return plugin, schema
 
 
-def load_site(config: SiteConfig | str | Path, plugins_dirs: Iterable[str | Path] = ()) -> Site:
-    """Read a site end to end through its plugin; errors are one line naming the site."""
+def load_site(config: SiteConfig | str | Path, plugins_dirs: Iterable[str | Path] = (), cache: bool = True) -> Site:
+    """Read a site end to end through its plugin; errors are one line naming the site.
+
+    With ``cache`` (and the YAML's ``cache:`` not ``off``) the splits read from the site's
+    prepared-image cache, prepared first if needed (:func:`arkfed.cache.attach_cache`)."""
     if not isinstance(config, SiteConfig):
         config = load_site_config(config)
     plugin, schema = site_schema(config, plugins_dirs)
@@ -168,7 +181,13 @@ def load_site(config: SiteConfig | str | Path, plugins_dirs: Iterable[str | Path
         raise ArkfedError(f"plugin {config.dataset!r} returned unknown splits {sorted(unknown)}", site=config.name)
     for name, table in splits.items():
         if table.classes != schema.classes:
-            raise ArkfedError(f"plugin {config.dataset!r}: split {name!r} has classes {table.classes}, schema has {schema.classes}", site=config.name)
+            raise ArkfedError(f"plugin {config.dataset!r}: split {name!r} has classes {table.classes}, "
+                              f"schema has {schema.classes}", site=config.name)
         if config.max_images is not None and len(table) > config.max_images:
             splits[name] = table.subset(range(config.max_images))
-    return Site(config=config, plugin=plugin, schema=schema, splits=splits)
+    site = Site(config=config, plugin=plugin, schema=schema, splits=splits)
+    if cache and config.cache.mode != "off":
+        from arkfed.cache import attach_cache
+
+        site = attach_cache(site)
+    return site

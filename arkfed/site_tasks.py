@@ -24,6 +24,7 @@ import torch
 
 from arkfed.errors import ArkfedError
 from arkfed.schedules import ema_update
+from arkfed.updates import NonFiniteError  # a site sends its category (issue 8), never the values
 
 if TYPE_CHECKING:
     from arkfed.model import ArkModel, SiteHead
@@ -62,7 +63,7 @@ def check_finite(module: torch.nn.Module, what: str, site: str) -> None:
     """Refuse to hand on weights with NaN/Inf (they would poison the teacher and the checkpoint)."""
     for name, tensor in module.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ArkfedError(f"the {what} has non-finite values in {name!r} after training", site=site)
+            raise NonFiniteError(f"the {what} has non-finite values in {name!r} after training", site=site)
 
 
 def visit_site(
@@ -87,7 +88,7 @@ def visit_site(
     check_finite(student, "student", site.name)
     check_finite(heads.student, "student head", site.name)
     if not math.isfinite(result.loss):
-        raise ArkfedError(f"visit {plan.visit} ended with loss {result.loss}", site=site.name)
+        raise NonFiniteError(f"visit {plan.visit} ended with loss {result.loss}", site=site.name, category="non_finite_loss")
     return result
 
 

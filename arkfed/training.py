@@ -16,14 +16,16 @@ import hashlib
 from typing import Literal, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from arkfed.model import ModelSpec
-from arkfed.schedules import consistency_weight, teacher_momentum
+from arkfed.schedules import consistency_from_momentum, consistency_weight, teacher_momentum
+from arkfed.spec import ModelSpec
 
 ViewsMode = Literal["ark", "ark+", "independent"]
 EmaMode = Literal["visit", "iteration"]
 OrderMode = Literal["fixed", "shuffle"]
+CropSource = Literal["original", "resized"]
+ConsistencySchedule = Literal["cosine", "momentum"]
 FederationMode = Literal["cyclic", "parallel"]
 Weighting = Literal["equal", "samples"]
 
@@ -38,16 +40,35 @@ class TrainSettings(BaseModel):
     local_epochs: int = Field(default=1, ge=1, description="epochs over a site's training split per visit")
     lr: float = Field(default=1e-3, gt=0, description="peak learning rate (warm-up + cosine over visits)")
     min_lr: float = Field(default=1e-5, ge=0, description="final learning rate of the cosine")
-    optimizer: Literal["sgd", "adamw"] = Field(default="adamw", description="sgd | adamw (timm create_optimizer_v2)")
+    optimizer: Literal["sgd", "momentum", "adamw"] = Field(
+        default="adamw",
+        description="sgd (SGD with Nesterov momentum, Ark's --opt sgd) | momentum (classical SGD) | adamw (timm create_optimizer_v2)",
+    )
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(default=0.05, ge=0, description="weight decay (not on biases and norms)")
     warmup_visits: int = Field(default=0, ge=0, description="linear lr warm-up, in visits")
+    warmup_rounds: int = Field(
+        default=0, ge=0, description="linear lr warm-up in rounds (Ark's warm-up epochs), added to warmup_visits"
+    )
+    warmup_lr: float | None = Field(default=None, ge=0, description="lr at the start of the warm-up (default lr / 100; Ark: 1e-6)")
     crop_scale: tuple[float, float] = Field(default=(0.08, 1.0), description="random-resized-crop area range MIN,MAX")
-    views: ViewsMode = Field(default="ark", description="ark (teacher: same crop, student: + jitter) | ark+ (teacher: whole image) | independent")
+    crop_source: CropSource = Field(
+        default="original",
+        description="cut the random crop from the source image (Ark) | from it squashed to train_resize (faster, less detail)",
+    )
+    train_resize: int | None = Field(
+        default=None, ge=16, description="crop_source=resized: the square the image is squashed to first (default img_size; Ark+: 896)"
+    )
+    views: ViewsMode = Field(
+        default="ark", description="ark (teacher: same crop, student: + jitter) | ark+ (teacher: whole image) | independent")
     jitter_p: float = Field(default=0.3, ge=0, le=1, description="probability of the student's intensity jitter")
     ema: EmaMode = Field(default="visit", description="teacher EMA after each visit (Ark) | iteration")
     momentum_teacher: float = Field(default=0.9, ge=0, le=1, description="teacher momentum at the first visit (cosine to 1)")
     max_consistency: float = Field(default=0.5, ge=0, le=1, description="final consistency weight c (cosine from 0); 0 = no teacher term")
+    consistency_schedule: ConsistencySchedule = Field(
+        default="cosine",
+        description="cosine: c rises 0 -> max_consistency (Ark) | momentum: c = (m - 0.9) * 5 from the teacher momentum m (Ark+)",
+    )
     max_steps_per_visit: int | None = Field(default=None, ge=1, description="cap on batches per visit (quick trials)")
 
     @field_validator("crop_scale")
@@ -57,6 +78,12 @@ class TrainSettings(BaseModel):
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _check_schedules(self) -> "TrainSettings":
+        if self.train_resize is not None and self.crop_source != "resized":
+            raise ValueError("train_resize applies only with crop_source='resized'")
+        return self
 
 
 class VisitPlan(BaseModel):
@@ -82,12 +109,18 @@ class TrainConfig(BaseModel):
     sites: list[str] = Field(min_length=1, description="site names, in visiting order")
     recipe: str | None = Field(default=None, description="the recipe the settings started from")
     rounds: int = Field(default=1, ge=1, description="rounds; each visits every site once")
-    mode: FederationMode = Field(default="cyclic", description="cyclic (Ark: one site after another, teacher EMA after each) | parallel (every site from the same student, averaged, one teacher EMA per round)")
+    mode: FederationMode = Field(default="cyclic", description=(
+        "cyclic (Ark: one site after another, teacher EMA after each) | "
+        "parallel (every site from the same student, averaged, one teacher EMA per round)"))
     weighting: Weighting = Field(default="samples", description="parallel mode's average: samples (FedAvg) | equal (Ark+)")
     order: OrderMode = Field(default="fixed", description="site order per round: fixed | shuffle")
     seed: int = Field(default=0, ge=0, description="seed of initialisation, data order and augmentation")
     model: ModelSpec = Field(default_factory=ModelSpec)
-    init: str = Field(default="random", description="random | imagenet | PATH (weights file, export or run folder)")
+    init: str = Field(
+        default="random",
+        description="random | imagenet (local timm weights: $ARKFED_PRETRAINED or the Hugging Face cache; never downloaded) | "
+        "imagenet:PATH | PATH (weights file, export, run folder, or a released Ark .pth.tar)",
+    )
     eval_split: str = Field(default="val", description="the split every site evaluates after each round")
     settings: TrainSettings = Field(default_factory=TrainSettings)
 
@@ -137,22 +170,36 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-def visit_lrs(settings: TrainSettings, total_visits: int) -> list[float]:
-    """The lr of every visit from timm's warm-up + cosine scheduler, stepped per visit."""
+def visit_lrs(settings: TrainSettings, total_visits: int, visits_per_round: int = 1) -> list[float]:
+    """The lr of every visit from timm's warm-up + cosine scheduler, stepped per visit.
+
+    The warm-up lasts ``warmup_visits + warmup_rounds * visits_per_round`` steps (so Ark's 20
+    warm-up epochs are 20 rounds whatever the number of sites)."""
     import torch
     from timm.scheduler import create_scheduler_v2
 
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=settings.lr)
-    warmup = min(settings.warmup_visits, max(total_visits - 1, 0))
+    warmup = settings.warmup_visits + settings.warmup_rounds * visits_per_round
+    warmup = min(warmup, max(total_visits - 1, 0))
+    warmup_lr = settings.lr * 0.01 if settings.warmup_lr is None else settings.warmup_lr
     scheduler, _ = create_scheduler_v2(
         dummy, sched="cosine", num_epochs=total_visits, warmup_epochs=warmup,
-        warmup_lr=settings.lr * 0.01, min_lr=settings.min_lr,
+        warmup_lr=warmup_lr, min_lr=settings.min_lr,
     )
     lrs = []
     for visit in range(total_visits):
         scheduler.step(visit)
         lrs.append(float(dummy.param_groups[0]["lr"]))
     return lrs
+
+
+def schedule_values(settings: TrainSettings, step: float, total: int) -> tuple[float, float]:
+    """(consistency weight c, teacher momentum) at ``step`` of ``total`` schedule steps: c from its
+    own cosine (Ark) or tied to the momentum (Ark+, ``consistency_schedule="momentum"``)."""
+    momentum = teacher_momentum(step, total, settings.momentum_teacher)
+    if settings.consistency_schedule == "momentum":
+        return consistency_from_momentum(momentum), momentum
+    return consistency_weight(step, total, settings.max_consistency), momentum
 
 
 def visit_order(sites: Sequence[str], rounds: int, order: OrderMode, seed: int) -> list[list[str]]:
@@ -171,15 +218,14 @@ def plan_visits(config: TrainConfig) -> list[VisitPlan]:
     """Every visit of a run, with its schedule values; identical in local and federated mode."""
     total = config.total_visits
     settings = config.settings
-    lrs = visit_lrs(settings, total)
+    lrs = visit_lrs(settings, total, len(config.sites))
     plans = []
     for rnd, names in enumerate(visit_order(config.sites, config.rounds, config.order, config.seed)):
         for name in names:
             v = len(plans)
+            c, momentum = schedule_values(settings, v, total)
             plans.append(VisitPlan(
-                round=rnd, visit=v, total_visits=total, site=name,
-                consistency=consistency_weight(v, total, settings.max_consistency),
-                momentum=teacher_momentum(v, total, settings.momentum_teacher),
+                round=rnd, visit=v, total_visits=total, site=name, consistency=c, momentum=momentum,
                 lr=lrs[v], seed=derive_seed(config.seed, "visit", v),
             ))
     return plans
@@ -199,11 +245,10 @@ def plan_groups(config: TrainConfig) -> list[list[VisitPlan]]:
     lrs = visit_lrs(settings, rounds)
     groups = []
     for rnd, names in enumerate(visit_order(config.sites, rounds, config.order, config.seed)):
+        c, momentum = schedule_values(settings, rnd, rounds)
         groups.append([
             VisitPlan(
-                round=rnd, visit=rnd * n + i, total_visits=rounds * n, site=name,
-                consistency=consistency_weight(rnd, rounds, settings.max_consistency),
-                momentum=teacher_momentum(rnd, rounds, settings.momentum_teacher),
+                round=rnd, visit=rnd * n + i, total_visits=rounds * n, site=name, consistency=c, momentum=momentum,
                 lr=lrs[rnd], seed=derive_seed(config.seed, "visit", rnd * n + i),
             )
             for i, name in enumerate(names)

@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 import numpy as np
 from pydantic import BaseModel, Field
 
+from arkfed.cache import CacheStatus, cache_status
 from arkfed.dataset import SPLITS, DatasetTable
 from arkfed.errors import ArkfedError
 from arkfed.plugins import DatasetPlugin, discover_plugins
@@ -83,6 +84,7 @@ class ValidationReport(BaseModel):
     unreadable: list[UnreadableImage] = Field(default_factory=list)
     shared_patients: list[SharedPatients] = Field(default_factory=list)
     empty_splits: list[str] = Field(default_factory=list)
+    cache: CacheStatus | None = None
     errors: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
 
@@ -139,7 +141,8 @@ def label_problems(name: str, table: DatasetTable, schema: LabelSchema) -> list[
         several = (labels == 1).sum(axis=1) > 1
         if several.any():
             r = int(np.flatnonzero(several)[0])
-            problems.append(f"split {name!r}: {int(several.sum())} multiclass row(s) with more than one class, first {table.images.describe(r)}")
+            problems.append(f"split {name!r}: {int(several.sum())} multiclass row(s) with more than one class, "
+                            f"first {table.images.describe(r)}")
     return problems
 
 
@@ -201,7 +204,7 @@ def validate_site(
         if not isinstance(config, SiteConfig):
             config = load_site_config(config)
         report.site, report.dataset, report.root = config.name, config.dataset, str(config.root)
-        site = load_site(config, plugins_dirs)
+        site = load_site(config, plugins_dirs, cache=False)  # report the cache below, never prepare it here
     except ArkfedError as exc:
         report.errors.append(str(exc))
         return report
@@ -228,6 +231,13 @@ def validate_site(
         a, b = leak.splits
         report.errors.append(f"{leak.count} patient(s) in both {a!r} and {b!r}, e.g. {', '.join(leak.examples)}")
 
+    report.cache = cache_status(config, splits)
+    if report.cache.broken:
+        report.warnings.append(f"image cache: {len(report.cache.broken)} broken shard(s) ({report.cache.broken[0]}); "
+                               f"`arkfed prepare {config.name}` rebuilds them")
+    if report.cache.changed:
+        report.warnings.append(f"image cache: {report.cache.changed} image(s) changed since prepared; "
+                               f"they are decoded from their files until `arkfed prepare {config.name}`")
     if check_images:
         report.images_checked, report.unreadable = read_images(splits, sample, progress)
         report.errors += [f"unreadable image ({u.split}): {u.error}" for u in report.unreadable]

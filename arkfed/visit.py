@@ -31,12 +31,15 @@ from pydantic import BaseModel
 from torch import nn
 
 from arkfed.data import make_train_loader
+from arkfed.device_views import DeviceViews
+from arkfed.distributed import SINGLE, RankContext
 from arkfed.errors import ArkfedError
 from arkfed.losses import ark_loss, consistency_loss, task_loss
 from arkfed.model import ArkModel, SiteHead
 from arkfed.schedules import ema_update, teacher_momentum
 from arkfed.site import ComputeSettings, Site
 from arkfed.training import TrainSettings, VisitPlan, autocast, memory_format, resolve_device
+from arkfed.updates import NonFiniteError
 
 VisitProgress = Callable[[int, int, float], None]
 """Called after every step with (step done, steps in this visit, loss of the step)."""
@@ -64,7 +67,7 @@ def make_optimizer(student: nn.Module, head: nn.Module, settings: TrainSettings,
     """timm's optimizer over student + head (no weight decay on biases and norm layers)."""
     from timm.optim import create_optimizer_v2
 
-    kwargs = {"momentum": settings.momentum} if settings.optimizer == "sgd" else {}
+    kwargs = {"momentum": settings.momentum} if settings.optimizer in ("sgd", "momentum") else {}
     return create_optimizer_v2(
         nn.ModuleDict({"student": student, "head": head}), opt=settings.optimizer, lr=lr,
         weight_decay=settings.weight_decay, **kwargs,
@@ -89,18 +92,27 @@ def train_site_visit(
     compute: ComputeSettings | None = None,
     progress: VisitProgress | None = None,
     teacher_head: SiteHead | None = None,
+    rank: RankContext | None = None,
 ) -> VisitResult:
-    """Train ``student`` and ``head`` in place on ``site``'s training split for one visit."""
+    """Train ``student`` and ``head`` in place on ``site``'s training split for one visit.
+
+    ``compute.gpus`` > 1 runs it in that many DDP processes (:mod:`arkfed.distributed`), which
+    call back here with their ``rank``."""
     _check_head(head, site, student)
     compute = compute or site.config.compute
+    if compute.gpus > 1 and rank is None:
+        from arkfed.distributed import run_visit_on_gpus
+
+        return run_visit_on_gpus(student, teacher, head, site, settings, plan, compute, progress, teacher_head)
+    rank = rank or SINGLE
     device = resolve_device(compute.device)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(plan.seed)  # dropout / drop-path draws
-        return _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress)
+        torch.manual_seed(plan.seed + rank.rank)  # dropout / drop-path draws (own stream per rank)
+        return _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress, rank)
 
 
-def _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress) -> VisitResult:
+def _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress, rank=SINGLE) -> VisitResult:
     fmt = memory_format(device)
     student.to(device, memory_format=fmt).train()
     teacher.to(device, memory_format=fmt).eval()
@@ -112,7 +124,11 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
         site.split("train"), site.schema, student.spec, settings.batch_size, epochs=settings.local_epochs,
         seed=plan.seed, crop_scale=settings.crop_scale, views=settings.views, jitter_p=settings.jitter_p,
         max_steps=settings.max_steps_per_visit, num_workers=compute.workers(), pin_memory=device.type == "cuda",
+        crop_source=settings.crop_source, train_resize=settings.train_resize,
+        rank=rank.rank, world_size=rank.world_size, augment=compute.augment,
     )
+    student_forward, head_forward = rank.wrap(student, device, compute.compile), rank.wrap(head, device)
+    views = DeviceViews(student.spec.mean, student.spec.std) if compute.augment == "device" else None
     optimizer = make_optimizer(student, head, settings, plan.lr)
     c = plan.consistency
     steps = len(loader)
@@ -120,12 +136,14 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
     examples = 0
     start = time.perf_counter()
     for step, batch in enumerate(loader):
+        if views is not None:  # the loader sent uint8 images + view parameters: make the views here
+            batch = views.batch(batch, device)
         xs = batch.student.to(device, non_blocking=True).contiguous(memory_format=fmt)
         targets = batch.targets.to(device, non_blocking=True)
         mask = batch.mask.to(device, non_blocking=True)
         with autocast(device, compute.precision):
-            z_student = student(xs)
-            logits = head(z_student)
+            z_student = student_forward(xs)
+            logits = head_forward(z_student)
             z_teacher = None
             if c > 0:
                 xt = batch.teacher.to(device, non_blocking=True).contiguous(memory_format=fmt)
@@ -134,9 +152,12 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
         task = task_loss(logits.float(), targets, mask, site.schema.task)
         cons = consistency_loss(z_student.float(), z_teacher.float()) if z_teacher is not None else None
         loss = ark_loss(task, cons, c)
-        value = float(loss.detach())
+        zero = torch.zeros((), device=loss.device)
+        parts = torch.stack([loss.detach(), task.detach(), cons.detach() if cons is not None else zero]).double().cpu()
+        value = float(parts[0])  # one device sync per step (all three losses at once)
         if not math.isfinite(value):  # stop before the step corrupts the weights; the last checkpoint stays good
-            raise ArkfedError(f"loss became {value} in visit {plan.visit} step {step}; lower --lr", site=site.name)
+            raise NonFiniteError(f"loss became {value} in visit {plan.visit} step {step}; lower --lr", site=site.name,
+                                 category="non_finite_loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -146,11 +167,13 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
             if teacher_head is not None:
                 ema_update(teacher_head, head, momentum)
         n = len(xs)
-        totals += torch.tensor([value, float(task.detach()), float(cons.detach()) if cons is not None else 0.0]) * n
+        totals += parts * n
         examples += n
         if progress is not None:
             progress(step + 1, steps, value)
     seconds = time.perf_counter() - start
+    summed = rank.sum(torch.cat([totals, torch.tensor([examples], dtype=torch.float64)]))  # over DDP ranks
+    totals, examples = summed[:3], int(summed[3])
     mean = (totals / max(examples, 1)).tolist()
     return VisitResult(
         site=site.name, round=plan.round, visit=plan.visit, loss=mean[0], task_loss=mean[1], consistency_loss=mean[2],

@@ -10,7 +10,9 @@ Formats (all safetensors; metadata carries what is needed to rebuild the module)
   ``config.json`` (timm pretrained config plus an ``arkfed`` section holding the spec),
   ``projector.safetensors`` and ``heads/``.
 
-:func:`load_ark_model` accepts any of: such a file, a run folder, an export folder, or a plain timm
+:func:`load_ark_model` accepts any of: such a file, a run folder, an export folder, a released Ark
+checkpoint (``.pth.tar``, see :mod:`arkfed.ark_checkpoints`), ``imagenet`` / ``imagenet:PATH``
+(local timm ImageNet weights, see :func:`arkfed.model.find_pretrained_weights`), or a plain timm
 state dict (``.safetensors``/``.pth``) for the backbone alone.
 """
 
@@ -119,12 +121,49 @@ def _from_plain_backbone(path: Path, spec: ModelSpec) -> ArkModel:
     return model
 
 
+IMAGENET = "imagenet"
+
+
+def load_file_heads(source: str | Path) -> dict[str, SiteHead]:
+    """The named heads a single weights file carries: a released Ark checkpoint's ``omni_heads``
+    (see :func:`arkfed.ark_checkpoints.heads_from_state`); none for other files."""
+    path = Path(source)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return {}
+    from arkfed.ark_checkpoints import heads_from_state, is_ark_state, read_checkpoint
+
+    try:
+        state = read_checkpoint(path)
+    except ArkfedError:  # not a checkpoint dict at all: it carries no heads
+        return {}
+    return heads_from_state(state) if is_ark_state(state) else {}
+
+
+def load_init_heads(init: str | Path) -> dict[str, SiteHead]:
+    """The heads a ``--init`` source brings for continual accrual: a run's or an export's
+    ``heads/`` folder, or a released Ark checkpoint's named ``omni_heads``; none otherwise."""
+    text = str(init)
+    if text in ("random", IMAGENET) or text.startswith(IMAGENET + ":"):
+        return {}
+    path = Path(init)
+    if path.is_dir():
+        return load_heads(path / "heads") if (path / "heads").is_dir() else {}
+    return load_file_heads(path)
+
+
 def load_ark_model(source: str | Path, which: str = "teacher", spec: ModelSpec | None = None) -> ArkModel:
     """Load an ArkModel from a run folder, an export folder or a weights file.
 
-    ``which`` picks ``teacher`` or ``student`` in a run folder. ``spec`` is needed only for a plain
-    timm backbone file, which carries no architecture (the projector then starts random).
+    ``which`` picks ``teacher`` or ``student`` in a run folder or an Ark checkpoint. ``spec`` is
+    needed for a plain timm backbone file and for ``imagenet[:PATH]``, which carry no architecture
+    (the projector then starts random).
     """
+    text = str(source)
+    if text == IMAGENET or text.startswith(IMAGENET + ":"):
+        if spec is None:
+            raise ArkfedError(f"{text}: ImageNet weights carry no architecture; pass the model name (--model)")
+        location = text.partition(":")[2] or True
+        return ArkModel(spec, pretrained=location)
     path = Path(source)
     if path.is_dir():
         if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
@@ -139,6 +178,15 @@ def load_ark_model(source: str | Path, which: str = "teacher", spec: ModelSpec |
         tensors, meta = read_safetensors(path)
         if SPEC_KEY in meta:
             return _load_state(ArkModel(ModelSpec.model_validate_json(meta[SPEC_KEY])), tensors, path)
+    else:
+        from arkfed.ark_checkpoints import is_ark_state, model_from_state, read_checkpoint
+
+        try:
+            state = read_checkpoint(path, which)
+        except ArkfedError:
+            state = {}  # not an Ark checkpoint; the plain-backbone reader says what is wrong with it
+        if is_ark_state(state):
+            return model_from_state(state, path, spec)
     if spec is None:
         raise ArkfedError(f"{path}: plain backbone weights carry no architecture; pass the model name (--model)")
     return _from_plain_backbone(path, spec)

@@ -104,7 +104,8 @@ def main() -> None:
     print(f"bytes per hop, coordinator -> site:     {sent / 1e6:8.2f} MB  ({sent / fp32_bytes:.3f} x fp32: student + teacher)")
     print(f"bytes per hop, site -> coordinator:     {received / 1e6:8.2f} MB  ({received / fp32_bytes:.3f} x fp32: student)")
     print(f"local visit (visit + EMA + checkpoint): {local_visit:8.2f} s   (median of {len(local)})")
-    print(f"federated visit round trip:             {round_trip:8.2f} s   (median of {len(visits)}; training loop at the site {site_train:.2f} s)")
+    print(f"federated visit round trip:             {round_trip:8.2f} s   "
+          f"(median of {len(visits)}; training loop at the site {site_train:.2f} s)")
     print(f"hop overhead (federated - local):       {round_trip - local_visit:8.2f} s   ({round_trip / local_visit:.2f} x local)")
     print(f"whole federated run incl. start-up:     {fed_wall:8.1f} s")
 

@@ -32,7 +32,8 @@ def tiny_spec(arch: str = ARCH, img_size: int = SIZE, projector_dim: int = 16) -
     return ModelSpec(model=arch, img_size=img_size, projector_dim=projector_dim)
 
 
-def draw_images(labels: np.ndarray, sex: np.ndarray, rng: np.random.Generator, size: int = SIZE, biased: tuple[int, ...] = ()) -> np.ndarray:
+def draw_images(labels: np.ndarray, sex: np.ndarray, rng: np.random.Generator, size: int = SIZE,
+                biased: tuple[int, ...] = ()) -> np.ndarray:
     """N x size x size uint8 chest-like images with one blob per positive finding.
 
     For a finding in ``biased`` the blob is dark in women and bright in men, so a probe trained
@@ -53,7 +54,9 @@ def draw_images(labels: np.ndarray, sex: np.ndarray, rng: np.random.Generator, s
     return np.clip(images, 0, 255).astype(np.uint8)
 
 
-def synthetic_table(schema: LabelSchema, n: int, seed: int, size: int = SIZE, biased: tuple[int, ...] = (), prevalence: float = 0.4) -> DatasetTable:
+def synthetic_table(schema: LabelSchema, n: int, seed: int, size: int = SIZE, biased: tuple[int, ...] = (), prevalence: float = 0.4,
+                    rare: tuple[int, ...] = ()) -> DatasetTable:
+    """``rare`` findings keep about one in twelve of their positives (a handful per test split)."""
     rng = np.random.default_rng(seed)
     k = schema.num_classes
     if schema.task == "multiclass":
@@ -62,6 +65,8 @@ def synthetic_table(schema: LabelSchema, n: int, seed: int, size: int = SIZE, bi
         draw[:, 0] = 0  # class 0 is "normal": no blob
     else:
         labels = (rng.random((n, k)) < prevalence).astype(np.float32)
+        for j in rare:
+            labels[:, j] *= np.random.default_rng(seed + 99).random(n) < 1 / 12
         draw = labels
     sex = np.where(rng.random(n) < 0.5, "M", "F")
     images = draw_images(draw, sex, rng, size, biased)
@@ -95,7 +100,8 @@ def make_run_folder(folder: Path, arch: str = ARCH, img_size: int = SIZE, seed: 
         head = (heads or {}).get(name) or SiteHead(name, schema, spec.projector_dim)
         save_head(folder / "heads" / f"{name}.safetensors", head)
     config = {"sites": list(sites), "rounds": 2, "order": "fixed", "seed": seed, "init": "random",
-              "model": spec.model_dump(mode="json"), "settings": {"batch_size": 8, "lr": 0.001, "optimizer": "adamw", "local_epochs": 1, "ema": "visit", "momentum_teacher": 0.9}}
+              "model": spec.model_dump(mode="json"),
+              "settings": {"batch_size": 8, "lr": 0.001, "optimizer": "adamw", "local_epochs": 1, "ema": "visit", "momentum_teacher": 0.9}}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     lines = []
     for rnd in range(2):
@@ -144,7 +150,8 @@ PLUGIN_SOURCE = textwrap.dedent('''
 ''')
 
 
-def write_site(folder: Path, name: str, schema: LabelSchema, sizes: dict[str, int], seed: int = 0, size: int = SIZE, biased: tuple[int, ...] = ()) -> Path:
+def write_site(folder: Path, name: str, schema: LabelSchema, sizes: dict[str, int], seed: int = 0, size: int = SIZE,
+               biased: tuple[int, ...] = (), rare: tuple[int, ...] = ()) -> Path:
     """A site YAML + data read through the ``evalnpz`` test plugin; returns the YAML path.
 
     The plugin lives in ``folder/plugins``; point ``ARKFED_PLUGINS`` at it.
@@ -152,7 +159,7 @@ def write_site(folder: Path, name: str, schema: LabelSchema, sizes: dict[str, in
     root = folder / name
     root.mkdir(parents=True, exist_ok=True)
     for i, (split, n) in enumerate(sizes.items()):
-        table = synthetic_table(schema, n, seed * 10 + i, size, biased)
+        table = synthetic_table(schema, n, seed * 10 + i, size, biased, rare=rare)
         np.savez(root / f"{split}.npz", images=table.images.array, labels=table.labels, sex=table.meta["sex"].to_numpy().astype(str))
     plugins = folder / "plugins"
     plugins.mkdir(exist_ok=True)

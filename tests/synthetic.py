@@ -12,7 +12,8 @@ from arkfed.dataset import ArrayImages, DatasetTable, make_meta
 from arkfed.schema import UNCERTAIN, LabelSchema
 
 
-def synthetic_table(n: int, classes: tuple[str, ...], size: int = 32, seed: int = 0, uncertain: float = 0.0, missing: float = 0.0, multiclass: bool = False) -> DatasetTable:
+def synthetic_table(n: int, classes: tuple[str, ...], size: int = 32, seed: int = 0, uncertain: float = 0.0,
+                    missing: float = 0.0, multiclass: bool = False) -> DatasetTable:
     rng = np.random.default_rng(seed)
     k = len(classes)
     if multiclass:

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from arkfed.cli import app
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.bias import balanced_train_rows, delong_test
-from arkfed.evaluation.evaluate import rank_auc
+from arkfed.evaluation.stats import adjust_pvalues
+from arkfed.metrics import roc_auc
 from eval_fixtures import make_run_folder, schemas, synthetic_table, write_site
 
 
@@ -43,7 +44,7 @@ def test_delong_variance_agrees_with_a_paired_bootstrap():
         i = rng.integers(0, n, n)
         if y[i].all() or not y[i].any():
             continue
-        diffs.append(rank_auc(y[i], a[i]) - rank_auc(y[i], b[i]))
+        diffs.append(roc_auc(y[i], a[i]) - roc_auc(y[i], b[i]))
     sd_delong = abs(auc_a - auc_b) / norm.isf(p / 2)
     assert sd_delong == pytest.approx(np.std(diffs), rel=0.15)
 
@@ -59,13 +60,24 @@ def test_balanced_rows_and_missing_sex_error():
         balanced_train_rows(males, seed=0)
 
 
+def test_holm_and_benjamini_hochberg_adjustments():
+    p = np.array([0.01, 0.04, 0.03, np.nan, 0.005])
+    holm = adjust_pvalues(p, "holm")  # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1, monotone
+    assert holm[[4, 0, 2, 1]] == pytest.approx([0.02, 0.03, 0.06, 0.06])
+    assert np.isnan(holm[3])
+    bh = adjust_pvalues(p, "bh")  # p * m / rank, monotone from the top: 0.04 for the three largest
+    assert bh[[4, 0, 2, 1]] == pytest.approx([0.02, 0.02, 0.04, 0.04])
+    with pytest.raises(ArkfedError, match="holm or bh"):
+        adjust_pvalues(p, "bonferroni")
+
+
 def test_bias_cli_finds_the_planted_bias_and_only_it(tmp_path):
-    schema = schemas()["alpha"]  # Effusion is drawn dark in women and bright in men; the others alike
+    schema = schemas()["alpha"]  # Effusion is drawn dark in women and bright in men; the others alike; Nodule is rare
     run = make_run_folder(tmp_path / "run", sites={"alpha": schema})
-    site = write_site(tmp_path, "alpha", schema, {"train": 200, "val": 8, "test": 160}, seed=2, biased=(0,))
+    site = write_site(tmp_path, "alpha", schema, {"train": 200, "val": 8, "test": 160}, seed=2, biased=(0,), rare=(2,))
     out = tmp_path / "bias"
     result = CliRunner().invoke(app, ["bias", str(run), "--site", str(site), "--plugins-dir", str(tmp_path / "plugins"),
-                                      "--features", "backbone", "--out", str(out)], catch_exceptions=False)
+                                      "--features", "backbone", "--bootstrap", "300", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     assert data["train_sizes"]["M"] == data["train_sizes"]["F"]
@@ -74,9 +86,18 @@ def test_bias_cli_finds_the_planted_bias_and_only_it(tmp_path):
         assert effusion[f"gap_on_{sex}"] > 0.3 and effusion[f"p_on_{sex}"] < 1e-6 and effusion[f"significant_on_{sex}"], effusion
         # findings drawn alike in both sexes transfer: small gaps (a little spill-over from the
         # shifted Effusion blobs in the other sex's training images is real and allowed)
-        for name in ("Cardiomegaly", "Nodule"):
-            assert abs(data["findings"][name][f"gap_on_{sex}"]) < 0.1, data["findings"][name]
+        assert abs(data["findings"]["Cardiomegaly"][f"gap_on_{sex}"]) < 0.1, data["findings"]["Cardiomegaly"]
+        # raw and Holm-adjusted p-values both recorded; the adjusted one is never smaller
+        assert effusion[f"p_adjusted_on_{sex}"] >= effusion[f"p_on_{sex}"]
+        low, high = effusion[f"{sex}->{sex}_ci"]
+        assert low <= effusion[f"{sex}->{sex}"] <= high
+        nodule = data["findings"]["Nodule"]  # a handful of positives: reported, marked, never starred
+        assert nodule[f"too_few_on_{sex}"] and nodule[f"positives_on_{sex}"] < 10 and not nodule[f"significant_on_{sex}"]
+        assert np.isnan(nodule[f"p_adjusted_on_{sex}"] or np.nan)
     assert effusion["M->F"] < 0.7 < effusion["F->F"]
+    assert data["correction"] == "holm" and data["tests_in_family"] == 4 and data["too_few_positives"] == ["Nodule"]
+    assert data["bootstrap"]["unit"] == "patient"
+    assert "Holm" in result.output and "too few positives" in result.output
     png = (out / "bias.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert data["chart"] == "bias.png"

@@ -77,7 +77,8 @@ def test_validate_load_error_is_one_line(tmp_path, monkeypatch, capsys):
     code, output = run_main(monkeypatch, capsys, "validate", tmp_path / "s.yaml")
     assert code == 1
     lines = [line for line in output.splitlines() if line.strip()]
-    assert lines == [f"error: {tmp_path / 's.yaml'}: field 'extra_key': unknown key (allowed: name, dataset, root, options, split, labels, image_size, state_dir, max_images)"]
+    allowed = "name, dataset, root, options, split, labels, image_size, state_dir, max_images, cache, compute, policy"
+    assert lines == [f"error: {tmp_path / 's.yaml'}: field 'extra_key': unknown key (allowed: {allowed})"]
 
 
 def test_list_datasets_shows_schemas_and_broken_plugins(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from arkfed.data import make_eval_loader, make_train_loader, read_resized, visit_draws
 from arkfed.dataset import ArrayImages, DatasetTable, make_meta
@@ -80,3 +81,61 @@ def test_unreadable_image_names_its_source():
     table = DatasetTable(Broken(np.zeros((2, 8, 8), np.uint8), "broken"), np.zeros((2, 1), np.float32), make_meta(2), ("x",))
     with pytest.raises(ArkfedError, match=r"broken\[1\].*truncated"):
         read_resized(table, 1, 8)
+
+
+# -- which image the geometry and the evaluation views start from --------------------------------------
+def quadrant_table(size: int = 96) -> DatasetTable:
+    """One image whose four quadrants have different grey levels, plus a fine checkerboard band on top."""
+    image = np.zeros((size, size), dtype=np.uint8)
+    h = size // 2
+    image[:h, :h], image[:h, h:], image[h:, :h], image[h:, h:] = 40, 90, 160, 220
+    image[:4, :] = (np.indices((4, size)).sum(0) % 2 * 255).astype(np.uint8)  # 1-px checkerboard
+    return DatasetTable(ArrayImages(image[None], "quadrants"), np.zeros((1, 3), np.float32), make_meta(1), ("a", "b", "c"))
+
+
+def test_every_image_enters_through_source_pixels_and_crops_start_from_the_chosen_image(monkeypatch):
+    import arkfed.data
+
+    table = quadrant_table()
+    spec = ModelSpec(model="test_resnet", img_size=24)
+    seen = []
+    real = arkfed.data.source_pixels
+    monkeypatch.setattr(arkfed.data, "source_pixels", lambda t, i: seen.append(i) or real(t, i))  # a cache slots in here
+    def student(crop_source: str) -> torch.Tensor:
+        loader = make_train_loader(table, multilabel_schema(), spec, batch_size=1, seed=5, crop_scale=(0.05, 0.05),
+                                   jitter_p=0.0, crop_source=crop_source)
+        return next(iter(loader)).student
+    # same seed, same crop box in relative terms; from the 96 px source it holds 4x the pixels of the 24 px square
+    assert not torch.equal(student("original"), student("resized"))
+    next(iter(make_eval_loader(table, multilabel_schema(), spec, batch_size=1)))
+    assert seen == [0, 0, 0]
+    from arkfed.data import TrainDataset
+    from arkfed.transforms import ViewPair
+
+    pair = ViewPair(24)
+    assert TrainDataset(table, multilabel_schema(), 24, pair, np.zeros(1), 0, "original").image(0).shape == (1, 96, 96)
+    assert TrainDataset(table, multilabel_schema(), 24, pair, np.zeros(1), 0, "resized").image(0).shape == (1, 24, 24)
+    assert TrainDataset(table, multilabel_schema(), 24, pair, np.zeros(1), 0, "resized", 48).image(0).shape == (1, 48, 48)
+
+
+def test_eval_resize_then_centre_crop_and_ten_crop_from_the_source():
+    from torchvision.transforms.v2 import functional as TF
+
+    from arkfed.data import eval_view, source_pixels, ten_crop_views
+
+    table = quadrant_table(96)
+    pixels = source_pixels(table, 0)
+    whole = eval_view(pixels, 24, None)
+    assert whole.shape == (1, 24, 24)
+    ark = eval_view(pixels, 28, 28 / 32)  # Resize(32) + CenterCrop(28), Ark's 256/224 ratio
+    resized = torch.from_numpy(np.array(Image.fromarray(pixels).resize((32, 32), Image.BILINEAR)))[None]
+    assert torch.equal(ark, resized[:, 2:30, 2:30])
+    crops = ten_crop_views(pixels, 28, 28 / 32)
+    assert crops.shape == (10, 1, 28, 28)
+    assert torch.equal(crops[0], resized[:, :28, :28]) and torch.equal(crops[4], ark)
+    assert torch.equal(crops[5], TF.horizontal_flip(crops[1]))  # the mirror image's top-left = flipped top-right
+    spec = ModelSpec(model="test_resnet", img_size=28, crop_pct=28 / 32)
+    batch = next(iter(make_eval_loader(table, multilabel_schema(), spec, batch_size=1, ten_crop=True)))
+    assert batch.images.shape == (1, 10, 3, 28, 28)
+    single = next(iter(make_eval_loader(table, multilabel_schema(), spec, batch_size=1)))
+    assert torch.allclose(single.images[0], batch.images[0, 4])

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from arkfed.cli import app
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.embeddings import ten_crops
-from arkfed.evaluation.evaluate import bootstrap_intervals, evaluate_source, rank_auc
+from arkfed.evaluation.evaluate import bootstrap_groups, bootstrap_intervals, evaluate_predictions, evaluate_source
 from arkfed.evaluation.export import export_model
 from arkfed.metrics import Predictions
 from arkfed.site import load_site
@@ -27,16 +27,47 @@ def trained(tmp_path_factory):
     schema = schemas()["alpha"]
     teacher, head = pretrained_alpha()
     run = make_run_folder(root / "run", teacher=teacher, heads={"alpha": head}, sites={"alpha": schema, "gamma": schemas()["gamma"]})
-    site_yaml = write_site(root, "alpha", schema, {"train": 16, "val": 16, "test": 120}, seed=5)
+    site_yaml = write_site(root, "alpha", schema, {"train": 16, "val": 16, "test": 120}, seed=5, rare=(2,))  # few Nodules
     return run, site_yaml, root / "plugins"
 
 
-def test_rank_auc_matches_sklearn_with_ties():
-    rng = np.random.default_rng(0)
-    y = rng.random(200) < 0.3
-    s = np.round(y + rng.normal(0, 1, 200), 1)  # rounding creates ties
-    assert rank_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
-    assert np.isnan(rank_auc(np.ones(5, bool), s[:5]))
+def test_patient_bootstrap_resamples_whole_patients_and_widens_the_interval():
+    """Ten images per patient that share one score: an image bootstrap pretends there are 10x more
+    independent cases than there are; the patient bootstrap (stated in the result) does not."""
+    from arkfed.dataset import make_meta
+
+    schema = schemas()["beta"]
+    rng = np.random.default_rng(3)
+    patients = 40
+    y = np.repeat((rng.random((patients, 2)) < 0.5).astype(np.float32), 10, axis=0)
+    logits = np.repeat((rng.normal(0, 1, (patients, 2)) + y[::10]).astype(np.float32), 10, axis=0)
+    pred = Predictions(logits, y, np.ones_like(y))
+
+    class Table:
+        meta = make_meta(len(y), patient_id=[f"p{i // 10}" for i in range(len(y))])
+
+    groups, unit = bootstrap_groups(Table, len(y))
+    assert unit == "patient" and len(np.unique(groups)) == patients
+    by_patient = evaluate_predictions(pred, schema, n_boot=300, table=Table, min_positives=1)
+    by_image = evaluate_predictions(pred, schema, n_boot=300, table=None, min_positives=1)
+    assert by_patient["bootstrap"]["unit"] == "patient" and by_image["bootstrap"]["unit"] == "image"
+    width = {k: r["mean_auc_ci"][1] - r["mean_auc_ci"][0] for k, r in (("p", by_patient), ("i", by_image))}
+    assert width["p"] > 2 * width["i"]
+
+
+def test_class_with_too_few_positives_is_reported_but_left_out_of_the_mean():
+    schema = schemas()["beta"]
+    rng = np.random.default_rng(4)
+    y = np.zeros((200, 2), np.float32)
+    y[:100, 0] = 1
+    y[:3, 1] = 1  # three positives only
+    logits = (y * 2 + rng.normal(0, 1, y.shape)).astype(np.float32)
+    logits[:3, 1] = -5  # a terrible AUC on the rare class
+    result = evaluate_predictions(Predictions(logits, y, np.ones_like(y)), schema, n_boot=100, min_positives=10)
+    assert result["too_few_positives"] == ["Cardiomegaly"] and result["positives"]["Cardiomegaly"] == 3
+    assert result["mean_auc"] == pytest.approx(result["auc"]["Pleural Effusion"])
+    assert result["mean_auc_all_classes"] < result["mean_auc"] - 0.3
+    assert result["auc_ci"]["Cardiomegaly"] is not None  # still reported, with its interval
 
 
 def test_bootstrap_interval_contains_estimate_and_shrinks_with_more_data():
@@ -69,7 +100,7 @@ def test_evaluate_cli_teacher_and_student_with_cis(trained, tmp_path):
     result = CliRunner().invoke(app, ["evaluate", str(run), "--site", str(site_yaml), "--plugins-dir", str(plugins),
                                       "--bootstrap", "200", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "mean AUC" in result.output
+    assert "mean AUC" in result.output and "Nodule (too few positives)" in result.output
     data = json.loads((out / "results.json").read_text())
     assert set(data["models"]) == {"teacher", "student"}
     teacher, student = data["models"]["teacher"], data["models"]["student"]
@@ -79,6 +110,8 @@ def test_evaluate_cli_teacher_and_student_with_cis(trained, tmp_path):
         low, high = teacher["auc_ci"][name]
         assert low <= teacher["auc"][name] <= high
     assert teacher["num_examples"] == 120
+    assert teacher["too_few_positives"] == ["Nodule"] and teacher["mean_auc_classes"] == ["Effusion", "Cardiomegaly"]
+    assert teacher["bootstrap"]["unit"] == "patient" and teacher["bn_recalibrated"] is True
 
 
 def test_evaluate_export_equals_run_teacher_and_ten_crop_option(trained, tmp_path):
@@ -100,3 +133,55 @@ def test_evaluate_site_without_head_is_a_clear_error(trained, tmp_path):
     other = write_site(tmp_path, "delta", schemas()["beta"], {"train": 4, "val": 4, "test": 8})
     with pytest.raises(ArkfedError, match=r"no head for site 'delta' \(heads: alpha, gamma\).*linear-probe"):
         evaluate_source(run, load_site(other, [plugins]), n_boot=0)
+
+
+def test_evaluate_reproduces_the_last_validation_line_of_a_finished_run(tmp_path):
+    """One truth: `evaluate --split val` on a run equals its metrics.jsonl (BatchNorm recalibrated
+    on the site's training images in both; the teacher with its own RUN/teacher-heads), for
+    teacher and student."""
+    from arkfed.loop import train_local
+    from arkfed.runs import read_metrics
+    from arkfed.training import TrainConfig, TrainSettings
+    from eval_fixtures import tiny_spec
+
+    schema = schemas()["alpha"]
+    site = load_site(write_site(tmp_path, "alpha", schema, {"train": 40, "val": 48, "test": 8}, seed=2), [tmp_path / "plugins"])
+    config = TrainConfig(sites=["alpha"], rounds=1, seed=1, model=tiny_spec(),
+                         settings=TrainSettings(batch_size=8, max_steps_per_visit=3, lr=3e-3, crop_scale=(0.5, 1.0)))
+    train_local(config, tmp_path / "run", sites={"alpha": site})
+    last = {r["model"]: r for r in read_metrics(tmp_path / "run") if r.get("kind") == "eval"}
+    result = evaluate_source(tmp_path / "run", site, split="val", n_boot=0, batch_size=13, min_positives=1)
+    assert (tmp_path / "run" / "teacher-heads" / "alpha.safetensors").is_file()
+    assert result["heads"] == {"teacher": "teacher-heads", "student": "heads"} and not result["notes"]
+    for model in ("teacher", "student"):
+        assert last[model]["bn_recalibrated"] is True and result["models"][model]["bn_recalibrated"] is True
+        assert result["models"][model]["mean_auc_all_classes"] == pytest.approx(last[model]["mean_auc"], abs=1e-6)
+        for c, value in last[model]["auc"].items():
+            assert result["models"][model]["auc"][c] == pytest.approx(value, abs=1e-6)
+    recorded = (tmp_path / "run" / "config.yaml").read_text()
+    assert "- 0.5\n" in recorded and "0.485" not in recorded  # test_resnet normalises with timm's 0.5
+
+
+def test_teacher_is_scored_with_the_teacher_heads_when_the_run_has_them(trained, tmp_path):
+    import shutil
+
+    from arkfed.model import SiteHead
+    from arkfed.weights import save_head
+
+    run, site_yaml, plugins = trained
+    site = load_site(site_yaml, [plugins])
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = evaluate_source(copy, site, n_boot=0)
+    assert before["heads"]["teacher"] == "heads" and "student's heads" in before["notes"][0]
+    _, trained_head = pretrained_alpha()
+    inverted = SiteHead("alpha", trained_head.schema, trained_head.in_features)
+    with torch.no_grad():  # the trained head with its sign flipped: AUC becomes 1 - AUC
+        inverted.weight.copy_(-trained_head.weight)
+        inverted.bias.copy_(-trained_head.bias)
+    save_head(copy / "teacher-heads" / "alpha.safetensors", inverted)
+    after = evaluate_source(copy, site, n_boot=0)
+    assert after["heads"] == {"teacher": "teacher-heads", "student": "heads"} and not after["notes"]
+    for c, auc in before["models"]["teacher"]["auc"].items():
+        assert after["models"]["teacher"]["auc"][c] == pytest.approx(1 - auc, abs=1e-6)
+    assert after["models"]["student"]["auc"] == pytest.approx(before["models"]["student"]["auc"])

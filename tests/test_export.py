@@ -25,7 +25,8 @@ def exported(tmp_path_factory):
 
 
 def _timm_records(caplog):
-    return [r.getMessage() for r in caplog.records if r.name.startswith("timm") and ("Missing keys" in r.getMessage() or "Unexpected keys" in r.getMessage())]
+    return [r.getMessage() for r in caplog.records
+            if r.name.startswith("timm") and ("Missing keys" in r.getMessage() or "Unexpected keys" in r.getMessage())]
 
 
 def test_plain_timm_loads_export_strictly_and_reproduces_teacher_features(exported, caplog):
@@ -109,3 +110,40 @@ def test_export_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ArkfedError, match="neither a run folder"):
         export_model(tmp_path / "empty", tmp_path / "out")
+
+
+def test_export_ships_teacher_heads_and_the_batchnorm_statistics_evaluate_used(tmp_path):
+    """The export's teacher comes with the teacher's heads, and with --calibrate the statistics
+    that produce `evaluate`'s numbers: plain inference with them reproduces `evaluate` exactly."""
+    from arkfed.evaluation.embeddings import head_predictions
+    from arkfed.evaluation.evaluate import evaluate_source
+    from arkfed.evaluation.export import apply_site_batchnorm
+    from arkfed.metrics import score_predictions
+    from arkfed.model import SiteHead
+    from arkfed.site import load_site
+    from arkfed.weights import save_head
+    from eval_fixtures import write_site
+
+    schema = schemas()["alpha"]
+    run = make_run_folder(tmp_path / "run", sites={"alpha": schema})
+    torch.manual_seed(7)
+    teacher_head = SiteHead("alpha", schema, 16)
+    save_head(run / "teacher-heads" / "alpha.safetensors", teacher_head)
+    site = load_site(write_site(tmp_path, "alpha", schema, {"train": 24, "val": 8, "test": 40}, seed=3), [tmp_path / "plugins"])
+    result = export_model(run, tmp_path / "export", calibrate=[site])
+    assert result.heads_of == "teacher" and "batchnorm/alpha.safetensors" in result.files
+    exported_head = load_heads(tmp_path / "export" / "heads")["alpha"]
+    assert torch.equal(exported_head.weight, teacher_head.weight)
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "teacher's own heads" in card and "carries those of **site alpha**" in card
+
+    model = load_ark_model(tmp_path / "export").eval()  # model.safetensors: alpha's statistics
+    raw = load_ark_model(run, which="teacher")
+    assert not torch.allclose(model.backbone.state_dict()["bn1.running_mean"], raw.backbone.state_dict()["bn1.running_mean"])
+    plain = score_predictions(head_predictions(model, exported_head, site.split("test"), schema), schema)
+    reference = evaluate_source(run, site, n_boot=0, min_positives=1)["models"]["teacher"]
+    assert plain["auc"] == pytest.approx(reference["auc"], abs=1e-6)
+    again = apply_site_batchnorm(load_ark_model(tmp_path / "export"), tmp_path / "export", "alpha")
+    assert torch.equal(again.backbone.state_dict()["bn1.running_var"], model.backbone.state_dict()["bn1.running_var"])
+    with pytest.raises(ArkfedError, match="no BatchNorm statistics for site 'beta'"):
+        apply_site_batchnorm(model, tmp_path / "export", "beta")

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from arkfed.cli import app
 from arkfed.federation.flower_app import split_address, write_flower_app
-from arkfed.federation.site_node import explain_supernode_exit
 from arkfed.federation.live import FederationView, render_status
+from arkfed.federation.site_node import explain_supernode_exit
 from arkfed.federation.status import FederationStatus, SiteStatus, read_status, write_status
 
 runner = CliRunner()

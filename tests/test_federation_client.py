@@ -10,15 +10,14 @@ import pytest
 import torch
 from flwr.app import Context, Message, Metadata, RecordDict
 
-from arkfed.loop import initial_state
 from arkfed.federation import messages as m
 from arkfed.federation.client_app import SITE_FAILED, SITE_REFUSED, app
 from arkfed.federation.site_state import read_outbox
+from arkfed.loop import initial_state
 from arkfed.schedules import ema_update
 from arkfed.site import load_site
-from arkfed.training import plan_visits
 from arkfed.site_tasks import SiteHeads, evaluate_site_models, visit_site
-
+from arkfed.training import plan_visits
 from federation_fixtures import make_sites, max_abs_diff, tiny_config
 
 RUN_UID = "testrun0001"
@@ -134,7 +133,8 @@ def test_a_head_version_the_site_never_stored_is_refused(site_setup):
     plan = plan_visits(config)[1]
     reply = app(_message(_request(site, state, config, 57, plan=plan), m.VISIT), _context(path, site))
     assert reply.has_error() and reply.error.code == SITE_REFUSED
-    assert "has no head from visit 57" in reply.error.reason and "<local path>" in reply.error.reason
+    assert reply.error.reason.startswith("head_missing:") and "no head from visit 57" in reply.error.reason
+    assert str(site.config.local_state_dir) not in reply.error.reason  # the folder stays in the site's log
 
 
 def test_failures_become_error_replies_and_everything_sent_is_logged(site_setup):

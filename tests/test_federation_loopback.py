@@ -23,18 +23,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from arkfed.loop import train_local
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.certs import CertificateFolder, write_site_key_pair
 from arkfed.federation.loopback import LoopbackFederation
 from arkfed.federation.site_node import SiteNode
 from arkfed.federation.site_state import read_outbox
+from arkfed.loop import train_local
 from arkfed.model import ArkModel
 from arkfed.runs import RunFolder
 from arkfed.site import load_site
 from arkfed.weights import load_ark_model
-
 from federation_fixtures import fast_settings, make_sites, max_abs_diff, site_copies, tiny_config
 
 RUN_TIMEOUT = 300.0
@@ -74,7 +73,9 @@ def _check_parity(local: Path, federated: Path) -> None:
     assert max_abs_diff(load_ark_model(local, "teacher"), load_ark_model(federated, "teacher")) < PARITY_TOLERANCE
     assert max_abs_diff(load_ark_model(local, "student"), load_ark_model(federated, "student")) < PARITY_TOLERANCE
     ours, theirs = RunFolder(local).read_metrics(), RunFolder(federated).read_metrics()
-    key = lambda r: (r["kind"], r.get("round"), r.get("visit"), r.get("site"), r.get("model"))
+    def key(r):
+        return r["kind"], r.get("round"), r.get("visit"), r.get("site"), r.get("model")
+
     assert [key(r) for r in ours] == [key(r) for r in theirs]  # same visits, evaluations, rounds, in order
     for a, b in zip(ours, theirs):
         for field in ("loss", "task_loss", "consistency_loss", "mean_auc"):

@@ -22,7 +22,7 @@ def _perturbed_model(seed: int) -> ArkModel:
     torch.manual_seed(seed)
     model = ArkModel(SPEC)
     with torch.no_grad():
-        for name, buf in model.named_buffers():
+        for _, buf in model.named_buffers():
             if buf.dtype.is_floating_point:
                 buf.uniform_(0.5, 1.5)  # BatchNorm statistics must travel too
             else:

@@ -38,9 +38,14 @@ def test_finetune_cli_pretrained_beats_random_init_on_a_small_site(tmp_path):
     out = tmp_path / "ft"
     result = CliRunner().invoke(app, ["finetune", str(run), "--site", str(site), "--plugins-dir", str(tmp_path / "plugins"),
                                       "--epochs", "3", "--batch-size", "8", "--lr", "3e-3", "--init", "model", "--init", "random",
-                                      "--out", str(out)], catch_exceptions=False)
+                                      "--bootstrap", "300", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    runs = {r["init"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    data = json.loads((out / "results.json").read_text())
+    runs = {r["init"]: r for r in data["runs"]}
+    # one seed: no test over seeds, and the table's CI is the bootstrap over test images
+    assert data["curve"]["sizes"] == ["all"] and data["curve"]["comparisons"]["random"]["all"]["p"] is None
+    low, high = data["curve"]["inits"]["model"]["all"]["bootstrap_ci"]
+    assert low <= runs["model"]["test"]["mean_auc"] <= high and runs["model"]["test"]["bootstrap"]["unit"] == "patient"
     assert set(runs) == {"model", "random"}
     for r in runs.values():
         assert len(r["history"]) == 3 and 0 <= r["best_epoch"] < 3

@@ -64,19 +64,41 @@ def test_probe_learns_from_frozen_embedding_and_reads_the_model(pretrained):
     assert random["mean_auc_std"] > 0  # each seed probes its own random model
 
 
-def test_linear_probe_cli_multiclass_few_shot(tmp_path, pretrained):
+def test_linear_probe_cli_few_shot_curve_against_random_init_and_a_compared_model(tmp_path, pretrained):
+    """Shots 2 and all, three seeds: the pretrained model, a random init and a compared export
+    (an untrained model) on one curve, paired t-tests, Holm-corrected, one PNG."""
+    from arkfed.evaluation.export import export_model
+
     schema = schemas()["gamma"]
     run = make_run_folder(tmp_path / "run", teacher=pretrained, sites={"alpha": schemas()["alpha"]})
+    export_model(make_run_folder(tmp_path / "other", seed=4, sites={"alpha": schemas()["alpha"]}), tmp_path / "untrained")
     site = write_site(tmp_path, "gamma", schema, {"train": 60, "val": 8, "test": 60}, seed=3)
     out = tmp_path / "probe"
     result = CliRunner().invoke(app, ["linear-probe", str(run), "--site", str(site), "--plugins-dir", str(tmp_path / "plugins"),
-                                      "--shots", "4", "--seeds", "0,1", "--out", str(out)], catch_exceptions=False)
+                                      "--train-sizes", "2,all", "--seeds", "0,1,2", "--compare", str(tmp_path / "untrained"),
+                                      "--features", "backbone", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
-    assert [r["train_size"] for r in data["runs"]] == [12, 12]
-    assert data["site"] == "gamma" and data["shots"] == 4 and data["init"] == "model"
-    assert data["mean_auc"] > 0.8 and 0 <= data["runs"][0]["accuracy"] <= 1
-    assert "4-shot" in result.output
+    curve = data["curve"]
+    model = curve["inits"]["model"]
+    assert list(curve["inits"]) == ["model", "random", "untrained"] and curve["sizes"] == ["2", "all"]
+    assert [r["train_size"] for r in data["runs"] if r["init"] == "model" and r["size"] == "2"] == [6, 6, 6]
+    assert curve["inits"]["model"]["all"]["train_size"] == 60
+    # at "all" the probe of a fixed model is deterministic: the seeds carry no evidence, so that
+    # pair is not tested (random init draws a new model per seed and is); 3 tests in the family
+    assert curve["test"].startswith("paired t-test") and curve["tests_in_family"] == 3
+    assert curve["comparisons"]["untrained"]["all"]["verdict"].startswith("not tested")
+    untrained = curve["inits"]["untrained"]["all"]  # zero-width over seeds: the bootstrap over test images is shown instead
+    assert untrained["ci"][0] == untrained["ci"][1] and untrained["bootstrap_ci"][0] < untrained["mean"] < untrained["bootstrap_ci"][1]
+    assert model["all"]["mean"] > 0.8 and model["2"]["ci"][0] <= model["2"]["mean"] <= model["2"]["ci"][1]
+    for other in ("random", "untrained"):
+        for size in ("2", "all"):
+            c = curve["comparisons"][other][size]
+            assert c["difference"] == pytest.approx(model[size]["mean"] - curve["inits"][other][size]["mean"])
+            assert c["p"] is None and c["p_adjusted"] is None if (other, size) == ("untrained", "all") else c["p_adjusted"] >= c["p"]
+    assert data["site"] == "gamma" and 0 <= data["runs"][0]["accuracy"] <= 1
+    assert (out / "linear-probe.png").read_bytes()[:4] == b"\x89PNG"
+    assert "paired t-test" in result.output
 
 
 def test_probe_accepts_run_folder_export_weights_file_and_plain_timm_file(tmp_path, pretrained):
@@ -96,9 +118,10 @@ def test_probe_accepts_run_folder_export_weights_file_and_plain_timm_file(tmp_pa
     for name, model_args in sources.items():
         out = tmp_path / f"probe-{name}"
         result = CliRunner().invoke(app, ["linear-probe", *model_args, "--site", str(site), "--plugins-dir", str(tmp_path / "plugins"),
-                                          "--features", "backbone", "--seeds", "0", "--out", str(out)], catch_exceptions=False)
+                                          "--features", "backbone", "--seeds", "0", "--no-baseline", "--out", str(out)],
+                                    catch_exceptions=False)
         assert result.exit_code == 0, result.output
-        aucs[name] = json.loads((out / "results.json").read_text())["auc"]
+        aucs[name] = json.loads((out / "results.json").read_text())["auc"]["model"]["all"]
     for name in ("export", "file", "timm"):  # the same backbone, whatever the container
         assert aucs[name] == pytest.approx(aucs["run"], abs=1e-6), name
 

@@ -97,3 +97,19 @@ def test_batchnorm_recalibration_uses_the_sites_images_and_leaves_the_model_alon
     settings = TrainSettings(batch_size=8)
     assert evaluate_site(model, head, table, multilabel_schema(), settings, calibration=bright)["bn_recalibrated"]
     assert not evaluate_site(model, head, table, multilabel_schema(), settings)["bn_recalibrated"]
+
+
+def test_the_one_auc_matches_scikit_learn_with_ties_and_bootstrap_weights():
+    from sklearn.metrics import roc_auc_score
+
+    from arkfed.metrics import roc_auc
+
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.3
+    s = np.round(y + rng.normal(0, 1, 200), 1)  # rounding creates ties
+    assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    weights = rng.integers(0, 3, (5, 200))  # bootstrap multiplicities: row i counted w[b, i] times
+    expected = [roc_auc_score(np.repeat(y, w), np.repeat(s, w)) for w in weights]
+    assert roc_auc(y, s, weights) == pytest.approx(expected, abs=1e-12)
+    assert np.isnan(roc_auc(np.ones(5, bool), s[:5]))
+    assert np.isnan(roc_auc(y, s, np.where(y, 0, 1)[None])[0])  # a replicate without positives

@@ -130,3 +130,15 @@ def test_missing_image_is_named(root: Path):
     with pytest.raises(ArkfedError, match=rf"split.csv.gz: 1 of 6 listed image files are missing, first {gone}"):
         plugin().read(root, SplitConfig())
     assert len(plugin(missing_images="drop").read(root, SplitConfig())["test"]) == 1
+
+
+def test_ark_policies_uncertain_as_ones_and_all_14_classes_scored():
+    from arkfed.schema import label_targets
+
+    schema = plugin().label_schema()
+    assert schema.uncertain == "ones" and schema.reported_classes == CHEXPERT_CLASSES
+    raw = np.array([[UNCERTAIN, np.nan, 1.0, 0.0] + [0.0] * 10], dtype=np.float32)
+    targets, mask = label_targets(raw, schema, np.random.default_rng(0))  # training draw: no smoothing
+    assert targets[0, :4].tolist() == [1.0, 0.0, 1.0, 0.0] and mask.all()
+    chexpert = plugin(label_policy="chexpert").label_schema()
+    assert chexpert.uncertain == "lsr-ones" and len(chexpert.reported_classes) == 5

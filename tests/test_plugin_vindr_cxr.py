@@ -108,6 +108,7 @@ def physionet_site(root: Path) -> None:
     test = pd.DataFrame(0, index=range(2), columns=list(ALL)).rename(columns={"Other diseases": "Other disease"})
     test.insert(0, "image_id", ["t1", "t2"])
     test.loc[0, "COPD"] = 1
+    test.loc[0, "Pleural effusion"] = 1
     test.loc[1, "No finding"] = 1
     (root / "annotations").mkdir()
     train.to_csv(root / "annotations" / "image_labels_train.csv", index=False)
@@ -122,6 +123,12 @@ def test_physionet_layout_votes_per_image_and_keeps_official_test(tmp_path: Path
     physionet_site(tmp_path)
     p = plugin()
     classes = p.label_schema().classes
+    assert classes == ("Pleural effusion", "Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases", "No finding")
+    assert p.label_schema().canonical("Pleural effusion") == "Pleural Effusion"
+    ark = p.read(tmp_path, SplitConfig(val_fraction=0.0))["test"]
+    assert dict(zip(ark.meta["patient_id"], ark.labels[:, 0].tolist())) == {"t1": 1.0, "t2": 0.0}
+    p = plugin(labels="global")  # the COPD variant
+    classes = p.label_schema().classes
     assert classes == ("Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases", "COPD", "No finding")
     splits = p.read(tmp_path, SplitConfig(val_fraction=0.0))
     train = dict(zip(splits["train"].meta["patient_id"], splits["train"].labels))
@@ -129,7 +136,7 @@ def test_physionet_layout_votes_per_image_and_keeps_official_test(tmp_path: Path
     assert train["b"][classes.index("Tuberculosis")] == 0 and train["b"][-1] == 1  # 1 TB vote, 2 "No finding"
     test = dict(zip(splits["test"].meta["patient_id"], splits["test"].labels))
     assert set(test) == {"t1", "t2"} and test["t1"][classes.index("COPD")] == 1
-    anyone = plugin(rad_vote="any").read_records(tmp_path)
+    anyone = plugin(labels="global", rad_vote="any").read_records(tmp_path)
     b = list(anyone.meta["patient_id"]).index("b")
     assert anyone.labels[b, classes.index("Tuberculosis")] == 1
     assert plugin(labels="all").read_records(tmp_path).labels.shape == (5, 28)
@@ -142,9 +149,9 @@ def test_physionet_bad_value_and_missing_column(tmp_path: Path):
     train.loc[4, "COPD"] = 2
     train.to_csv(file, index=False)
     with pytest.raises(ArkfedError, match=r"image_labels_train.csv: line 6, column 'COPD': label value 2"):
-        plugin().read_records(tmp_path)
-    train.drop(columns=["COPD"]).to_csv(file, index=False)
-    with pytest.raises(ArkfedError, match=r"image_labels_train.csv: missing column\(s\) \['COPD'\]"):
+        plugin(labels="global").read_records(tmp_path)
+    train.drop(columns=["Pleural effusion"]).to_csv(file, index=False)
+    with pytest.raises(ArkfedError, match=r"image_labels_train.csv: missing column\(s\) \['Pleural effusion'\]"):
         plugin().read_records(tmp_path)
 
 

@@ -69,3 +69,34 @@ def test_predict_errors(run, tmp_path):
     broken.write_bytes(b"not an image")
     with pytest.raises(ArkfedError, match="broken.png"):
         predict_images(model, load_heads(run / "heads"), [broken])
+
+
+def test_predict_uses_the_teacher_heads_for_the_teacher(run, shared_data, tmp_path):
+    import shutil
+
+    from arkfed.weights import save_head
+
+    image = shared_data / "samples" / "00000001_000.png"
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    teacher_heads = load_heads(run / "heads")
+    for site, head in teacher_heads.items():
+        with torch.no_grad():
+            head.weight.mul_(-3.0)
+        save_head(copy / "teacher-heads" / f"{site}.safetensors", head)
+    scores = {}
+    for which in ("teacher", "student"):
+        out = tmp_path / which
+        result = CliRunner().invoke(app, ["predict", str(copy), str(image), "--which", which, "--out", str(out)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        scores[which] = json.loads((out / "results.json").read_text())
+    assert scores["teacher"]["notes"] == [] == scores["student"]["notes"]
+    model = load_ark_model(copy).eval()
+    x = Normalise(model.spec.mean, model.spec.std)(read_resized(image_table([image]), 0, model.spec.img_size)[None])
+    with torch.no_grad():
+        expected = teacher_heads["alpha"](model(x)).sigmoid()[0, 0].item()
+    assert scores["teacher"]["images"][0]["scores"]["alpha/Effusion"] == pytest.approx(expected, abs=1e-5)
+    # the student is scored with the student's heads, and a run without teacher-heads says so
+    plain = tmp_path / "plain"
+    assert CliRunner().invoke(app, ["predict", str(run), str(image), "--out", str(plain)]).exit_code == 0
+    assert "student's heads" in json.loads((plain / "results.json").read_text())["notes"][0]

@@ -11,7 +11,12 @@ import pytest
 
 from arkfed.dataset import DatasetTable, FileImages, make_meta
 from arkfed.provenance import (
-    FEDERATED_NOTE, changed_sites, dataset_fingerprint, federated_fingerprint, git_state, source_dir,
+    FEDERATED_NOTE,
+    changed_sites,
+    dataset_fingerprint,
+    federated_fingerprint,
+    git_state,
+    source_dir,
     write_provenance,
 )
 from arkfed.schema import LabelSchema

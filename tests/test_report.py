@@ -8,8 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from arkfed.cli import app
-from arkfed.evaluation.runinfo import read_metrics, read_run
 from arkfed.errors import ArkfedError
+from arkfed.evaluation.runinfo import read_run
+from arkfed.runs import read_metrics
 from eval_fixtures import schemas, tiny_spec, write_site
 
 
@@ -42,7 +43,7 @@ def test_report_cli_writes_plots_page_and_summary(real_run, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["rounds_evaluated"] == 2 and res["visits"] == 4
     # the table's numbers are the run's last-round evaluation lines
-    last = {(r["site"], r["model"]): r["mean_auc"] for r in read_metrics(real_run / "metrics.jsonl")
+    last = {(r["site"], r["model"]): r["mean_auc"] for r in read_metrics(real_run)
             if r.get("kind") == "eval" and r["round"] == 1}
     for row in res["sites"]:
         assert row["teacher_mean_auc"] == pytest.approx(last[(row["site"], "teacher")])

@@ -21,12 +21,24 @@ from arkfed.loop import eval_record, visit_record
 from arkfed.metrics import Predictions, score_predictions
 from arkfed.schema import LabelSchema
 from arkfed.trackers import (
-    MLflowLogger, TensorBoardLogger, _quiet, _without_password, eval_scalars, flat_params, make_trackers, parse_log_option, visit_scalars,
+    MLflowLogger,
+    TensorBoardLogger,
+    _quiet,
+    _without_password,
+    eval_scalars,
+    flat_params,
+    make_trackers,
+    parse_log_option,
+    visit_scalars,
 )
 from arkfed.training import TrainConfig, TrainSettings, plan_visits
 from arkfed.visit import VisitResult
 from tracker_checks import (
-    check_trackers_match_metrics, mlflow_client, read_mlflow, read_tensorboard, read_tensorboard_texts,
+    check_trackers_match_metrics,
+    mlflow_client,
+    read_mlflow,
+    read_tensorboard,
+    read_tensorboard_texts,
 )
 
 # arkfed.trackers imports neither package until a tracker is made, so these can come after the imports
@@ -125,7 +137,8 @@ def test_missing_package_is_one_line(monkeypatch, tmp_path, module, extra):
     monkeypatch.setitem(sys.modules, module, None)  # import now raises ImportError
     with pytest.raises(ArkfedError) as err:
         make_trackers(extra, tmp_path)
-    assert str(err.value) == f"--log {extra} needs the {'mlflow-skinny' if extra == 'mlflow' else 'tensorboard'} package: pip install 'arkfed[{extra}]'"
+    package = "mlflow-skinny" if extra == "mlflow" else "tensorboard"
+    assert str(err.value) == f"--log {extra} needs the {package} package: pip install 'arkfed[{extra}]'"
 
 
 def test_scalar_names():
@@ -138,7 +151,8 @@ def test_scalar_names():
         "train/loss": 1.0, "train/lr": 0.1, "train/beta/loss": 1.0}
     params = flat_params(config(), mode="local")
     assert params["settings.lr"] == 0.003 and params["sites"] == '["alpha", "beta"]' and params["mode"] == "local"
-    assert params["settings.crop_scale"] == "[0.08, 1.0]" and params["model.model"] == config().model.model and params["model.num_features"] == "null"
+    assert params["settings.crop_scale"] == "[0.08, 1.0]" and params["model.model"] == config().model.model
+    assert params["model.num_features"] == "null"
 
 
 def test_tensorboard_reads_back(finished_run):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from arkfed.callbacks import LoopCallback
-from arkfed.loop import initial_state, train_local
 from arkfed.demo import generate_demo_federation
+from arkfed.loop import initial_state, train_local
 from arkfed.model import ModelSpec
 from arkfed.runs import RunFolder
 from arkfed.site import Site, SiteConfig, load_site
@@ -92,6 +92,9 @@ def test_single_site_run_writes_a_complete_run_folder(tmp_path):
     assert teacher.spec.model == "test_resnet"
     heads = load_heads(tmp_path / "run" / "heads")
     assert heads["only"].classes == ("x", "y", "z")
+    provenance = json.loads((tmp_path / "run" / "provenance.json").read_text())
+    assert provenance["sites"]["only"]["split_sizes"] == {"train": 64, "val": 24}
+    assert provenance["versions"]["torch"] == torch.__version__.split("+")[0]
     # the student learnt the synthetic task (squares per class): well above chance
     assert summary["sites"]["only"]["student"]["mean_auc"] > 0.7
 

@@ -82,7 +82,8 @@ def _check(name: str, got: dict[str, list[tuple[int, float]]], expected: dict[st
         last = {step: value for step, value in got[tag]}  # the last value logged at each step
         for step, value in points.items():
             assert step in last, f"{name}: {tag} has no step {step} (steps {sorted(last)})"
-            assert math.isclose(last[step], value, rel_tol=1e-5, abs_tol=1e-6), f"{name}: {tag}@{step} = {last[step]}, metrics.jsonl has {value}"
+            assert math.isclose(last[step], value, rel_tol=1e-5, abs_tol=1e-6), (
+                f"{name}: {tag}@{step} = {last[step]}, metrics.jsonl has {value}")
             checked += 1
     return checked
 

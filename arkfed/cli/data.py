@@ -1,4 +1,4 @@
-"""Data commands: ``demo-data``, ``validate``, ``list-datasets``, ``add-dataset``.
+"""Data commands: ``demo-data``, ``validate``, ``prepare``, ``list-datasets``, ``add-dataset``.
 
 Thin rendering over :mod:`arkfed.demo`, :mod:`arkfed.validate` and :mod:`arkfed.scaffold`;
 nothing here imports torch.
@@ -12,7 +12,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
-
 
 
 def _console() -> Console:
@@ -66,6 +65,52 @@ def validate(
         raise typer.Exit(1)
 
 
+def prepare(
+    site: str = typer.Argument(..., help="site name (sites/NAME.yaml) or path to a site YAML"),
+    plugins_dir: Optional[list[Path]] = typer.Option(None, "--plugins-dir", help=PLUGINS_DIR_HELP),
+    size: Optional[int] = typer.Option(None, min=16, max=4096, help="longer side of stored images [cache.size, 512]"),
+    workers: int = typer.Option(0, min=0, help="decoding processes (0: in this process)"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="discard the cache and decode everything again"),
+    verify: bool = typer.Option(False, "--verify", help="afterwards, re-read every shard and check its CRC32"),
+) -> None:
+    """Decode every image of a site once into its prepared-image cache (resumable; only new or changed images)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from arkfed.cache import CacheIndex, cache_folder, prepare_site, verify_shards
+    from arkfed.site import load_site, load_site_config
+
+    console = _console()
+    config = load_site_config(site)
+    if size is not None:
+        config = config.model_copy(update={"cache": config.cache.model_copy(update={"size": size})})
+    loaded = load_site(config, plugins_dir or (), cache=False)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("decoding", total=None)
+        report = prepare_site(loaded, workers=workers, rebuild=rebuild,
+                              progress=lambda done, total: progress.update(task, completed=done, total=total))
+        problems = []
+        if verify:
+            progress.update(task, description="verifying", completed=0, total=None)
+            problems = verify_shards(CacheIndex.load(cache_folder(config), config.cache.size),
+                                     lambda done, total: progress.update(task, completed=done, total=total))
+    rate = report.decoded / report.seconds if report.seconds > 0 else 0.0
+    console.print(f"site {config.name}: cache at {report.size} px in {report.folder}", soft_wrap=True, markup=False)
+    console.print(f"{report.images} images: {report.reused} already prepared, {report.new} new, {report.changed} changed "
+                  f"since prepared (re-decoded), {report.unreadable} unreadable; {report.shards} shard(s), "
+                  f"{report.nbytes / 2**20:.1f} MiB; {report.seconds:.1f} s ({rate:.0f} images/s decoded)")
+    for line in report.dropped:
+        console.print(f"[yellow]rebuilt:[/] {line}", soft_wrap=True)
+    for line in report.errors:
+        console.print(f"[bold red]unreadable:[/] {line}", soft_wrap=True)
+    for line in problems:
+        console.print(f"[bold red]corrupt:[/] {line} (run again with --rebuild)", soft_wrap=True)
+    if config.cache.mode == "off":
+        console.print(f"note: {config.name}'s YAML has no `cache: auto` (or `on`): training decodes files until it does", soft_wrap=True)
+    if report.unreadable or problems:
+        raise typer.Exit(1)
+
+
 def render_report(report, console: Console) -> None:
     """Print a ValidationReport: splits, class counts, images read, then errors and warnings."""
     if report.splits:
@@ -75,6 +120,8 @@ def render_report(report, console: Console) -> None:
         console.print(_classes_table(report))
         if report.images_checked:
             console.print(f"read {report.images_checked} of {report.images_total} images: {len(report.unreadable)} unreadable")
+        if report.cache is not None:
+            console.print(report.cache.describe(), soft_wrap=True, markup=False)
     for message in report.errors:
         console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     for message in report.warnings:
@@ -142,7 +189,8 @@ def add_dataset(
     name: str = typer.Argument(..., help="plugin name (a Python identifier); also the site name"),
     labels: Path = typer.Option(..., "--labels", help="label CSV: one row per image"),
     image_column: str = typer.Option(..., "--image-column", help="column holding image paths"),
-    label_columns: Optional[str] = typer.Option(None, "--label-columns", help="comma-separated label columns (default: every column holding only 1/0/-1/blank)"),
+    label_columns: Optional[str] = typer.Option(
+        None, "--label-columns", help="comma-separated label columns (default: every column holding only 1/0/-1/blank)"),
     task: str = typer.Option("multilabel", help="multilabel | multiclass | binary"),
     uncertain: str = typer.Option("lsr-ones", help="uncertain (-1) policy: ones | zeros | lsr-ones | lsr-zeros | ignore"),
     missing: str = typer.Option("zeros", help="blank label policy: zeros | ignore"),
@@ -190,5 +238,6 @@ def add_dataset(
 def register(app: typer.Typer) -> None:
     app.command("demo-data")(demo_data)
     app.command("validate")(validate)
+    app.command("prepare")(prepare)
     app.command("list-datasets")(list_datasets)
     app.command("add-dataset")(add_dataset)

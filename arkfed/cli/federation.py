@@ -1,4 +1,4 @@
-"""``arkfed coordinator``, ``arkfed site`` and ``arkfed certs init``: Ark across institutions with Flower.
+"""``arkfed coordinator``, ``arkfed site`` and ``arkfed certs``: Ark across institutions with Flower.
 
 The coordinating institution runs ``arkfed coordinator``; each institution runs ``arkfed site``
 with its site YAML. Images, labels and the sites' heads never leave the sites; only model weights
@@ -20,14 +20,21 @@ COORDINATOR_HELP = """Coordinate a federated Ark run: start a Flower SuperLink, 
 
 Sites join with `arkfed site`. Writes the same run folder as `arkfed train` (config.yaml,
 metrics.jsonl, checkpoint, teacher.safetensors, summary.json); the sites' heads stay at the sites.
-Needs --certs DIR from `arkfed certs init` (TLS + site authentication) unless --insecure.
+Needs --certs DIR from `arkfed certs init` with each site's key registered by `arkfed certs
+add-site` (TLS + site authentication) unless --insecure. Only Flower's Fleet API is served on
+--address (a gateway); the SuperLink itself listens on 127.0.0.1 only.
 """
 
 SITE_HELP = """Join a federated Ark run as one site: start a Flower SuperNode serving this site's data.
 
 The site's images, labels and head never leave this machine; what it sends is logged in
 <state_dir>/outbox.jsonl. Pass --root-certificates (the federation's ca.crt) and --key (this
-site's key from `arkfed certs init`), or --insecure for a trial on a trusted network.
+site's key from `arkfed certs site-key`), or --insecure for a trial on a trusted network. The site
+runs only arkfed's own ClientApp, for runs signed by the coordinator that ca.crt certifies.
+
+The site's `policy:` (in its YAML) limits what a coordinator may ask; with `approval: manual` each
+new run waits until you approve the fingerprint this command prints:
+`arkfed site --config SITE.yaml --approve FINGERPRINT` (from another terminal).
 """
 
 
@@ -37,12 +44,15 @@ def coordinator(
     recipe: Optional[str] = typer.Option(None, help="starting settings: base | ... (`--recipe list` describes them) [base]"),
     config: Optional[Path] = typer.Option(None, "--config", help="run configuration YAML (e.g. an earlier run's config.yaml)"),
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/fed-TIMESTAMP)"),
-    address: str = typer.Option("0.0.0.0:9092", help="HOST:PORT the SuperLink listens on (sites connect here)"),
-    certs: Optional[Path] = typer.Option(None, help="certificate folder from `arkfed certs init` (TLS + site keys)"),
+    address: str = typer.Option("0.0.0.0:9092", help="HOST:PORT sites connect to (serves Flower's Fleet API only)"),
+    superlink_port: Optional[int] = typer.Option(None, min=1, max=65535, help="port of the SuperLink on 127.0.0.1 "
+                                                 "(default: any free port); fix it when your own reverse proxy forwards to it"),
+    certs: Optional[Path] = typer.Option(None, help="certificate folder from `arkfed certs init` (TLS + registered site keys)"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS, no site authentication (trials on trusted networks only)"),
     resume: Optional[Path] = typer.Option(None, help="continue RUN from its last finished visit"),
     join_timeout: float = typer.Option(600.0, help="seconds to wait for all sites to join"),
     visit_timeout: float = typer.Option(3600.0, help="seconds a visit may take before it is retried, then skipped"),
+    max_update_norm: Optional[float] = typer.Option(None, min=0.0, help="skip a returned student farther (L2) than this from the one sent"),
     log: str = typer.Option("", help="also log to trackers: tensorboard,mlflow (in the run folder)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="plain log lines instead of the live view"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config.yaml and stop"),
@@ -69,17 +79,21 @@ def coordinator(
             typer.echo(config_text(train_config), nl=False)
         return
     if certs is None and not insecure:
-        raise ArkfedError("the coordinator needs --certs DIR (create it with `arkfed certs init DIR --coordinator-host HOST "
-                          "--sites A,B`), or --insecure to run without encryption and site authentication")
+        raise ArkfedError("the coordinator needs --certs DIR (create it with `arkfed certs init DIR --coordinator-host HOST` "
+                          "and register each site's key with `arkfed certs add-site`), or --insecure to run without "
+                          "encryption and site authentication")
     if insecure:
         print_insecure_warning(lambda text: console.print(f"[bold red]{text}[/]"))
     run_dir = resume or out or default_out("fed")
-    log_names = [n.strip() for n in log.split(",") if n.strip()]
-    fed = FederationSettings(join_timeout=join_timeout, visit_timeout=visit_timeout, log=log_names)
+    from arkfed.trackers import parse_log_option
+
+    fed = FederationSettings(join_timeout=join_timeout, visit_timeout=visit_timeout, log=parse_log_option(log),
+                             max_update_norm=max_update_norm or None)
     folder = CertificateFolder(certs) if certs is not None and not insecure else None
-    console.print(f"coordinator listening on {address}; run folder {run_dir}")
+    console.print(f"coordinator: Fleet API on {address} (SuperLink on 127.0.0.1 only); run folder {run_dir}")
     with FederationView(console, quiet=quiet) as view:
-        summary = run_coordinator(train_config, run_dir, fed, address, folder, resume=resume is not None, view=view)
+        summary = run_coordinator(train_config, run_dir, fed, address, folder, resume=resume is not None, view=view,
+                                  superlink_port=superlink_port)
     from arkfed.cli.train import print_summary
 
     print_summary(console, summary, run_dir)
@@ -87,21 +101,31 @@ def coordinator(
 
 def site(
     config: Path = typer.Option(..., "--config", help="this site's YAML (sites/NAME.yaml)"),
-    coordinator_address: str = typer.Option(..., "--coordinator", help="HOST:PORT of the coordinator's SuperLink"),
+    coordinator_address: Optional[str] = typer.Option(None, "--coordinator", help="HOST:PORT of the coordinator's SuperLink"),
     root_certificates: Optional[Path] = typer.Option(None, help="the federation's ca.crt (TLS)"),
-    key: Optional[Path] = typer.Option(None, help="this site's private key from `arkfed certs init` (authentication)"),
+    key: Optional[Path] = typer.Option(None, help="this site's private key from `arkfed certs site-key` (authentication)"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS (trials on trusted networks only)"),
     plugins_dir: Optional[list[Path]] = typer.Option(None, help="extra dataset plugin folder(s)"),
     connect_timeout: float = typer.Option(120.0, help="seconds to wait for the first connection"),
+    approve: Optional[str] = typer.Option(None, "--approve", help="approve the waiting run FINGERPRINT, then exit"),
 ) -> None:
     from rich.console import Console
 
     from arkfed.errors import ArkfedError
     from arkfed.federation.launcher import print_insecure_warning
     from arkfed.federation.site_node import SiteNode
-    from arkfed.site import resolve_site_path
+    from arkfed.site import load_site_config, resolve_site_path
 
     console = Console(highlight=False, soft_wrap=True)
+    if approve is not None:
+        from arkfed.policy import approve_run
+
+        site_config = load_site_config(resolve_site_path(config))
+        path = approve_run(site_config.local_state_dir, approve)
+        console.print(f"site {site_config.name!r}: run {approve.strip().lower()} approved (recorded in {path})")
+        return
+    if coordinator_address is None:
+        raise ArkfedError("give --coordinator HOST:PORT (or --approve FINGERPRINT to approve a waiting run)")
     if root_certificates is None and not insecure:
         raise ArkfedError("pass --root-certificates ca.crt (and --key SITE.key) from the coordinator, or --insecure")
     if insecure:
@@ -126,6 +150,7 @@ def _serve(node, console, connect_timeout: float) -> None:
     from arkfed.federation.site_node import SiteNotAdmitted
 
     backoff, admitted, first = 5.0, False, time.monotonic()
+    shown: set[str] = set()
     while True:
         node.start()
         try:
@@ -134,6 +159,7 @@ def _serve(node, console, connect_timeout: float) -> None:
             backoff, admitted = 5.0, True
             while True:
                 node.check()
+                _show_pending_runs(node, console, shown)
                 time.sleep(1.0)
         except SiteNotAdmitted as exc:
             # a coordinator that is still starting may not have registered the key yet
@@ -150,15 +176,36 @@ def _serve(node, console, connect_timeout: float) -> None:
             backoff = min(backoff * 2, 60.0)
 
 
+def _show_pending_runs(node, console, shown: set[str]) -> None:
+    """Policy ``approval: manual``: each run waiting for approval, once, with what it asks."""
+    from arkfed.policy import pending_runs
+
+    for entry in pending_runs(node.state_dir):
+        fingerprint = entry.get("fingerprint", "?")
+        if fingerprint in shown:
+            continue
+        shown.add(fingerprint)
+        settings, model = entry.get("settings") or {}, entry.get("model") or {}
+        console.print(
+            f"[bold yellow]site {node.name!r}: run {entry.get('run_uid')} waits for your approval[/] (fingerprint {fingerprint})\n"
+            f"  model {model.get('model')} at {model.get('img_size')} px; batch {settings.get('batch_size')}, "
+            f"epochs {settings.get('local_epochs')}, max steps per visit {settings.get('max_steps_per_visit')}, "
+            f"lr {settings.get('lr')}, device {settings.get('device')}; first request: {entry.get('request')}"
+            + (f" on split {entry['split']}" if entry.get("split") else "") + "\n"
+            f"  approve: arkfed site --config {node.config_path} --approve {fingerprint}"
+        )
+
+
 @certs_app.command("init")
 def certs_init(
-    out: Path = typer.Argument(..., help="folder to create (ca.crt, coordinator.crt/.key, sites/<name>.key/.pub)"),
+    out: Path = typer.Argument(..., help="folder to create (ca.crt, ca.key, coordinator.crt/.key, sites/)"),
     coordinator_host: str = typer.Option(..., help="comma-separated host names/IPs sites use to reach the coordinator"),
-    sites: str = typer.Option(..., help="comma-separated site names (as in the sites' YAML files)"),
+    sites: str = typer.Option("", help="ONE-MACHINE TRIALS ONLY: also make these sites' keys here (across institutions "
+                                       "each site runs `arkfed certs site-key` instead)"),
     days: int = typer.Option(825, min=1, help="certificate validity"),
     overwrite: bool = typer.Option(False, help="replace an existing CA and site keys"),
 ) -> None:
-    """Create a CA, the coordinator's TLS certificate and one key pair per site."""
+    """At the coordinator: create the federation's CA and the coordinator's TLS certificate."""
     from rich.console import Console
 
     from arkfed.federation.certs import init_certificates
@@ -167,9 +214,49 @@ def certs_init(
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"created {folder.root}:")
     console.print(f"  coordinator: --certs {folder.root}   (keep ca.key and coordinator.key private)")
-    for name in sorted(folder.registered_sites()):
-        console.print(f"  site {name}: give it {folder.ca_cert} and {folder.site_key(name)} "
-                      f"(arkfed site --root-certificates ca.crt --key {name}.key)")
+    console.print(f"  every site: give it {folder.ca_cert} (arkfed site --root-certificates ca.crt)")
+    made = [name for name in sorted(folder.registered_sites()) if folder.site_key(name).is_file()]
+    for name in made:
+        console.print(f"  site {name}: give it {folder.site_key(name)} ([yellow]trials only[/]: made here, so this "
+                      "machine could act as the site; across institutions use `arkfed certs site-key`)")
+    if not made:
+        console.print("  next: each site runs `arkfed certs site-key SITE --out DIR` and sends you SITE.pub; "
+                      f"register it with `arkfed certs add-site SITE SITE.pub --certs {folder.root}`")
+
+
+@certs_app.command("site-key")
+def certs_site_key(
+    site: str = typer.Argument(..., help="this site's name (as in its YAML)"),
+    out: Path = typer.Option(..., "--out", help="folder for SITE.key (private, 0600) and SITE.pub"),
+    overwrite: bool = typer.Option(False, help="replace an existing key (the coordinator must register the new .pub)"),
+) -> None:
+    """At a site: make this site's key pair; send only SITE.pub to the coordinator."""
+    from rich.console import Console
+
+    from arkfed.federation.certs import make_site_key, public_key_fingerprint
+
+    key, pub = make_site_key(site, out, overwrite=overwrite)
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"site {site}: private key {key} (keep it here: arkfed site --key {key})")
+    console.print(f"  send {pub} to the coordinator; fingerprint {public_key_fingerprint(pub)} "
+                  "(read it to them over another channel)")
+
+
+@certs_app.command("add-site")
+def certs_add_site(
+    site: str = typer.Argument(..., help="the site's name (as in its YAML)"),
+    public_key: Path = typer.Argument(..., help="the SITE.pub the site sent"),
+    certs: Path = typer.Option(..., "--certs", help="the coordinator's certificate folder (from `arkfed certs init`)"),
+    overwrite: bool = typer.Option(False, help="replace a different key already registered for this site"),
+) -> None:
+    """At the coordinator: register a site's public key under its name."""
+    from rich.console import Console
+
+    from arkfed.federation.certs import CertificateFolder, add_site, public_key_fingerprint
+
+    path = add_site(CertificateFolder(certs), site, public_key, overwrite=overwrite)
+    Console(highlight=False, soft_wrap=True).print(
+        f"registered site {site}: {path}, fingerprint {public_key_fingerprint(path)} (check it with the site)")
 
 
 def register(app: typer.Typer) -> None:

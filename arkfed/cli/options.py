@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import typer
 
 PANEL = "Run configuration: the recipe, then --config FILE, then these options (--dry-run shows the result)"
-SECTIONS = {"": "arkfed.training:TrainConfig", "model": "arkfed.model:ModelSpec", "settings": "arkfed.training:TrainSettings"}
+SECTIONS = {"": "arkfed.training:TrainConfig", "model": "arkfed.spec:ModelSpec", "settings": "arkfed.training:TrainSettings"}
 NOT_OPTIONS = {"", "sites", "recipe", "model", "settings", "model.num_features", "model.mean", "model.std"}
 
 

@@ -58,18 +58,22 @@ def print_recipes() -> None:
 @with_run_options
 def train(
     sites: Optional[str] = typer.Option(None, help="comma-separated site names (sites/NAME.yaml) or YAML paths; none = demo federation"),
-    recipe: Optional[str] = typer.Option(None, help="starting settings: demo | base | ... (`--recipe list` describes them) [demo without --sites, else base]"),
+    recipe: Optional[str] = typer.Option(None, help="starting settings: demo | base | ... (`--recipe list` describes them) "
+                                          "[demo without --sites, else base]"),
     config: Optional[Path] = typer.Option(None, "--config", help="run configuration YAML (e.g. an earlier run's config.yaml)"),
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/ark-TIMESTAMP)"),
     resume: Optional[Path] = typer.Option(None, help="continue RUN from its last finished visit (settings come from RUN/config.yaml)"),
-    device: Optional[str] = typer.Option(None, help="override every site's compute.device: cpu | cuda | auto (site YAMLs set it otherwise)"),
+    device: Optional[str] = typer.Option(None, help="override every site's compute.device: cpu | cuda | auto "
+                                          "(site YAMLs set it otherwise)"),
     num_workers: Optional[int] = typer.Option(None, min=0, help="override every site's compute.num_workers"),
+    gpus: Optional[int] = typer.Option(None, min=1, help="override every site's compute.gpus: GPUs per visit (DDP; batch size is per GPU)"),
     log: str = typer.Option("", help="also log to trackers: tensorboard,mlflow (in the run folder)"),
     plugins_dir: Optional[list[Path]] = typer.Option(None, help="extra dataset plugin folder(s)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="plain log lines instead of the live view (CI)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config.yaml and stop"),
     demo_dir: Path = typer.Option(DEMO_DIR, help="where the demo federation lives (used without --sites)"),
-    federated: bool = typer.Option(False, "--federated", help="run it as a Flower federation on this machine: one SuperLink + one SuperNode per site on 127.0.0.1 (TLS + site keys)"),
+    federated: bool = typer.Option(False, "--federated", help="run it as a Flower federation on this machine: one SuperLink + one "
+                                 "SuperNode per site on 127.0.0.1 (TLS + site keys)"),
     run_overrides: dict | None = None,
 ) -> None:
     from rich.console import Console
@@ -95,7 +99,7 @@ def train(
         if dry_run:
             typer.echo(config_text(train_config), nl=False)
             return
-    summary = _run(train_config, run_dir, refs, resume is not None, federated, quiet, log, device, num_workers, plugins_dir or ())
+    summary = _run(train_config, run_dir, refs, resume is not None, federated, quiet, log, device, num_workers, plugins_dir or (), gpus)
     print_summary(console, summary, run_dir)
 
 
@@ -111,12 +115,12 @@ def _file_sites(config: Optional[Path]) -> list[str]:
 
 
 def _run(config, run_dir: Path, refs: list[str], resume: bool, federated: bool, quiet: bool, log: str,
-         device: Optional[str], num_workers: Optional[int], plugins_dirs) -> dict:
+         device: Optional[str], num_workers: Optional[int], plugins_dirs, gpus: Optional[int] = None) -> dict:
     from arkfed.errors import ArkfedError
 
     if federated:  # same run folder, visits at real Flower sites (arkfed.federation)
-        if device is not None or num_workers is not None:
-            raise ArkfedError("with --federated each site's hardware comes from its YAML (compute:); drop --device/--num-workers")
+        if device is not None or num_workers is not None or gpus is not None:
+            raise ArkfedError("with --federated each site's hardware comes from its YAML (compute:); drop --device/--num-workers/--gpus")
         from arkfed.federation.loopback import train_federated
 
         return train_federated(config, run_dir, refs, resume=resume, quiet=quiet, log=log)
@@ -124,18 +128,15 @@ def _run(config, run_dir: Path, refs: list[str], resume: bool, federated: bool, 
     from arkfed.progress import make_progress
 
     sites = load_sites(refs, config.sites, plugins_dirs)
-    compute = {name: site.config.compute.override(device=device, num_workers=num_workers) for name, site in sites.items()}
+    compute = {name: site.config.compute.override(device=device, num_workers=num_workers, gpus=gpus) for name, site in sites.items()}
     return train_local(config, run_dir, resume=resume, sites=sites, site_configs=refs, compute=compute,
                        callbacks=[make_progress(quiet), *trackers(log, Path(run_dir))])
 
 
 def trackers(log: str, run_dir: Path) -> list:
-    names = [n.strip() for n in (log or "").split(",") if n.strip()]
-    if not names:
-        return []
     from arkfed.trackers import make_trackers
 
-    return make_trackers(names, run_dir)
+    return make_trackers(log, run_dir)
 
 
 def print_summary(console, summary: dict, run_dir: Path) -> None:

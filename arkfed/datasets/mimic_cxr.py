@@ -5,6 +5,14 @@ Read as PhysioNet distributes it: ``mimic-cxr-2.0.0-chexpert.csv`` (labels per s
 ``mimic-cxr-2.0.0-metadata.csv`` (each DICOM's ``ViewPosition``), all plain or ``.gz``, and the
 images ``files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg``. A study's labels apply to all its images.
 Sex and age come from MIMIC-IV's ``patients.csv`` (``gender``, ``anchor_age``) when it is there.
+
+Labels follow Ark (``Ark_MICCAI2023/dataloader.py`` class ``MIMIC``, ``engine.py``): the CheXpert
+labeler's 14 classes, uncertain (-1) as positive (``uncertain_label="Ones"``, where CheXpert uses
+LSR-Ones), blank as negative, and the mean AUC over all 14 classes (Ark cuts only CheXpert to the
+competition's 5). ``label_policy: chexpert`` gives CheXpert's policies instead (LSR-Ones, 5
+reported classes). Where this departs from Ark: Ark reads its own CSV lists (frontal and lateral
+images in its ``mimic-cxr-2.0.0-{train,validate,test}.csv``); arkfed reads PhysioNet's files,
+frontal views by default (``views: all`` keeps laterals).
 """
 
 from __future__ import annotations
@@ -28,17 +36,22 @@ from arkfed.label_files import (
     require_columns,
 )
 from arkfed.plugins import DatasetPlugin, register_dataset
-from arkfed.schema import CHEXPERT_LABELER_SCHEMA, UNCERTAIN
+from arkfed.schema import CHEXPERT_LABELER_SCHEMA, UNCERTAIN, LabelSchema
 
 PREFIX = "mimic-cxr-2.0.0"
 FRONTAL_VIEWS = ("PA", "AP")
 OFFICIAL_SPLITS = {"train": "train", "validate": "val", "test": "test"}
 STUDY_KEY = ["subject_id", "study_id"]
+# Ark's MIMIC: uncertain -> 1 ("Ones"), all 14 classes scored.
+ARK_MIMIC_SCHEMA = LabelSchema.model_validate(
+    {**CHEXPERT_LABELER_SCHEMA.model_dump(), "uncertain": "ones", "eval_classes": None}
+)
 
 
 class MimicCxrOptions(FileDatasetOptions):
     views: Literal["frontal", "all"] = "frontal"
     patients_file: str = "patients.csv"
+    label_policy: Literal["ark", "chexpert"] = "ark"
 
 
 def read_study_labels(root: Path) -> pd.DataFrame:
@@ -103,9 +116,11 @@ def image_paths(root: Path, rows: pd.DataFrame) -> pd.Series:
 @register_dataset
 class MimicCxr(DatasetPlugin):
     name = "mimic_cxr"
-    description = "MIMIC-CXR-JPG (chexpert/split/metadata CSVs, official train/validate/test), CheXpert's 14 labels"
-    schema = CHEXPERT_LABELER_SCHEMA
+    description = "MIMIC-CXR-JPG (chexpert/split/metadata CSVs, official train/validate/test), CheXpert's 14 labels, Ark's policies"
     Options = MimicCxrOptions
+
+    def label_schema(self) -> LabelSchema:
+        return ARK_MIMIC_SCHEMA if self.options.label_policy == "ark" else CHEXPERT_LABELER_SCHEMA
 
     def read_records(self, root: Path) -> LabelRecords:
         """One row per DICOM of the split file, with its study's labels (NaN for unlabelled studies)."""

@@ -3,8 +3,14 @@
 Read as PhysioNet distributes it: ``annotations/image_labels_train.csv`` (one row per image and
 radiologist, three radiologists per training image), ``annotations/image_labels_test.csv`` (the
 consensus of five radiologists, one row per image), images ``train/<image_id>.dicom`` and
-``test/<image_id>.dicom`` (``.dcm`` and ``.png`` conversions are found too). By default the schema
-is the six global labels Ark uses; ``labels: all`` gives all 28.
+``test/<image_id>.dicom`` (``.dcm`` and ``.png`` conversions are found too).
+
+Labels. By default (``labels: ark``) the six Ark uses, in Ark's order: Pleural effusion (Ark's
+"PE"), Lung tumor, Pneumonia, Tuberculosis, Other diseases, No finding
+(``Ark_MICCAI2023/datasets_config.yaml``; "PE" was identified by matching Ark's published
+``VinDrCXR_{train,test}_pe_global_one.txt`` against ``image_labels_{train,test}.csv``, which agree
+on every image). ``labels: global`` is the COPD variant (the five global labels with COPD in
+place of PE, plus No finding); ``labels: all`` gives all 28.
 
 ``label_file: kaggle`` reads instead the Kaggle VinBigData box file (``train.csv``: one row per
 box or per "No finding" vote, with ``rad_id``), giving the 14 local lesion classes + "No finding".
@@ -13,8 +19,10 @@ Kaggle's test labels were never released, so that variant is split by image.
 Training images have three readers and no consensus. ``rad_vote: majority`` (default) calls a
 finding present when more than half of the image's radiologists marked it, which approximates
 the test set's consensus standard and damps single-reader noise; ``rad_vote: any`` keeps every
-reader's positives (more sensitive, noisier). VinDr ships no patient ids: each image is its own
-patient for splitting.
+reader's positives (more sensitive, noisier). Where this departs from Ark: Ark's training list is
+``any`` (a positive from one reader is a positive; checked on all 15,000 training images), so
+choose ``rad_vote: any`` to reproduce Ark's training labels exactly. Test labels are the
+consensus either way. VinDr ships no patient ids: each image is its own patient for splitting.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ from arkfed.plugins import DatasetPlugin, register_dataset
 from arkfed.schema import LabelSchema
 
 GLOBAL_LABELS = ("Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases", "COPD", "No finding")
+# Ark's six (datasets_config.yaml: ['PE', 'Lung tumor', 'Pneumonia', 'Tuberculosis', 'Other diseases', 'No finding']).
+ARK_LABELS = ("Pleural effusion", "Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases", "No finding")
 LOCAL_LABELS = (
     "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Clavicle fracture", "Consolidation",
     "Edema", "Emphysema", "Enlarged PA", "ILD", "Infiltration", "Lung Opacity", "Lung cavity", "Lung cyst",
@@ -63,7 +73,7 @@ IMAGE_SUFFIXES = (".dicom", ".dcm", ".png", ".jpg", ".jpeg")
 
 class VinDrCxrOptions(FileDatasetOptions):
     label_file: Literal["physionet", "kaggle"] = "physionet"
-    labels: Literal["global", "all"] | None = None
+    labels: Literal["ark", "global", "all"] | None = None  # None: ark (the physionet default)
     rad_vote: Literal["majority", "any"] = "majority"
 
     @model_validator(mode="after")
@@ -76,7 +86,7 @@ class VinDrCxrOptions(FileDatasetOptions):
 def classes_for(options: VinDrCxrOptions) -> tuple[str, ...]:
     if options.label_file == "kaggle":
         return KAGGLE_LABELS
-    return ALL_LABELS if options.labels == "all" else GLOBAL_LABELS
+    return {"all": ALL_LABELS, "global": GLOBAL_LABELS}.get(options.labels or "ark", ARK_LABELS)
 
 
 def vote(positive: np.ndarray, image_ids: pd.Series, rad_vote: str) -> tuple[np.ndarray, pd.Index]:
@@ -106,7 +116,7 @@ def image_paths(folder: Path, image_ids: pd.Index) -> np.ndarray:
 @register_dataset
 class VinDrCxr(DatasetPlugin):
     name = "vindr_cxr"
-    description = "VinDr-CXR (annotations/image_labels_{train,test}.csv, 3 readers -> vote), 6 global labels or all 28"
+    description = "VinDr-CXR (annotations/image_labels_{train,test}.csv, 3 readers -> vote), Ark's 6 labels, the COPD variant or all 28"
     Options = VinDrCxrOptions
 
     def label_schema(self) -> LabelSchema:
@@ -159,7 +169,8 @@ class VinDrCxr(DatasetPlugin):
         return self.records(root / "train", readers.index, labels.astype(np.float32), KAGGLE_LABELS, file, None)
 
     @staticmethod
-    def records(image_folder: Path, image_ids: pd.Index, labels: np.ndarray, classes: tuple[str, ...], file: Path, official: str | None) -> LabelRecords:
+    def records(image_folder: Path, image_ids: pd.Index, labels: np.ndarray, classes: tuple[str, ...], file: Path,
+                official: str | None) -> LabelRecords:
         ids = image_ids.astype(str)
         return LabelRecords(
             paths=image_paths(image_folder, ids),

@@ -6,6 +6,13 @@ male and on the female test images. For every finding and every test group the A
 the probe trained on the same sex and the one trained on the other sex is tested with DeLong's
 test for two correlated ROC curves (both probes score the same test images). A model whose
 embedding encodes a finding the same way in both sexes shows no significant gaps.
+
+Statistics a reviewer asks for: the 2 x findings DeLong tests are one family, corrected for
+multiple comparisons (Holm by default, Benjamini-Hochberg on request; both raw and adjusted
+p-values are in results.json) and only adjusted p-values earn a star. Every AUC has a 95%
+percentile-bootstrap interval over the test group's patients (images when no patient ids are
+recorded). A finding with fewer than ``min_positives`` positives in a test group is reported but
+marked "too few positives": its tests are left out of the family, of the stars and of the means.
 """
 
 from __future__ import annotations
@@ -18,11 +25,13 @@ import numpy as np
 from arkfed.dataset import DatasetTable
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.embeddings import FeatureKind, embed_table
+from arkfed.evaluation.evaluate import MIN_POSITIVES, TOO_FEW, bootstrap_groups, bootstrap_weights, percentile_interval
 from arkfed.evaluation.linear_probe import fit_probe_logits, subset
-from arkfed.metrics import scores_from_logits
+from arkfed.evaluation.stats import CORRECTION_NAMES, Correction, adjust_pvalues
+from arkfed.io import atomic_write
+from arkfed.metrics import roc_auc, scores_from_logits
 from arkfed.model import ArkModel
 from arkfed.schema import LabelSchema
-from arkfed.io import atomic_write
 
 SEXES = ("M", "F")
 
@@ -77,6 +86,9 @@ class BiasSettings:
     features: FeatureKind = "projector"
     balance: bool = True
     alpha: float = 0.05
+    correction: Correction = "holm"
+    min_positives: int = MIN_POSITIVES
+    n_boot: int = 1000
     c: float = 1.0
     seed: int = 0
     batch_size: int = 64
@@ -93,6 +105,7 @@ def bias_analysis(model: ArkModel, train: DatasetTable, test: DatasetTable, sche
             raise ArkfedError(f"the test split has {len(r)} images with sex {s!r}; the bias protocol needs both sexes recorded")
     scores = {s: scores_from_logits(fit_probe_logits(subset(tr, r), te, schema, settings.c, settings.seed), schema.task)
               for s, r in train_rows.items()}
+    groups, unit = bootstrap_groups(test, len(test))
     findings = {}
     for k, name in enumerate(schema.classes):
         entry: dict = {}
@@ -101,24 +114,52 @@ def bias_analysis(model: ArkModel, train: DatasetTable, test: DatasetTable, sche
             keep = rows[te.mask[rows, k] > 0]
             y = te.targets[keep, k] > 0.5
             same, cross, p = delong_test(y, scores[test_sex][keep, k], scores[other][keep, k])
+            few = int(y.sum()) < settings.min_positives
             entry[f"{test_sex}->{test_sex}"] = same
             entry[f"{other}->{test_sex}"] = cross
             entry[f"gap_on_{test_sex}"] = same - cross
             entry[f"p_on_{test_sex}"] = p
-            entry[f"significant_on_{test_sex}"] = bool(p < settings.alpha) if not np.isnan(p) else False
+            entry[f"positives_on_{test_sex}"] = int(y.sum())
+            entry[f"too_few_on_{test_sex}"] = few
+            if settings.n_boot > 0:
+                _, local = np.unique(groups[keep], return_inverse=True)
+                for train_sex in SEXES:
+                    reps = np.concatenate([roc_auc(y, scores[train_sex][keep, k], w)
+                                           for w in bootstrap_weights(local, settings.n_boot, settings.seed)])
+                    entry[f"{train_sex}->{test_sex}_ci"] = percentile_interval(reps, settings.n_boot)
         findings[name] = entry
+    tests = [(name, sex) for name in findings for sex in SEXES if not findings[name][f"too_few_on_{sex}"]]
+    adjusted = adjust_pvalues([findings[n][f"p_on_{s}"] for n, s in tests], settings.correction)
+    for (name, sex), q in zip(tests, adjusted):
+        findings[name][f"p_adjusted_on_{sex}"] = float(q)
+    for entry in findings.values():
+        for sex in SEXES:
+            entry.setdefault(f"p_adjusted_on_{sex}", float("nan"))
+            q = entry[f"p_adjusted_on_{sex}"]
+            entry[f"significant_on_{sex}"] = bool(np.isfinite(q) and q < settings.alpha)
+    means = {}
+    for a in SEXES:
+        for b in SEXES:
+            values = [e[f"{a}->{b}"] for e in findings.values() if not e[f"too_few_on_{b}"] and np.isfinite(e[f"{a}->{b}"])]
+            means[f"{a}->{b}"] = float(np.mean(values)) if values else float("nan")
     return {
         "features": settings.features, "balanced": settings.balance, "alpha": settings.alpha, "test": "DeLong",
+        "correction": settings.correction, "correction_name": CORRECTION_NAMES[settings.correction],
+        "tests_in_family": len(tests), "min_positives": settings.min_positives,
+        "too_few_positives": sorted({n for n, e in findings.items() if any(e[f"too_few_on_{s}"] for s in SEXES)}),
+        "bootstrap": {"resamples": settings.n_boot, "unit": unit, "level": 0.95, "method": "percentile"},
         "train_sizes": {s: int(len(r)) for s, r in train_rows.items()},
         "test_sizes": {s: int(len(r)) for s, r in test_rows.items()},
+        "mean_auc": means,
         "findings": findings,
     }
 
 
 def plot_bias(result: dict, path: Path, title: str = "") -> Path:
-    """Grouped bars, one panel per test sex: per finding, the AUC of the male-trained and the
-    female-trained probe; '*' marks a gap significant at ``alpha``. Findings the test split
-    cannot score (one label value only) are left out."""
+    """Grouped bars with 95% CIs, one panel per test sex: per finding, the AUC of the
+    male-trained and the female-trained probe; '*' marks a gap significant after the
+    multiple-comparison correction; findings with too few positives are drawn pale and labelled.
+    Findings the test split cannot score (one label value only) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,26 +167,37 @@ def plot_bias(result: dict, path: Path, title: str = "") -> Path:
 
     findings = result["findings"]
     names = [n for n, e in findings.items() if any(np.isfinite(e[f"{a}->{b}"]) for a in SEXES for b in SEXES)]
-    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.75 * len(names) + 2), 7), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.75 * len(names) + 2), 7.5), sharex=True)
     width = 0.38
     x = np.arange(len(names))
     for ax, test_sex in zip(axes, SEXES):
         for i, train_sex in enumerate(SEXES):
-            values = [findings[n][f"{train_sex}->{test_sex}"] for n in names]
-            ax.bar(x + (i - 0.5) * width, values, width, label=f"trained on {'male' if train_sex == 'M' else 'female'} images",
-                   color=("#4477aa", "#cc6677")[i])
+            key = f"{train_sex}->{test_sex}"
+            values = np.array([findings[n][key] for n in names], dtype=float)
+            cis = [findings[n].get(f"{key}_ci") for n in names]
+            err = np.array([[v - c[0], c[1] - v] if c and np.isfinite(v) else [0, 0] for v, c in zip(values, cis)]).T.reshape(2, -1)
+            alphas = [0.35 if findings[n][f"too_few_on_{test_sex}"] else 1.0 for n in names]
+            bars = ax.bar(x + (i - 0.5) * width, values, width, yerr=err, capsize=2, error_kw={"lw": 0.8},
+                          label=f"trained on {'male' if train_sex == 'M' else 'female'} images", color=("#4477aa", "#cc6677")[i])
+            for bar, a in zip(bars, alphas):
+                bar.set_alpha(a)
         for j, n in enumerate(names):
-            if findings[n][f"significant_on_{test_sex}"]:
-                top = np.nanmax([findings[n][f"M->{test_sex}"], findings[n][f"F->{test_sex}"]])
-                ax.text(j, top + 0.02, "*", ha="center", fontsize=16)
+            e = findings[n]
+            top = np.nanmax([e[f"M->{test_sex}"], e[f"F->{test_sex}"]])
+            if e[f"significant_on_{test_sex}"]:
+                ax.text(j, top + 0.08, "*", ha="center", fontsize=16)
+            elif e[f"too_few_on_{test_sex}"]:
+                ax.text(j, min(top + 0.08, 1.1), f"n+={e[f'positives_on_{test_sex}']}", ha="center", fontsize=7, color="grey")
         ax.set_title(f"tested on {'male' if test_sex == 'M' else 'female'} images", fontsize=10)
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_ylim(0.0, 1.2)
-        ax.set_ylabel("AUC")
+        ax.set_ylabel("AUC (95% CI)")
     axes[1].set_xticks(x, names, rotation=30, ha="right")
     axes[0].legend(loc="upper left", ncol=2, fontsize=8, frameon=False)
-    fig.suptitle(title or f"Gender bias (linear probes, DeLong p < {result['alpha']} marked *)", fontsize=11)
-    fig.tight_layout()
+    fig.suptitle(title or f"Gender bias (linear probes; * DeLong, {result['correction']}-adjusted p < {result['alpha']})", fontsize=11)
+    fig.text(0.01, 0.005, f"pale bars: fewer than {result['min_positives']} positives ({TOO_FEW}; not tested, not starred); "
+             f"CIs: bootstrap over {result['bootstrap']['unit']}s", fontsize=7, color="grey")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from arkfed.dataset import DatasetTable
-from arkfed.metrics import Predictions
+from arkfed.metrics import Predictions, infer
 from arkfed.model import ArkModel, ModelSpec, SiteHead
 from arkfed.schema import LabelSchema
 
@@ -41,17 +41,12 @@ def ten_crops(images: torch.Tensor) -> list[torch.Tensor]:
     return list(TF.ten_crop(enlarged, [size, size]))
 
 
-def _run(fn: Callable[[torch.Tensor], torch.Tensor], table: DatasetTable, schema: LabelSchema, spec: ModelSpec,
-         batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _run(fn: Callable[[torch.Tensor], torch.Tensor], modules: tuple[torch.nn.Module, ...], table: DatasetTable,
+         schema: LabelSchema, spec: ModelSpec, batch_size: int, device: str,
+         ten_crop: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from arkfed.data import make_eval_loader
 
-    outputs, targets, masks = [], [], []
-    with torch.no_grad():
-        for images, t, m in make_eval_loader(table, schema, spec, batch_size):
-            outputs.append(fn(images.to(device)).float().cpu().numpy())
-            targets.append(t.numpy())
-            masks.append(m.numpy())
-    return np.concatenate(outputs), np.concatenate(targets), np.concatenate(masks)
+    return infer(fn, modules, make_eval_loader(table, schema, spec, batch_size, ten_crop=ten_crop), device)
 
 
 def embed_table(
@@ -59,9 +54,9 @@ def embed_table(
     batch_size: int = 64, device: str = "cpu",
 ) -> Embeddings:
     """Projector output (what Ark's heads see; the default) or pooled backbone features."""
-    model = model.to(device).eval()
+    model = model.to(device)
     fn = model if kind == "projector" else model.features
-    features, targets, mask = _run(fn, table, schema, model.spec, batch_size, device)
+    features, targets, mask = _run(fn, (model,), table, schema, model.spec, batch_size, device)
     return Embeddings(features, targets, mask)
 
 
@@ -79,13 +74,16 @@ def head_predictions(
     model: ArkModel, head: SiteHead, table: DatasetTable, schema: LabelSchema,
     ten_crop: bool = False, batch_size: int = 64, device: str = "cpu",
 ) -> Predictions:
-    """``head(model(x))`` over a split; with ``ten_crop`` the crops' probabilities are averaged."""
-    model, head = model.to(device).eval(), head.to(device).eval()
+    """``head(model(x))`` over a split; with ``ten_crop`` the probabilities of Ark's ten crops, cut
+    from the source image by the data pipeline (:func:`arkfed.data.ten_crop_views`), are averaged."""
+    model, head = model.to(device), head.to(device)
 
     def forward(images: torch.Tensor) -> torch.Tensor:
-        if not ten_crop:
+        if images.ndim == 4:
             return head(model(images))
-        return _mean_probability_logits([head(model(crop)) for crop in ten_crops(images)], schema.task)
+        b, n = images.shape[:2]
+        logits = head(model(images.flatten(0, 1))).view(b, n, -1)
+        return _mean_probability_logits(list(logits.unbind(1)), schema.task)
 
-    logits, targets, mask = _run(forward, table, schema, model.spec, batch_size, device)
+    logits, targets, mask = _run(forward, (model, head), table, schema, model.spec, batch_size, device, ten_crop)
     return Predictions(logits, targets, mask)

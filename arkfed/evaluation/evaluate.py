@@ -1,10 +1,19 @@
 """``arkfed evaluate``: a trained head on a split, per-class AUC with bootstrap 95% CIs.
 
-The point estimates are the training area's metrics (:func:`arkfed.metrics.score_predictions`),
-so numbers match the validation lines of ``metrics.jsonl``. The CIs come from a row bootstrap:
-the same resampled rows for every class, so the mean AUC's interval accounts for the classes'
-correlation. Test sets in chest X-ray work are often a few hundred images, where a single AUC
-without an interval says little.
+One truth for a model's numbers: the model is scored exactly as training-time evaluation scores
+it (:func:`arkfed.metrics.site_predictions`): BatchNorm statistics re-estimated on the first
+images of the site's training split, the same eval pipeline, the same metrics. So ``evaluate
+--split val`` on a finished run reproduces the last validation lines of ``metrics.jsonl``.
+The teacher is scored with the teacher's own heads (``RUN/teacher-heads/``) when the run has
+them; otherwise with the student's heads, and the result says so.
+
+The CIs come from a bootstrap over patients when the split records patient ids (all images of a
+resampled patient come along, so a patient with many images does not narrow the interval), over
+images otherwise; the unit is stated in the result. The same resampled rows serve every class,
+so the mean AUC's interval accounts for the classes' correlation. Classes with fewer than
+``min_positives`` positive test images are reported, marked "too few positives", and left out
+of the headline mean (``mean_auc``); ``mean_auc_all_classes`` is the training-time mean over
+every scorable reported class, the number ``metrics.jsonl`` holds.
 """
 
 from __future__ import annotations
@@ -15,87 +24,154 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from arkfed.metrics import Predictions, multiclass_accuracy, score_predictions, scores_from_logits
+from arkfed.metrics import Predictions, class_auc, score_predictions, scores_from_logits
 from arkfed.schema import LabelSchema
 
 if TYPE_CHECKING:
+    from arkfed.dataset import DatasetTable
     from arkfed.site import Site
 
-
-def rank_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC by the Mann-Whitney statistic (ties count one half); NaN with a single class."""
-    from scipy.stats import rankdata
-
-    pos = labels.astype(bool)
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+MIN_POSITIVES = 10
+TOO_FEW = "too few positives"
 
 
-def bootstrap_intervals(pred: Predictions, schema: LabelSchema, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Percentile intervals of each class AUC, the mean AUC (and accuracy for multiclass)."""
+def bootstrap_groups(table: "DatasetTable | None", n: int) -> tuple[np.ndarray, str]:
+    """Row -> resampling unit: the patient when the table records patient ids, else the image."""
+    if table is not None and "patient_id" in table.meta:
+        ids = table.meta["patient_id"]
+        if ids.notna().all() and ids.astype(str).str.len().gt(0).all():
+            return np.unique(ids.astype(str).to_numpy(), return_inverse=True)[1], "patient"
+    return np.arange(n), "image"
+
+
+def bootstrap_weights(groups: np.ndarray, n_boot: int, seed: int, chunk: int = 200):
+    """Yield B x N multiplicity matrices (``n_boot`` replicates in all, ``chunk`` at a time):
+    the units (patients or images) are drawn with replacement and each row counts as often as
+    its unit was drawn. Weights, not index lists, so :func:`arkfed.metrics.roc_auc` scores all
+    replicates of a chunk at once."""
+    rng = np.random.default_rng(seed)
+    units = int(groups.max()) + 1 if len(groups) else 0
+    done = 0
+    while done < n_boot:
+        b = min(chunk, n_boot - done)
+        counts = rng.multinomial(units, np.full(units, 1.0 / units), size=b) if units else np.zeros((b, 0))
+        yield counts[:, groups].astype(np.float64)
+        done += b
+
+
+def percentile_interval(values: np.ndarray, n_boot: int, level: float = 0.95) -> list[float] | None:
+    """Percentile interval of the finite replicates; None when too few replicates were defined."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) < max(10, n_boot // 10):
+        return None
+    tail = (1 - level) / 2 * 100
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+
+
+def positives(pred: Predictions, schema: LabelSchema) -> dict[str, int]:
+    """Counted positive test images per class."""
+    return {c: int(((pred.mask[:, k] > 0) & (pred.targets[:, k] > 0.5)).sum()) for k, c in enumerate(schema.classes)}
+
+
+def bootstrap_intervals(pred: Predictions, schema: LabelSchema, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                        groups: np.ndarray | None = None, mean_classes: list[str] | None = None) -> dict:
+    """Percentile intervals of each class AUC, of the mean AUC over ``mean_classes`` (default:
+    the reported classes) and, for multiclass, of the accuracy."""
     scores = scores_from_logits(pred.logits, schema.task)
     n = len(scores)
-    rng = np.random.default_rng(seed)
-    reported = [schema.classes.index(c) for c in schema.reported_classes]
-    aucs = np.full((n_boot, schema.num_classes), np.nan)
-    accuracy = np.full(n_boot, np.nan)
-    for b in range(n_boot):
-        rows = rng.integers(0, n, n)
-        s, t, m = scores[rows], pred.targets[rows], pred.mask[rows]
-        for k in range(schema.num_classes):
-            keep = m[:, k] > 0
-            aucs[b, k] = rank_auc(t[keep, k] > 0.5, s[keep, k])
-        if schema.task == "multiclass":
-            accuracy[b] = multiclass_accuracy(pred.logits[rows], t, m)
-    with warnings.catch_warnings():  # a replicate where no reported class has both labels
+    groups = np.arange(n) if groups is None else groups
+    mean_classes = list(schema.reported_classes) if mean_classes is None else mean_classes
+    in_mean = [schema.classes.index(c) for c in mean_classes]
+    aucs, accuracy = [], []
+    correct = (pred.logits.argmax(1) == pred.targets.argmax(1)).astype(np.float64) if schema.task == "multiclass" else None
+    for w in bootstrap_weights(groups, n_boot, seed):
+        aucs.append(np.stack([class_auc(scores[:, k], pred.targets[:, k], pred.mask[:, k], w) for k in range(schema.num_classes)], axis=1))
+        if correct is not None:
+            counted = w * (pred.mask[:, 0] > 0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                accuracy.append((counted * correct).sum(1) / counted.sum(1))
+    aucs = np.concatenate(aucs)
+    with warnings.catch_warnings():  # a replicate where no class of the mean has both labels
         warnings.simplefilter("ignore", RuntimeWarning)
-        means = np.nanmean(aucs[:, reported], axis=1)
-    tail = (1 - level) / 2 * 100
-
-    def interval(values: np.ndarray) -> list[float] | None:
-        values = values[~np.isnan(values)]
-        if len(values) < max(10, n_boot // 10):
-            return None
-        return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
-
+        means = np.nanmean(aucs[:, in_mean], axis=1) if in_mean else np.full(n_boot, np.nan)
     out = {
-        "auc_ci": {c: interval(aucs[:, k]) for k, c in enumerate(schema.classes)},
-        "mean_auc_ci": interval(means),
+        "auc_ci": {c: percentile_interval(aucs[:, k], n_boot, level) for k, c in enumerate(schema.classes)},
+        "mean_auc_ci": percentile_interval(means, n_boot, level),
     }
-    if schema.task == "multiclass":
-        out["accuracy_ci"] = interval(accuracy)
+    if correct is not None:
+        out["accuracy_ci"] = percentile_interval(np.concatenate(accuracy), n_boot, level)
     return out
 
 
-def evaluate_predictions(pred: Predictions, schema: LabelSchema, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Point metrics (loss, per-class AUC, mean AUC, accuracy) plus their bootstrap CIs."""
+def evaluate_predictions(pred: Predictions, schema: LabelSchema, n_boot: int = 1000, seed: int = 0,
+                         table: "DatasetTable | None" = None, min_positives: int = MIN_POSITIVES) -> dict:
+    """Point metrics (loss, per-class AUC, accuracy), the mean AUC over classes with at least
+    ``min_positives`` positives (and over all, as in training), with bootstrap CIs."""
     result = score_predictions(pred, schema)
+    count = positives(pred, schema)
+    enough = [c for c in schema.reported_classes if count[c] >= min_positives and np.isfinite(result["auc"][c])]
+    result["mean_auc_all_classes"] = result["mean_auc"]
+    result["mean_auc"] = float(np.mean([result["auc"][c] for c in enough])) if enough else float("nan")
+    result["mean_auc_classes"] = enough
+    result["positives"] = count
+    result["too_few_positives"] = [c for c in schema.classes if count[c] < min_positives]
+    result["min_positives"] = min_positives
     if n_boot > 0:
-        result.update(bootstrap_intervals(pred, schema, n_boot, seed))
+        groups, unit = bootstrap_groups(table, len(pred.logits))
+        result.update(bootstrap_intervals(pred, schema, n_boot, seed, groups=groups, mean_classes=enough))
+        result["bootstrap"] = {"resamples": n_boot, "unit": unit, "level": 0.95, "method": "percentile"}
     return result
 
 
 def evaluate_source(
-    source: str | Path, site: "Site", split: str = "test", ten_crop: bool = False, n_boot: int = 1000,
-    batch_size: int = 64, device: str = "cpu", seed: int = 0,
+    source: str | Path, site: "Site", split: str = "test", ten_crop: bool | None = None, n_boot: int = 1000,
+    batch_size: int = 64, device: str = "cpu", seed: int = 0, min_positives: int = MIN_POSITIVES,
 ) -> dict:
-    """Every model of ``source`` (teacher and student of a run) with ``site``'s own head on a split."""
-    from arkfed.evaluation.embeddings import head_predictions
-    from arkfed.evaluation.sources import head_for_site, load_models, load_source_heads
+    """Every model of ``source`` (teacher and student of a run) with its own head for ``site``
+    on a split, BatchNorm recalibrated on the site's training split as in training.
+
+    ``ten_crop=None``: ten-crop on the test split when the model's spec asks for it (``--recipe ark``)."""
+    from arkfed.errors import ArkfedError
+    from arkfed.evaluation.sources import head_for_site, load_models, model_heads
 
     models = load_models(source)
-    head = head_for_site(load_source_heads(source), site.name, source)
-    if head.schema.classes != site.schema.classes:
-        from arkfed.errors import ArkfedError
-
-        raise ArkfedError(f"{source}: head {site.name!r} predicts {list(head.classes)} but the site's schema has {list(site.schema.classes)}")
-    table = site.split(split)
+    if ten_crop is None:
+        ten_crop = split == "test" and all(m.spec.test_ten_crop for m in models.values())
     out = {"source": str(source), "site": site.name, "split": split, "ten_crop": ten_crop, "n_boot": n_boot,
-           "reported_classes": list(site.schema.reported_classes), "models": {}}
+           "reported_classes": list(site.schema.reported_classes), "models": {}, "heads": {}, "notes": []}
     for name, model in models.items():
-        pred = head_predictions(model, head, table, site.schema, ten_crop=ten_crop, batch_size=batch_size, device=device)
-        out["models"][name] = evaluate_predictions(pred, site.schema, n_boot, seed)
+        heads, note = model_heads(source, name)
+        head = head_for_site(heads, site.name, source)
+        if head.schema.classes != site.schema.classes:
+            raise ArkfedError(f"{source}: head {site.name!r} predicts {list(head.classes)} "
+                              f"but the site's schema has {list(site.schema.classes)}")
+        if note:
+            out["notes"].append(note)
+        out["models"][name] = score_with_head(model, head, site, split, ten_crop, n_boot, batch_size, device, seed, min_positives)
+        out["heads"][name] = heads_label(source, name, note)
     return out
+
+
+def score_with_head(model, head, site: "Site", split: str = "test", ten_crop: bool = False, n_boot: int = 1000, batch_size: int = 64,
+                    device: str = "cpu", seed: int = 0, min_positives: int = MIN_POSITIVES) -> dict:
+    """``head(model(x))`` on a split of ``site``, BatchNorm recalibrated on its training split as
+    training-time evaluation does, with the metrics and CIs of :func:`evaluate_predictions`."""
+    from arkfed.evaluation.embeddings import head_predictions
+    from arkfed.metrics import calibrated_model
+
+    table = site.split(split)
+    model, recalibrated = calibrated_model(model.to(device), site.schema, site.splits.get("train"), device)
+    pred = head_predictions(model, head, table, site.schema, ten_crop=ten_crop, batch_size=batch_size, device=device)
+    result = evaluate_predictions(pred, site.schema, n_boot, seed, table, min_positives)
+    result["bn_recalibrated"] = recalibrated
+    return result
+
+
+def heads_label(source: str | Path, which: str, note: str | None) -> str:
+    """Which heads scored ``which``: ``teacher-heads`` or ``heads`` (the student's)."""
+    from arkfed.evaluation.sources import source_kind
+
+    if source_kind(source) != "run":
+        return "heads"
+    return "teacher-heads" if which == "teacher" and not note else "heads"

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from arkfed.dataset import DatasetTable
+from arkfed.evaluation.linear_probe import random_init_seed
 from arkfed.losses import task_loss
 from arkfed.metrics import Predictions, score_predictions
-from arkfed.evaluation.linear_probe import random_init_seed
 from arkfed.model import ArkModel, ModelSpec
 from arkfed.schema import LabelSchema
 
@@ -57,6 +57,8 @@ class FineTuneSettings:
     crop_scale: tuple[float, float] = (0.5, 1.0)  # small crops cut away global findings at small sizes
     seed: int = 0
     max_steps_per_epoch: int | None = None
+    min_positives: int = 10
+    n_boot: int = 1000
     device: str = "cpu"
 
 
@@ -69,17 +71,12 @@ def initial_backbone(model: ArkModel, init: FineTuneInit, seed: int) -> nn.Modul
         return ArkModel(model.spec, pretrained=init == "imagenet").backbone
 
 
-@torch.no_grad()
 def predict_net(net: nn.Module, table: DatasetTable, schema: LabelSchema, spec: ModelSpec, batch_size: int, device: str) -> Predictions:
+    """The fine-tuned network over a split, through the one inference loop (:func:`arkfed.metrics.infer`)."""
     from arkfed.data import make_eval_loader
+    from arkfed.metrics import infer
 
-    net.eval()
-    logits, targets, masks = [], [], []
-    for images, t, m in make_eval_loader(table, schema, spec, batch_size):
-        logits.append(net(images.to(device)).float().cpu().numpy())
-        targets.append(t.numpy())
-        masks.append(m.numpy())
-    return Predictions(np.concatenate(logits), np.concatenate(targets), np.concatenate(masks))
+    return Predictions(*infer(net, (net,), make_eval_loader(table, schema, spec, batch_size), device))
 
 
 def train_epoch(net: nn.Module, optimizer, scheduler, table: DatasetTable, schema: LabelSchema, spec: ModelSpec,
@@ -114,8 +111,8 @@ def finetune(model: ArkModel, train: DatasetTable, val: DatasetTable | None, tes
     steps_per_epoch = max(1, len(train) // min(settings.batch_size, len(train)))
     if settings.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, settings.max_steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=settings.epochs * steps_per_epoch,
-                                                    pct_start=0.1, anneal_strategy="cos")
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                    total_steps=settings.epochs * steps_per_epoch, pct_start=0.1, anneal_strategy="cos")
     history, best, best_state = [], -np.inf, None
     for epoch in range(settings.epochs):
         loss, _ = train_epoch(net, optimizer, scheduler, train, schema, spec, settings, epoch)
@@ -126,7 +123,38 @@ def finetune(model: ArkModel, train: DatasetTable, val: DatasetTable | None, tes
         score = record.get("val_mean_auc", epoch)  # without a val split: the last epoch
         if best_state is None or (not np.isnan(score) and score > best):
             best, best_state, best_epoch = score, copy.deepcopy(net.state_dict()), epoch
+    from arkfed.evaluation.evaluate import evaluate_predictions
+
     net.load_state_dict(best_state)
-    scored = score_predictions(predict_net(net, test, schema, spec, 64, settings.device), schema)
+    scored = evaluate_predictions(predict_net(net, test, schema, spec, 64, settings.device), schema, settings.n_boot, settings.seed,
+                                  test, settings.min_positives)
     return {"init": init, "epochs": settings.epochs, "lr": settings.lr, "seed": settings.seed, "best_epoch": best_epoch,
             "history": history, "test": scored}
+
+
+def finetune_curve(models: dict[str, ArkModel], train: DatasetTable, val: DatasetTable | None, test: DatasetTable, schema: LabelSchema,
+                   inits: tuple[str, ...], sizes: tuple[int | None, ...], seeds: tuple[int, ...], settings: FineTuneSettings,
+                   correction: str = "holm") -> dict:
+    """Fine-tuning at several training-set sizes (random subsets shared by every initialisation
+    for a seed): ``inits`` of ``models["model"]`` (model, random, imagenet) plus every other
+    entry of ``models`` (compared models, fine-tuned from their own weights)."""
+    import dataclasses
+
+    from arkfed.evaluation.curves import REFERENCE, size_label, subset_rows, summarise_curves
+
+    plan = [(i, models[REFERENCE], i) for i in inits] + [(name, m, "model") for name, m in models.items() if name != REFERENCE]
+    records, runs = [], []
+    for name, model, init in plan:
+        for size in sizes:
+            for seed in seeds:
+                rows = subset_rows(len(train), size, seed)
+                run = finetune(model, train.subset(rows), val, test, schema, init, dataclasses.replace(settings, seed=seed))
+                run |= {"init": name, "size": size_label(size), "train_size": int(len(rows))}
+                runs.append(run)
+                records.append({"init": name, "size": size_label(size), "seed": seed, "score": run["test"]["mean_auc"],
+                                "train_size": int(len(rows))})
+    curve = summarise_curves(records, list(sizes), "mean AUC", None, correction, unit="training images")
+    for run in runs:  # the first seed's test bootstrap: shown when the seeds do not vary (see curves.shown_ci)
+        if run["seed"] == seeds[0]:
+            curve["inits"][run["init"]][run["size"]]["bootstrap_ci"] = run["test"].get("mean_auc_ci")
+    return {"curve": curve, "runs": runs, "seeds": list(seeds), "sizes": [size_label(s) for s in sizes]}

@@ -8,6 +8,11 @@ Few-shot selection (``shots=K``): for multiclass, K images of every class; for m
 binary, for every class K images where it is positive and K where it is negative (a probe needs
 both). ``fraction=F``: a random F of the training split. Each seed draws its own subset (and, for
 ``init="random"``, its own random backbone), so the spread over seeds is the few-shot noise.
+
+:func:`probe_curve` runs the label-efficiency curve (:mod:`arkfed.evaluation.curves`): shots per
+class at several sizes, for the model, a random init and any compared models, with the same
+few-shot draw per seed for every model, compared by a paired t-test over seeds (Holm-corrected).
+The mean AUC leaves out classes with too few positives in the test split.
 """
 
 from __future__ import annotations
@@ -145,12 +150,21 @@ def summarise_runs(runs: list[dict], schema: LabelSchema) -> dict:
 
 
 def probe_embeddings(train: Embeddings, test: Embeddings, schema: LabelSchema, shots: int | None = None,
-                     fraction: float | None = None, seed: int = 0, c: float = 1.0) -> dict:
-    """One probe on precomputed embeddings: the few-shot draw of ``seed``, fitted and scored."""
+                     fraction: float | None = None, seed: int = 0, c: float = 1.0, min_positives: int | None = None,
+                     n_boot: int = 0) -> dict:
+    """One probe on precomputed embeddings: the few-shot draw of ``seed``, fitted and scored.
+    With ``min_positives`` the mean AUC leaves out classes with fewer test positives (see
+    :func:`arkfed.evaluation.evaluate.evaluate_predictions`); ``n_boot`` adds bootstrap CIs."""
+    from arkfed.evaluation.evaluate import evaluate_predictions
+
     rows = few_shot_rows(train.targets, train.mask, schema, shots, fraction, seed)
     logits = fit_probe_logits(subset(train, rows), test, schema, c, seed)
-    scored = score_predictions(Predictions(logits, test.targets, test.mask), schema)
-    keep = ("mean_auc", "auc", "loss", "accuracy")
+    pred = Predictions(logits, test.targets, test.mask)
+    if min_positives is None:
+        scored = score_predictions(pred, schema)
+    else:
+        scored = evaluate_predictions(pred, schema, n_boot, seed, None, min_positives)
+    keep = ("mean_auc", "auc", "loss", "accuracy", "too_few_positives", "mean_auc_ci", "auc_ci")
     return {"seed": seed, "train_size": int(len(rows)), **{k: scored[k] for k in keep if k in scored}}
 
 
@@ -170,3 +184,63 @@ def linear_probe(model: ArkModel, train: DatasetTable, test: DatasetTable, schem
         runs.append(probe_embeddings(tr, te, schema, settings.shots, settings.fraction, seed, settings.c))
     return {"init": settings.init, "features": settings.features, "shots": settings.shots, "fraction": settings.fraction,
             "seeds": list(settings.seeds), "test_size": len(test), "runs": runs, **summarise_runs(runs, schema)}
+
+
+@dataclass
+class ProbeCurveSettings:
+    train_sizes: tuple[int | None, ...] = (None,)  # shots per class; None: the whole training split
+    seeds: tuple[int, ...] = (0, 1, 2)
+    features: FeatureKind = "projector"
+    c: float = 1.0
+    random_baseline: bool = True
+    min_positives: int = 10
+    n_boot: int = 1000
+    correction: str = "holm"
+    batch_size: int = 64
+    device: str = "cpu"
+
+
+def probe_curve(models: dict[str, ArkModel], train: DatasetTable, test: DatasetTable, schema: LabelSchema,
+                settings: ProbeCurveSettings) -> dict:
+    """Test mean AUC of linear probes per model, shots per class and seed, as curves.
+
+    ``models["model"]`` is the model under test; a random init of its architecture is added
+    (one per seed) unless ``random_baseline`` is off; other entries are compared models.
+    """
+    from arkfed.evaluation.curves import RANDOM, REFERENCE, size_label, summarise_curves
+
+    def embed(m: ArkModel, table: DatasetTable) -> Embeddings:
+        return embed_table(m, table, schema, settings.features, settings.batch_size, settings.device)
+
+    inits = [REFERENCE, *([RANDOM] if settings.random_baseline else []), *(n for n in models if n != REFERENCE)]
+    records, runs, per_class = [], [], {}
+    for init in inits:
+        fixed = None if init == RANDOM else (embed(models[init], train), embed(models[init], test))
+        per_class[init] = {}
+        for seed in settings.seeds:
+            if fixed is None:
+                baseline = random_model(models[REFERENCE].spec, seed)
+                tr, te = embed(baseline, train), embed(baseline, test)
+            else:
+                tr, te = fixed
+            for size in settings.train_sizes:
+                first = seed == settings.seeds[0]
+                run = probe_embeddings(tr, te, schema, size, None, seed, settings.c, settings.min_positives,
+                                       settings.n_boot if first else 0)
+                label = size_label(size)
+                runs.append({"init": init, "size": label, **run})
+                records.append({"init": init, "size": label, "seed": seed, "score": run["mean_auc"], "train_size": run["train_size"]})
+    curve = summarise_curves(records, list(settings.train_sizes), "mean AUC", None, settings.correction,
+                             unit="training images (K shots per class)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for init in inits:
+            for size in settings.train_sizes:
+                label = size_label(size)
+                mine = [r for r in runs if r["init"] == init and r["size"] == label]
+                per_class[init][label] = {c: float(np.nanmean([r["auc"][c] for r in mine])) for c in schema.classes}
+                if mine[0].get("mean_auc_ci"):  # the first seed's run: shown when the seeds do not vary
+                    curve["inits"][init][label]["bootstrap_ci"] = mine[0]["mean_auc_ci"]
+    return {"features": settings.features, "shots": [size_label(s) for s in settings.train_sizes], "seeds": list(settings.seeds),
+            "test_size": len(test), "min_positives": settings.min_positives,
+            "too_few_positives": runs[0].get("too_few_positives", []), "curve": curve, "auc": per_class, "runs": runs}

@@ -57,7 +57,8 @@ def predict_images(model: ArkModel, heads: dict[str, SiteHead], paths: list[str 
     shared = shared_findings(heads)
     images = []
     for i, path in enumerate(paths):
-        scores = {f"{site}/{name}": float(per_head[site][i, k]) for site, head in sorted(heads.items()) for k, name in enumerate(head.classes)}
+        scores = {f"{site}/{name}": float(per_head[site][i, k])
+                  for site, head in sorted(heads.items()) for k, name in enumerate(head.classes)}
         combined = {
             finding: {"score": float(np.mean([scores[f"{s}/{c}"] for s, c in members])), "from": [f"{s}/{c}" for s, c in members]}
             for finding, members in sorted(shared.items())

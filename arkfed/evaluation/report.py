@@ -80,7 +80,8 @@ def plot_losses(run: RunInfo, path: Path) -> Path:
         for model, style in MODEL_STYLES.items():
             rounds, values = _series(run.evals, site, model, "loss")
             if rounds:
-                right.plot(np.array(rounds) + 1, values, style, marker="o", ms=3, color=colours[i % len(colours)], label=f"{site} ({model})")
+                right.plot(np.array(rounds) + 1, values, style, marker="o", ms=3, color=colours[i % len(colours)],
+                           label=f"{site} ({model})")
     left.set_xlabel("visit")
     left.set_ylabel("training loss")
     left.set_title("Training loss per visit")
@@ -130,8 +131,8 @@ def html_page(run: RunInfo, rows: list[dict], images: list[str]) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head>
 <body><h1>arkfed run: {html.escape(run.folder.name)}</h1>
-<p>model {html.escape(str(model))}; sites {html.escape(', '.join(run.sites))}; {run.rounds_done} of {_cell(cfg.get('rounds'))} rounds evaluated;
-{len(run.visits)} visits.</p>
+<p>model {html.escape(str(model))}; sites {html.escape(', '.join(run.sites))};
+{run.rounds_done} of {_cell(cfg.get('rounds'))} rounds evaluated; {len(run.visits)} visits.</p>
 <h2>Summary (validation split)</h2><table><tr>{header}</tr>{body}</table>
 <h2>Curves</h2>{figures}
 </body></html>

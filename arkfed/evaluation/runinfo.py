@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from arkfed.errors import ArkfedError
+from arkfed.runs import read_metrics
 
 
 @dataclass
@@ -66,24 +67,6 @@ class RunInfo:
         return out
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a line cut short by a crash is skipped, others must parse."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):  # the last line of an interrupted run
-                continue
-            raise ArkfedError(f"{path}: line {number} is not valid JSON") from None
-    return records
-
-
 def read_run(folder: str | Path) -> RunInfo:
     folder = Path(folder)
     if not folder.is_dir():
@@ -100,4 +83,4 @@ def read_run(folder: str | Path) -> RunInfo:
             summary = json.loads((folder / "summary.json").read_text())
         except json.JSONDecodeError:
             raise ArkfedError(f"{folder / 'summary.json'}: not valid JSON") from None
-    return RunInfo(folder=folder, config=config, summary=summary, records=read_metrics(folder / "metrics.jsonl"))
+    return RunInfo(folder=folder, config=config, summary=summary, records=read_metrics(folder))

@@ -2,14 +2,21 @@
 
 A U-Net-style decoder is trained on the backbone's multi-scale feature maps (timm
 ``features_only``, loaded with the model's backbone weights) over image/mask pairs, and scored
-by Dice on held-out pairs. Two variants, as in Ark's transfer experiments:
+by Dice on held-out pairs. The encoder is ``finetuned`` (trains at a lower learning rate than
+the decoder; the default, as in Ark's transfer experiments) or ``frozen`` (only the decoder
+trains, so Dice measures what the features already hold).
 
-- ``frozen``: only the decoder trains, so Dice measures what the features already hold;
-- ``finetuned``: the encoder trains too (at a lower learning rate than the decoder).
-
-``random`` (the same architecture, randomly initialised, fine-tuned) is the no-pretraining
-baseline, and the all-foreground mask's Dice is reported as the trivial floor.
-Pairs are ``images/NAME.ext`` + ``masks/NAME.png`` (any mask value > 127 is foreground).
+Lung segmentation with a couple of hundred pairs saturates whatever the encoder, so the result
+is a label-efficiency curve (:mod:`arkfed.evaluation.curves`): Dice at several training-set
+sizes, for the model, the same architecture randomly initialised, and any ``--compare`` models,
+over seeds that draw the same training pairs for every encoder. Each run trains a fixed number
+of steps (not epochs: 5 pairs and 200 pairs get the same optimisation budget). The paired test
+is the Wilcoxon signed-rank test over held-out images (per-image Dice averaged over seeds): it
+asks whether the trained segmenters differ on the test population, so with tens of test images a
+difference of a few thousandths of Dice can be "significant"; read it beside the difference
+itself and the seed intervals, which carry the training-draw noise. The all-foreground mask's Dice is
+reported as the trivial floor. Pairs are ``images/NAME.ext`` + ``masks/NAME.png`` (any mask
+value > 127 is foreground).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from torch import nn
 from arkfed.errors import ArkfedError
 from arkfed.model import ArkModel
 
-Variant = Literal["frozen", "finetuned", "random"]
+EncoderMode = Literal["frozen", "finetuned"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
 
 
@@ -146,48 +153,52 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SegmentSettings:
-    img_size: int = 128
-    epochs: int = 20
+    img_size: int = 96
+    steps: int = 40
     batch_size: int = 8
     lr: float = 1e-3
     encoder_lr_scale: float = 0.1
     width: int = 32
     train_fraction: float = 0.8
     limit: int | None = None
-    variants: tuple[Variant, ...] = ("frozen", "finetuned", "random")
-    seed: int = 0
+    encoder: EncoderMode = "finetuned"
+    train_sizes: tuple[int | None, ...] = (5, 10, 20, None)
+    seeds: tuple[int, ...] = (0, 1)
+    n_boot: int = 1000
+    correction: str = "holm"
     device: str = "cpu"
     flip: bool = False  # lungs are not left-right symmetric in their details; off by default
 
 
-def train_segmenter(net: Segmenter, images: torch.Tensor, masks: torch.Tensor, train_encoder: bool, settings: SegmentSettings) -> list[float]:
-    """BCE + soft Dice; the frozen variant keeps the encoder in eval mode (its BatchNorm too)."""
+def train_segmenter(net: Segmenter, images: torch.Tensor, masks: torch.Tensor, train_encoder: bool, settings: SegmentSettings,
+                    seed: int = 0) -> list[float]:
+    """BCE + soft Dice for ``settings.steps`` steps over reshuffled passes of the pairs; the
+    frozen encoder stays in eval mode (its BatchNorm too). Returns the loss of every step."""
     for p in net.encoder.parameters():
         p.requires_grad_(train_encoder)
     groups = [{"params": net.decoder.parameters(), "lr": settings.lr}]
     if train_encoder:
         groups.append({"params": net.encoder.parameters(), "lr": settings.lr * settings.encoder_lr_scale})
     optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
-    rng = np.random.default_rng(settings.seed)
+    rng = np.random.default_rng(seed)
     n = len(images)
-    steps = max(1, n // min(settings.batch_size, n))
+    batch = min(settings.batch_size, n)
+    order: list[int] = []
     losses = []
-    for _ in range(settings.epochs):
-        net.train()
-        if not train_encoder:
-            net.encoder.eval()
-        order = rng.permutation(n)
-        total = 0.0
-        for s in range(steps):
-            rows = torch.from_numpy(order[s * settings.batch_size:(s + 1) * settings.batch_size])
-            x, y = images[rows].to(settings.device), masks[rows].to(settings.device)
-            logits = net(x)
-            loss = F.binary_cross_entropy_with_logits(logits, y) + soft_dice_loss(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-        losses.append(total / steps)
+    net.train()
+    if not train_encoder:
+        net.encoder.eval()
+    for _ in range(settings.steps):
+        if len(order) < batch:
+            order += rng.permutation(n).tolist()
+        rows, order = torch.tensor(order[:batch]), order[batch:]
+        x, y = images[rows].to(settings.device), masks[rows].to(settings.device)
+        logits = net(x)
+        loss = F.binary_cross_entropy_with_logits(logits, y) + soft_dice_loss(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
     return losses
 
 
@@ -197,37 +208,76 @@ def predict_masks(net: Segmenter, images: torch.Tensor, batch_size: int, device:
     return torch.cat([net(images[i:i + batch_size].to(device)).cpu() > 0 for i in range(0, len(images), batch_size)])
 
 
-def segmentation_transfer(model: ArkModel, images_dir: Path, masks_dir: Path, settings: SegmentSettings) -> dict:
-    """Train and score each variant on the same split; Dice on the held-out pairs."""
-    from arkfed.data import Normalise
-
+def split_pairs(images_dir: Path, masks_dir: Path, settings: SegmentSettings) -> tuple[list, list]:
+    """(training pool, held-out test pairs): a fixed shuffle (seed 0) so every seed and every
+    encoder is scored on the same test images."""
     pairs = find_pairs(images_dir, masks_dir)
-    rng = np.random.default_rng(settings.seed)
-    order = rng.permutation(len(pairs))
+    order = np.random.default_rng(0).permutation(len(pairs))
     if settings.limit:
         order = order[: settings.limit]
     n_train = int(round(settings.train_fraction * len(order)))
     if n_train < 2 or len(order) - n_train < 1:
         raise ArkfedError(f"{images_dir}: {len(order)} pairs are too few to split into training and test images")
-    raw, masks = load_pairs([pairs[i] for i in order], settings.img_size)
-    images = Normalise(model.spec.mean, model.spec.std)(raw.repeat(1, 3, 1, 1))
-    train_x, test_x = images[:n_train], images[n_train:]
-    train_y, test_y = masks[:n_train], masks[n_train:]
-    if settings.flip:
-        train_x, train_y = torch.cat([train_x, train_x.flip(-1)]), torch.cat([train_y, train_y.flip(-1)])
-    out = {
-        "images": str(images_dir), "masks": str(masks_dir), "img_size": settings.img_size,
-        "train_pairs": n_train, "test_pairs": len(order) - n_train, "epochs": settings.epochs,
+    return [pairs[i] for i in order[:n_train]], [pairs[i] for i in order[n_train:]]
+
+
+def mean_dice_ci(per_image: np.ndarray, n_boot: int, seed: int = 0) -> list[float] | None:
+    """Percentile-bootstrap 95% CI of the mean Dice, resampling test images."""
+    from arkfed.evaluation.evaluate import bootstrap_weights, percentile_interval
+
+    if n_boot <= 0 or len(per_image) < 2:
+        return None
+    reps = np.concatenate([(w @ per_image) / w.sum(1) for w in bootstrap_weights(np.arange(len(per_image)), n_boot, seed)])
+    return percentile_interval(reps, n_boot)
+
+
+def segmentation_curve(models: dict[str, ArkModel], images_dir: Path, masks_dir: Path, settings: SegmentSettings) -> dict:
+    """Dice on the held-out pairs per encoder, training-set size and seed, summarised as curves.
+
+    ``models`` maps a name to a model; ``"model"`` is the one under test and its architecture,
+    randomly initialised, is added as ``"random"``. Every model sees its own normalisation.
+    """
+    from arkfed.data import Normalise
+    from arkfed.evaluation.curves import RANDOM, REFERENCE, size_label, subset_rows, summarise_curves
+    from arkfed.evaluation.linear_probe import random_init_seed
+
+    if REFERENCE not in models:
+        raise ArkfedError("segmentation_curve needs the model under test under the name 'model'")
+    pool, test = split_pairs(images_dir, masks_dir, settings)
+    raw_train, train_y = load_pairs(pool, settings.img_size)
+    raw_test, test_y = load_pairs(test, settings.img_size)
+    sizes = list(settings.train_sizes)
+    inits = [REFERENCE, RANDOM, *(n for n in models if n != REFERENCE)]
+    records, per_case, losses = [], {}, {}
+    for init in inits:
+        model = models.get(init, models[REFERENCE])
+        norm = Normalise(model.spec.mean, model.spec.std)
+        train_x, test_x = norm(raw_train.repeat(1, 3, 1, 1)), norm(raw_test.repeat(1, 3, 1, 1))
+        for size in sizes:
+            label = size_label(size)
+            dice_rows = []
+            for seed in settings.seeds:
+                rows = torch.from_numpy(subset_rows(len(pool), size, seed))
+                x, y = train_x[rows], train_y[rows]
+                if settings.flip:
+                    x, y = torch.cat([x, x.flip(-1)]), torch.cat([y, y.flip(-1)])
+                torch.manual_seed(seed)
+                encoder = create_encoder(model, random_init=init == RANDOM, seed=random_init_seed(seed))
+                net = Segmenter(encoder, settings.width).to(settings.device)
+                run_losses = train_segmenter(net, x, y, train_encoder=settings.encoder == "finetuned", settings=settings, seed=seed)
+                dice = dice_scores(predict_masks(net, test_x, settings.batch_size, settings.device), test_y).numpy()
+                dice_rows.append(dice)
+                records.append({"init": init, "size": label, "seed": seed, "score": float(dice.mean()), "train_size": int(len(rows))})
+                losses[f"{init}/{label}/{seed}"] = [run_losses[0], run_losses[-1]]
+            per_case[(init, label)] = np.stack(dice_rows)
+    curve = summarise_curves(records, sizes, "Dice", per_case, settings.correction, unit="training pairs")
+    for (init, label), d in per_case.items():
+        curve["inits"][init][label]["bootstrap_ci"] = mean_dice_ci(d.mean(0), settings.n_boot)
+    return {
+        "images": str(images_dir), "masks": str(masks_dir), "img_size": settings.img_size, "encoder": settings.encoder,
+        "train_pool": len(pool), "test_pairs": len(test), "steps": settings.steps, "seeds": list(settings.seeds),
         "trivial_dice": float(dice_scores(torch.ones_like(test_y), test_y).mean()),
         "foreground_fraction": float(test_y.mean()),
-        "variants": {},
+        "bootstrap": {"resamples": settings.n_boot, "unit": "image", "of": "mean Dice over seeds, per test image"},
+        "curve": curve, "runs": records, "loss_first_last": losses,
     }
-    for variant in settings.variants:
-        torch.manual_seed(settings.seed)
-        encoder = create_encoder(model, random_init=variant == "random", seed=settings.seed + 1)
-        net = Segmenter(encoder, settings.width).to(settings.device)
-        losses = train_segmenter(net, train_x, train_y, train_encoder=variant != "frozen", settings=settings)
-        dice = dice_scores(predict_masks(net, test_x, settings.batch_size, settings.device), test_y)
-        out["variants"][variant] = {"dice": float(dice.mean()), "dice_std": float(dice.std()) if len(dice) > 1 else 0.0,
-                                    "final_train_loss": losses[-1], "train_loss": losses}
-    return out

@@ -1,8 +1,10 @@
 """Where a model to evaluate comes from: a run folder, an export folder or a weights file.
 
-A run folder holds a teacher and a student (and the site heads); an export folder holds the
-teacher and the heads; a weights file holds one model and no heads. Evaluation commands accept
-all three, so they ask this module for "the models present" and "the heads present".
+A run folder holds a teacher and a student, the student's site heads (``heads/``) and, from runs
+that EMA the heads too, the teacher's own heads (``teacher-heads/``); an export folder holds one
+model and the heads that go with it; a weights file holds one model and no heads. Evaluation
+commands accept all three, so they ask this module for "the models present" and "the heads of
+each model" (:func:`model_heads`).
 """
 
 from __future__ import annotations
@@ -53,13 +55,40 @@ def load_models(
 
 
 def load_source_heads(source: str | Path) -> dict[str, SiteHead]:
-    """The site heads stored with a run or an export (empty for a bare weights file)."""
-    from arkfed.weights import load_heads
+    """The site heads stored with a run or an export; for a weights file, the heads it carries
+    (a released Ark checkpoint's omni_heads, named; none for other files)."""
+    from arkfed.weights import load_file_heads, load_heads
 
     path = Path(source)
-    if source_kind(path) == "file" or not (path / "heads").is_dir():
+    if source_kind(path) == "file":
+        return {site: head.eval() for site, head in load_file_heads(path).items()}
+    if not (path / "heads").is_dir():
         return {}
     return {site: head.eval() for site, head in load_heads(path / "heads").items()}
+
+
+TEACHER_HEADS = "teacher-heads"
+
+
+def model_heads(source: str | Path, which: str = "teacher") -> tuple[dict[str, SiteHead], str | None]:
+    """The heads that belong to ``which`` model of ``source`` and a note when they are a stand-in.
+
+    The teacher of a run is scored with ``RUN/teacher-heads/`` (the EMA of the student's heads,
+    kept by the training loop) when the run has them: the student's heads were fitted to the
+    student's embedding, not the teacher's. Runs from before teacher heads existed fall back to
+    the student's heads, and the note says so (it goes into results.json).
+    """
+    path = Path(source)
+    if which == "teacher" and source_kind(path) == "run":
+        teacher_dir = path / TEACHER_HEADS
+        if teacher_dir.is_dir() and any(teacher_dir.glob("*.safetensors")):
+            from arkfed.weights import load_heads
+
+            return {site: head.eval() for site, head in load_heads(teacher_dir).items()}, None
+        heads = load_source_heads(path)
+        note = f"{path}: no {TEACHER_HEADS}/ folder; the teacher was scored with the student's heads" if heads else None
+        return heads, note
+    return load_source_heads(path), None
 
 
 def head_for_site(heads: dict[str, SiteHead], site: str, source: str | Path) -> SiteHead:
@@ -67,17 +96,10 @@ def head_for_site(heads: dict[str, SiteHead], site: str, source: str | Path) -> 
     if site not in heads:
         known = ", ".join(sorted(heads)) or "none"
         raise ArkfedError(
-            f"{source}: no head for site {site!r} (heads: {known}); to evaluate on a new site use `arkfed linear-probe` or `arkfed finetune`"
+            f"{source}: no head for site {site!r} (heads: {known}); "
+            "to evaluate on a new site use `arkfed linear-probe` or `arkfed finetune`"
         )
     return heads[site]
-
-
-def export_metadata(source: str | Path) -> dict:
-    """The ``arkfed`` section of an export's config.json (empty for other sources)."""
-    path = Path(source)
-    if source_kind(path) != "export":
-        return {}
-    return json.loads((path / "config.json").read_text()).get("arkfed", {})
 
 
 def load_one(source: str | Path, which: str = "teacher", spec: ModelSpec | None = None) -> ArkModel:

@@ -1,12 +1,27 @@
-"""Certificates and keys for a secure federation (``arkfed certs init``), made with ``cryptography``.
+"""Certificates and keys for a secure federation, made with ``cryptography``.
 
-One folder holds everything; each party takes only its part::
+Keys are made where they are used. Across institutions:
+
+- the coordinator runs ``arkfed certs init DIR --coordinator-host HOST``: a CA and its own TLS
+  certificate; it sends ``DIR/ca.crt`` (never a key) to every site;
+- each site runs ``arkfed certs site-key SITE --out KEYS``: its private key never leaves it; it
+  sends ``KEYS/SITE.pub`` to the coordinator;
+- the coordinator runs ``arkfed certs add-site SITE SITE.pub --certs DIR`` to register it; both
+  sides compare the printed fingerprint over another channel (a phone call).
+
+``certs init DIR ... --sites A,B`` also makes the sites' keys at the coordinator: for trials on one
+machine only (whoever holds a site's key can act as that site). The folder::
 
     DIR/ca.crt                  the federation's root certificate: every site needs it (--root-certificates)
-    DIR/ca.key                  the CA's private key: stays with whoever runs ``certs init``
-    DIR/coordinator.crt, .key   the coordinator's TLS certificate (host names/IPs as SANs) and key
-    DIR/sites/<name>.key        a site's private key (OpenSSH EC P-384): give it to that site only (--key)
-    DIR/sites/<name>.pub        its public key: the coordinator registers it under the site's name
+    DIR/ca.key                  the CA's private key: stays with the coordinator
+    DIR/coordinator.crt, .key   the coordinator's TLS certificate (host names/IPs as SANs) and key; the
+                                key also signs each run (:mod:`arkfed.federation.run_signing`)
+    DIR/sites/<name>.pub        a registered site's public key (OpenSSH EC)
+    DIR/sites/<name>.key        a site's private key, only where ``certs init --sites`` made it (trials)
+
+Secrets are written 0600 through a new temporary file opened with ``O_EXCL | O_NOFOLLOW`` and
+renamed into place, so an existing file's mode never survives and a symlink planted at the path
+is refused, never followed (:func:`write_file`).
 
 TLS authenticates the coordinator to the sites; Flower's SuperNode authentication (each site
 signs its requests with its key, the SuperLink admits only registered public keys) authenticates
@@ -55,24 +70,43 @@ class CertificateFolder:
         if missing:
             raise ArkfedError(
                 f"certificate folder {self.root} lacks {', '.join(p.name for p in missing)}; create it with "
-                f"`arkfed certs init {self.root} --coordinator-host HOST --sites A,B` (or pass --insecure to run "
+                f"`arkfed certs init {self.root} --coordinator-host HOST` (or pass --insecure to run "
                 "without encryption and site authentication)"
             )
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret readable by its owner only (umask-proof)."""
-    import os
+def write_file(path: Path, data: bytes, mode: int = 0o600, overwrite: bool = True) -> Path:
+    """Write ``data`` to ``path`` with exactly ``mode`` (umask-proof), atomically and durably.
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    Through :func:`arkfed.io.atomic_write`: a new owner-only temporary file (``O_EXCL``, no symlink
+    followed) chmod-ed to ``mode``, written, fsynced and renamed over ``path``, so an old file's
+    permissions never carry over; a symlink at ``path`` is refused outright.
+    """
+    from arkfed.io import atomic_write
+
+    path = Path(path)
+    if path.is_symlink():
+        raise ArkfedError(f"{path} is a symbolic link; refusing to write a key or certificate through it")
+    if path.exists() and not overwrite:
+        raise ArkfedError(f"{path} already exists; pass --overwrite to replace it")
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), mode=mode)
+    return path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """A secret readable by its owner only."""
+    write_file(path, data, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    write_file(path, data, 0o644)
 
 
 def _name(common_name: str):
-    from cryptography.x509.oid import NameOID
     from cryptography import x509
+    from cryptography.x509.oid import NameOID
 
     return x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "arkfed federation"),
@@ -153,7 +187,7 @@ def _pem_cert(cert) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def write_site_key_pair(folder: CertificateFolder, site: str) -> tuple[Path, Path]:
+def _site_key_bytes(site: str) -> tuple[bytes, bytes]:
     """A site's authentication key pair (EC P-384, OpenSSH format, as Flower's SuperNode reads it)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -161,9 +195,68 @@ def write_site_key_pair(folder: CertificateFolder, site: str) -> tuple[Path, Pat
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + f" arkfed-site-{site}\n".encode()
+
+
+def write_site_key_pair(folder: CertificateFolder, site: str) -> tuple[Path, Path]:
+    """A site's key pair inside a certificate folder (``certs init --sites``: one-machine trials)."""
+    private, public = _site_key_bytes(site)
     _write_private(folder.site_key(site), private)
-    folder.site_public_key(site).write_bytes(public + f" arkfed-site-{site}\n".encode())
+    _write_public(folder.site_public_key(site), public)
     return folder.site_key(site), folder.site_public_key(site)
+
+
+def make_site_key(site: str, out: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
+    """``arkfed certs site-key``: at the site, ``OUT/SITE.key`` (0600) and ``OUT/SITE.pub`` to send
+    to the coordinator. An existing key is kept unless ``overwrite`` (the old one stops working)."""
+    (site,) = check_site_names([site])
+    out = Path(out)
+    key_path, pub_path = out / f"{site}.key", out / f"{site}.pub"
+    for path in (key_path, pub_path):
+        if path.is_symlink():
+            raise ArkfedError(f"{path} is a symbolic link; refusing to write a key through it")
+        if path.exists() and not overwrite:
+            raise ArkfedError(f"{path} already exists; pass --overwrite to make a new key (the coordinator must then "
+                              "register the new .pub)")
+    private, public = _site_key_bytes(site)
+    _write_private(key_path, private)
+    _write_public(pub_path, public)
+    return key_path, pub_path
+
+
+def read_site_public_key(path: str | Path) -> bytes:
+    """An OpenSSH EC public key file (one line), checked to be a key Flower's SuperNode auth accepts."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArkfedError(f"cannot read public key {path}: {exc.strerror}") from None
+    try:
+        key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm):
+        hint = " (this is a private key: send the .pub file, keep the .key)" if b"PRIVATE KEY" in data else ""
+        raise ArkfedError(f"{path}: not an OpenSSH public key{hint}; make it at the site with `arkfed certs site-key`") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ArkfedError(f"{path}: site keys must be elliptic-curve (NIST) keys; make them with `arkfed certs site-key`")
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+
+
+def add_site(folder: CertificateFolder, site: str, public_key: str | Path, overwrite: bool = False) -> Path:
+    """``arkfed certs add-site``: register a site's public key under its name in the coordinator's folder."""
+    (site,) = check_site_names([site])
+    key = read_site_public_key(public_key)
+    for other, path in folder.registered_sites().items():
+        existing = Path(path).read_bytes().split()[:2]
+        if other != site and existing == key.split()[:2]:
+            raise ArkfedError(f"{public_key}: this key is already registered for site {other!r}; each site needs its own key")
+    target = folder.site_public_key(site)
+    if target.exists() and not target.is_symlink() and target.read_bytes().split()[:2] != key.split()[:2] and not overwrite:
+        raise ArkfedError(f"site {site!r} already has a different key in {target}; pass --overwrite to replace it")
+    return write_file(target, key + f" arkfed-site-{site}\n".encode(), 0o644)
 
 
 def check_site_names(sites: Iterable[str]) -> list[str]:
@@ -179,12 +272,13 @@ def check_site_names(sites: Iterable[str]) -> list[str]:
 def init_certificates(
     out: str | Path,
     coordinator_hosts: Iterable[str],
-    sites: Iterable[str],
+    sites: Iterable[str] = (),
     days: int = 825,
     overwrite: bool = False,
     include_loopback: bool = True,
 ) -> CertificateFolder:
-    """Create a CA, the coordinator's certificate and one key pair per site in ``out``.
+    """Create a CA, the coordinator's certificate and (for one-machine trials) one key pair per
+    site in ``out``; across institutions give no sites: they make their own keys (:func:`make_site_key`).
 
     ``coordinator_hosts`` are the names/IPs sites use to reach the coordinator (all become SANs);
     loopback names are added unless ``include_loopback`` is False, because Flower's own processes
@@ -201,7 +295,7 @@ def init_certificates(
     names = check_site_names(sites)
     if include_loopback:
         hosts += [h for h in LOOPBACK_HOSTS if h not in hosts]
-    folder.root.mkdir(parents=True, exist_ok=True)
+    folder.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     if folder.ca_cert.is_file() and folder.ca_key.is_file() and not overwrite:
         ca_cert = x509.load_pem_x509_certificate(folder.ca_cert.read_bytes())
@@ -209,11 +303,11 @@ def init_certificates(
     else:
         ca_key, ca_cert = _make_ca(days)
         _write_private(folder.ca_key, _pem_key(ca_key))
-        folder.ca_cert.write_bytes(_pem_cert(ca_cert))
+        _write_public(folder.ca_cert, _pem_cert(ca_cert))
 
     server_key, server_cert = _make_server_cert(ca_key, ca_cert, hosts, days)
     _write_private(folder.coordinator_key, _pem_key(server_key))
-    folder.coordinator_cert.write_bytes(_pem_cert(server_cert))
+    _write_public(folder.coordinator_cert, _pem_cert(server_cert))
 
     for site in names:
         if folder.site_key(site).is_file() and not overwrite:
@@ -256,7 +350,7 @@ def site_public_key_from_private(key_path: Path) -> bytes:
     except FileNotFoundError:
         raise ArkfedError(f"site key not found: {key_path}") from None
     except (ValueError, TypeError) as exc:
-        raise ArkfedError(f"{key_path}: not an OpenSSH private key ({exc}); create site keys with `arkfed certs init`") from None
+        raise ArkfedError(f"{key_path}: not an OpenSSH private key ({exc}); make site keys with `arkfed certs site-key`") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ArkfedError(f"{key_path}: site keys must be elliptic-curve (NIST) keys; create them with `arkfed certs init`")
+        raise ArkfedError(f"{key_path}: site keys must be elliptic-curve (NIST) keys; make them with `arkfed certs site-key`")
     return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)

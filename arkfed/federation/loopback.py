@@ -1,8 +1,10 @@
 """``arkfed train --federated``: the whole federation on one machine, with real processes on 127.0.0.1.
 
-One SuperLink (:class:`~arkfed.federation.launcher.Coordinator`) and one SuperNode per site
-(:class:`~arkfed.federation.site_node.SiteNode`), exactly as in a deployment; used for trying
-federation out, for the tests and for the benchmark.
+One SuperLink behind its Fleet-only gateway (:class:`~arkfed.federation.launcher.Coordinator`)
+and one SuperNode per site (:class:`~arkfed.federation.site_node.SiteNode`) connecting through the
+gateway, with signed runs and gated site tasks, exactly as in a deployment; used for trying
+federation out, for the tests and for the benchmark. Its throwaway site keys are made at the
+coordinator (``certs init --sites``), which is acceptable on one machine only.
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ def train_federated(config, out: Path, site_configs: Sequence[str | Path] = (), 
     console = Console(highlight=False, soft_wrap=True)
     mode = "TLS + site authentication (throwaway certificates in RUN/flower/certs)" if secure else "INSECURE"
     console.print(f"federated on this machine: one SuperLink and one SuperNode per site on 127.0.0.1, {mode}")
-    fed = FederationSettings(log=[n.strip() for n in log.split(",") if n.strip()])
+    from arkfed.trackers import parse_log_option
+
+    fed = FederationSettings(log=parse_log_option(log))
     with FederationView(console, quiet=quiet, title="arkfed train --federated") as view:
         return run_loopback(config, Path(out), site_configs, fed, secure=secure, resume=resume, view=view)

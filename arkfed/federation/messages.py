@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -87,7 +88,13 @@ def load_model_record(module: "nn.Module", record: ArrayRecord, what: str = "mod
     import torch
 
     own = module.state_dict()
+    if not isinstance(record, ArrayRecord):
+        raise ArkfedError(f"{what} is a {type(record).__name__}, not an ArrayRecord")
     flat = {dtype: record[dtype].numpy() for dtype in record.keys()}
+    for dtype, array in flat.items():  # a packed group is one flat array of exactly its key's dtype
+        if array.ndim != 1 or array.dtype.name != dtype:
+            raise ArkfedError(f"{what} array {dtype!r} holds {array.dtype.name} of shape {list(array.shape)}, "
+                              f"expected one flat {dtype} array")
     expected = layout(module)
     got = {dtype: int(a.size) for dtype, a in flat.items()}
     if got != expected:
@@ -102,12 +109,12 @@ def load_model_record(module: "nn.Module", record: ArrayRecord, what: str = "mod
     module.load_state_dict(state)
 
 
-def unpack_state(module: "nn.Module", record: ArrayRecord) -> dict:
+def unpack_state(module: "nn.Module", record: ArrayRecord, what: str = "model") -> dict:
     """A packed record as a ``state_dict`` shaped like ``module``'s (for averaging)."""
     import copy
 
     clone = copy.deepcopy(module)
-    load_model_record(clone, record)
+    load_model_record(clone, record, what)
     return clone.state_dict()
 
 
@@ -201,7 +208,134 @@ def describe_content(content: RecordDict) -> dict[str, dict]:
         elif isinstance(record, MetricRecord):
             out[name] = {"kind": "metrics", "values": {k: v for k, v in record.items()}}
         elif isinstance(record, ConfigRecord):
-            out[name] = {"kind": "config", "values": {k: (v if not isinstance(v, bytes) else f"<{len(v)} bytes>") for k, v in record.items()}}
+            values = {k: (v if not isinstance(v, bytes) else f"<{len(v)} bytes>") for k, v in record.items()}
+            out[name] = {"kind": "config", "values": values}
         else:  # pragma: no cover - Flower has no other record types today
             out[name] = {"kind": type(record).__name__}
     return out
+
+
+# -- replies, parsed before use ------------------------------------------------------------------
+# A site's reply is input from another institution: every field is checked here, and what does
+# not fit raises BadReply with one line saying why, so the coordinator skips that reply instead of
+# crashing on a missing key, a metric that overwrites a record field, or an unusable model.
+
+RESERVED_METRICS = frozenset({"kind", "round", "visit", "site", "model", "split", "time"})
+"""Fields the coordinator's metrics records set themselves; a reply may not carry them as metrics."""
+
+
+class BadReply(ArkfedError):
+    """A reply the coordinator will not use (the visit or evaluation is skipped, not retried)."""
+
+
+@dataclass
+class VisitReply:
+    """A checked ``train.visit`` reply: its scalar result and the returned model states."""
+
+    result: Any  # arkfed.visit.VisitResult
+    student: dict
+    teacher: dict | None
+
+
+def _record(content: RecordDict, key: str, kind: type, what: str):
+    if key not in content:
+        raise BadReply(f"{what} lacks {key!r}")
+    record = content[key]
+    if not isinstance(record, kind):
+        raise BadReply(f"{what}: {key!r} is a {type(record).__name__}, expected a {kind.__name__}")
+    return record
+
+
+def _metric_values(record: MetricRecord, what: str, reserved: frozenset[str] = RESERVED_METRICS) -> dict[str, float | int]:
+    values = {}
+    for key, value in record.items():
+        if key in reserved:
+            raise BadReply(f"{what}: metric {key!r} is reserved for the coordinator's records")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BadReply(f"{what}: metric {key!r} is a {type(value).__name__}, not a number")
+        values[key] = value
+    return values
+
+
+def _unpack(module, record: ArrayRecord, what: str) -> dict:
+    try:
+        return unpack_state(module, record, what)
+    except ArkfedError as exc:
+        raise BadReply(str(exc)) from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise BadReply(f"{what} arrays cannot be unpacked ({type(exc).__name__})") from None
+
+
+def read_visit_reply(content: RecordDict, plan, student: "nn.Module", teacher: "nn.Module", with_teacher: bool,
+                     max_examples: int | None, max_norm: float | None = None) -> VisitReply:
+    """The reply to ``plan``'s visit, checked: metrics are exactly a VisitResult for this visit
+    (finite), the student (and with per-iteration EMA the teacher) passes
+    :func:`arkfed.updates.check_update` against the state that was sent; raises :class:`BadReply`."""
+    from pydantic import ValidationError
+
+    from arkfed.updates import check_update
+    from arkfed.visit import VisitResult
+
+    values = _metric_values(_record(content, METRICS, MetricRecord, "visit reply"), "visit reply",
+                            RESERVED_METRICS - {"round", "visit"})  # a visit's own; checked against the plan below
+    try:
+        result = VisitResult.model_validate({"site": plan.site, **values}, strict=False)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise BadReply(f"visit reply: metric {'.'.join(map(str, err['loc']))!r}: {err['msg']}") from None
+    unexpected = set(values) - set(VisitResult.model_fields)
+    if unexpected:
+        raise BadReply(f"visit reply: unexpected metric {sorted(unexpected)[0]!r}")
+    if (result.round, result.visit) != (plan.round, plan.visit):
+        raise BadReply(f"visit reply is for round {result.round} visit {result.visit}, not visit {plan.visit}")
+    bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise BadReply(f"visit reply: metric {bad[0]!r} is not finite")
+    states = {STUDENT: (student, True), TEACHER: (teacher, with_teacher)}
+    unpacked = {}
+    for name, (module, wanted) in states.items():
+        if not wanted:
+            continue
+        state = _unpack(module, _record(content, name, ArrayRecord, "visit reply"), f"returned {name}")
+        reason = check_update(module.state_dict(), state, result.num_examples, max_examples, max_norm if name == STUDENT else None)
+        if reason is not None:
+            raise BadReply(f"returned {name}: {reason}")
+        unpacked[name] = state
+    return VisitReply(result, unpacked[STUDENT], unpacked.get(TEACHER))
+
+
+def read_eval_reply(content: RecordDict, classes: tuple[str, ...], split_size: int | None) -> dict[str, dict]:
+    """Per model label (student/teacher), the evaluation result, checked: metric records of
+    numbers only, no reserved names, ``num_examples`` within the split's declared size."""
+    results = {}
+    for label in content.keys():
+        if label not in (STUDENT, TEACHER):
+            raise BadReply(f"evaluation reply: unexpected record {label!r}")
+        values = _metric_values(_record(content, label, MetricRecord, "evaluation reply"), f"evaluation of the {label}")
+        count = values.get("num_examples")
+        if not isinstance(count, int) or count < 0 or (split_size is not None and count > split_size):
+            raise BadReply(f"evaluation of the {label}: num_examples {count!r} is not within the split size {split_size}")
+        results[label] = eval_result(content[label], classes)
+    return results
+
+
+def read_hello_reply(content: RecordDict) -> tuple[str, bool, Any, dict[str, int]]:
+    """(site name, member of this run, label schema, split sizes) of a ``query.hello`` reply."""
+    from pydantic import ValidationError
+
+    from arkfed.schema import LabelSchema
+
+    info = _record(content, SITE, ConfigRecord, "hello reply")
+    try:
+        name, member = read_json(info, "name"), read_json(info, "member")
+        schema = LabelSchema.model_validate(read_json(info, "schema"))
+    except (ArkfedError, ValidationError, ValueError, TypeError) as exc:
+        raise BadReply(f"hello reply: {' '.join(str(exc).split())[:200]}") from None
+    if not isinstance(name, str) or not isinstance(member, bool):
+        raise BadReply("hello reply: 'name' must be a string and 'member' a boolean")
+    sizes = {}
+    for key, value in _metric_values(_record(content, METRICS, MetricRecord, "hello reply"), "hello reply").items():
+        if not key.endswith("_size") or not isinstance(value, int) or value < 0:
+            raise BadReply(f"hello reply: {key!r} is not a split size")
+        sizes[key[: -len("_size")]] = value
+    return name, member, schema, sizes

@@ -20,6 +20,9 @@ from typing import Sequence
 from arkfed.errors import ArkfedError
 
 BIN_DIR = Path(sys.executable).parent
+LOOPBACK = "127.0.0.1"
+# set to "1", these make flower-superlink also open legacy gRPC Fleet/Control servers on 0.0.0.0
+UNSAFE_FLOWER_VARIABLES = ("FLWR_INTERNAL_GRPC_FLEET_API", "FLWR_INTERNAL_GRPC_CONTROL_API")
 
 
 def flower_executable(name: str) -> str:
@@ -37,8 +40,9 @@ def flower_executable(name: str) -> str:
 
 def flower_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower processes: private FLWR_HOME, no telemetry or update checks, fast
-    task polling, and this environment's bin folder first (Flower starts helpers by name)."""
-    env = dict(os.environ)
+    task polling, this environment's bin folder first (Flower starts helpers by name), and none of
+    the variables that would open extra network listeners (:data:`UNSAFE_FLOWER_VARIABLES`)."""
+    env = {k: v for k, v in os.environ.items() if k not in UNSAFE_FLOWER_VARIABLES}
     env.update({
         "FLWR_HOME": str(home),
         "FLWR_TELEMETRY_ENABLED": "0",
@@ -147,7 +151,8 @@ def wait_for_port(host: str, port: int, process: ManagedProcess, timeout: float)
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
     while time.monotonic() < deadline:
         if not process.alive():
-            raise ArkfedError(f"{process.name} exited with status {process.returncode}; its log ({process.log_path}) ends:\n{process.log_tail()}")
+            raise ArkfedError(f"{process.name} exited with status {process.returncode}; its log ({process.log_path}) ends:\n"
+                              f"{process.log_tail()}")
         try:
             with socket.create_connection((connect_host, port), timeout=0.5):
                 return

@@ -14,9 +14,6 @@ same head as in an uninterrupted run.
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -28,25 +25,13 @@ from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.mailbox import exchange, online_nodes
 from arkfed.federation.protocol import FederationSettings
+from arkfed.io import append_jsonl
 from arkfed.loop import ArkLoop, SiteFailure, SiteInfo, VisitReply
 from arkfed.runs import RunFolder, RunState
 from arkfed.training import TrainConfig, VisitPlan
 
 RUN_DIR_KEY = "run-dir"
 HELLO_TIMEOUT = 120.0
-
-
-def _logger(run_dir: Path) -> logging.Logger:
-    log = logging.getLogger(f"arkfed.server_app.{run_dir}")
-    if not log.handlers:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-        for handler in (logging.FileHandler(run_dir / "logs" / "coordinator.log"), logging.StreamHandler(sys.stdout)):
-            handler.setFormatter(fmt)
-            log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    return log
 
 
 class FlowerSites:
@@ -56,7 +41,6 @@ class FlowerSites:
 
     def __init__(self, grid: Grid, run_dir: Path, fed: FederationSettings, callbacks, poll: float = 0.25):
         self.grid, self.run_dir, self.fed, self.callbacks, self.poll = grid, Path(run_dir), fed, callbacks, poll
-        self.log = _logger(self.run_dir)
         self.nodes: dict[str, int] = {}
         self.known: set[int] = set()
         self.infos: dict[str, SiteInfo] = {}
@@ -73,11 +57,11 @@ class FlowerSites:
             entry["error"] = {"code": reply.error.code, "reason": reply.error.reason}
         else:
             entry["content"] = m.describe_content(reply.content)
-        with (self.run_dir / "logs" / "inbox.jsonl").open("a") as f:
-            f.write(json.dumps(entry, allow_nan=True) + "\n")
+        append_jsonl(self.run_dir / "logs" / "inbox.jsonl", entry)
 
     def _identify(self, node_ids: list[int], registered: dict[int, str]) -> None:
         """Ask new nodes who they are; record the listed sites among them."""
+        from arkfed.provenance import federated_fingerprint
         from arkfed.schema import LabelSchema
 
         request = m.json_record(run_uid=self.fed.run_uid, sites=self.config.sites, schemas=self.fed.schemas)
@@ -89,14 +73,16 @@ class FlowerSites:
                 self.callbacks.on_warning(f"SuperNode {node_id} could not say which site it is: {reply.reason}")
                 self.known.discard(node_id)  # ask again later
                 continue
-            info = reply.content[m.SITE]
-            name, member = m.read_json(info, "name"), m.read_json(info, "member")
-            schema = LabelSchema.model_validate(m.read_json(info, "schema"))
+            try:  # issue 8: a malformed hello is reported, never a crash
+                name, member, schema, sizes = m.read_hello_reply(reply.content)
+            except m.BadReply as exc:
+                self.callbacks.on_warning(f"SuperNode {node_id} sent an unusable hello: {exc}")
+                continue
             if registered.get(node_id) and registered[node_id] != name:
                 self.callbacks.on_warning(f"SuperNode {node_id} is registered as {registered[node_id]!r} but serves site {name!r}; ignored")
                 continue
             if not member:
-                self.log.info("site %r (node %s) is connected but not part of this run", name, node_id)
+                print(f"site {name!r} (node {node_id}) is connected but not part of this run", flush=True)
                 continue
             recorded = self.fed.schemas.get(name)
             if recorded is not None and LabelSchema.model_validate(recorded) != schema:
@@ -106,11 +92,10 @@ class FlowerSites:
             if old is not None and old != node_id and old in online_nodes(self.grid):
                 self.callbacks.on_warning(f"two SuperNodes serve site {name!r} ({old} and {node_id}); keeping {old}")
                 continue
-            sizes = {k.removesuffix("_size"): int(v) for k, v in reply.content[m.METRICS].items()}
             self.nodes[name] = node_id
-            self.infos[name] = SiteInfo(schema, sizes, {"split_sizes": sizes, "note": "what the site sent when it joined"})
+            self.infos[name] = SiteInfo(schema, sizes, federated_fingerprint(sizes, schema))
             self.callbacks.on_site_status(name, "joined", f"node {node_id}", **{f"{k}_size": float(v) for k, v in sizes.items()})
-            self.log.info("site %r joined (node %s)", name, node_id)
+            print(f"site {name!r} joined (node {node_id})", flush=True)
 
     def _discover(self) -> None:
         nodes = list(self.grid.get_nodes())
@@ -125,7 +110,8 @@ class FlowerSites:
         deadline = time.monotonic() + self.fed.join_timeout
         while missing := [s for s in config.sites if s not in self.nodes]:
             if time.monotonic() > deadline:
-                raise ArkfedError(f"sites {missing} did not join within {self.fed.join_timeout:.0f} s (joined: {sorted(self.nodes) or 'none'})")
+                joined = sorted(self.nodes) or "none"
+                raise ArkfedError(f"sites {missing} did not join within {self.fed.join_timeout:.0f} s (joined: {joined})")
             self._discover()
             time.sleep(self.poll)
         if not self.fed.schemas:
@@ -143,14 +129,15 @@ class FlowerSites:
         state.heads, state.teacher_heads = {}, {}
 
     def _node_for(self, site: str, wait: float) -> int | None:
-        """The site's current node (a restarted SuperNode is found again by name)."""
+        """The site's current node (a restarted SuperNode is found again by name), waiting up to ``wait`` s."""
         deadline = time.monotonic() + wait
         while True:
+            if self.nodes.get(site) not in online_nodes(self.grid):
+                self._discover()
             if self.nodes.get(site) in online_nodes(self.grid):
                 return self.nodes[site]
-            self._discover()
-            if self.nodes.get(site) in online_nodes(self.grid) or time.monotonic() >= deadline:
-                return self.nodes.get(site) if self.nodes.get(site) in online_nodes(self.grid) else None
+            if time.monotonic() >= deadline:
+                return None
             time.sleep(self.poll)
 
     # -- requests -------------------------------------------------------------------------------
@@ -179,7 +166,8 @@ class FlowerSites:
                 content = self._content(state, site, **({"plan": item} if kind == m.VISIT else {"split": item}))
                 requests[site] = Message(content, node, kind, ttl=self.fed.visit_timeout, group_id=group)
                 self.sent_bytes[site] = sum(r.count_bytes() for r in content.array_records.values())
-                self.callbacks.on_site_status(site, "training" if kind == m.VISIT else "evaluating", f"attempt {attempt}" if attempt > 1 else "")
+                state_name = "training" if kind == m.VISIT else "evaluating"
+                self.callbacks.on_site_status(site, state_name, f"attempt {attempt}" if attempt > 1 else "")
             if requests:
                 results.update(exchange(self.grid, requests, self.fed.visit_timeout, self.poll, on_reply=self._log_inbox))
             todo = {}
@@ -195,7 +183,7 @@ class FlowerSites:
         return results
 
     def visit(self, state: RunState, plans: Sequence[VisitPlan]) -> dict[str, VisitReply | SiteFailure]:
-        from arkfed.visit import VisitResult
+        from arkfed.updates import max_examples
 
         answers: dict[str, VisitReply | SiteFailure] = {}
         replies = self._send(state, m.VISIT, {p.site: p for p in plans}, str(plans[0].round))
@@ -204,16 +192,20 @@ class FlowerSites:
             if isinstance(reply, SiteFailure):
                 answers[plan.site] = reply
                 continue
-            try:
-                metrics = dict(reply.content[m.METRICS].items())
-                result = VisitResult(site=plan.site, **{k: v for k, v in metrics.items() if k != "site"})
-                student = m.unpack_state(state.student, reply.content[m.STUDENT])
-                teacher = m.unpack_state(state.teacher, reply.content[m.TEACHER]) if m.TEACHER in reply.content else None
+            try:  # issue 8: checked before use (arkfed.updates.check_update); a bad reply skips the visit
+                declared = max_examples(self.infos[plan.site].sizes.get("train", 0), self.config.settings)
+                iteration = self.config.settings.ema == "iteration"
+                checked = m.read_visit_reply(reply.content, plan, state.student, state.teacher, iteration, declared,
+                                             self.fed.max_update_norm)
+            except m.BadReply as exc:
+                answers[plan.site] = SiteFailure(f"rejected reply: {exc}", refused=True)
+                continue
             except Exception as exc:  # a malformed reply skips the visit, never the run
                 answers[plan.site] = SiteFailure(f"malformed reply: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}", refused=True)
                 continue
             received = sum(r.count_bytes() for r in reply.content.array_records.values())
-            answers[plan.site] = VisitReply(result, student, teacher, extra={"bytes_sent": self.sent_bytes.get(plan.site, 0), "bytes_received": received})
+            extra = {"bytes_sent": self.sent_bytes.get(plan.site, 0), "bytes_received": received}
+            answers[plan.site] = VisitReply(checked.result, checked.student, checked.teacher, extra=extra)
         return answers
 
     def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None:
@@ -226,8 +218,12 @@ class FlowerSites:
             if isinstance(reply, SiteFailure):
                 answers[site] = reply
                 continue
-            classes = self.infos[site].schema.classes
-            answers[site] = {label: m.eval_result(reply.content[label], classes) for label in (m.STUDENT, m.TEACHER) if label in reply.content}
+            try:  # issue 8: a malformed evaluation reply is skipped, never a crash
+                info = self.infos[site]
+                answers[site] = m.read_eval_reply(reply.content, info.schema.classes, info.sizes.get(split))
+            except m.BadReply as exc:
+                answers[site] = SiteFailure(f"rejected reply: {exc}", refused=True)
+                continue
             self.callbacks.on_site_status(site, "done", "evaluated")
         return answers
 
@@ -248,13 +244,11 @@ def run_federation(grid: Grid, run_dir: Path, flower_run_id: int | None = None) 
         return ArkLoop(config, run, sites, callbacks).run_loop(resume=True)
     except BaseException as exc:
         status.fail(str(exc) or type(exc).__name__)
-        sites.log.error("run failed: %s", exc)
+        print(f"run failed: {exc}", flush=True)
         raise
 
 
 def _trackers(fed: FederationSettings, run_dir: Path) -> list:
-    if not fed.log:
-        return []
     from arkfed.trackers import make_trackers
 
     return make_trackers(fed.log, run_dir)

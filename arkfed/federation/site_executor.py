@@ -10,6 +10,18 @@ Flower's :func:`~flwr.supernode.runtime.run_clientapp.run_clientapp`, exactly as
 would; only the interpreter start-up is saved.
 
 The parent never runs a tensor operation, so no thread pools exist when it forks.
+
+Sites run arkfed's ClientApp and nothing else. Flower would unpack each run's app bundle (FAB)
+and import whatever ClientApp its ``pyproject.toml`` names, with the bundle's own files on the
+import path. Here the task process instead reads the bundle in memory without unpacking it
+(:func:`inspect_bundle`): it must hold ``pyproject.toml`` alone and name arkfed's own ServerApp and
+ClientApp; the ClientApp is then :mod:`arkfed.federation.client_app`, imported from the installed
+arkfed, never from the bundle. Every message is also checked against the coordinator's signature
+of the run (:mod:`arkfed.federation.run_signing`, against the federation CA the site pinned with
+``--root-certificates``) and its ``run_uid`` validated. A refused message gets a one-line
+``SITE_REFUSED`` error reply, logged in the site's ``outbox.jsonl`` like every reply. This is done
+by replacing two names inside Flower's ``run_clientapp`` module for the task process
+(:func:`_install_gate`); ``pyproject.toml`` pins flwr 1.42 for that reason.
 """
 
 from __future__ import annotations
@@ -79,15 +91,116 @@ class ForkExecutor:
                 pass
 
 
+FEDERATION_CA: str | None = None  # the CA this site pinned at enrolment (None: insecure trial, runs unsigned)
+
+
+def inspect_bundle(content: bytes) -> str | None:
+    """Why this app bundle is refused (None: it is arkfed's own app, pyproject.toml only)."""
+    import io
+    import tomllib
+    import zipfile
+
+    from arkfed.federation.flower_app import BUNDLE_FILES, COMPONENTS
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as bundle:
+            names = set(bundle.namelist())
+            extra = sorted(names - BUNDLE_FILES)
+            if extra:
+                return f"the run's app bundle holds files besides pyproject.toml ({', '.join(repr(n[:60]) for n in extra[:3])})"
+            project = tomllib.loads(bundle.read("pyproject.toml").decode())
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError, OSError):
+        return "the run's app bundle is not a readable Flower app"
+    components = project.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
+    for kind, expected in COMPONENTS.items():
+        if components.get(kind) != expected:
+            return f"the run's app names {kind} {str(components.get(kind))[:80]!r}, not arkfed's {expected!r}"
+    return None
+
+
+class GatedClientApp:
+    """arkfed's ClientApp behind the site's checks: the bundle verdict, the run signature, the run id."""
+
+    def __init__(self, refusal: str | None):
+        self.refusal = refusal
+
+    def check(self, message, context) -> None:
+        from arkfed.federation import messages as m
+        from arkfed.federation.run_signing import RunRefused, check_request, verify_run
+
+        if self.refusal:
+            raise RunRefused(self.refusal)
+        claim = verify_run(context.run_config, FEDERATION_CA) if FEDERATION_CA else None
+        if m.REQUEST not in message.content.config_records:
+            raise RunRefused("the message carries no arkfed request")
+        check_request(claim, message.content.config_records[m.REQUEST])
+
+    def __call__(self, message, context):
+        from flwr.app import Error, Message
+
+        from arkfed.federation.client_app import SITE_REFUSED, app, node_site_config
+        from arkfed.federation.run_signing import RunRefused
+        from arkfed.federation.site_state import append_outbox
+
+        try:
+            self.check(message, context)
+        except RunRefused as exc:
+            reason = f"refused: {exc}"
+            print(f"arkfed site: run {message.metadata.run_id}: {reason}", flush=True)
+            try:
+                state_dir = node_site_config(context).local_state_dir
+                append_outbox(state_dir, {"message_type": message.metadata.message_type, "run_id": message.metadata.run_id,
+                                          "group": message.metadata.group_id,
+                                          "error": {"code": SITE_REFUSED, "reason": reason}})
+            except Exception as log_exc:  # the refusal stands even if the audit log cannot be written
+                print(f"arkfed site: could not log the refusal: {log_exc}", flush=True)
+            return Message(Error(code=SITE_REFUSED, reason=reason), reply_to=message)
+        return app(message=message, context=context)
+
+
+def _install_gate() -> None:
+    """Make Flower's ``run_clientapp`` inspect the bundle instead of installing it, and load the
+    gated arkfed ClientApp instead of the bundle's."""
+    import hashlib
+    from pathlib import Path
+
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    verdict: dict[str, object] = {}
+
+    def inspect_instead_of_install(fab_file, *args, **kwargs) -> Path:
+        content = bytes(fab_file) if isinstance(fab_file, (bytes, bytearray)) else b""
+        verdict["refusal"] = inspect_bundle(content)
+        verdict["hash"] = hashlib.sha256(content).hexdigest()
+        return Path(os.devnull)
+
+    def load_gated(fab_id: str, fab_version: str, fab_hash: str) -> GatedClientApp:
+        refusal = verdict.get("refusal", "the run's app bundle was not inspected")
+        if refusal is None and verdict.get("hash") != fab_hash:
+            refusal = "the run's app bundle does not match its hash"
+        return GatedClientApp(refusal)  # type: ignore[arg-type]
+
+    for name in ("install_from_fab", "get_load_client_app_fn"):
+        if not hasattr(runtime, name):  # a Flower change must not silently skip the gate
+            raise RuntimeError(f"flwr.supernode.runtime.run_clientapp has no {name}; arkfed's site gate needs flwr 1.42")
+    runtime.install_from_fab = inspect_instead_of_install
+    runtime.get_load_client_app_fn = lambda *args, **kwargs: load_gated
+
+
 def _run_task(spec) -> int:
-    """Body of a forked task process: Flower's ClientApp runtime, as ``flwr-clientapp`` runs it."""
+    """Body of a forked task process: Flower's ClientApp runtime, as ``flwr-clientapp`` runs it,
+    with arkfed's gate in place of bundle installation and loading (:func:`_install_gate`)."""
     try:
         from flwr.supercore.exit import exit_handler
         from flwr.supercore.tls import validate_and_resolve_root_certificates
         from flwr.supernode.runtime.run_clientapp import run_clientapp
 
+        _install_gate()
         exit_handler.registered_exit_handlers.clear()  # the parent's handlers are not ours
         exit_handler._lock_handlers = threading.Lock()
+        from arkfed.federation.client_app import guard_task_replies
+
+        guard_task_replies()  # Flower's own error text never leaves the site (issue 8, item 6)
         run_clientapp(
             runtime_api_address=spec.runtime_api_address,
             token=spec.token,
@@ -113,7 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--insecure", action="store_true")
     parser.add_argument("--root-certificates", default=None)
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--federation-ca", default=None,
+                        help="the federation's ca.crt: runs must be signed by a coordinator certificate it issued")
     args = parser.parse_args(argv)
+    global FEDERATION_CA
+    FEDERATION_CA = args.federation_ca
+    if FEDERATION_CA is None:
+        print("arkfed site: no federation CA (insecure trial): runs are not checked for a coordinator signature", flush=True)
     preload()
     from flwr.supercore.superexec import run_superexec as superexec
 

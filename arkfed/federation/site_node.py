@@ -2,7 +2,9 @@
 
 The SuperNode runs with ``--isolation process``: its tasks are started by
 :mod:`arkfed.federation.site_executor`, which forks them from a process that imported torch and
-timm once. The node config names the site and its YAML, which the ClientApp reads. Layout at a
+timm once, and which runs arkfed's own ClientApp only, for runs signed by the coordinator whose CA
+the site was given (``--root-certificates``). The node config names the site and its YAML, which
+the ClientApp reads. Layout at a
 site: ``<local_state_dir>/flower`` (FLWR_HOME), ``<local_state_dir>/logs/supernode.log`` and
 ``executor.log`` (the ClientApp's output), plus what :mod:`arkfed.federation.site_state` keeps.
 """
@@ -31,11 +33,11 @@ def explain_supernode_exit(log: str, coordinator: str, key: Path | None, root_ce
     if "Failed to activate SuperNode" in log or "[code: 2004]" in log:
         if key is None:
             return (f"the coordinator at {coordinator} requires site authentication; start the site with "
-                    "--key SITE.key (from `arkfed certs init`)")
+                    "--key SITE.key (made here with `arkfed certs site-key SITE --out DIR`)")
         fingerprint = public_key_fingerprint_text(site_public_key_from_private(key).decode().split()[1])
         return (f"the coordinator at {coordinator} refused this site's key {key} ({fingerprint}): it is not registered "
-                "there. Send the matching .pub file to the coordinator, who adds it to its certificate folder and "
-                "restarts with --sites including this site")
+                "there. Send the matching .pub file to the coordinator, who registers it with `arkfed certs add-site` "
+                "and restarts with --sites including this site")
     lowered = log.lower()
     if "certificate verify failed" in lowered or "sslerror" in lowered or "ssl:" in lowered:
         return (f"TLS handshake with {coordinator} failed: check --root-certificates ({root_certificates}) is the "
@@ -111,6 +113,8 @@ class SiteNode:
 
         argv = [sys.executable, "-m", "arkfed.federation.site_executor", "--runtime-api-address",
                 f"127.0.0.1:{self.runtime_port}", "--insecure", "--parent-pid", str(self.process.pid)]
+        if self.root_certificates is not None:  # runs must be signed by a coordinator this CA certified
+            argv += ["--federation-ca", str(self.root_certificates)]
         self.executor = ManagedProcess.start(f"task executor of site {self.name!r}", argv, self.env,
                                              self.state_dir / "logs" / "executor.log")
 

@@ -34,6 +34,21 @@ STATE_HEAD = "arkfed.head"
 STATE_HEAD_META = "arkfed.head_meta"
 
 
+def run_folder(state_dir: Path, run_uid: object, site: str | None = None) -> Path:
+    """``<state_dir>/runs/<run_uid>``, for a run id the coordinator sent: refused unless it is a plain
+    name (1-64 letters, digits, '-', '_') whose folder stays inside ``state_dir`` (no ``..``, no
+    absolute path, no symlink out), so nothing is ever written or pruned outside it."""
+    from arkfed.federation.run_signing import RUN_UID_PATTERN
+
+    if not isinstance(run_uid, str) or not RUN_UID_PATTERN.fullmatch(run_uid):
+        raise ArkfedError(f"refusing run id {repr(run_uid)[:40]}: expected 1-64 letters, digits, '-' or '_'", site=site)
+    root = (Path(state_dir) / "runs").resolve()
+    folder = (root / run_uid).resolve()
+    if folder.parent != root:
+        raise ArkfedError(f"refusing run id {run_uid!r}: its folder resolves outside the site's state_dir", site=site)
+    return folder
+
+
 def schema_mismatch(site: str, have: LabelSchema, record: LabelSchema, where: str) -> ArkfedError:
     return ArkfedError(
         f"refusing to join: this site's dataset schema {have.describe()} differs from {where} "
@@ -46,7 +61,7 @@ class HeadStore:
 
     def __init__(self, state_dir: Path, run_uid: str, site: str, schema: LabelSchema, context_state: "RecordDict | None" = None,
                  kind: str = "head"):
-        self.folder = Path(state_dir) / "runs" / run_uid
+        self.folder = run_folder(state_dir, run_uid, site)
         self.run_uid, self.site, self.schema = run_uid, site, schema
         self.context_state = context_state
         self.kind = kind  # "head" (the student's) or "teacher-head"

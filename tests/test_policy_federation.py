@@ -1,0 +1,148 @@
+"""Issue 8 items 4-6 end to end, over real Flower processes on 127.0.0.1 (one federation, two runs).
+
+- policy: a coordinator asking for batch size 1, a test-split evaluation or an image size above a
+  site's limit is refused by that site with the policy key; the refusal is reported (not
+  retried) and the run goes on with the other sites and finishes;
+- bad replies: sites that return NaN weights, a wrongly sized student, no student, an absurd
+  ``num_examples`` or a reserved metric name (faults injected at the site by the test-only hook
+  ``tests/site_hooks.py``) are skipped, the teacher stays finite, the run finishes;
+- an error carrying a Windows path with spaces and a MIMIC-style ``p10000032\\s50414267`` id leaves
+  the site as ``data_error`` only: not in the Flower reply the coordinator logged, the run folder,
+  or the site's outbox; the site's own log keeps the full text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from arkfed.federation import messages as m
+from arkfed.federation.client_app import TEST_HOOK_ENV
+from arkfed.federation.loopback import LoopbackFederation
+from arkfed.federation.site_state import read_outbox
+from arkfed.model import ModelSpec
+from arkfed.runs import RunFolder
+from arkfed.weights import load_ark_model
+from federation_fixtures import fast_settings, make_sites, tiny_config
+from site_hooks import FAULTS_ENV
+
+RUN_TIMEOUT = 300.0
+HOOK = Path(__file__).with_name("site_hooks.py")
+NIH, CHEXPERT, SHENZHEN = "demo-nih", "demo-chexpert", "demo-shenzhen"
+PERMISSIVE = {"min_batch_size": 1, "min_steps_per_visit": 1, "evaluate_splits": ["val", "test"]}
+
+pytestmark = pytest.mark.slow
+
+
+def _set_policies(paths: dict[str, Path], policies: dict[str, dict]) -> None:
+    """Rewrite the sites' YAML policies (each request reads its site's YAML afresh)."""
+    for name, path in paths.items():
+        data = yaml.safe_load(path.read_text())
+        data["policy"] = policies[name]
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _inbox(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "logs" / "inbox.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("policyfed")
+    paths = make_sites(root)
+    faults = root / "faults.json"
+    faults.write_text("{}")
+    with pytest.MonkeyPatch.context() as mp:  # the site processes inherit these
+        mp.setenv(TEST_HOOK_ENV, f"{HOOK}:misbehave")
+        mp.setenv(FAULTS_ENV, str(faults))
+        by_name = {yaml.safe_load(p.read_text())["name"]: p for p in paths}
+        _set_policies(by_name, {
+            NIH: {"min_steps_per_visit": 1},  # otherwise the defaults: batch >= 16, val only
+            CHEXPERT: PERMISSIVE | {"max_image_size": 16},
+            SHENZHEN: PERMISSIVE,
+        })
+        # a ViT (no BatchNorm) so that the one site that accepts batches of one can train on them
+        vit = ModelSpec(model="test_vit", img_size=32, projector_dim=16)
+        config = tiny_config(paths, rounds=1, batch_size=1).model_copy(update={"eval_split": "test", "model": vit})
+        fed = LoopbackFederation(config, root / "run-policy", paths, fast_settings(), secure=False)
+        try:
+            fed.start()
+            fed.paths, fed.faults = by_name, faults
+            yield fed
+        finally:
+            fed.stop()
+
+
+def test_requests_outside_a_sites_policy_are_refused_reported_and_the_run_goes_on(federation):
+    summary = federation.wait(timeout=RUN_TIMEOUT)
+    out = federation.out
+    skipped = {(s["site"], s["stage"]): s["reason"] for s in summary["skipped"]}
+    assert set(skipped) == {(NIH, "visit"), (NIH, "evaluation"), (CHEXPERT, "visit"), (CHEXPERT, "evaluation")}
+    assert skipped[NIH, "visit"] == "policy_refused: min_batch_size: batch size 1 < 16"
+    assert skipped[NIH, "evaluation"] == "policy_refused: evaluate_splits: split 'test' is not in ['val']"
+    assert skipped[CHEXPERT, "visit"] == skipped[CHEXPERT, "evaluation"] == "policy_refused: max_image_size: image size 32 > 16"
+    records = RunFolder(out).read_metrics()
+    assert [(r["site"], r["visit"]) for r in records if r["kind"] == "visit"] == [(SHENZHEN, 2)]  # the others went on
+    assert {(r["site"], r["split"]) for r in records if r["kind"] == "eval"} == {(SHENZHEN, "test")}
+    assert [r["round"] for r in records if r["kind"] == "round"] == [0]
+    errors = [e for e in _inbox(out) if "error" in e]
+    assert len(errors) == 4 and all(e["error"]["code"] == 100 for e in errors)  # refused once each: never retried
+    log = (out / "logs" / "serverapp.log").read_text()  # the coordinator's warnings
+    assert "visit in round 1 skipped: policy_refused: min_batch_size" in log and "policy_refused: max_image_size" in log
+    for name, key in ((NIH, "min_batch_size"), (CHEXPERT, "max_image_size")):
+        state = yaml.safe_load(federation.paths[name].read_text())["state_dir"]
+        assert f"policy_refused: {key}" in (Path(state) / "logs" / "site-errors.log").read_text()
+
+
+def test_bad_replies_are_skipped_the_teacher_stays_finite_and_errors_leave_no_paths_or_ids(federation, tmp_path):
+    federation.wait(timeout=RUN_TIMEOUT)  # the policy run, if this test runs alone
+    paths = federation.paths
+    _set_policies(paths, {name: {"min_batch_size": 2, "min_steps_per_visit": 1} for name in paths})
+    # parallel mode (the average must not take a bad reply), nih, chexpert, shenzhen: visits 0-5 over
+    # two rounds; only visit 2 is honest (the cyclic path checks replies in the policy run above)
+    federation.faults.write_text(json.dumps({
+        f"{NIH}:visit:0": "nan", f"{CHEXPERT}:visit:1": "shape", f"{NIH}:visit:3": "missing",
+        f"{CHEXPERT}:visit:4": "examples", f"{SHENZHEN}:visit:5": "error", f"{NIH}:eval": "site_metric",
+    }))
+    config = tiny_config(list(paths.values()), rounds=2).model_copy(update={"mode": "parallel"})
+    out = tmp_path / "run-faults"
+    federation.submit(config, out, fast_settings())
+    summary = federation.wait(timeout=RUN_TIMEOUT)
+
+    skipped = {(s["site"], s["stage"], s["visit"] if s["stage"] == "visit" else s["round"]): s["reason"]
+               for s in summary["skipped"]}
+    assert set(skipped) == {(NIH, "visit", 0), (CHEXPERT, "visit", 1), (NIH, "visit", 3), (CHEXPERT, "visit", 4),
+                            (SHENZHEN, "visit", 5), (NIH, "evaluation", 0), (NIH, "evaluation", 1)}
+    assert "rejected reply: returned student: non-finite values" in skipped[NIH, "visit", 0]
+    assert "rejected reply: returned student arrays do not match the model" in skipped[CHEXPERT, "visit", 1]
+    assert skipped[NIH, "visit", 3] == "rejected reply: visit reply lacks 'student'"
+    assert "num_examples 1000000000 exceeds what the site declared (at most 13)" in skipped[CHEXPERT, "visit", 4]
+    assert skipped[SHENZHEN, "visit", 5] == "data_error"
+    assert "metric 'site' is reserved" in skipped[NIH, "evaluation", 1]
+    records = RunFolder(out).read_metrics()
+    assert [(r["site"], r["visit"]) for r in records if r["kind"] == "visit"] == [(SHENZHEN, 2)]
+    assert [r["round"] for r in records if r["kind"] == "round"] == [0, 1]  # the run finished
+    assert {r["site"] for r in records if r["kind"] == "eval"} == {CHEXPERT, SHENZHEN}
+
+    for model in (load_ark_model(out, "teacher"), load_ark_model(out, "student"), RunFolder(out).load_checkpoint().teacher):
+        assert all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.dtype.is_floating_point)
+    assert (out / "checkpoint.prev.safetensors").is_file()
+
+    # the error with a Windows path and MIMIC ids: a category at the coordinator, the full text at the site
+    leaks = ("Jane Doe", "p10000032", "s50414267", "C:\\", "02aa804e")
+    errors = [e["error"] for e in _inbox(out) if "error" in e]
+    assert {"code": 101, "reason": "data_error"} in errors  # the Flower reply as it arrived
+    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.suffix != ".safetensors"):
+        leaked = [w for w in leaks if w.encode() in path.read_bytes()]  # inbox, logs, metrics, status, summary
+        assert not leaked, f"{path.relative_to(out)} holds {leaked}"
+    state = Path(yaml.safe_load(paths[SHENZHEN].read_text())["state_dir"])
+    assert not [w for w in leaks if w in json.dumps(read_outbox(state))]
+    local = (state / "logs" / "site-errors.log").read_text()
+    assert "C:\\Users\\Jane Doe\\MIMIC CXR\\files\\p10\\p10000032\\s50414267" in local
+    sent = [e for e in read_outbox(state) if e.get("error")]
+    assert sent and all(e["error"] == {"code": 101, "reason": "data_error"} for e in sent)
+    assert m.VISIT in {e["message_type"] for e in sent}
