@@ -320,7 +320,8 @@ def transfer(model, target, budget: Budget, seed: int, init: str = "model") -> d
     train, test = (embed_table(frozen, target.split(s), target.schema, "backbone", 64, device) for s in ("train", "test"))
     out = {}
     for shots in (None, *budget.shots):
-        out["probe all" if shots is None else f"probe {shots}-shot"] = float(probe_embeddings(train, test, target.schema, shots, seed=seed)["mean_auc"])
+        scored = probe_embeddings(train, test, target.schema, shots, seed=seed)
+        out["probe all" if shots is None else f"probe {shots}-shot"] = float(scored["mean_auc"])
     out["finetune"] = finetune_auc(model, target, budget, seed, init)
     return out
 

@@ -16,11 +16,15 @@ benchmark_app = typer.Typer(help="Benchmarks on your own sites (or the offline d
 
 @benchmark_app.command("accrual")
 def accrual(
-    sites: Optional[str] = typer.Option(None, help="comma-separated site names (sites/NAME.yaml) or YAML paths; none = the demo federation + demo-vindr"),
-    held_out: Optional[str] = typer.Option(None, help="the site held out for the accrual curve [demo: demo-vindr; else the last of --sites]"),
-    budget: str = typer.Option("default", help="default (2 CPU cores, ~20 min) | smoke (seconds, numbers mean nothing) | gpu (CUDA machine)"),
+    sites: Optional[str] = typer.Option(
+        None, help="comma-separated site names (sites/NAME.yaml) or YAML paths; none = the demo federation + demo-vindr"),
+    held_out: Optional[str] = typer.Option(
+        None, help="the site held out for the accrual curve [demo: demo-vindr; else the last of --sites]"),
+    budget: str = typer.Option(
+        "default", help="default (2 CPU cores, ~20 min) | smoke (seconds, numbers mean nothing) | gpu (CUDA machine)"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the budget's)"),
-    epochs: Optional[int] = typer.Option(None, min=1, help="E: epochs of each site's own data, alone and as a member (default: the budget's)"),
+    epochs: Optional[int] = typer.Option(
+        None, min=1, help="E: epochs of each site's own data, alone and as a member (default: the budget's)"),
     weighting: str = typer.Option("equal", help="parallel-federation average: equal (Ark+) | samples (FedAvg)"),
     imagenet: Optional[Path] = typer.Option(None, help="a local timm weights file for the ImageNet-init baseline (never downloaded)"),
     ema: Optional[str] = typer.Option(None, help="teacher EMA: iteration (budget default) | visit (Ark's)"),
