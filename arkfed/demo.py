@@ -247,7 +247,8 @@ def write_chestxray14(root: Path, site: DemoSite, plan: list[DemoImage], save: I
         save(image, root / "images" / name, "PNG")
         labels = sorted(site.class_names.get(f, f) for f in image.findings)
         size = 2500 + image.patient % 500
-        lines.append(f"{name},{'|'.join(labels) or 'No Finding'},{image.followup},{image.patient},{image.age},{image.sex},{image.view},{size},{size},0.143,0.143")
+        lines.append(f"{name},{'|'.join(labels) or 'No Finding'},{image.followup},{image.patient},{image.age},"
+                     f"{image.sex},{image.view},{size},{size},0.143,0.143")
         (test if _unit(seed, site.name, image.patient) < 0.2 else train_val).append(name)
     (root / "Data_Entry_2017_v2020.csv").write_text("\n".join(lines) + "\n")
     (root / "train_val_list.txt").write_text("\n".join(train_val) + "\n")

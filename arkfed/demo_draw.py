@@ -250,7 +250,8 @@ def _pneumothorax(cv: Canvas, rng: np.random.Generator, strength: float) -> None
     cv.density += 0.16 * strength * line
 
 
-def _nodules(cv: Canvas, rng: np.random.Generator, strength: float, count: tuple[int, int], radius: tuple[float, float], density: float) -> None:
+def _nodules(cv: Canvas, rng: np.random.Generator, strength: float, count: tuple[int, int], radius: tuple[float, float],
+             density: float) -> None:
     for _ in range(int(rng.integers(count[0], count[1] + 1))):
         lung = cv.lungs[str(rng.choice(["right", "left"]))]
         px, py = _random_lung_point(rng, lung)

@@ -60,7 +60,8 @@ PLAN_DIGEST = """
 import hashlib, sys
 from arkfed.demo import DEMO_SITES, plan_site
 plan = [plan_site(site, i, 1, 1500) for i, site in enumerate(DEMO_SITES)]
-print(hashlib.sha256(repr([[(p.key, sorted(p.findings.items()), sorted(p.uncertain), p.sex, p.age, p.view) for p in s] for s in plan]).encode()).hexdigest())
+rows = [[(p.key, sorted(p.findings.items()), sorted(p.uncertain), p.sex, p.age, p.view) for p in s] for s in plan]
+print(hashlib.sha256(repr(rows).encode()).hexdigest())
 """
 
 
