@@ -37,6 +37,7 @@ def small_demo(tmp_path_factory) -> Path:
     small = tuple(dataclasses.replace(s, images=n) for s, n in zip(arkfed.demo.DEMO_SITES, (30, 30, 24)))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(arkfed.demo, "DEMO_SITES", small)
+        patch.setattr(arkfed.demo, "ALL_DEMO_SITES", small + arkfed.demo.EXTRA_DEMO_SITES)
         result = run("demo-data", out, "--seed", "5", "--size", "32")
     assert result.exit_code == 0, result.output
     assert "SYNTHETIC" in result.output and "demo-shenzhen" in result.output
