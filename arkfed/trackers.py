@@ -405,10 +405,8 @@ def _without_password(uri: str) -> str:
 
 
 def _git_commit() -> str | None:
-    try:
-        from arkfed.provenance import git_state
-    except ImportError:
-        return None
+    from arkfed.provenance import git_state
+
     return git_state().get("commit")
 
 
