@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import nn
 
+    from arkfed.config import TrainSettings
+
 
 def cosine_value(base: float, final: float, step: float, total: int) -> float:
     """Ark's/DINO's cosine interpolation from ``base`` (step 0) towards ``final`` (step ``total``)."""
@@ -75,3 +77,35 @@ def _ema(teacher: "nn.Module", student: "nn.Module", momentum: float) -> None:
     if t_float:
         torch._foreach_mul_(t_float, momentum)
         torch._foreach_add_(t_float, s_float, alpha=1.0 - momentum)
+
+
+def visit_lrs(settings: TrainSettings, total_visits: int, visits_per_round: int = 1) -> list[float]:
+    """The lr of every visit from timm's warm-up + cosine scheduler, stepped per visit.
+
+    The warm-up lasts ``warmup_visits + warmup_rounds * visits_per_round`` steps (so Ark's 20
+    warm-up epochs are 20 rounds whatever the number of sites)."""
+    import torch
+    from timm.scheduler import create_scheduler_v2
+
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=settings.lr)
+    warmup = settings.warmup_visits + settings.warmup_rounds * visits_per_round
+    warmup = min(warmup, max(total_visits - 1, 0))
+    warmup_lr = settings.lr * 0.01 if settings.warmup_lr is None else settings.warmup_lr
+    scheduler, _ = create_scheduler_v2(
+        dummy, sched="cosine", num_epochs=total_visits, warmup_epochs=warmup,
+        warmup_lr=warmup_lr, min_lr=settings.min_lr,
+    )
+    lrs = []
+    for visit in range(total_visits):
+        scheduler.step(visit)
+        lrs.append(float(dummy.param_groups[0]["lr"]))
+    return lrs
+
+
+def schedule_values(settings: TrainSettings, step: float, total: int) -> tuple[float, float]:
+    """(consistency weight c, teacher momentum) at ``step`` of ``total`` schedule steps: c from its
+    own cosine (Ark) or tied to the momentum (Ark+, ``consistency_schedule="momentum"``)."""
+    momentum = teacher_momentum(step, total, settings.momentum_teacher)
+    if settings.consistency_schedule == "momentum":
+        return consistency_from_momentum(momentum), momentum
+    return consistency_weight(step, total, settings.max_consistency), momentum

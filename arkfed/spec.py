@@ -40,7 +40,7 @@ class ModelSpec(BaseModel):
     @classmethod
     def _timm_normalisation(cls, data):
         """Mean/std not given come from timm's pretrained config of the architecture, which is
-        what :class:`arkfed.model.ArkModel` normalises with; so a run's ``config.yaml`` records
+        what :class:`arkfed.model.ark.ArkModel` normalises with; so a run's ``config.yaml`` records
         the normalisation that actually ran (timm's ``test_resnet`` uses 0.5, not ImageNet's).
         timm is imported only here, when a spec is validated, so importing this module stays light."""
         if not isinstance(data, dict) or ("mean" in data and "std" in data):

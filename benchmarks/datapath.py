@@ -2,7 +2,7 @@
 
 For each format (8-bit PNG 1024^2 and a DICOM from ../shared/data/samples when present, plus
 synthetic full-size 16-bit PNG and JPEG at 2500x3000 written into a temporary folder) and each
-output size, one process with one thread runs :func:`arkfed.data.read_resized` over the files
+output size, one process with one thread runs :func:`arkfed.data.loaders.read_resized` over the files
 through a plain ``FileImages`` table (decode + resize, today's path) and through the site cache
 (``CachedImages``: memory map + CRC check + resize). Warm-up pass first, then ``--repeats``
 timed passes: the table shows the median images/s and the spread (min-max), and the JSON has
@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from arkfed.cache import open_cached, prepare_cache, site_sources
-from arkfed.data import read_resized
-from arkfed.dataset import DatasetTable, FileImages, make_meta
-from arkfed.site import SiteConfig
+from arkfed.data.cache import prepare_cache
+from arkfed.data.loaders import read_resized
+from arkfed.data.tables import DatasetTable, FileImages, make_meta
+from arkfed.site.cache import open_cached, site_sources
+from arkfed.site.config import SiteConfig
 
 SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "samples"
 

@@ -28,7 +28,7 @@ import yaml
 
 
 def make_sites(root: Path, images: int, size: int) -> list[Path]:
-    from arkfed.demo import DEMO_SITES, generate_demo_federation
+    from arkfed.demo.generate import DEMO_SITES, generate_demo_federation
 
     paths = []
     for src in generate_demo_federation(root / "data", seed=0, size=size, counts={s.name: images for s in DEMO_SITES}):
@@ -44,8 +44,8 @@ def make_sites(root: Path, images: int, size: int) -> list[Path]:
 
 def local_visit_seconds(config, out: Path, site_configs) -> list[float]:
     """Wall time of each visit that directly follows another visit of the same round."""
-    from arkfed.callbacks import LoopCallback
-    from arkfed.loop import train_local
+    from arkfed.run.callbacks import LoopCallback
+    from arkfed.run.local import train_local
 
     stamps = []
 
@@ -68,13 +68,14 @@ def main() -> None:
     parser.add_argument("--insecure", action="store_true", help="no TLS / site authentication")
     args = parser.parse_args()
 
+    from arkfed.config import TrainConfig, TrainSettings
     from arkfed.federation import messages as m
     from arkfed.federation.loopback import run_loopback
     from arkfed.federation.protocol import FederationSettings
-    from arkfed.model import ArkModel, ModelSpec
-    from arkfed.runs import RunFolder
-    from arkfed.site import load_site_config
-    from arkfed.training import TrainConfig, TrainSettings
+    from arkfed.model.ark import ArkModel
+    from arkfed.run.folder import RunFolder
+    from arkfed.site.config import load_site_config
+    from arkfed.spec import ModelSpec
 
     with tempfile.TemporaryDirectory(prefix="arkfed-bench-") as tmp:
         root = Path(tmp)

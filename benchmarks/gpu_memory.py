@@ -1,7 +1,7 @@
 """Peak GPU memory of an Ark training step per batch size (CUDA only; prints "no CUDA" otherwise).
 
 One step is what a visit does per batch: student forward + head + backward, the teacher's
-gradient-free forward, AdamW step; channels_last + bf16 autocast as in :mod:`arkfed.visit`.
+gradient-free forward, AdamW step; channels_last + bf16 autocast as in :mod:`arkfed.ark.visit`.
 Inputs sit on the GPU already, so the figure is the model's, not the data path's. Two steps are
 run (the optimizer allocates its state in the first); the peak of both is reported, or OOM.
 
@@ -19,11 +19,13 @@ import torch
 
 
 def peak_bytes(model_name: str, img_size: int, batch: int, classes: int = 14) -> int | None:
-    from arkfed.losses import ark_loss, consistency_loss, task_loss
-    from arkfed.model import ArkModel, ModelSpec, SiteHead
-    from arkfed.schema import LabelSchema
-    from arkfed.training import TrainSettings, autocast
-    from arkfed.visit import make_optimizer
+    from arkfed.ark.losses import ark_loss, consistency_loss, task_loss
+    from arkfed.ark.visit import make_optimizer
+    from arkfed.config import TrainSettings
+    from arkfed.data.schema import LabelSchema
+    from arkfed.devices import autocast
+    from arkfed.model.ark import ArkModel, SiteHead
+    from arkfed.spec import ModelSpec
 
     device = torch.device("cuda")
     torch.cuda.empty_cache()

@@ -3,7 +3,7 @@
 The reference loop trains the same timm model (with a classifier) at the same batch size, memory
 format and precision (channels_last + bf16 autocast on CUDA) on batches that already sit on the
 device: no files, no decoding, no augmentation, no copies, no per-step synchronisation. It is what
-the hardware can do. The Ark visit is the real thing: :func:`arkfed.visit.train_site_visit` on a
+the hardware can do. The Ark visit is the real thing: :func:`arkfed.ark.visit.train_site_visit` on a
 site of PNG files (the synthetic demo generator) through the plugin, the data pipeline (optionally
 the prepared-image cache, ``--cache``), DataLoader workers, the student, the teacher's extra
 forward and the consistency loss. The teacher forward alone bounds the ratio near 0.75 (forward +
@@ -29,11 +29,14 @@ from pathlib import Path
 
 import torch
 
-from arkfed.demo import generate_demo_federation
-from arkfed.model import ArkModel, ModelSpec, SiteHead
-from arkfed.site import ComputeSettings, Site, load_site
-from arkfed.training import TrainSettings, VisitPlan, autocast, memory_format, resolve_device
-from arkfed.visit import train_site_visit
+from arkfed.ark.visit import train_site_visit
+from arkfed.config import TrainSettings, VisitPlan
+from arkfed.demo.generate import generate_demo_federation
+from arkfed.devices import autocast, memory_format, resolve_device
+from arkfed.model.ark import ArkModel, SiteHead
+from arkfed.site.config import ComputeSettings
+from arkfed.site.load import Site, load_site
+from arkfed.spec import ModelSpec
 
 
 def sync(device: torch.device) -> None:
@@ -46,7 +49,7 @@ def bare_loop(model_name: str, img_size: int, classes: int, batch: int, device: 
     """The compute limit: a timm training loop over batches already on the device; yields images/s per run."""
     from timm.optim import create_optimizer_v2
 
-    from arkfed.model import create_backbone
+    from arkfed.model.ark import create_backbone
 
     fmt = memory_format(device)
     backbone = create_backbone(model_name, img_size)  # timm.create_model(num_classes=0), img_size where it applies

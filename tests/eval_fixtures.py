@@ -16,10 +16,11 @@ import numpy as np
 import torch
 import yaml
 
-from arkfed.dataset import ArrayImages, DatasetTable, make_meta
-from arkfed.model import ArkModel, ModelSpec, SiteHead
-from arkfed.schema import LabelSchema
-from arkfed.weights import save_ark_model, save_head
+from arkfed.data.schema import LabelSchema
+from arkfed.data.tables import ArrayImages, DatasetTable, make_meta
+from arkfed.model.ark import ArkModel, SiteHead
+from arkfed.model.weights import save_ark_model, save_head
+from arkfed.spec import ModelSpec
 
 ARCH = "test_resnet"
 SIZE = 32
@@ -122,9 +123,9 @@ PLUGIN_SOURCE = textwrap.dedent('''
     from pathlib import Path
     import numpy as np
     from pydantic import BaseModel, ConfigDict
-    from arkfed.dataset import ArrayImages, DatasetTable, make_meta
-    from arkfed.plugins import DatasetPlugin, register_dataset
-    from arkfed.schema import LabelSchema
+    from arkfed.data.tables import ArrayImages, DatasetTable, make_meta
+    from arkfed.datasets._plugin import DatasetPlugin, register_dataset
+    from arkfed.data.schema import LabelSchema
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -174,9 +175,9 @@ def pretrain(spec: ModelSpec, table: DatasetTable, schema: LabelSchema, site: st
              lr: float = 3e-3) -> tuple[ArkModel, SiteHead]:
     """A quickly *trained* ArkModel and head: fitted on ``table`` by plain supervised training
     (stands in for an Ark run where a test needs a model that has learnt the findings)."""
-    from arkfed.data import Normalise
-    from arkfed.losses import task_loss
-    from arkfed.schema import label_targets
+    from arkfed.ark.losses import task_loss
+    from arkfed.data.loaders import Normalise
+    from arkfed.data.schema import label_targets
 
     torch.manual_seed(seed)
     model = ArkModel(spec)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import yaml
 
+from arkfed.config import TrainConfig, TrainSettings
 from arkfed.federation.protocol import FederationSettings
-from arkfed.model import ModelSpec
-from arkfed.training import TrainConfig, TrainSettings
+from arkfed.spec import ModelSpec
 
 SITE_IMAGES = 16
 FAST = dict(join_timeout=120.0, visit_timeout=120.0, rejoin_wait=2.0)
@@ -17,7 +17,7 @@ FAST = dict(join_timeout=120.0, visit_timeout=120.0, rejoin_wait=2.0)
 def make_sites(root: Path, images: int = SITE_IMAGES) -> list[Path]:
     """The three demo sites (ChestX-ray14, CheXpert and Shenzhen layouts) with their state under
     ``root/state``; returns their YAML paths."""
-    from arkfed.demo import DEMO_SITES, generate_demo_federation
+    from arkfed.demo.generate import DEMO_SITES, generate_demo_federation
 
     yamls = generate_demo_federation(root / "data", seed=0, size=32, counts={s.name: images for s in DEMO_SITES})
     return site_copies(yamls, root / "sites", root / "state")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from arkfed.dataset import ArrayImages, DatasetTable, make_meta
-from arkfed.schema import UNCERTAIN, LabelSchema
+from arkfed.data.schema import UNCERTAIN, LabelSchema
+from arkfed.data.tables import ArrayImages, DatasetTable, make_meta
 
 
 def synthetic_table(n: int, classes: tuple[str, ...], size: int = 32, seed: int = 0, uncertain: float = 0.0,

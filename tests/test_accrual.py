@@ -10,12 +10,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from arkfed.benchmarking.accrual import BUDGETS, Plan, curve_subsets, orderings, train_config
+from arkfed.benchmarking.accrual import BUDGETS, Plan, train_config
 from arkfed.benchmarking.baselines import pooled_schedule, train_pooled
+from arkfed.benchmarking.plan import curve_subsets, orderings
 from arkfed.benchmarking.stats import mean_ci, paired
-from arkfed.demo import ALL_DEMO_SITES, generate_demo_federation
+from arkfed.demo.generate import ALL_DEMO_SITES, generate_demo_federation
 from arkfed.errors import ArkfedError
-from arkfed.site import load_site
+from arkfed.site.load import load_site
 
 SMOKE = BUDGETS["smoke"]
 COUNTS = {"demo-nih": 40, "demo-chexpert": 40, "demo-shenzhen": 40, "demo-vindr": 48}
@@ -65,7 +66,7 @@ def test_pooled_interleaves_every_site_and_trains_each_head_on_its_own_batches(t
     assert sorted(schedule) == ["a", "a", "a", "b", "b"] and schedule != pooled_schedule({"a": 3, "b": 2}, seed=2)
     sites = {n: tiny[n] for n in ("demo-nih", "demo-shenzhen")}
     config = train_config(list(sites), SMOKE, seed=0)
-    from arkfed.loop import initial_state
+    from arkfed.run.loop import initial_state
 
     before = initial_state(config, {n: s.schema for n, s in sites.items()})
     state = train_pooled(config, sites)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from arkfed.demo import ALL_DEMO_SITES, DEMO_SITES, EXTRA_DEMO_SITES, generate_demo_federation, plan_site, vindr_image_id
-from arkfed.site import load_site
+from arkfed.demo.generate import ALL_DEMO_SITES, DEMO_SITES, EXTRA_DEMO_SITES, generate_demo_federation, plan_site, vindr_image_id
+from arkfed.site.load import load_site
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"demo-nih": 10, "demo-chexpert": 10, "demo-shenzhen": 8, "demo-vindr": 160}
@@ -35,7 +35,7 @@ def test_vindr_findings_need_several_other_sites():
     """The benchmark's premise: every finding drawn at demo-vindr is drawn at some other site, and
     no single other site has them all."""
     def drawn(site) -> set[str]:
-        return set(site.prevalence) - {"Support Devices"}  # canonical names (arkfed.findings)
+        return set(site.prevalence) - {"Support Devices"}  # canonical names (arkfed.data.findings)
 
     vindr = drawn(VINDR) - {"Mass"}  # Mass and Nodule are one VinDr label (Nodule/Mass)
     union = set().union(*(drawn(s) for s in DEMO_SITES))

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from arkfed.datasets._plugin import get_plugin
+from arkfed.datasets._scaffold import DatasetRequest, scaffold_dataset
 from arkfed.errors import ArkfedError
-from arkfed.plugins import get_plugin
-from arkfed.scaffold import DatasetRequest, scaffold_dataset
-from arkfed.site import load_site
-from arkfed.validate import validate_site
+from arkfed.site.load import load_site
+from arkfed.site.validate import validate_site
 
 
 def make_dataset(root: Path, n: int = 60, effusion=None, finding=None) -> Path:

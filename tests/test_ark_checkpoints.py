@@ -18,15 +18,10 @@ import timm
 import torch
 from torch import nn
 
-from arkfed import ark_checkpoints
-from arkfed.ark_checkpoints import (
-    ARK_DATASETS,
-    infer_spec,
-    load_ark_checkpoint,
-    split_state,
-)
-from arkfed.model import ModelSpec
-from arkfed.weights import load_ark_model, load_file_heads
+from arkfed.model import released as ark_checkpoints
+from arkfed.model.released import ARK_DATASETS, infer_spec, load_ark_checkpoint, split_state
+from arkfed.model.weights import load_ark_model, load_file_heads
+from arkfed.spec import ModelSpec
 
 TINY = "swin_arkfed_tiny_test"
 TINY_ARGS = dict(patch_size=4, window_size=7, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2))
@@ -122,7 +117,7 @@ def test_omni_heads_become_named_heads_in_arks_dataset_order(released):
 
 
 def test_head_schemas_match_the_dataset_plugins():
-    from arkfed.plugins import get_plugin
+    from arkfed.datasets._plugin import get_plugin
 
     for dataset in ARK_DATASETS:
         if dataset.name == "covidx":
@@ -179,10 +174,10 @@ def test_not_an_ark_checkpoint_is_named(tmp_path: Path):
 
 
 def test_init_from_a_released_checkpoint_starts_a_run_on_a_new_site(released):
-    from arkfed.loop import initial_state
-    from arkfed.schema import LabelSchema
-    from arkfed.training import TrainConfig
-    from arkfed.weights import load_init_heads
+    from arkfed.config import TrainConfig
+    from arkfed.data.schema import LabelSchema
+    from arkfed.model.weights import load_init_heads
+    from arkfed.run.loop import initial_state
 
     path, backbone, _, _ = released
     config = TrainConfig(sites=["mysite"], init=str(path), model=ModelSpec(model=TINY, img_size=224))

@@ -9,11 +9,11 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+from arkfed.ark.metrics import roc_auc
 from arkfed.cli import app
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.bias import balanced_train_rows, delong_test
 from arkfed.evaluation.stats import adjust_pvalues
-from arkfed.metrics import roc_auc
 from eval_fixtures import make_run_folder, schemas, synthetic_table, write_site
 
 

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import arkfed.dataset
-from arkfed.cache import CachedImages, CacheIndex, CacheSettings, fit_resize, open_cached, prepare_cache, site_sources
-from arkfed.dataset import DatasetTable, FileImages, make_meta
+import arkfed.data.tables
+from arkfed.data.cache import CachedImages, CacheIndex, CacheSettings, fit_resize, prepare_cache
+from arkfed.data.imageio import read_image
+from arkfed.data.tables import DatasetTable, FileImages, make_meta
 from arkfed.errors import ArkfedError
-from arkfed.imageio import read_image
-from arkfed.site import SiteConfig, load_site_config
+from arkfed.site.cache import open_cached, site_sources
+from arkfed.site.config import SiteConfig, load_site_config
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 40  # the cache's longer side in these tests; most images below are larger
@@ -78,7 +79,7 @@ def test_cached_pixels_equal_a_fresh_decode_without_reading_the_files(tmp_path, 
     assert (status.rows, status.fresh, status.changed, status.missing) == (12, 12, 0, 0)
     assert status.nbytes <= 12 * SIZE * SIZE  # the memory bound: n x size^2 bytes of pixels at most
     expected = {t.images.describe(i): _expected(t.images.describe(i)) for t in splits.values() for i in range(len(t))}
-    monkeypatch.setattr(arkfed.dataset, "read_image", lambda p: (_ for _ in ()).throw(AssertionError(f"decoded {p}")))
+    monkeypatch.setattr(arkfed.data.tables, "read_image", lambda p: (_ for _ in ()).throw(AssertionError(f"decoded {p}")))
     for table in cached.values():
         assert isinstance(table.images, CachedImages)
         for i in range(len(table)):
@@ -141,7 +142,7 @@ def test_corrupt_bytes_of_same_length_fall_back_to_the_file(tmp_path):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from arkfed.cache import prepare_cache
+    from arkfed.data.cache import prepare_cache
     folder, kill_after = Path(sys.argv[1]), int(sys.argv[2])
     sources = [(Path(p).name, p) for p in sys.argv[3:]]
     def progress(done, total):
@@ -175,10 +176,10 @@ def test_prepare_killed_midway_resumes_and_serves_right_pixels(tmp_path):
 
 
 def test_site_yaml_cache_auto_prepares_on_first_use_and_trains_identically(tmp_path):
-    from arkfed.data import read_resized
-    from arkfed.demo import generate_demo_federation
-    from arkfed.site import load_site
-    from arkfed.validate import validate_site
+    from arkfed.data.loaders import read_resized
+    from arkfed.demo.generate import generate_demo_federation
+    from arkfed.site.load import load_site
+    from arkfed.site.validate import validate_site
 
     yaml = generate_demo_federation(tmp_path / "demo", size=32, counts={"demo-nih": 1, "demo-chexpert": 1, "demo-shenzhen": 20})[-1]
     plain = load_site(yaml)
@@ -235,14 +236,14 @@ def test_dicom_sample_cached_like_the_reader(tmp_path, shared_data):
 
 
 def test_unwritable_cache_folder_warns_under_auto_and_fails_under_on(tmp_path, caplog):
-    from arkfed.cache import attach_cache
-    from arkfed.site import Site
+    from arkfed.site.cache import attach_cache
+    from arkfed.site.load import Site
 
     config, splits = _site(tmp_path)
     (tmp_path / "blocked").write_text("a file where the cache folder should be")
     config = config.model_copy(update={"cache": config.cache.model_copy(update={"dir": tmp_path / "blocked"})})
     site = Site(config=config, plugin=None, schema=None, splits=splits)
-    with caplog.at_level("WARNING", logger="arkfed.cache"):
+    with caplog.at_level("WARNING", logger="arkfed.site.cache"):
         same = attach_cache(site)
     assert same.cache is None and isinstance(same.splits["train"].images, FileImages)
     assert "decoding files" in caplog.text

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import arkfed.demo
+import arkfed.demo.generate
 from arkfed.cli import app, main
 
 runner = CliRunner()
@@ -34,10 +34,10 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 def small_demo(tmp_path_factory) -> Path:
     """`arkfed demo-data` with the demo sites shrunk to a few images each."""
     out = tmp_path_factory.mktemp("cli_demo") / "demo"
-    small = tuple(dataclasses.replace(s, images=n) for s, n in zip(arkfed.demo.DEMO_SITES, (30, 30, 24)))
+    small = tuple(dataclasses.replace(s, images=n) for s, n in zip(arkfed.demo.generate.DEMO_SITES, (30, 30, 24)))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(arkfed.demo, "DEMO_SITES", small)
-        patch.setattr(arkfed.demo, "ALL_DEMO_SITES", small + arkfed.demo.EXTRA_DEMO_SITES)
+        patch.setattr(arkfed.demo.generate, "DEMO_SITES", small)
+        patch.setattr(arkfed.demo.generate, "ALL_DEMO_SITES", small + arkfed.demo.generate.EXTRA_DEMO_SITES)
         result = run("demo-data", out, "--seed", "5", "--size", "32")
     assert result.exit_code == 0, result.output
     assert "SYNTHETIC" in result.output and "demo-shenzhen" in result.output

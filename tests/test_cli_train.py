@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from arkfed.cli import app
-from arkfed.demo import generate_demo_federation
+from arkfed.demo.generate import generate_demo_federation
 from arkfed.errors import ArkfedError
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "--projector-dim", "16", "--batch-size", "8",

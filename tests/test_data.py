@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from arkfed.data import make_eval_loader, make_train_loader, read_resized, visit_draws
-from arkfed.dataset import ArrayImages, DatasetTable, make_meta
+from arkfed.data.loaders import make_eval_loader, make_train_loader, read_resized, visit_draws
+from arkfed.data.tables import ArrayImages, DatasetTable, make_meta
 from arkfed.errors import ArkfedError
-from arkfed.model import ModelSpec
+from arkfed.spec import ModelSpec
 from synthetic import multilabel_schema, synthetic_table
 
 SPEC = ModelSpec(model="test_resnet", img_size=24, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
@@ -94,13 +94,13 @@ def quadrant_table(size: int = 96) -> DatasetTable:
 
 
 def test_every_image_enters_through_source_pixels_and_crops_start_from_the_chosen_image(monkeypatch):
-    import arkfed.data
+    import arkfed.data.loaders
 
     table = quadrant_table()
     spec = ModelSpec(model="test_resnet", img_size=24)
     seen = []
-    real = arkfed.data.source_pixels
-    monkeypatch.setattr(arkfed.data, "source_pixels", lambda t, i: seen.append(i) or real(t, i))  # a cache slots in here
+    real = arkfed.data.loaders.source_pixels
+    monkeypatch.setattr(arkfed.data.loaders, "source_pixels", lambda t, i: seen.append(i) or real(t, i))  # a cache slots in here
     def student(crop_source: str) -> torch.Tensor:
         loader = make_train_loader(table, multilabel_schema(), spec, batch_size=1, seed=5, crop_scale=(0.05, 0.05),
                                    jitter_p=0.0, crop_source=crop_source)
@@ -109,8 +109,8 @@ def test_every_image_enters_through_source_pixels_and_crops_start_from_the_chose
     assert not torch.equal(student("original"), student("resized"))
     next(iter(make_eval_loader(table, multilabel_schema(), spec, batch_size=1)))
     assert seen == [0, 0, 0]
-    from arkfed.data import TrainDataset
-    from arkfed.transforms import ViewPair
+    from arkfed.data.loaders import TrainDataset
+    from arkfed.data.transforms import ViewPair
 
     pair = ViewPair(24)
     assert TrainDataset(table, multilabel_schema(), 24, pair, np.zeros(1), 0, "original").image(0).shape == (1, 96, 96)
@@ -121,7 +121,7 @@ def test_every_image_enters_through_source_pixels_and_crops_start_from_the_chose
 def test_eval_resize_then_centre_crop_and_ten_crop_from_the_source():
     from torchvision.transforms.v2 import functional as TF
 
-    from arkfed.data import eval_view, source_pixels, ten_crop_views
+    from arkfed.data.loaders import eval_view, source_pixels, ten_crop_views
 
     table = quadrant_table(96)
     pixels = source_pixels(table, 0)

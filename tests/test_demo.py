@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from arkfed.demo import (
+from arkfed.demo.draw import DRAWN_FINDINGS, AcquisitionStyle, draw_chest, sample_anatomy
+from arkfed.demo.generate import (
     DEMO_SITES,
     MARKER_FILE,
     demo_is_complete,
@@ -19,10 +20,9 @@ from arkfed.demo import (
     generate_demo_federation,
     site_classes,
 )
-from arkfed.demo_draw import DRAWN_FINDINGS, AcquisitionStyle, draw_chest, sample_anatomy
 from arkfed.errors import ArkfedError
-from arkfed.site import load_site
-from arkfed.validate import validate_site
+from arkfed.site.load import load_site
+from arkfed.site.validate import validate_site
 
 COUNTS = {"demo-nih": 70, "demo-chexpert": 60, "demo-shenzhen": 40}
 SIZE = 48
@@ -58,7 +58,7 @@ def test_same_seed_gives_identical_files_and_another_seed_does_not(demo, tmp_pat
 
 PLAN_DIGEST = """
 import hashlib, sys
-from arkfed.demo import DEMO_SITES, plan_site
+from arkfed.demo.generate import DEMO_SITES, plan_site
 plan = [plan_site(site, i, 1, 1500) for i, site in enumerate(DEMO_SITES)]
 rows = [[(p.key, sorted(p.findings.items()), sorted(p.uncertain), p.sex, p.age, p.view) for p in s] for s in plan]
 print(hashlib.sha256(repr(rows).encode()).hexdigest())

@@ -9,12 +9,14 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from arkfed.data import make_train_loader
-from arkfed.device_views import WIDTH, DeviceViews, RawBatch, ViewParams, apply_jitter
-from arkfed.model import ArkModel, ModelSpec, SiteHead
-from arkfed.site import ComputeSettings, Site, SiteConfig
-from arkfed.training import TrainSettings, VisitPlan
-from arkfed.visit import train_site_visit
+from arkfed.ark.visit import train_site_visit
+from arkfed.config import TrainSettings, VisitPlan
+from arkfed.data.device_views import WIDTH, DeviceViews, RawBatch, ViewParams, apply_jitter
+from arkfed.data.loaders import make_train_loader
+from arkfed.model.ark import ArkModel, SiteHead
+from arkfed.site.config import ComputeSettings, SiteConfig
+from arkfed.site.load import Site
+from arkfed.spec import ModelSpec
 from tests.synthetic import multilabel_schema, synthetic_table
 
 S = 32
@@ -51,7 +53,7 @@ def test_crop_and_rotation_match_torchvision():
 
 
 def test_jitter_where_applied_only_and_as_the_cpu_path_computes_it():
-    from arkfed.transforms import brightness_contrast
+    from arkfed.data.transforms import brightness_contrast
 
     images = _image(2).repeat(4, 1, 1, 1)
     jitter = torch.tensor([[0, 0, 1.2, 0.1, 1.0], [1, 0, 1.2, 0.0, 1.0], [1, 1, 1.0, 0.0, 0.8], [1, 0, 0.9, 0.1, 1.0]])

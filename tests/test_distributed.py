@@ -13,11 +13,13 @@ import copy
 import numpy as np
 import torch
 
-from arkfed.data import make_train_loader
-from arkfed.model import ArkModel, ModelSpec, SiteHead
-from arkfed.site import ComputeSettings, Site, SiteConfig
-from arkfed.training import TrainSettings, VisitPlan
-from arkfed.visit import train_site_visit
+from arkfed.ark.tasks import train_visit
+from arkfed.config import TrainSettings, VisitPlan
+from arkfed.data.loaders import make_train_loader
+from arkfed.model.ark import ArkModel, SiteHead
+from arkfed.site.config import ComputeSettings, SiteConfig
+from arkfed.site.load import Site
+from arkfed.spec import ModelSpec
 from tests.synthetic import multilabel_schema, synthetic_table
 
 TOLERANCE = 1e-5  # max |difference| of any weight after 3 steps (float32 reduction order only)
@@ -35,8 +37,8 @@ def _visit(site, student, teacher, head, teacher_head, batch_size, gpus, ema):
     compute = ComputeSettings(device="cpu", gpus=gpus)
     plan = VisitPlan(round=0, visit=2, total_visits=6, site=site.name, consistency=0.3, momentum=0.9, lr=0.05, seed=11)
     steps = []
-    result = train_site_visit(student, teacher, head, site, settings, plan, compute=compute, teacher_head=teacher_head,
-                              progress=lambda s, n, loss: steps.append((s, n)))
+    result = train_visit(student, teacher, head, site, settings, plan, compute=compute, teacher_head=teacher_head,
+                         progress=lambda s, n, loss: steps.append((s, n)))
     return result, steps
 
 

@@ -10,13 +10,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+from arkfed.ark.metrics import Predictions
 from arkfed.cli import app
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.embeddings import ten_crops
 from arkfed.evaluation.evaluate import bootstrap_groups, bootstrap_intervals, evaluate_predictions, evaluate_source
 from arkfed.evaluation.export import export_model
-from arkfed.metrics import Predictions
-from arkfed.site import load_site
+from arkfed.site.load import load_site
 from eval_fixtures import make_run_folder, pretrained_alpha, schemas, write_site
 
 
@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
 def test_patient_bootstrap_resamples_whole_patients_and_widens_the_interval():
     """Ten images per patient that share one score: an image bootstrap pretends there are 10x more
     independent cases than there are; the patient bootstrap (stated in the result) does not."""
-    from arkfed.dataset import make_meta
+    from arkfed.data.tables import make_meta
 
     schema = schemas()["beta"]
     rng = np.random.default_rng(3)
@@ -139,9 +139,9 @@ def test_evaluate_reproduces_the_last_validation_line_of_a_finished_run(tmp_path
     """One truth: `evaluate --split val` on a run equals its metrics.jsonl (BatchNorm recalibrated
     on the site's training images in both; the teacher with its own RUN/teacher-heads), for
     teacher and student."""
-    from arkfed.loop import train_local
-    from arkfed.runs import read_metrics
-    from arkfed.training import TrainConfig, TrainSettings
+    from arkfed.config import TrainConfig, TrainSettings
+    from arkfed.run.folder import read_metrics
+    from arkfed.run.local import train_local
     from eval_fixtures import tiny_spec
 
     schema = schemas()["alpha"]
@@ -165,8 +165,8 @@ def test_evaluate_reproduces_the_last_validation_line_of_a_finished_run(tmp_path
 def test_teacher_is_scored_with_the_teacher_heads_when_the_run_has_them(trained, tmp_path):
     import shutil
 
-    from arkfed.model import SiteHead
-    from arkfed.weights import save_head
+    from arkfed.model.ark import SiteHead
+    from arkfed.model.weights import save_head
 
     run, site_yaml, plugins = trained
     site = load_site(site_yaml, [plugins])

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.export import export_model
-from arkfed.weights import load_ark_model, load_heads
+from arkfed.model.weights import load_ark_model, load_heads
 from eval_fixtures import make_run_folder, schemas
 
 
@@ -115,13 +115,13 @@ def test_export_errors_are_one_line(tmp_path):
 def test_export_ships_teacher_heads_and_the_batchnorm_statistics_evaluate_used(tmp_path):
     """The export's teacher comes with the teacher's heads, and with --calibrate the statistics
     that produce `evaluate`'s numbers: plain inference with them reproduces `evaluate` exactly."""
+    from arkfed.ark.metrics import score_predictions
     from arkfed.evaluation.embeddings import head_predictions
     from arkfed.evaluation.evaluate import evaluate_source
     from arkfed.evaluation.export import apply_site_batchnorm
-    from arkfed.metrics import score_predictions
-    from arkfed.model import SiteHead
-    from arkfed.site import load_site
-    from arkfed.weights import save_head
+    from arkfed.model.ark import SiteHead
+    from arkfed.model.weights import save_head
+    from arkfed.site.load import load_site
     from eval_fixtures import write_site
 
     schema = schemas()["alpha"]

@@ -8,10 +8,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from arkfed.cli import app
+from arkfed.federation.coordinator.live import FederationView, render_status
+from arkfed.federation.coordinator.status import FederationStatus, SiteStatus, read_status, write_status
 from arkfed.federation.flower_app import split_address, write_flower_app
-from arkfed.federation.live import FederationView, render_status
-from arkfed.federation.site_node import explain_supernode_exit
-from arkfed.federation.status import FederationStatus, SiteStatus, read_status, write_status
+from arkfed.federation.site.node import explain_supernode_exit
 
 runner = CliRunner()
 
@@ -43,7 +43,7 @@ def test_generated_flower_app_points_at_arkfeds_apps_and_the_run(tmp_path):
     app_dir = write_flower_app(tmp_path / "run")
     config, _ = load_and_validate(app_dir / "pyproject.toml")  # Flower's own validation, modules included
     components = config["tool"]["flwr"]["app"]["components"]
-    assert components == {"serverapp": "arkfed.federation.server_app:app", "clientapp": "arkfed.federation.client_app:app"}
+    assert components == {"serverapp": "arkfed.federation.coordinator.server_app:app", "clientapp": "arkfed.federation.site.client_app:app"}
     assert config["tool"]["flwr"]["app"]["config"]["run-dir"] == str((tmp_path / "run").resolve())
 
 

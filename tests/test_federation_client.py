@@ -10,14 +10,14 @@ import pytest
 import torch
 from flwr.app import Context, Message, Metadata, RecordDict
 
+from arkfed.ark.tasks import SiteHeads, evaluate_site_models, visit_site
 from arkfed.federation import messages as m
-from arkfed.federation.client_app import SITE_FAILED, SITE_REFUSED, app
-from arkfed.federation.site_state import read_outbox
-from arkfed.loop import initial_state
+from arkfed.federation.site.client_app import SITE_FAILED, SITE_REFUSED, app
+from arkfed.federation.site.heads import read_outbox
+from arkfed.run.loop import initial_state
+from arkfed.run.plan import plan_visits
 from arkfed.schedules import ema_update
-from arkfed.site import load_site
-from arkfed.site_tasks import SiteHeads, evaluate_site_models, visit_site
-from arkfed.training import plan_visits
+from arkfed.site.load import load_site
 from federation_fixtures import make_sites, max_abs_diff, tiny_config
 
 RUN_UID = "testrun0001"
@@ -105,7 +105,7 @@ def test_visits_match_local_mode_and_the_head_survives_a_supernode_restart(site_
     assert max_abs_diff(fed.student, local.student) < 1e-6
     stored = site.config.local_state_dir / "runs" / RUN_UID
     assert (stored / "head-v00001.safetensors").is_file() and (stored / "head.safetensors").is_file()
-    from arkfed.weights import load_head
+    from arkfed.model.weights import load_head
 
     head, teacher_head = load_head(stored / "head.safetensors"), load_head(stored / "teacher-head.safetensors")
     assert torch.allclose(head.weight, local_heads.student.weight, atol=1e-6)

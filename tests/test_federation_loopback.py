@@ -27,13 +27,13 @@ from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.certs import CertificateFolder, write_site_key_pair
 from arkfed.federation.loopback import LoopbackFederation
-from arkfed.federation.site_node import SiteNode
-from arkfed.federation.site_state import read_outbox
-from arkfed.loop import train_local
-from arkfed.model import ArkModel
-from arkfed.runs import RunFolder
-from arkfed.site import load_site
-from arkfed.weights import load_ark_model
+from arkfed.federation.site.heads import read_outbox
+from arkfed.federation.site.node import SiteNode
+from arkfed.model.ark import ArkModel
+from arkfed.model.weights import load_ark_model
+from arkfed.run.folder import RunFolder
+from arkfed.run.local import train_local
+from arkfed.site.load import load_site
 from federation_fixtures import fast_settings, make_sites, max_abs_diff, site_copies, tiny_config
 
 RUN_TIMEOUT = 300.0

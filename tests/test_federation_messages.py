@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from arkfed.config import TrainConfig, TrainSettings
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.protocol import FederationSettings
-from arkfed.loop import weighted_average
-from arkfed.model import ArkModel, ModelSpec
-from arkfed.training import TrainConfig, TrainSettings, plan_groups
+from arkfed.model.ark import ArkModel
+from arkfed.run.loop import weighted_average
+from arkfed.run.plan import plan_groups
+from arkfed.spec import ModelSpec
 
 SPEC = ModelSpec(model="test_resnet", img_size=32, projector_dim=8)
 

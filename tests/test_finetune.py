@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from arkfed.cli import app
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.finetune import FineTuneNet, initial_backbone
-from arkfed.model import ArkModel
+from arkfed.model.ark import ArkModel
 from eval_fixtures import make_run_folder, pretrained_alpha, schemas, tiny_spec, write_site
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from arkfed.data.imageio import read_image, to_uint8
 from arkfed.errors import ArkfedError
-from arkfed.imageio import read_image, to_uint8
 
 RSNA_DICOM = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 

@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from arkfed.cli import app
+from arkfed.data.schema import label_targets
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.linear_probe import ProbeSettings, few_shot_rows, linear_probe
-from arkfed.schema import label_targets
 from eval_fixtures import make_run_folder, pretrained_alpha, schemas, synthetic_table, write_site
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arkfed.losses import ark_loss, consistency_loss, masked_bce_with_logits, masked_cross_entropy, task_loss
-from arkfed.schema import UNCERTAIN, LabelSchema, label_targets
+from arkfed.ark.losses import ark_loss, consistency_loss, masked_bce_with_logits, masked_cross_entropy, task_loss
+from arkfed.data.schema import UNCERTAIN, LabelSchema, label_targets
 
 
 def test_masked_bce_ignores_nan_labels_and_normalises_by_counted_entries():

@@ -7,10 +7,11 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from arkfed.metrics import Predictions, class_auc, evaluate_site, mean_auc, multiclass_accuracy, score_predictions
-from arkfed.model import ArkModel, ModelSpec, SiteHead
-from arkfed.schema import LabelSchema
-from arkfed.training import TrainSettings
+from arkfed.ark.metrics import Predictions, class_auc, evaluate_site, mean_auc, multiclass_accuracy, score_predictions
+from arkfed.config import TrainSettings
+from arkfed.data.schema import LabelSchema
+from arkfed.model.ark import ArkModel, SiteHead
+from arkfed.spec import ModelSpec
 from synthetic import multilabel_schema, synthetic_table
 
 
@@ -72,8 +73,8 @@ def test_batchnorm_recalibration_uses_the_sites_images_and_leaves_the_model_alon
     model = ArkModel(ModelSpec(model="test_resnet", img_size=32, projector_dim=16)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bright = synthetic_table(20, ("a", "b", "c"), size=32, seed=4)
-    from arkfed.data import make_eval_loader
-    from arkfed.metrics import has_batchnorm, recalibrate_batchnorm
+    from arkfed.ark.metrics import has_batchnorm, recalibrate_batchnorm
+    from arkfed.data.loaders import make_eval_loader
 
     loader = make_eval_loader(bright, multilabel_schema(), model.spec, batch_size=8)
     seen = []
@@ -102,7 +103,7 @@ def test_batchnorm_recalibration_uses_the_sites_images_and_leaves_the_model_alon
 def test_the_one_auc_matches_scikit_learn_with_ties_and_bootstrap_weights():
     from sklearn.metrics import roc_auc_score
 
-    from arkfed.metrics import roc_auc
+    from arkfed.ark.metrics import roc_auc
 
     rng = np.random.default_rng(0)
     y = rng.random(200) < 0.3

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from arkfed.errors import ArkfedError
-from arkfed.model import PRETRAINED_ENV, ArkModel, ModelSpec
-from arkfed.weights import load_ark_model
+from arkfed.model.ark import PRETRAINED_ENV, ArkModel
+from arkfed.model.weights import load_ark_model
+from arkfed.spec import ModelSpec
 
 SPEC = ModelSpec(model="test_resnet", img_size=32, projector_dim=8)
 HUB_ID = "timm/test_resnet.r160_in1k"

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from arkfed.data.findings import CHESTXRAY14_CLASSES
+from arkfed.datasets._label_files import SplitConfig
+from arkfed.datasets._plugin import get_plugin
 from arkfed.errors import ArkfedError
-from arkfed.findings import CHESTXRAY14_CLASSES
-from arkfed.plugins import SplitConfig, get_plugin
 
 LABEL_FILE = "Data_Entry_2017_v2020.csv.gz"
 

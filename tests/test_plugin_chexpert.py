@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from arkfed.data.findings import CHEXPERT_CLASSES
+from arkfed.data.schema import UNCERTAIN
+from arkfed.datasets._label_files import SplitConfig
+from arkfed.datasets._plugin import get_plugin
 from arkfed.errors import ArkfedError
-from arkfed.findings import CHEXPERT_CLASSES
-from arkfed.plugins import SplitConfig, get_plugin
-from arkfed.schema import UNCERTAIN
 
 LABEL_FILE = "chexpert_train.csv.gz"
 FOLDER = "CheXpert-v1.0-small"

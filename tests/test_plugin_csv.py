@@ -9,11 +9,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from arkfed.csv_dataset import CsvOptions, read_csv_dataset
+from arkfed.data.schema import UNCERTAIN
+from arkfed.datasets._csv import CsvOptions, read_csv_dataset
+from arkfed.datasets._label_files import SplitConfig
+from arkfed.datasets._plugin import discover_plugins, get_plugin
 from arkfed.errors import ArkfedError
-from arkfed.plugins import SplitConfig, discover_plugins, get_plugin
-from arkfed.schema import UNCERTAIN
-from arkfed.site import SiteConfig, load_site
+from arkfed.site.config import SiteConfig
+from arkfed.site.load import load_site
 
 ROWS = [  # image, patient, sex, age, pneumonia, effusion, split
     ("a/1.png", "p1", "Female", "34", "yes", "no", "train"),
@@ -129,9 +131,9 @@ def test_inconsistent_options_are_rejected():
 
 
 SCAFFOLDED = '''
-from arkfed.csv_dataset import CsvDatasetPlugin, CsvOptions
-from arkfed.plugins import register_dataset
-from arkfed.schema import TaskType
+from arkfed.datasets._csv import CsvDatasetPlugin, CsvOptions
+from arkfed.datasets._plugin import register_dataset
+from arkfed.data.schema import TaskType
 
 
 class Options(CsvOptions):

@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 
 import arkfed.datasets
+from arkfed.datasets._label_files import SplitConfig
+from arkfed.datasets._plugin import ENTRY_POINT_GROUP, PLUGINS_ENV, DatasetPlugin, discover_plugins, get_plugin
 from arkfed.errors import ArkfedError
-from arkfed.plugins import ENTRY_POINT_GROUP, PLUGINS_ENV, DatasetPlugin, SplitConfig, discover_plugins, get_plugin
 
 BUILTIN = {"chestxray14", "chexpert", "mimic_cxr", "vindr_cxr", "rsna_pneumonia", "shenzhen", "medmnist", "csv"}
 
 
 def plugin_code(name: str, classes: tuple[str, ...] = ("A",)) -> str:
     return f'''
-from arkfed.plugins import DatasetPlugin, register_dataset
-from arkfed.schema import LabelSchema
+from arkfed.datasets._plugin import DatasetPlugin, register_dataset
+from arkfed.data.schema import LabelSchema
 
 @register_dataset
 class P(DatasetPlugin):
@@ -181,10 +182,10 @@ def test_plugin_options_are_validated_with_a_one_line_error():
 
 RECORDS_PLUGIN = """
 import numpy as np
-from arkfed.dataset import make_meta
-from arkfed.label_files import FileDatasetOptions, LabelRecords
-from arkfed.plugins import DatasetPlugin, register_dataset
-from arkfed.schema import LabelSchema
+from arkfed.data.tables import make_meta
+from arkfed.datasets._label_files import FileDatasetOptions, LabelRecords
+from arkfed.datasets._plugin import DatasetPlugin, register_dataset
+from arkfed.data.schema import LabelSchema
 
 @register_dataset
 class Rows(DatasetPlugin):

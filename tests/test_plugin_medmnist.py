@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from arkfed.data.findings import CHESTXRAY14_CLASSES
+from arkfed.datasets._label_files import SplitConfig
+from arkfed.datasets._plugin import get_plugin
 from arkfed.errors import ArkfedError
-from arkfed.findings import CHESTXRAY14_CLASSES
-from arkfed.plugins import SplitConfig, get_plugin
-from arkfed.site import load_site
+from arkfed.site.load import load_site
 
 REPO = Path(__file__).resolve().parent.parent
 

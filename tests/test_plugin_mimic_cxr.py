@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from arkfed.data.findings import CHEXPERT_CLASSES
+from arkfed.data.schema import UNCERTAIN
+from arkfed.datasets._label_files import SplitConfig
+from arkfed.datasets._plugin import get_plugin
 from arkfed.errors import ArkfedError
-from arkfed.findings import CHEXPERT_CLASSES
-from arkfed.plugins import SplitConfig, get_plugin
-from arkfed.schema import UNCERTAIN
 
 PREFIX = "mimic-cxr-2.0.0"
 
@@ -133,7 +134,7 @@ def test_missing_image_is_named(root: Path):
 
 
 def test_ark_policies_uncertain_as_ones_and_all_14_classes_scored():
-    from arkfed.schema import label_targets
+    from arkfed.data.schema import label_targets
 
     schema = plugin().label_schema()
     assert schema.uncertain == "ones" and schema.reported_classes == CHEXPERT_CLASSES

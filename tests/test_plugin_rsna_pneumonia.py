@@ -14,8 +14,9 @@ import pandas as pd
 import pydicom
 import pytest
 
+from arkfed.datasets._label_files import SplitConfig
+from arkfed.datasets._plugin import get_plugin
 from arkfed.errors import ArkfedError
-from arkfed.plugins import SplitConfig, get_plugin
 
 LABEL_FILE = "kaggle_stage_2_train_labels.csv.zip"
 CLASSES = ("Normal", "Lung Opacity", "No Lung Opacity / Not Normal")

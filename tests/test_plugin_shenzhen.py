@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from arkfed.datasets._label_files import SplitConfig
+from arkfed.datasets._plugin import get_plugin
 from arkfed.errors import ArkfedError
-from arkfed.plugins import SplitConfig, get_plugin
 
 # image stem -> clinical reading text (None: no reading file), in the spellings the NLM files use
 READINGS = {

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from arkfed.datasets._label_files import SplitConfig
+from arkfed.datasets._plugin import get_plugin
 from arkfed.errors import ArkfedError
-from arkfed.plugins import SplitConfig, get_plugin
 
 BOX_FILE = "vinbigdata-train.csv.gz"
 

@@ -9,24 +9,19 @@ import threading
 import pytest
 from typer.testing import CliRunner
 
-from arkfed.data import visit_draws
+from arkfed.config import TrainSettings
+from arkfed.data.loaders import visit_draws
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
-from arkfed.federation.client_app import SITE_REFUSED, app
-from arkfed.federation.site_state import read_outbox
-from arkfed.loop import initial_state
-from arkfed.model import ModelSpec
-from arkfed.policy import (
-    SitePolicy,
-    approve_run,
-    approved_runs,
-    check_request,
-    pending_runs,
-    planned_steps,
-    run_fingerprint,
-)
-from arkfed.site import load_site, load_site_config
-from arkfed.training import TrainSettings, plan_visits
+from arkfed.federation.messages import SITE_REFUSED
+from arkfed.federation.site.client_app import app
+from arkfed.federation.site.heads import read_outbox
+from arkfed.run.loop import initial_state
+from arkfed.run.plan import plan_visits
+from arkfed.site.config import load_site_config
+from arkfed.site.load import load_site
+from arkfed.site.policy import SitePolicy, approve_run, approved_runs, check_request, pending_runs, planned_steps, run_fingerprint
+from arkfed.spec import ModelSpec
 from federation_fixtures import make_sites, tiny_config
 from site_messages import RUN_UID, context, message, request, set_policy
 
@@ -172,7 +167,7 @@ def test_arkfed_site_shows_each_run_waiting_for_approval_once(tmp_path):
     from rich.console import Console
 
     from arkfed.cli.federation import _show_pending_runs
-    from arkfed.policy import wait_for_approval
+    from arkfed.site.policy import wait_for_approval
 
     settings = TrainSettings(batch_size=32, max_steps_per_visit=50)
     fingerprint = run_fingerprint("run42", SPEC, settings)
@@ -194,9 +189,9 @@ def test_arkfed_site_shows_each_run_waiting_for_approval_once(tmp_path):
 
 
 def test_the_demo_recipe_passes_the_default_policy_on_the_demo_sites_and_the_demo_yaml_allows_trial_runs():
-    from arkfed.demo import DEMO_POLICY, DEMO_SITES
-    from arkfed.recipes import apply_recipe
-    from arkfed.training import TrainConfig
+    from arkfed.config import TrainConfig
+    from arkfed.demo.generate import DEMO_POLICY, DEMO_SITES
+    from arkfed.run.recipes import apply_recipe
 
     config = TrainConfig.model_validate(apply_recipe("demo", {"sites": ["a"]}))
     for site in DEMO_SITES:  # at least half of every demo site is its training split

@@ -21,12 +21,12 @@ import torch
 import yaml
 
 from arkfed.federation import messages as m
-from arkfed.federation.client_app import TEST_HOOK_ENV
 from arkfed.federation.loopback import LoopbackFederation
-from arkfed.federation.site_state import read_outbox
-from arkfed.model import ModelSpec
-from arkfed.runs import RunFolder
-from arkfed.weights import load_ark_model
+from arkfed.federation.site.client_app import TEST_HOOK_ENV
+from arkfed.federation.site.heads import read_outbox
+from arkfed.model.weights import load_ark_model
+from arkfed.run.folder import RunFolder
+from arkfed.spec import ModelSpec
 from federation_fixtures import fast_settings, make_sites, tiny_config
 from site_hooks import FAULTS_ENV
 

@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from arkfed.cli import app
-from arkfed.data import Normalise, read_resized
+from arkfed.data.loaders import Normalise, read_resized
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.predict import image_table, predict_images, shared_findings
-from arkfed.weights import load_ark_model, load_heads
+from arkfed.model.weights import load_ark_model, load_heads
 from eval_fixtures import make_run_folder
 
 
@@ -74,7 +74,7 @@ def test_predict_errors(run, tmp_path):
 def test_predict_uses_the_teacher_heads_for_the_teacher(run, shared_data, tmp_path):
     import shutil
 
-    from arkfed.weights import save_head
+    from arkfed.model.weights import save_head
 
     image = shared_data / "samples" / "00000001_000.png"
     copy = tmp_path / "run"

@@ -9,8 +9,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from arkfed.dataset import DatasetTable, FileImages, make_meta
-from arkfed.provenance import (
+from arkfed.data.schema import LabelSchema
+from arkfed.data.tables import DatasetTable, FileImages, make_meta
+from arkfed.run.provenance import (
     FEDERATED_NOTE,
     changed_sites,
     dataset_fingerprint,
@@ -19,8 +20,8 @@ from arkfed.provenance import (
     source_dir,
     write_provenance,
 )
-from arkfed.schema import LabelSchema
-from arkfed.site import Site, SiteConfig
+from arkfed.site.config import SiteConfig
+from arkfed.site.load import Site
 
 CLASSES = ("Atelectasis", "Effusion")
 SCHEMA = LabelSchema(task="multilabel", classes=CLASSES)

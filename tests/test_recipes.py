@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from arkfed.config import TrainConfig
 from arkfed.errors import ArkfedError
-from arkfed.recipes import RECIPES, apply_recipe, describe_recipes
-from arkfed.training import TrainConfig, plan_visits
+from arkfed.run.plan import plan_visits
+from arkfed.run.recipes import RECIPES, apply_recipe, describe_recipes
 
 BASE = {"sites": ["a", "b", "c"], "rounds": 3, "settings": {"max_steps_per_visit": 5, "lr": 1.0}}
 
@@ -62,8 +63,8 @@ def test_unknown_recipe_is_named():
 def test_evaluate_uses_ten_crop_on_the_test_split_when_the_model_asks_for_it(tmp_path):
     """``--recipe ark`` models carry Ark's test protocol in their spec; evaluate follows it by default."""
     from arkfed.evaluation.evaluate import evaluate_source
-    from arkfed.model import ArkModel
-    from arkfed.site import load_site
+    from arkfed.model.ark import ArkModel
+    from arkfed.site.load import load_site
     from eval_fixtures import make_run_folder, schemas, tiny_spec, write_site
 
     spec = tiny_spec().model_copy(update={"crop_pct": 28 / 32, "img_size": 28, "test_ten_crop": True})

@@ -10,15 +10,15 @@ from typer.testing import CliRunner
 from arkfed.cli import app
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.runinfo import read_run
-from arkfed.runs import read_metrics
+from arkfed.run.folder import read_metrics
 from eval_fixtures import schemas, tiny_spec, write_site
 
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
-    from arkfed.loop import train_local
-    from arkfed.site import load_site
-    from arkfed.training import TrainConfig, TrainSettings
+    from arkfed.config import TrainConfig, TrainSettings
+    from arkfed.run.local import train_local
+    from arkfed.site.load import load_site
 
     root = tmp_path_factory.mktemp("report")
     paths = {name: write_site(root, name, schemas()[name], {"train": 32, "val": 24, "test": 8}, seed=i)

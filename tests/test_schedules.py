@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from arkfed.schedules import consistency_weight, ema_update, teacher_momentum
-from arkfed.training import TrainConfig, TrainSettings, plan_visits, visit_lrs
+from arkfed.config import TrainConfig, TrainSettings
+from arkfed.run.plan import plan_visits
+from arkfed.schedules import consistency_weight, ema_update, teacher_momentum, visit_lrs
 
 
 def reference_cosine(base, final, epochs, niter_per_ep):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from arkfed.findings import canonical_finding, is_canonical
-from arkfed.schema import LSR_ONES, LSR_ZEROS, UNCERTAIN, LabelSchema, label_targets
+from arkfed.data.findings import canonical_finding, is_canonical
+from arkfed.data.schema import LSR_ONES, LSR_ZEROS, UNCERTAIN, LabelSchema, label_targets
 
 NAN = np.nan
 

@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from arkfed.federation.certs import add_site, init_certificates, make_site_key
-from arkfed.federation.launcher import Coordinator, prepare_run
+from arkfed.federation.coordinator.launcher import Coordinator, prepare_run
 from arkfed.federation.processes import free_port
-from arkfed.federation.site_node import SiteNode
+from arkfed.federation.site.node import SiteNode
 from federation_fixtures import fast_settings, make_sites, site_name, tiny_config
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)

@@ -14,6 +14,8 @@ import zipfile
 import pytest
 from flwr.app import ConfigRecord
 
+from arkfed.config import TrainConfig, TrainSettings
+from arkfed.data.schema import LabelSchema
 from arkfed.errors import ArkfedError
 from arkfed.federation.certs import (
     CertificateFolder,
@@ -24,20 +26,10 @@ from arkfed.federation.certs import (
     read_site_public_key,
 )
 from arkfed.federation.flower_app import CLIENT_APP, SERVER_APP, write_flower_app
-from arkfed.federation.run_signing import (
-    CLAIM_KEY,
-    RunRefused,
-    check_request,
-    claim_fingerprint,
-    make_claim,
-    sign_claim,
-    verify_run,
-)
-from arkfed.federation.site_executor import GatedClientApp, inspect_bundle
-from arkfed.federation.site_state import HeadStore, run_folder
-from arkfed.model import ModelSpec
-from arkfed.schema import LabelSchema
-from arkfed.training import TrainConfig, TrainSettings
+from arkfed.federation.signing import CLAIM_KEY, RunRefused, check_request, claim_fingerprint, make_claim, sign_claim, verify_run
+from arkfed.federation.site.executor import GatedClientApp, inspect_bundle
+from arkfed.federation.site.heads import HeadStore, run_folder
+from arkfed.spec import ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +117,12 @@ def test_the_site_gate_refuses_before_arkfeds_app_runs(certs, tmp_path, monkeypa
 
     from flwr.app import Context, Message, Metadata, RecordDict
 
-    import arkfed.federation.site_executor as executor
-    from arkfed.federation.client_app import SITE_REFUSED
+    import arkfed.federation.site.executor as executor
+    from arkfed.federation.messages import SITE_REFUSED
 
     monkeypatch.setattr(executor, "FEDERATION_CA", str(certs.ca_cert))
     calls = []
-    monkeypatch.setattr("arkfed.federation.client_app.app", lambda **kw: calls.append(kw))
+    monkeypatch.setattr("arkfed.federation.site.client_app.app", lambda **kw: calls.append(kw))
     metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="0",
                         created_at=time.time(), ttl=600, message_type="query.hello")
     message = Message(content=RecordDict({"request": _request(_config())}), metadata=metadata)
@@ -221,7 +213,7 @@ def test_the_gateway_forwards_only_fleet_routes(tmp_path):
 
     import httpx
 
-    from arkfed.federation.gateway import create_app, fleet_paths
+    from arkfed.federation.coordinator.gateway import create_app, fleet_paths
 
     reached = []
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from arkfed.cli import app
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.segment import Segmenter, create_encoder, dice_scores, find_pairs
-from arkfed.model import ArkModel
+from arkfed.model.ark import ArkModel
 from eval_fixtures import make_run_folder, schemas, tiny_spec
 
 

@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 
 from arkfed.errors import ArkfedError
-from arkfed.site import load_site, load_site_config, resolve_site_path
+from arkfed.site.config import load_site_config, resolve_site_path
+from arkfed.site.load import load_site
 
 # A plugin that serves 10 in-memory images per split and checks its root holds "ok.txt".
 TINY_PLUGIN = '''
 import numpy as np
-from arkfed.dataset import ArrayImages, DatasetTable, make_meta
+from arkfed.data.tables import ArrayImages, DatasetTable, make_meta
 from arkfed.errors import ArkfedError
-from arkfed.plugins import DatasetPlugin, register_dataset
-from arkfed.schema import LabelSchema
+from arkfed.datasets._plugin import DatasetPlugin, register_dataset
+from arkfed.data.schema import LabelSchema
 
 @register_dataset
 class SiteTestTiny(DatasetPlugin):

@@ -13,22 +13,14 @@ import pytest
 import torch
 from flwr.app import Error, Message
 
+from arkfed.ark.updates import NonFiniteError
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
-from arkfed.federation.client_app import (
-    SITE_FAILED,
-    SITE_REFUSED,
-    TEST_HOOK_ENV,
-    SiteRefusal,
-    app,
-    guard_task_replies,
-    public_error,
-)
-from arkfed.federation.site_state import read_outbox
-from arkfed.loop import initial_state
-from arkfed.site import load_site
-from arkfed.training import plan_visits
-from arkfed.updates import NonFiniteError
+from arkfed.federation.site.client_app import SITE_FAILED, SITE_REFUSED, TEST_HOOK_ENV, SiteRefusal, app, guard_task_replies, public_error
+from arkfed.federation.site.heads import read_outbox
+from arkfed.run.loop import initial_state
+from arkfed.run.plan import plan_visits
+from arkfed.site.load import load_site
 from federation_fixtures import make_sites, tiny_config
 from site_hooks import FAULTS_ENV, LEAKY_ERROR
 from site_messages import context, message, request

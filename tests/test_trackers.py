@@ -14,13 +14,16 @@ import sys
 import numpy as np
 import pytest
 
-from arkfed.callbacks import CallbackList, RunInfo
+from arkfed.ark.metrics import Predictions, score_predictions
+from arkfed.ark.visit import VisitResult
+from arkfed.config import TrainConfig, TrainSettings
+from arkfed.data.schema import LabelSchema
 from arkfed.errors import ArkfedError
 from arkfed.io import append_jsonl
-from arkfed.loop import eval_record, visit_record
-from arkfed.metrics import Predictions, score_predictions
-from arkfed.schema import LabelSchema
-from arkfed.trackers import (
+from arkfed.run.callbacks import CallbackList, RunInfo
+from arkfed.run.plan import plan_visits
+from arkfed.run.records import eval_record, visit_record
+from arkfed.run.trackers import (
     MLflowLogger,
     TensorBoardLogger,
     _quiet,
@@ -31,8 +34,6 @@ from arkfed.trackers import (
     parse_log_option,
     visit_scalars,
 )
-from arkfed.training import TrainConfig, TrainSettings, plan_visits
-from arkfed.visit import VisitResult
 from tracker_checks import (
     check_trackers_match_metrics,
     mlflow_client,
@@ -41,7 +42,7 @@ from tracker_checks import (
     read_tensorboard_texts,
 )
 
-# arkfed.trackers imports neither package until a tracker is made, so these can come after the imports
+# arkfed.run.trackers imports neither package until a tracker is made, so these can come after the imports
 pytest.importorskip("tensorboard", reason="pip install 'arkfed[tensorboard]' to test the TensorBoard logger")
 pytest.importorskip("mlflow", reason="pip install 'arkfed[mlflow]' to test the MLflow logger")
 
@@ -271,11 +272,12 @@ def test_tensorboard_alone_writes_only_its_folder(tmp_path):
 def test_real_training_run_with_both_trackers(tmp_path, empty_store):
     """The one loop with in-process sites, stopped after three checkpointed visits and resumed:
     both trackers hold exactly what metrics.jsonl holds, in one MLflow run."""
-    from arkfed.callbacks import LoopCallback
-    from arkfed.loop import train_local
-    from arkfed.model import ModelSpec
-    from arkfed.runs import RunFolder
-    from arkfed.site import Site, SiteConfig
+    from arkfed.run.callbacks import LoopCallback
+    from arkfed.run.folder import RunFolder
+    from arkfed.run.local import train_local
+    from arkfed.site.config import SiteConfig
+    from arkfed.site.load import Site
+    from arkfed.spec import ModelSpec
     from synthetic import multilabel_schema, synthetic_table
 
     sites = {name: Site(SiteConfig(name=name, dataset="synthetic", root="."), None, multilabel_schema(("x", "y")),

@@ -9,21 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-from arkfed.callbacks import LoopCallback
-from arkfed.demo import generate_demo_federation
-from arkfed.loop import initial_state, train_local
-from arkfed.model import ModelSpec
-from arkfed.runs import RunFolder
-from arkfed.site import Site, SiteConfig, load_site
-from arkfed.training import TrainConfig, TrainSettings
-from arkfed.weights import load_ark_model, load_heads, read_safetensors
+from arkfed.config import TrainConfig, TrainSettings
+from arkfed.demo.generate import generate_demo_federation
+from arkfed.model.weights import load_ark_model, load_heads, read_safetensors
+from arkfed.run.callbacks import LoopCallback
+from arkfed.run.folder import RunFolder
+from arkfed.run.local import train_local
+from arkfed.run.loop import initial_state
+from arkfed.site.config import SiteConfig
+from arkfed.site.load import Site, load_site
+from arkfed.spec import ModelSpec
 from synthetic import synthetic_table
 
 TINY = ModelSpec(model="test_resnet", img_size=32, projector_dim=16)
 
 
 def synthetic_site(name: str, classes: tuple[str, ...], seed: int, n: int = 48) -> Site:
-    from arkfed.schema import LabelSchema
+    from arkfed.data.schema import LabelSchema
 
     task = "binary" if len(classes) == 1 else "multilabel"
     schema = LabelSchema(task=task, classes=classes)
@@ -154,7 +156,7 @@ def test_teacher_heads_are_the_ema_of_every_head_after_every_visit(tmp_path):
     """Ark EMAs the whole teacher, heads included, after every visit: head k moves towards the
     student's head k even when another site was visited. Recompute that by hand from the
     per-visit student heads and momenta, and compare with the run's teacher heads."""
-    from arkfed.weights import load_head
+    from arkfed.model.weights import load_head
 
     sites = {s.name: s for s in (synthetic_site("a", ("x", "y"), 0), synthetic_site("b", ("t",), 1))}
     config = tiny_config(sites, rounds=2)
@@ -174,8 +176,8 @@ def test_teacher_heads_are_the_ema_of_every_head_after_every_visit(tmp_path):
     final_teacher = {n: load_head(run / "teacher-heads" / f"{n}.safetensors").state_dict() for n in sites}
     # replay the run visit by visit (deterministic) to get each student head after each visit,
     # and apply Ark's EMA to every teacher head by hand
-    from arkfed.loop import InProcessSites
-    from arkfed.training import plan_groups
+    from arkfed.run.local import InProcessSites
+    from arkfed.run.plan import plan_groups
 
     state = initial_state(config, {n: s.schema for n, s in sites.items()})
     in_process = InProcessSites(sites)
@@ -213,8 +215,9 @@ def test_parallel_mode_averages_students_with_the_chosen_weights(tmp_path):
         assert {r["site"] for r in visits} == {"a", "b"} and summary["mode"] == "parallel"
         assert len({(r["lr"], r["consistency"], r["momentum"]) for r in visits}) == 1  # one schedule value per round
     # recompute both averages from the two sites' own visits, started from the same student
-    from arkfed.loop import InProcessSites, weighted_average
-    from arkfed.training import plan_groups
+    from arkfed.run.local import InProcessSites
+    from arkfed.run.loop import weighted_average
+    from arkfed.run.plan import plan_groups
 
     config = tiny_config(sites, rounds=1, max_steps_per_visit=None).model_copy(update={"mode": "parallel"})
     state = initial_state(config, {n: s.schema for n, s in sites.items()})

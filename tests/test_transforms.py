@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from arkfed.data import seeded_torch
-from arkfed.transforms import (
+from arkfed.data.loaders import seeded_torch
+from arkfed.data.transforms import (
     IntensityJitter,
     ShiftScaleRotate,
     ViewPair,

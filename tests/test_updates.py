@@ -12,19 +12,14 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from arkfed.data import visit_draws
+from arkfed.ark.updates import NonFiniteError, check_finite, check_update, max_examples, update_norm
+from arkfed.config import TrainSettings, VisitPlan
+from arkfed.data.loaders import visit_draws
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
-from arkfed.model import ArkModel, ModelSpec
-from arkfed.runs import RunFolder, RunState
-from arkfed.training import TrainSettings, VisitPlan
-from arkfed.updates import (
-    NonFiniteError,
-    check_finite,
-    check_update,
-    max_examples,
-    update_norm,
-)
+from arkfed.model.ark import ArkModel
+from arkfed.run.folder import RunFolder, RunState
+from arkfed.spec import ModelSpec
 
 SPEC = ModelSpec(model="test_resnet", img_size=32, projector_dim=16)
 PLAN = VisitPlan(round=1, visit=4, total_visits=6, site="a", consistency=0.1, momentum=0.9, lr=1e-3, seed=5)
@@ -165,7 +160,7 @@ def test_evaluation_and_hello_replies_are_checked(model):
         with pytest.raises(m.BadReply, match=reason):
             m.read_eval_reply(content, classes, 8)
 
-    from arkfed.schema import LabelSchema
+    from arkfed.data.schema import LabelSchema
 
     schema = LabelSchema(task="multilabel", classes=classes)
     hello = RecordDict({m.SITE: m.json_record(name="a", schema=schema, member=True),

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from arkfed.demo import generate_demo_federation
-from arkfed.site import load_site
-from arkfed.validate import class_counts, list_plugins, validate_site
+from arkfed.demo.generate import generate_demo_federation
+from arkfed.site.load import load_site
+from arkfed.site.validate import class_counts, list_plugins, validate_site
 
 
 @pytest.fixture(scope="module")

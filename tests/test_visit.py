@@ -7,12 +7,14 @@ import copy
 import pytest
 import torch
 
+from arkfed.ark.visit import train_site_visit
+from arkfed.config import TrainSettings, VisitPlan
 from arkfed.errors import ArkfedError
-from arkfed.model import ArkModel, ModelSpec, SiteHead
+from arkfed.model.ark import ArkModel, SiteHead
 from arkfed.schedules import ema_update, teacher_momentum
-from arkfed.site import Site, SiteConfig
-from arkfed.training import TrainSettings, VisitPlan
-from arkfed.visit import train_site_visit
+from arkfed.site.config import SiteConfig
+from arkfed.site.load import Site
+from arkfed.spec import ModelSpec
 from synthetic import multilabel_schema, synthetic_table
 
 SPEC = ModelSpec(model="test_resnet", img_size=32, projector_dim=16)

@@ -29,7 +29,7 @@ BUILTIN = {"chestxray14", "chexpert", "mimic_cxr", "vindr_cxr", "rsna_pneumonia"
 
 PROBE = """
 import importlib.metadata, json, arkfed
-from arkfed.plugins import ENTRY_POINT_GROUP, discover_plugins
+from arkfed.datasets._plugin import ENTRY_POINT_GROUP, discover_plugins
 catalog = discover_plugins()
 print(json.dumps({
     "arkfed": arkfed.__file__,
@@ -40,8 +40,8 @@ print(json.dumps({
 """
 
 CONTRIBUTOR_PLUGIN = """
-from arkfed.plugins import DatasetPlugin, register_dataset
-from arkfed.schema import LabelSchema
+from arkfed.datasets._plugin import DatasetPlugin, register_dataset
+from arkfed.data.schema import LabelSchema
 
 @register_dataset
 class Mine(DatasetPlugin):

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from arkfed.io import read_jsonl
-from arkfed.trackers import RUN_FILE, RUN_FOLDER_STORE, eval_scalars, visit_scalars
+from arkfed.run.trackers import RUN_FILE, RUN_FOLDER_STORE, eval_scalars, visit_scalars
 
 
 def read_tensorboard(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

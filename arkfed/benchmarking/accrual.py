@@ -51,7 +51,7 @@ to 1) a teacher after a handful of visits is still mostly its random initialisat
 benchmark would compare random inits; ``--ema visit`` gives Ark's schedule.
 
 Default demo: the three ``make demo`` sites plus ``demo-vindr`` (opt-in site, VinDr-CXR layout,
-findings drawn from all three others under its own acquisition style; see :mod:`arkfed.demo`),
+findings drawn from all three others under its own acquisition style; see :mod:`arkfed.demo.generate`),
 held out by default: no single other site has all its findings, so accrual has something to
 show if it works. Results: see README "Does joining pay?" (kept there, with the regime and the
 time it took).
@@ -68,6 +68,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from arkfed.benchmarking.plan import curve_subsets, run_key
 from arkfed.errors import ArkfedError
 
 Log = Callable[[str], None]
@@ -110,7 +111,6 @@ BUDGETS: dict[str, Budget] = {
 
 DEMO_BENCHMARK_SITES = ("demo-nih", "demo-chexpert", "demo-shenzhen", "demo-vindr")
 DEMO_HELD_OUT = "demo-vindr"
-OWN_METRICS = ("teacher", "student", "finetune")
 
 
 # --- sites ---------------------------------------------------------------------------------------
@@ -118,7 +118,8 @@ OWN_METRICS = ("teacher", "student", "finetune")
 
 def load_sites(refs: Sequence[str] | None, budget: Budget, work: Path) -> dict:
     """The benchmark's sites: YAML paths / names, or (none given) the demo federation with demo-vindr."""
-    from arkfed.site import load_site, resolve_site_path
+    from arkfed.site.config import resolve_site_path
+    from arkfed.site.load import load_site
 
     if refs:
         sites = {}
@@ -128,7 +129,7 @@ def load_sites(refs: Sequence[str] | None, budget: Budget, work: Path) -> dict:
                 raise ArkfedError(f"site {site.name!r} given twice (--sites {','.join(refs)})")
             sites[site.name] = site
         return sites
-    from arkfed.demo import ensure_demo_federation
+    from arkfed.demo.generate import ensure_demo_federation
 
     tag = "default" if budget.demo_counts is None else "x".join(str(v) for v in budget.demo_counts.values())
     paths = ensure_demo_federation(work / f"demo-{budget.demo_size}-{tag}", seed=0, size=budget.demo_size,
@@ -149,8 +150,8 @@ def cache_images(sites: Mapping, size: int, log: Log) -> dict:
     """
     import dataclasses
 
-    from arkfed.data import read_resized
-    from arkfed.dataset import ArrayImages, DatasetTable
+    from arkfed.data.loaders import read_resized
+    from arkfed.data.tables import ArrayImages, DatasetTable
 
     total = sum(len(t) for s in sites.values() for t in s.splits.values()) * size * size
     if total > CACHE_LIMIT_BYTES:
@@ -170,33 +171,14 @@ def cache_images(sites: Mapping, size: int, log: Log) -> dict:
     return out
 
 
-def orderings(sources: Sequence[str], count: int) -> list[tuple[str, ...]]:
-    """``count`` rotations of the source list (each site comes first once, up to N-1 of them)."""
-    n = len(sources)
-    return [tuple(sources[i:]) + tuple(sources[:i]) for i in range(min(max(count, 1), n))]
-
-
-def curve_subsets(sources: Sequence[str], count: int) -> dict[int, list[tuple[str, ...]]]:
-    """k -> the distinct federations (in the first ordering's visiting order) on the curve."""
-    out: dict[int, list[tuple[str, ...]]] = {}
-    for k in range(1, len(sources) + 1):
-        seen: dict[frozenset, tuple[str, ...]] = {}
-        for order in orderings(sources, count):
-            seen.setdefault(frozenset(order[:k]), order[:k])
-        if k == 1:  # every single site is a point at k = 1, whatever the orderings
-            seen = {frozenset([s]): (s,) for s in sources}
-        out[k] = list(seen.values())
-    return out
-
-
 # --- training arms -------------------------------------------------------------------------------
 
 
 def train_config(names: Sequence[str], budget: Budget, seed: int, max_consistency: float = 0.5, mode: str = "cyclic",
                  weighting: str = "equal"):
     """The Ark run of ``names`` at this budget: one visit = one epoch of a site, E rounds."""
-    from arkfed.model import ModelSpec
-    from arkfed.training import TrainConfig, TrainSettings
+    from arkfed.config import TrainConfig, TrainSettings
+    from arkfed.spec import ModelSpec
 
     return TrainConfig(
         sites=list(names), rounds=budget.epochs, seed=seed, eval_split="test", mode=mode, weighting=weighting,
@@ -210,7 +192,7 @@ def train_config(names: Sequence[str], budget: Budget, seed: int, max_consistenc
 
 def compute_settings(budget: Budget):
     """Every site of the benchmark trains on this process's hardware."""
-    from arkfed.site import ComputeSettings
+    from arkfed.site.config import ComputeSettings
 
     return ComputeSettings(device=budget.device, num_workers=budget.num_workers)
 
@@ -225,10 +207,6 @@ class Trained:
     seconds: float
     steps: int
     own: dict | None = None  # own test scores when the training loop already computed them
-
-
-def run_key(arm: str, names: Sequence[str], seed: int) -> str:
-    return f"{arm}:{'+'.join(names)}:s{seed}"
 
 
 def train_arm(arm: str, names: Sequence[str], sites: Mapping, budget: Budget, seed: int, work: Path,
@@ -249,9 +227,9 @@ def train_arm(arm: str, names: Sequence[str], sites: Mapping, budget: Budget, se
         return Trained(state.teacher, state.student, state.heads, time.perf_counter() - start, steps)
     if arm not in ("ark", "ark-c0", "parallel"):
         raise ValueError(f"unknown arm {arm!r}")
-    from arkfed.loop import train_local
-    from arkfed.runs import read_metrics
-    from arkfed.weights import load_ark_model, load_heads
+    from arkfed.model.weights import load_ark_model, load_heads
+    from arkfed.run.folder import read_metrics
+    from arkfed.run.local import train_local
 
     config = train_config(names, budget, seed, max_consistency=0.0 if arm == "ark-c0" else 0.5,
                           mode="parallel" if arm == "parallel" else "cyclic", weighting=weighting)
@@ -283,8 +261,8 @@ def epoch_steps(site, budget: Budget) -> int:
 
 def own_scores(trained: Trained, names: Sequence[str], sites: Mapping, budget: Budget) -> dict[str, dict[str, float]]:
     """Each site's own test mean AUC with its own head, for teacher and student (as the loop scores)."""
-    from arkfed.site_tasks import SiteHeads, evaluate_site_models
-    from arkfed.training import TrainSettings
+    from arkfed.ark.tasks import SiteHeads, evaluate_site_models
+    from arkfed.config import TrainSettings
 
     settings = TrainSettings(batch_size=max(budget.batch_size, 64))
     out = {}
@@ -327,7 +305,7 @@ def transfer(model, target, budget: Budget, seed: int, init: str = "model") -> d
 
 
 def _device(budget: Budget):
-    from arkfed.training import resolve_device
+    from arkfed.devices import resolve_device
 
     return resolve_device(budget.device)
 
@@ -393,8 +371,9 @@ def run_job(arm: str, names: tuple[str, ...], plan: Plan, sites: Mapping, seed: 
 
 def init_job(init: str, plan: Plan, sites: Mapping, seed: int, log: Log) -> dict:
     """The random-init (and ImageNet-init) baselines on the held-out site."""
-    from arkfed.model import ArkModel, ModelSpec
-    from arkfed.weights import load_ark_model
+    from arkfed.model.ark import ArkModel
+    from arkfed.model.weights import load_ark_model
+    from arkfed.spec import ModelSpec
 
     budget = plan.budget
     spec = ModelSpec(model=budget.model, img_size=budget.img_size, projector_dim=budget.projector_dim)

@@ -5,7 +5,7 @@ epoch interleaves all sites' batches (each site contributes exactly the batches 
 from it), each batch trains the shared student and *its own* site head with the task loss only; no
 teacher, no consistency term, one optimizer for the whole run. It answers "what does cycling with
 a teacher buy over simply pooling the tasks?" (the pooled model is its student). It takes the
-benchmark's :class:`arkfed.training.TrainConfig`, so its budget (epochs per site, batch size, lr
+benchmark's :class:`arkfed.config.TrainConfig`, so its budget (epochs per site, batch size, lr
 schedule, seed) is the cyclic run's, and writes no run folder.
 
 The other ablations need no code of their own: Ark without the consistency term is the loop with
@@ -20,15 +20,18 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from arkfed.data import make_train_loader
-from arkfed.losses import task_loss
-from arkfed.runs import RunState
-from arkfed.site import ComputeSettings, Site
-from arkfed.training import TrainConfig, derive_seed, resolve_device, visit_lrs
+from arkfed.ark.losses import task_loss
+from arkfed.config import TrainConfig, derive_seed
+from arkfed.data.loaders import make_train_loader
+from arkfed.devices import resolve_device
+from arkfed.run.folder import RunState
+from arkfed.schedules import visit_lrs
+from arkfed.site.config import ComputeSettings
+from arkfed.site.load import Site
 
 
 def _initial(config: TrainConfig, sites: Mapping[str, Site]) -> RunState:
-    from arkfed.loop import initial_state
+    from arkfed.run.loop import initial_state
 
     return initial_state(config, {name: site.schema for name, site in sites.items()})
 
@@ -46,7 +49,7 @@ def train_pooled(config: TrainConfig, sites: Mapping[str, Site], compute: Comput
     The lr follows the same warm-up + cosine schedule as the cyclic run, stepped per epoch.
     Returns the state with ``teacher`` set to the student (pooling has no teacher).
     """
-    from arkfed.visit import make_optimizer
+    from arkfed.ark.visit import make_optimizer
 
     settings = config.settings
     compute = compute or ComputeSettings()

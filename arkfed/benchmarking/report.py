@@ -45,7 +45,7 @@ def held_out_metrics(records: Sequence[dict]) -> list[str]:
 
 def summarise(plan, records: Sequence[dict], minutes: float) -> dict:
     """Join vs alone per site, the accrual curve and the baselines, each with per-seed values."""
-    from arkfed.benchmarking.accrual import OWN_METRICS, curve_subsets, run_key
+    from arkfed.benchmarking.plan import OWN_METRICS, curve_subsets, run_key
 
     idx = _index(records)
     seeds = list(plan.budget.seeds)
@@ -109,7 +109,7 @@ def summarise(plan, records: Sequence[dict], minutes: float) -> dict:
 
 
 def _orderings(plan) -> list[tuple[str, ...]]:
-    from arkfed.benchmarking.accrual import orderings
+    from arkfed.benchmarking.plan import orderings
 
     return orderings(plan.sources, plan.budget.orderings)
 

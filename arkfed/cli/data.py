@@ -1,6 +1,6 @@
 """Data commands: ``demo-data``, ``validate``, ``prepare``, ``list-datasets``, ``add-dataset``.
 
-Thin rendering over :mod:`arkfed.demo`, :mod:`arkfed.validate` and :mod:`arkfed.scaffold`;
+Thin rendering over :mod:`arkfed.demo.generate`, :mod:`arkfed.site.validate` and :mod:`arkfed.datasets._scaffold`;
 nothing here imports torch.
 """
 
@@ -27,7 +27,7 @@ def demo_data(
     size: int = typer.Option(128, min=32, max=1024, help="image width and height in pixels"),
 ) -> None:
     """Write the SYNTHETIC offline demo federation: 3 sites in the NIH, CheXpert and Shenzhen layouts."""
-    from arkfed.demo import DEMO_SITES, SYNTHETIC_NOTICE, generate_demo_federation, site_classes
+    from arkfed.demo.generate import DEMO_SITES, SYNTHETIC_NOTICE, generate_demo_federation, site_classes
 
     console = _console()
 
@@ -52,7 +52,7 @@ def validate(
     """Read a site end to end and summarise it; exit status 1 when anything is wrong."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from arkfed.validate import validate_site
+    from arkfed.site.validate import validate_site
 
     console = _console()
     with Progress(TextColumn("reading images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -76,8 +76,10 @@ def prepare(
     """Decode every image of a site once into its prepared-image cache (resumable; only new or changed images)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from arkfed.cache import CacheIndex, cache_folder, prepare_site, verify_shards
-    from arkfed.site import load_site, load_site_config
+    from arkfed.data.cache import CacheIndex, verify_shards
+    from arkfed.site.cache import cache_folder, prepare_site
+    from arkfed.site.config import load_site_config
+    from arkfed.site.load import load_site
 
     console = _console()
     config = load_site_config(site)
@@ -163,7 +165,7 @@ def list_datasets(
     plugins_dir: Optional[list[Path]] = typer.Option(None, "--plugins-dir", help=PLUGINS_DIR_HELP),
 ) -> None:
     """Show every dataset plugin found and its label schema (and the plugins that failed to load)."""
-    from arkfed.validate import list_plugins
+    from arkfed.site.validate import list_plugins
 
     console = _console()
     summaries, failures = list_plugins(plugins_dir or ())
@@ -208,10 +210,10 @@ def add_dataset(
     """Write a plugin for a dataset described by a CSV (plugins/NAME.py + sites/NAME.yaml), then validate it."""
     from pydantic import ValidationError
 
+    from arkfed.datasets._scaffold import DatasetRequest, scaffold_dataset
     from arkfed.errors import ArkfedError
-    from arkfed.scaffold import DatasetRequest, scaffold_dataset
-    from arkfed.site import load_site_config
-    from arkfed.validate import validate_site
+    from arkfed.site.config import load_site_config
+    from arkfed.site.validate import validate_site
 
     try:
         request = DatasetRequest(

@@ -35,13 +35,13 @@ def _console():
 
 
 def _device(name: str) -> str:
-    from arkfed.training import resolve_device
+    from arkfed.devices import resolve_device
 
     return str(resolve_device(name))
 
 
 def _spec(arch: Optional[str], img_size: int):
-    from arkfed.model import ModelSpec
+    from arkfed.spec import ModelSpec
 
     return ModelSpec(model=arch, img_size=img_size) if arch else None
 
@@ -49,7 +49,7 @@ def _spec(arch: Optional[str], img_size: int):
 def _load(source: Path, which: str, arch: Optional[str], img_size: int):
     from arkfed.errors import ArkfedError
     from arkfed.evaluation.sources import load_one, source_kind
-    from arkfed.weights import SPEC_KEY
+    from arkfed.model.weights import SPEC_KEY
 
     if arch is None and source_kind(source) == "file":
         meta = {}
@@ -64,7 +64,7 @@ def _load(source: Path, which: str, arch: Optional[str], img_size: int):
 
 
 def _site(ref: str, plugins: Optional[List[Path]]):
-    from arkfed.site import load_site
+    from arkfed.site.load import load_site
 
     return load_site(ref, plugins or ())
 

@@ -64,10 +64,10 @@ def coordinator(
     from arkfed.cli.train import default_out, print_recipes
     from arkfed.errors import ArkfedError
     from arkfed.federation.certs import CertificateFolder
-    from arkfed.federation.launcher import print_insecure_warning, run_coordinator
-    from arkfed.federation.live import FederationView
+    from arkfed.federation.coordinator.launcher import print_insecure_warning, run_coordinator
+    from arkfed.federation.coordinator.live import FederationView
     from arkfed.federation.protocol import FederationSettings
-    from arkfed.runs import config_text
+    from arkfed.run.folder import config_text
 
     if recipe == "list":
         return print_recipes()
@@ -85,7 +85,7 @@ def coordinator(
     if insecure:
         print_insecure_warning(lambda text: console.print(f"[bold red]{text}[/]"))
     run_dir = resume or out or default_out("fed")
-    from arkfed.trackers import parse_log_option
+    from arkfed.run.trackers import parse_log_option
 
     fed = FederationSettings(join_timeout=join_timeout, visit_timeout=visit_timeout, log=parse_log_option(log),
                              max_update_norm=max_update_norm or None)
@@ -112,13 +112,13 @@ def site(
     from rich.console import Console
 
     from arkfed.errors import ArkfedError
-    from arkfed.federation.launcher import print_insecure_warning
-    from arkfed.federation.site_node import SiteNode
-    from arkfed.site import load_site_config, resolve_site_path
+    from arkfed.federation.coordinator.launcher import print_insecure_warning
+    from arkfed.federation.site.node import SiteNode
+    from arkfed.site.config import load_site_config, resolve_site_path
 
     console = Console(highlight=False, soft_wrap=True)
     if approve is not None:
-        from arkfed.policy import approve_run
+        from arkfed.site.policy import approve_run
 
         site_config = load_site_config(resolve_site_path(config))
         path = approve_run(site_config.local_state_dir, approve)
@@ -147,7 +147,7 @@ def _serve(node, console, connect_timeout: float) -> None:
     import time
 
     from arkfed.errors import ArkfedError
-    from arkfed.federation.site_node import SiteNotAdmitted
+    from arkfed.federation.site.node import SiteNotAdmitted
 
     backoff, admitted, first = 5.0, False, time.monotonic()
     shown: set[str] = set()
@@ -178,7 +178,7 @@ def _serve(node, console, connect_timeout: float) -> None:
 
 def _show_pending_runs(node, console, shown: set[str]) -> None:
     """Policy ``approval: manual``: each run waiting for approval, once, with what it asks."""
-    from arkfed.policy import pending_runs
+    from arkfed.site.policy import pending_runs
 
     for entry in pending_runs(node.state_dir):
         fingerprint = entry.get("fingerprint", "?")

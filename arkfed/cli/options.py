@@ -1,6 +1,6 @@
 """One run configuration for every command that starts a run (``arkfed train``, ``arkfed coordinator``).
 
-The definition is :class:`arkfed.training.TrainConfig` itself: every field with a description
+The definition is :class:`arkfed.config.TrainConfig` itself: every field with a description
 (also inside ``model`` and ``settings``) becomes one command-line option with that help text, so
 both commands accept exactly the same options and a new setting appears in both without being
 listed anywhere. The resolved configuration is: the recipe, then ``--config FILE`` (e.g. an earlier
@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import typer
 
 PANEL = "Run configuration: the recipe, then --config FILE, then these options (--dry-run shows the result)"
-SECTIONS = {"": "arkfed.training:TrainConfig", "model": "arkfed.spec:ModelSpec", "settings": "arkfed.training:TrainSettings"}
+SECTIONS = {"": "arkfed.config:TrainConfig", "model": "arkfed.spec:ModelSpec", "settings": "arkfed.config:TrainSettings"}
 NOT_OPTIONS = {"", "sites", "recipe", "model", "settings", "model.num_features", "model.mean", "model.std"}
 
 
@@ -119,9 +119,9 @@ def resolve_run_config(sites: list[str], overrides: dict[str, Any], config_file:
     or else from the file. Errors are one line naming the setting."""
     import yaml
 
+    from arkfed.config import TrainConfig
     from arkfed.errors import ArkfedError
-    from arkfed.recipes import deep_merge, get_recipe
-    from arkfed.training import TrainConfig
+    from arkfed.run.recipes import deep_merge, get_recipe
 
     file_data: dict = {}
     if config_file is not None:

@@ -30,7 +30,7 @@ def _site_refs(sites: Optional[str], demo_dir: Path) -> list[str]:
         return [s.strip() for s in sites.split(",") if s.strip()]
     import json
 
-    from arkfed.demo import MARKER_FILE, ensure_demo_federation
+    from arkfed.demo.generate import MARKER_FILE, ensure_demo_federation
 
     typer.echo(f"no --sites: training on the synthetic demo federation in {demo_dir}/")
     try:  # a demo generated with other settings (`arkfed demo-data --size ...`) is used as it is
@@ -50,7 +50,7 @@ def default_out(prefix: str) -> Path:
 def print_recipes() -> None:
     from rich.console import Console
 
-    from arkfed.recipes import describe_recipes
+    from arkfed.run.recipes import describe_recipes
 
     Console(highlight=False, soft_wrap=True).print(describe_recipes())
 
@@ -79,8 +79,8 @@ def train(
     from rich.console import Console
 
     from arkfed.cli.options import resolve_run_config
-    from arkfed.runs import RunFolder, config_text
-    from arkfed.site import load_site_config, resolve_site_path
+    from arkfed.run.folder import RunFolder, config_text
+    from arkfed.site.config import load_site_config, resolve_site_path
 
     if recipe == "list":
         return print_recipes()
@@ -124,8 +124,8 @@ def _run(config, run_dir: Path, refs: list[str], resume: bool, federated: bool, 
         from arkfed.federation.loopback import train_federated
 
         return train_federated(config, run_dir, refs, resume=resume, quiet=quiet, log=log)
-    from arkfed.loop import load_sites, train_local
-    from arkfed.progress import make_progress
+    from arkfed.run.local import load_sites, train_local
+    from arkfed.run.progress import make_progress
 
     sites = load_sites(refs, config.sites, plugins_dirs)
     compute = {name: site.config.compute.override(device=device, num_workers=num_workers, gpus=gpus) for name, site in sites.items()}
@@ -134,13 +134,13 @@ def _run(config, run_dir: Path, refs: list[str], resume: bool, federated: bool, 
 
 
 def trackers(log: str, run_dir: Path) -> list:
-    from arkfed.trackers import make_trackers
+    from arkfed.run.trackers import make_trackers
 
     return make_trackers(log, run_dir)
 
 
 def print_summary(console, summary: dict, run_dir: Path) -> None:
-    from arkfed.progress import summary_table
+    from arkfed.run.progress import summary_table
 
     if summary.get("sites"):
         console.print(summary_table(summary))

@@ -13,20 +13,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from arkfed.dataset import make_meta
-from arkfed.errors import ArkfedError
-from arkfed.findings import CHESTXRAY14_CLASSES
-from arkfed.label_files import (
+from arkfed.datasets import (
+    CHESTXRAY14_CLASSES,
+    ArkfedError,
+    DatasetPlugin,
     FileDatasetOptions,
     LabelRecords,
+    LabelSchema,
     find_label_file,
     list_files,
     locate_images,
+    make_meta,
     read_csv,
+    register_dataset,
     require_columns,
 )
-from arkfed.plugins import DatasetPlugin, register_dataset
-from arkfed.schema import LabelSchema
 
 LABEL_FILE_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 NO_FINDING = "No Finding"

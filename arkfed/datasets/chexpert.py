@@ -16,20 +16,22 @@ from typing import Literal
 
 import numpy as np
 
-from arkfed.dataset import make_meta
-from arkfed.errors import ArkfedError
-from arkfed.findings import CHEXPERT_CLASSES
-from arkfed.label_files import (
+from arkfed.datasets import (
+    CHEXPERT_CLASSES,
+    CHEXPERT_LABELER_SCHEMA,
+    UNCERTAIN,
+    ArkfedError,
+    DatasetPlugin,
     FileDatasetOptions,
     LabelRecords,
     concat_records,
     find_label_file,
     label_matrix,
+    make_meta,
     read_csv,
+    register_dataset,
     require_columns,
 )
-from arkfed.plugins import DatasetPlugin, register_dataset
-from arkfed.schema import CHEXPERT_LABELER_SCHEMA, UNCERTAIN
 
 DATASET_FOLDERS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 META_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")

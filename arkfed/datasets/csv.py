@@ -1,7 +1,7 @@
 """The generic ``csv`` plugin: any dataset described by one CSV and a site's ``options:``.
 
-All logic lives in :mod:`arkfed.csv_dataset` so that plugins written by ``arkfed add-dataset``
-can subclass :class:`~arkfed.csv_dataset.CsvDatasetPlugin` with their own defaults. Example::
+All logic lives in :mod:`arkfed.datasets._csv` so that plugins written by ``arkfed add-dataset``
+can subclass :class:`~arkfed.datasets._csv.CsvDatasetPlugin` with their own defaults. Example::
 
     dataset: csv
     options:
@@ -13,8 +13,7 @@ can subclass :class:`~arkfed.csv_dataset.CsvDatasetPlugin` with their own defaul
 
 from __future__ import annotations
 
-from arkfed.csv_dataset import CsvDatasetPlugin
-from arkfed.plugins import register_dataset
+from arkfed.datasets import CsvDatasetPlugin, register_dataset
 
 
 @register_dataset

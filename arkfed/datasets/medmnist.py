@@ -14,12 +14,19 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from arkfed.dataset import SPLITS, ArrayImages, DatasetTable, make_meta
-from arkfed.errors import ArkfedError
-from arkfed.findings import CHESTXRAY14_CLASSES
-from arkfed.label_files import check_label_values
-from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
-from arkfed.schema import LabelSchema
+from arkfed.datasets import (
+    CHESTXRAY14_CLASSES,
+    SPLITS,
+    ArkfedError,
+    ArrayImages,
+    DatasetPlugin,
+    DatasetTable,
+    LabelSchema,
+    SplitConfig,
+    check_label_values,
+    make_meta,
+    register_dataset,
+)
 
 SCHEMAS: dict[str, LabelSchema] = {
     "pneumoniamnist": LabelSchema(task="binary", classes=("Pneumonia",), uncertain="lsr-ones", missing="zeros"),

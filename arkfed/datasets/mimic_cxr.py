@@ -24,19 +24,22 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from arkfed.dataset import make_meta
-from arkfed.errors import ArkfedError
-from arkfed.findings import CHEXPERT_CLASSES
-from arkfed.label_files import (
+from arkfed.datasets import (
+    CHEXPERT_CLASSES,
+    CHEXPERT_LABELER_SCHEMA,
+    UNCERTAIN,
+    ArkfedError,
+    DatasetPlugin,
     FileDatasetOptions,
     LabelRecords,
+    LabelSchema,
     find_label_file,
     label_matrix,
+    make_meta,
     read_csv,
+    register_dataset,
     require_columns,
 )
-from arkfed.plugins import DatasetPlugin, register_dataset
-from arkfed.schema import CHEXPERT_LABELER_SCHEMA, UNCERTAIN, LabelSchema
 
 PREFIX = "mimic-cxr-2.0.0"
 FRONTAL_VIEWS = ("PA", "AP")

@@ -17,19 +17,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from arkfed.dataset import DatasetTable, make_meta
-from arkfed.errors import ArkfedError
-from arkfed.label_files import (
+from arkfed.datasets import (
+    ArkfedError,
+    DatasetPlugin,
+    DatasetTable,
     FileDatasetOptions,
     LabelRecords,
+    LabelSchema,
+    SplitConfig,
     find_label_file,
+    make_meta,
     present_images,
     read_csv,
+    register_dataset,
     require_columns,
     split_records,
 )
-from arkfed.plugins import DatasetPlugin, SplitConfig, register_dataset
-from arkfed.schema import LabelSchema
 
 CLASSES = ("Normal", "Lung Opacity", "No Lung Opacity / Not Normal")
 OPACITY = "Lung Opacity"

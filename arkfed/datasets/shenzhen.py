@@ -15,11 +15,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from arkfed.dataset import make_meta
-from arkfed.errors import ArkfedError
-from arkfed.label_files import FileDatasetOptions, LabelRecords, list_files
-from arkfed.plugins import DatasetPlugin, register_dataset
-from arkfed.schema import LabelSchema
+from arkfed.datasets import (
+    ArkfedError,
+    DatasetPlugin,
+    FileDatasetOptions,
+    LabelRecords,
+    LabelSchema,
+    list_files,
+    make_meta,
+    register_dataset,
+)
 
 IMAGE_NAME = re.compile(r"^(CHNCXR_\d+)_([01])\.png$", re.IGNORECASE)
 SEX_WORD = re.compile(r"\b(male|female|m|f)\b", re.IGNORECASE)

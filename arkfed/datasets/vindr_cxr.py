@@ -34,21 +34,22 @@ import numpy as np
 import pandas as pd
 from pydantic import model_validator
 
-from arkfed.dataset import make_meta
-from arkfed.errors import ArkfedError
-from arkfed.label_files import (
+from arkfed.datasets import (
+    ArkfedError,
+    DatasetPlugin,
     FileDatasetOptions,
     LabelRecords,
+    LabelSchema,
     concat_records,
     find_label_file,
     label_matrix,
     list_files,
     locate_images,
+    make_meta,
     read_csv,
+    register_dataset,
     require_columns,
 )
-from arkfed.plugins import DatasetPlugin, register_dataset
-from arkfed.schema import LabelSchema
 
 GLOBAL_LABELS = ("Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases", "COPD", "No finding")
 # Ark's six (datasets_config.yaml: ['PE', 'Lung tumor', 'Pneumonia', 'Tuberculosis', 'Other diseases', 'No finding']).

@@ -22,16 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from arkfed.dataset import DatasetTable
+from arkfed.ark.metrics import roc_auc, scores_from_logits
+from arkfed.data.schema import LabelSchema
+from arkfed.data.tables import DatasetTable
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.embeddings import FeatureKind, embed_table
 from arkfed.evaluation.evaluate import MIN_POSITIVES, TOO_FEW, bootstrap_groups, bootstrap_weights, percentile_interval
 from arkfed.evaluation.linear_probe import fit_probe_logits, subset
 from arkfed.evaluation.stats import CORRECTION_NAMES, Correction, adjust_pvalues
 from arkfed.io import atomic_write
-from arkfed.metrics import roc_auc, scores_from_logits
-from arkfed.model import ArkModel
-from arkfed.schema import LabelSchema
+from arkfed.model.ark import ArkModel
 
 SEXES = ("M", "F")
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from arkfed.errors import ArkfedError
 from arkfed.io import atomic_write
-from arkfed.model import ArkModel, SiteHead
+from arkfed.model.ark import ArkModel, SiteHead
 
 
 @dataclass

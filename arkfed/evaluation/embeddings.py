@@ -1,6 +1,6 @@
 """Running a model over a dataset split: frozen embeddings, head outputs, ten-crop averaging.
 
-Images come through the training area's evaluation pipeline (:func:`arkfed.data.make_eval_loader`)
+Images come through the training area's evaluation pipeline (:func:`arkfed.data.loaders.make_eval_loader`)
 so evaluation sees exactly what validation during training saw (same resize, normalisation and
 label policies). Outputs are numpy arrays, row-aligned with the table.
 """
@@ -13,10 +13,11 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from arkfed.dataset import DatasetTable
-from arkfed.metrics import Predictions, infer
-from arkfed.model import ArkModel, ModelSpec, SiteHead
-from arkfed.schema import LabelSchema
+from arkfed.ark.metrics import Predictions, infer
+from arkfed.data.schema import LabelSchema
+from arkfed.data.tables import DatasetTable
+from arkfed.model.ark import ArkModel, SiteHead
+from arkfed.spec import ModelSpec
 
 FeatureKind = Literal["projector", "backbone"]
 TEN_CROP_RESIZE = 256 / 224  # the usual ten-crop protocol: resize by 256/224, crop back to size
@@ -44,7 +45,7 @@ def ten_crops(images: torch.Tensor) -> list[torch.Tensor]:
 def _run(fn: Callable[[torch.Tensor], torch.Tensor], modules: tuple[torch.nn.Module, ...], table: DatasetTable,
          schema: LabelSchema, spec: ModelSpec, batch_size: int, device: str,
          ten_crop: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from arkfed.data import make_eval_loader
+    from arkfed.data.loaders import make_eval_loader
 
     return infer(fn, modules, make_eval_loader(table, schema, spec, batch_size, ten_crop=ten_crop), device)
 
@@ -75,7 +76,7 @@ def head_predictions(
     ten_crop: bool = False, batch_size: int = 64, device: str = "cpu",
 ) -> Predictions:
     """``head(model(x))`` over a split; with ``ten_crop`` the probabilities of Ark's ten crops, cut
-    from the source image by the data pipeline (:func:`arkfed.data.ten_crop_views`), are averaged."""
+    from the source image by the data pipeline (:func:`arkfed.data.loaders.ten_crop_views`), are averaged."""
     model, head = model.to(device), head.to(device)
 
     def forward(images: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """``arkfed evaluate``: a trained head on a split, per-class AUC with bootstrap 95% CIs.
 
 One truth for a model's numbers: the model is scored exactly as training-time evaluation scores
-it (:func:`arkfed.metrics.site_predictions`): BatchNorm statistics re-estimated on the first
+it (:func:`arkfed.ark.metrics.site_predictions`): BatchNorm statistics re-estimated on the first
 images of the site's training split, the same eval pipeline, the same metrics. So ``evaluate
 --split val`` on a finished run reproduces the last validation lines of ``metrics.jsonl``.
 The teacher is scored with the teacher's own heads (``RUN/teacher-heads/``) when the run has
@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from arkfed.metrics import Predictions, class_auc, score_predictions, scores_from_logits
-from arkfed.schema import LabelSchema
+from arkfed.ark.metrics import Predictions, class_auc, score_predictions, scores_from_logits
+from arkfed.data.schema import LabelSchema
 
 if TYPE_CHECKING:
-    from arkfed.dataset import DatasetTable
-    from arkfed.site import Site
+    from arkfed.data.tables import DatasetTable
+    from arkfed.site.load import Site
 
 MIN_POSITIVES = 10
 TOO_FEW = "too few positives"
@@ -47,7 +47,7 @@ def bootstrap_groups(table: "DatasetTable | None", n: int) -> tuple[np.ndarray, 
 def bootstrap_weights(groups: np.ndarray, n_boot: int, seed: int, chunk: int = 200):
     """Yield B x N multiplicity matrices (``n_boot`` replicates in all, ``chunk`` at a time):
     the units (patients or images) are drawn with replacement and each row counts as often as
-    its unit was drawn. Weights, not index lists, so :func:`arkfed.metrics.roc_auc` scores all
+    its unit was drawn. Weights, not index lists, so :func:`arkfed.ark.metrics.roc_auc` scores all
     replicates of a chunk at once."""
     rng = np.random.default_rng(seed)
     units = int(groups.max()) + 1 if len(groups) else 0
@@ -157,8 +157,8 @@ def score_with_head(model, head, site: "Site", split: str = "test", ten_crop: bo
                     device: str = "cpu", seed: int = 0, min_positives: int = MIN_POSITIVES) -> dict:
     """``head(model(x))`` on a split of ``site``, BatchNorm recalibrated on its training split as
     training-time evaluation does, with the metrics and CIs of :func:`evaluate_predictions`."""
+    from arkfed.ark.metrics import calibrated_model
     from arkfed.evaluation.embeddings import head_predictions
-    from arkfed.metrics import calibrated_model
 
     table = site.split(split)
     model, recalibrated = calibrated_model(model.to(device), site.schema, site.splits.get("train"), device)

@@ -8,7 +8,7 @@ keys, and timm's key renames broke loading. An export therefore keeps them apart
   or ``timm.create_model("local-dir:EXPORT", pretrained=True)`` with no missing/unexpected keys;
 - ``config.json``: timm's pretrained-config form, written by timm itself (architecture,
   num_features, model_args, input_size, mean, std), plus an ``arkfed`` section with the
-  :class:`~arkfed.model.ModelSpec` and the heads, so :func:`arkfed.weights.load_ark_model` can
+  :class:`~arkfed.spec.ModelSpec` and the heads, so :func:`arkfed.model.weights.load_ark_model` can
   rebuild the whole ArkModel;
 - ``projector.safetensors`` and ``heads/<site>.safetensors`` (site, class names, schema): the
   heads *of the exported model*: for the teacher, the run's ``teacher-heads/`` (the EMA of the
@@ -16,7 +16,7 @@ keys, and timm's key renames broke loading. An export therefore keeps them apart
   which);
 - ``batchnorm/<site>.safetensors`` (with ``--calibrate SITE``): the BatchNorm running statistics
   re-estimated on that site's training images, exactly as training-time evaluation re-estimates
-  them (:func:`arkfed.metrics.calibrated_model`), i.e. the statistics that produced the site's
+  them (:func:`arkfed.ark.metrics.calibrated_model`), i.e. the statistics that produced the site's
   reported metrics;
 - ``README.md``: a model card listing sites, datasets, schemas, rounds and final metrics.
 
@@ -40,8 +40,8 @@ from arkfed.errors import ArkfedError
 from arkfed.evaluation.runinfo import RunInfo, read_run
 from arkfed.evaluation.sources import load_models, model_heads, source_kind
 from arkfed.io import atomic_write
-from arkfed.model import ArkModel, SiteHead
-from arkfed.weights import SPEC_KEY, save_head, save_safetensors
+from arkfed.model.ark import ArkModel, SiteHead
+from arkfed.model.weights import SPEC_KEY, save_head, save_safetensors
 
 
 @dataclass
@@ -76,7 +76,7 @@ def batchnorm_state(model: ArkModel) -> dict:
 
 def apply_site_batchnorm(model: ArkModel, export: str | Path, site: str) -> ArkModel:
     """``model`` (loaded from ``export``) with the BatchNorm statistics stored for ``site``."""
-    from arkfed.weights import read_safetensors
+    from arkfed.model.weights import read_safetensors
 
     path = Path(export) / BATCHNORM_DIR / f"{site}.safetensors"
     if not path.is_file():
@@ -147,7 +147,7 @@ def model_card(config: dict, heads: dict[str, SiteHead], run: RunInfo | None) ->
         "(ViT, Swin) pass the `img_size` listed under `model_args` in config.json.",
         f"The projector ({spec['projector']}, {config['num_features']} -> {spec['projector_dim']}) is in "
         "`projector.safetensors`; the whole model with its heads loads with "
-        "`arkfed.weights.load_ark_model(folder)` and every `arkfed` evaluation command.",
+        "`arkfed.model.weights.load_ark_model(folder)` and every `arkfed` evaluation command.",
         "",
         "## Sites and heads",
         "",
@@ -206,8 +206,8 @@ def model_card(config: dict, heads: dict[str, SiteHead], run: RunInfo | None) ->
 
 
 def calibrate_sites(model: ArkModel, sites: list) -> dict[str, dict]:
-    """Per site, the BatchNorm buffers that site's evaluation uses (see :func:`arkfed.metrics.calibrated_model`)."""
-    from arkfed.metrics import calibrated_model, has_batchnorm
+    """Per site, the BatchNorm buffers that site's evaluation uses (see :func:`arkfed.ark.metrics.calibrated_model`)."""
+    from arkfed.ark.metrics import calibrated_model, has_batchnorm
 
     if not has_batchnorm(model):
         raise ArkfedError(f"{model.spec.model}: the model has no BatchNorm layers; --calibrate has nothing to do")
@@ -224,10 +224,10 @@ def calibrate_sites(model: ArkModel, sites: list) -> dict[str, dict]:
 def export_model(source: str | Path, out: str | Path, which: str = "teacher", calibrate: list | None = None) -> ExportResult:
     """Write an export folder from a run folder (or re-export an export / a weights file).
 
-    ``calibrate``: sites (:class:`arkfed.site.Site`) whose BatchNorm statistics to store; the
+    ``calibrate``: sites (:class:`arkfed.site.load.Site`) whose BatchNorm statistics to store; the
     first one's go into ``model.safetensors`` (see the module docstring for why).
     """
-    from arkfed.metrics import CALIBRATION_IMAGES
+    from arkfed.ark.metrics import CALIBRATION_IMAGES
 
     source, out = Path(source), Path(out)
     if out.resolve() == source.resolve():

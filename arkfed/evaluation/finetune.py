@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from arkfed.dataset import DatasetTable
+from arkfed.ark.losses import task_loss
+from arkfed.ark.metrics import Predictions, score_predictions
+from arkfed.data.schema import LabelSchema
+from arkfed.data.tables import DatasetTable
 from arkfed.evaluation.linear_probe import random_init_seed
-from arkfed.losses import task_loss
-from arkfed.metrics import Predictions, score_predictions
-from arkfed.model import ArkModel, ModelSpec
-from arkfed.schema import LabelSchema
+from arkfed.model.ark import ArkModel
+from arkfed.spec import ModelSpec
 
 FineTuneInit = Literal["model", "random", "imagenet"]
 
@@ -72,9 +73,9 @@ def initial_backbone(model: ArkModel, init: FineTuneInit, seed: int) -> nn.Modul
 
 
 def predict_net(net: nn.Module, table: DatasetTable, schema: LabelSchema, spec: ModelSpec, batch_size: int, device: str) -> Predictions:
-    """The fine-tuned network over a split, through the one inference loop (:func:`arkfed.metrics.infer`)."""
-    from arkfed.data import make_eval_loader
-    from arkfed.metrics import infer
+    """The fine-tuned network over a split, through the one inference loop (:func:`arkfed.ark.metrics.infer`)."""
+    from arkfed.ark.metrics import infer
+    from arkfed.data.loaders import make_eval_loader
 
     return Predictions(*infer(net, (net,), make_eval_loader(table, schema, spec, batch_size), device))
 
@@ -82,7 +83,7 @@ def predict_net(net: nn.Module, table: DatasetTable, schema: LabelSchema, spec: 
 def train_epoch(net: nn.Module, optimizer, scheduler, table: DatasetTable, schema: LabelSchema, spec: ModelSpec,
                 settings: FineTuneSettings, epoch: int) -> tuple[float, int]:
     """One pass over the (augmented) training split; returns the mean loss and the steps taken."""
-    from arkfed.data import make_train_loader
+    from arkfed.data.loaders import make_train_loader
 
     loader = make_train_loader(table, schema, spec, settings.batch_size, epochs=1, seed=settings.seed * 1000 + epoch,
                                crop_scale=settings.crop_scale, views="ark", max_steps=settings.max_steps_per_epoch)

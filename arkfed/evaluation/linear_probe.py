@@ -23,12 +23,13 @@ from typing import Literal
 
 import numpy as np
 
-from arkfed.dataset import DatasetTable
+from arkfed.ark.metrics import Predictions, score_predictions
+from arkfed.data.schema import LabelSchema
+from arkfed.data.tables import DatasetTable
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.embeddings import Embeddings, FeatureKind, embed_table
-from arkfed.metrics import Predictions, score_predictions
-from arkfed.model import ArkModel, ModelSpec
-from arkfed.schema import LabelSchema
+from arkfed.model.ark import ArkModel
+from arkfed.spec import ModelSpec
 
 InitKind = Literal["model", "random"]
 

@@ -2,7 +2,7 @@
 
 Each probability is named ``site/class``. Heads that predict the same finding under different
 names ("Effusion" at one site, "Pleural Effusion" at another) are aligned through the canonical
-finding vocabulary (:meth:`arkfed.schema.LabelSchema.canonical`); for a finding shared by two or
+finding vocabulary (:meth:`arkfed.data.schema.LabelSchema.canonical`); for a finding shared by two or
 more heads the mean of their probabilities is also given, as one combined score. Averaging
 probabilities (not logits) keeps one over-confident head from dominating.
 """
@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arkfed.dataset import DatasetTable, FileImages, make_meta
+from arkfed.ark.metrics import scores_from_logits
+from arkfed.data.schema import LabelSchema
+from arkfed.data.tables import DatasetTable, FileImages, make_meta
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.embeddings import embed_table
-from arkfed.metrics import scores_from_logits
-from arkfed.model import ArkModel, SiteHead
-from arkfed.schema import LabelSchema
+from arkfed.model.ark import ArkModel, SiteHead
 
 _NO_LABELS = LabelSchema(task="binary", classes=("unlabelled",))
 

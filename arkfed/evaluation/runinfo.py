@@ -1,6 +1,6 @@
 """Reading what a run folder records: its config, its metrics log and its summary.
 
-The training code writes ``config.yaml`` (the resolved :class:`~arkfed.training.TrainConfig`),
+The training code writes ``config.yaml`` (the resolved :class:`~arkfed.config.TrainConfig`),
 ``metrics.jsonl`` (one JSON object per visit and per evaluation) and ``summary.json``. The model
 card and the run report read them through here, tolerating fields a given run does not have, so
 a run from an older arkfed still gets a card.
@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from arkfed.errors import ArkfedError
-from arkfed.runs import read_metrics
+from arkfed.run.folder import read_metrics
 
 
 @dataclass
@@ -54,8 +54,8 @@ class RunInfo:
 
     def site_datasets(self) -> dict[str, str]:
         """Site name -> dataset plugin, from the site configs the run recorded (where readable)."""
-        from arkfed.runs import RunFolder
-        from arkfed.site import load_site_config
+        from arkfed.run.folder import RunFolder
+        from arkfed.site.config import load_site_config
 
         out: dict[str, str] = {}
         for ref in RunFolder(self.folder).read_site_configs():

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arkfed.errors import ArkfedError
-from arkfed.model import ArkModel
+from arkfed.model.ark import ArkModel
 
 EncoderMode = Literal["frozen", "finetuned"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
@@ -123,7 +123,7 @@ def load_pairs(pairs: list[tuple[Path, Path]], size: int) -> tuple[torch.Tensor,
     """uint8 images ``N x 1 x S x S`` and float masks ``N x 1 x S x S`` (0/1), resized to ``size``."""
     from PIL import Image
 
-    from arkfed.imageio import read_image
+    from arkfed.data.imageio import read_image
 
     images, masks = [], []
     for image_path, mask_path in pairs:
@@ -237,7 +237,7 @@ def segmentation_curve(models: dict[str, ArkModel], images_dir: Path, masks_dir:
     ``models`` maps a name to a model; ``"model"`` is the one under test and its architecture,
     randomly initialised, is added as ``"random"``. Every model sees its own normalisation.
     """
-    from arkfed.data import Normalise
+    from arkfed.data.loaders import Normalise
     from arkfed.evaluation.curves import RANDOM, REFERENCE, size_label, subset_rows, summarise_curves
     from arkfed.evaluation.linear_probe import random_init_seed
 

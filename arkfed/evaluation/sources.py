@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 from arkfed.errors import ArkfedError
-from arkfed.model import ArkModel, ModelSpec, SiteHead
+from arkfed.model.ark import ArkModel, SiteHead
+from arkfed.spec import ModelSpec
 
 SourceKind = Literal["run", "export", "file"]
 MODEL_NAMES = ("teacher", "student")
@@ -43,7 +44,7 @@ def load_models(
     A run folder gives each of ``which`` that it has; an export folder or a weights file gives one
     model, reported as ``teacher`` (exports are the teacher; a bare file is whatever it is).
     """
-    from arkfed.weights import load_ark_model
+    from arkfed.model.weights import load_ark_model
 
     kind = source_kind(source)
     if kind != "run":
@@ -57,7 +58,7 @@ def load_models(
 def load_source_heads(source: str | Path) -> dict[str, SiteHead]:
     """The site heads stored with a run or an export; for a weights file, the heads it carries
     (a released Ark checkpoint's omni_heads, named; none for other files)."""
-    from arkfed.weights import load_file_heads, load_heads
+    from arkfed.model.weights import load_file_heads, load_heads
 
     path = Path(source)
     if source_kind(path) == "file":
@@ -82,7 +83,7 @@ def model_heads(source: str | Path, which: str = "teacher") -> tuple[dict[str, S
     if which == "teacher" and source_kind(path) == "run":
         teacher_dir = path / TEACHER_HEADS
         if teacher_dir.is_dir() and any(teacher_dir.glob("*.safetensors")):
-            from arkfed.weights import load_heads
+            from arkfed.model.weights import load_heads
 
             return {site: head.eval() for site, head in load_heads(teacher_dir).items()}, None
         heads = load_source_heads(path)

@@ -6,8 +6,8 @@ Who runs what:
   ServerApp (:mod:`.server_app`), which plans the run exactly as local mode does, keeps student and
   teacher, applies the teacher EMA and writes the usual run folder;
 - each site (``arkfed site``): a Flower SuperNode (:mod:`.site_node`) whose ClientApp
-  (:mod:`.client_app`) runs :func:`arkfed.visit.train_site_visit` and
-  :func:`arkfed.metrics.evaluate_site` on the site's own data, keeping its head
+  (:mod:`.client_app`) runs :func:`arkfed.ark.visit.train_site_visit` and
+  :func:`arkfed.ark.metrics.evaluate_site` on the site's own data, keeping its head
   (:mod:`.site_state`); tasks start from a warm process (:mod:`.site_executor`);
 - on one machine (``arkfed train --federated``): :mod:`.loopback`.
 

@@ -15,7 +15,7 @@ machine only (whoever holds a site's key can act as that site). The folder::
     DIR/ca.crt                  the federation's root certificate: every site needs it (--root-certificates)
     DIR/ca.key                  the CA's private key: stays with the coordinator
     DIR/coordinator.crt, .key   the coordinator's TLS certificate (host names/IPs as SANs) and key; the
-                                key also signs each run (:mod:`arkfed.federation.run_signing`)
+                                key also signs each run (:mod:`arkfed.federation.signing`)
     DIR/sites/<name>.pub        a registered site's public key (OpenSSH EC)
     DIR/sites/<name>.key        a site's private key, only where ``certs init --sites`` made it (trials)
 

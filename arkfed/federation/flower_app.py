@@ -3,7 +3,7 @@
 Users never write a Flower app: :func:`write_flower_app` writes the app folder Flower needs (a
 ``pyproject.toml`` whose components are arkfed's own ServerApp and ClientApp, loaded by import
 path, and whose run config points the ServerApp at the run folder and, with certificates, carries
-the coordinator's signature of the run (:mod:`arkfed.federation.run_signing`), which every site
+the coordinator's signature of the run (:mod:`arkfed.federation.signing`), which every site
 checks); :func:`write_connection` writes the ``FLWR_HOME/config.toml`` through which ``flwr run``
 reaches the SuperLink on loopback. The app folder holds ``pyproject.toml`` and nothing else: sites
 refuse a bundle that holds code or names other components (:data:`COMPONENTS`).
@@ -17,8 +17,8 @@ from pathlib import Path
 from arkfed.errors import ArkfedError
 
 CONNECTION = "arkfed"
-SERVER_APP = "arkfed.federation.server_app:app"
-CLIENT_APP = "arkfed.federation.client_app:app"
+SERVER_APP = "arkfed.federation.coordinator.server_app:app"
+CLIENT_APP = "arkfed.federation.site.client_app:app"
 COMPONENTS = {"serverapp": SERVER_APP, "clientapp": CLIENT_APP}
 BUNDLE_FILES = {"pyproject.toml", ".info/CONTENT"}  # what Flower packs from the app folder
 
@@ -85,8 +85,8 @@ def write_flower_app(run_dir: Path, certs=None) -> Path:
 def sign_run_folder(run_dir: Path, certs) -> dict[str, str]:
     """The signed claim (run config entries) for the run prepared in ``run_dir``."""
     from arkfed.federation.protocol import FederationSettings
-    from arkfed.federation.run_signing import make_claim, sign_claim
-    from arkfed.runs import RunFolder
+    from arkfed.federation.signing import make_claim, sign_claim
+    from arkfed.run.folder import RunFolder
 
     fed = FederationSettings.read(run_dir)
     claim = make_claim(RunFolder(run_dir).read_config(), fed.run_uid)

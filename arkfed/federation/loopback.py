@@ -1,7 +1,7 @@
 """``arkfed train --federated``: the whole federation on one machine, with real processes on 127.0.0.1.
 
-One SuperLink behind its Fleet-only gateway (:class:`~arkfed.federation.launcher.Coordinator`)
-and one SuperNode per site (:class:`~arkfed.federation.site_node.SiteNode`) connecting through the
+One SuperLink behind its Fleet-only gateway (:class:`~arkfed.federation.coordinator.launcher.Coordinator`)
+and one SuperNode per site (:class:`~arkfed.federation.site.node.SiteNode`) connecting through the
 gateway, with signed runs and gated site tasks, exactly as in a deployment; used for trying
 federation out, for the tests and for the benchmark. Its throwaway site keys are made at the
 coordinator (``certs init --sites``), which is acceptable on one machine only.
@@ -14,10 +14,10 @@ from typing import Iterable, Sequence
 
 from arkfed.errors import ArkfedError
 from arkfed.federation.certs import init_certificates
-from arkfed.federation.launcher import Coordinator, prepare_run
+from arkfed.federation.coordinator.launcher import Coordinator, prepare_run
 from arkfed.federation.processes import free_port, stop_all
 from arkfed.federation.protocol import FederationSettings
-from arkfed.federation.site_node import SiteNode
+from arkfed.federation.site.node import SiteNode
 
 
 class LoopbackFederation:
@@ -32,7 +32,7 @@ class LoopbackFederation:
         self.out = Path(out).resolve()
         self.config, self.fed = prepare_run(self.out, config, fed or FederationSettings(), resume)
         if not resume:  # so that `arkfed train --resume RUN --federated` finds the sites again
-            from arkfed.runs import RunFolder
+            from arkfed.run.folder import RunFolder
 
             RunFolder(self.out).write_site_configs([str(Path(p).resolve()) for p in site_configs])
         self.secure = secure
@@ -97,7 +97,7 @@ def run_loopback(config, out: Path, site_configs: Sequence[str | Path] = (), fed
                  secure: bool = True, resume: bool = False, view=None, timeout: float | None = None,
                  plugins_dirs: Iterable[str | Path] = ()) -> dict:
     """``arkfed train --federated``: the whole federation on 127.0.0.1 with real processes."""
-    from arkfed.runs import RunFolder
+    from arkfed.run.folder import RunFolder
 
     if resume:
         config = RunFolder(out).read_config()
@@ -114,12 +114,12 @@ def train_federated(config, out: Path, site_configs: Sequence[str | Path] = (), 
     """``arkfed train --federated``: :func:`run_loopback` with the live view; returns the summary."""
     from rich.console import Console
 
-    from arkfed.federation.live import FederationView
+    from arkfed.federation.coordinator.live import FederationView
 
     console = Console(highlight=False, soft_wrap=True)
     mode = "TLS + site authentication (throwaway certificates in RUN/flower/certs)" if secure else "INSECURE"
     console.print(f"federated on this machine: one SuperLink and one SuperNode per site on 127.0.0.1, {mode}")
-    from arkfed.trackers import parse_log_option
+    from arkfed.run.trackers import parse_log_option
 
     fed = FederationSettings(log=parse_log_option(log))
     with FederationView(console, quiet=quiet, title="arkfed train --federated") as view:

@@ -43,6 +43,11 @@ REQUEST = "request"
 SITE = "site"
 
 AUC_PREFIX = "auc."
+
+# A site's error replies carry one of these codes (and a fixed category, never its error text)
+SITE_REFUSED = 100  # the site will not take part (wrong schema, wrong name, its policy); no retry
+SITE_FAILED = 101  # the site failed this request (retry may help)
+SITE_CODES = (SITE_REFUSED, SITE_FAILED)
 NO_HEAD = -1  # head version meaning "start from the initial head sent along"
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -54,7 +59,7 @@ def model_record(module: "nn.Module") -> ArrayRecord:
     Flower moves every array as its own object (one HTTP request or more each), so a model sent
     tensor by tensor costs hundreds of requests per hop; packed, it is a handful of 5 MB chunks.
     The order is the module's ``state_dict`` order, which the receiver rebuilds from the same
-    :class:`~arkfed.model.ModelSpec`; values are copied bit for bit.
+    :class:`~arkfed.spec.ModelSpec`; values are copied bit for bit.
     """
     import numpy as np
 
@@ -164,7 +169,7 @@ BOOLEAN_METRICS = ("bn_recalibrated",)
 
 
 def eval_result(record: MetricRecord, classes: tuple[str, ...]) -> dict:
-    """The dict :func:`arkfed.metrics.evaluate_site` returned at the site, from its MetricRecord:
+    """The dict :func:`arkfed.ark.metrics.evaluate_site` returned at the site, from its MetricRecord:
     same keys in the same order, per-class AUCs nested again (in schema order), flags as bools."""
     result: dict[str, Any] = {}
     for key, value in record.items():
@@ -232,7 +237,7 @@ class BadReply(ArkfedError):
 class VisitReply:
     """A checked ``train.visit`` reply: its scalar result and the returned model states."""
 
-    result: Any  # arkfed.visit.VisitResult
+    result: Any  # arkfed.ark.visit.VisitResult
     student: dict
     teacher: dict | None
 
@@ -270,11 +275,11 @@ def read_visit_reply(content: RecordDict, plan, student: "nn.Module", teacher: "
                      max_examples: int | None, max_norm: float | None = None) -> VisitReply:
     """The reply to ``plan``'s visit, checked: metrics are exactly a VisitResult for this visit
     (finite), the student (and with per-iteration EMA the teacher) passes
-    :func:`arkfed.updates.check_update` against the state that was sent; raises :class:`BadReply`."""
+    :func:`arkfed.ark.updates.check_update` against the state that was sent; raises :class:`BadReply`."""
     from pydantic import ValidationError
 
-    from arkfed.updates import check_update
-    from arkfed.visit import VisitResult
+    from arkfed.ark.updates import check_update
+    from arkfed.ark.visit import VisitResult
 
     values = _metric_values(_record(content, METRICS, MetricRecord, "visit reply"), "visit reply",
                             RESERVED_METRICS - {"round", "visit"})  # a visit's own; checked against the plan below
@@ -323,7 +328,7 @@ def read_hello_reply(content: RecordDict) -> tuple[str, bool, Any, dict[str, int
     """(site name, member of this run, label schema, split sizes) of a ``query.hello`` reply."""
     from pydantic import ValidationError
 
-    from arkfed.schema import LabelSchema
+    from arkfed.data.schema import LabelSchema
 
     info = _record(content, SITE, ConfigRecord, "hello reply")
     try:

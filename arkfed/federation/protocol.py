@@ -1,6 +1,6 @@
 """The federation's settings record (``RUN/federation.json``, next to config.yaml).
 
-What to train is the run's :class:`~arkfed.training.TrainConfig` (the same as in a local run);
+What to train is the run's :class:`~arkfed.config.TrainConfig` (the same as in a local run);
 this file holds only what a federation adds: the run's identity, its time limits, the record of
 each site's label schema (checked when a site rejoins) and the trackers the ServerApp logs to.
 """

@@ -1,0 +1,161 @@
+"""One site visit on several GPUs: DistributedDataParallel, one process per GPU, same result as one.
+
+``compute.gpus = N > 1`` (the site YAML's ``compute:``, or ``--gpus N``) makes
+:func:`arkfed.ark.tasks.train_visit` call :func:`run_visit_on_gpus`,
+which starts N processes (``torch.multiprocessing``, no torchrun: the rendezvous is a free TCP
+port on 127.0.0.1). Each rank trains the same student and head wrapped in DDP on its share of
+every *global* batch:
+
+- global batch = N x ``settings.batch_size`` (the batch size is per GPU, so memory per GPU is
+  that of a one-GPU visit). The visit's draws are those of a one-process visit with the global
+  batch, and rank ``r`` takes positions ``[r*b, (r+1)*b)`` of each global batch; every sample keeps
+  its draw number, so augmentation and label-smoothing draws are the one-process ones.
+- Loss, lr, consistency weight and teacher EMA are unchanged: gradients are averaged over ranks,
+  which equals the gradient of the global batch's mean loss when every rank's batch counts the
+  same number of labelled entries (always, unless a label policy ignores uncertain or missing
+  entries: then each rank's masked mean is weighted equally, a small difference). The teacher
+  forward is local (no gradients) and the per-iteration EMA is applied identically on every rank.
+- BatchNorm layers become SyncBatchNorm (statistics over the global batch, as one process
+  would compute them) on CUDA; gloo (CPU) has no SyncBatchNorm, so CPU runs are exact only for
+  models without BatchNorm (ViT/Swin use LayerNorm).
+- Only rank 0 writes: its weights and the :class:`~arkfed.ark.visit.VisitResult` (losses averaged over
+  all ranks) go through a temporary file back to the calling process, which loads them into its
+  own modules in place; it alone talks to Flower and writes run files.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+from arkfed.ark.ranks import RankContext
+from arkfed.ark.visit import train_site_visit
+from arkfed.errors import ArkfedError
+
+if TYPE_CHECKING:
+    from arkfed.config import TrainSettings, VisitPlan
+    from arkfed.site.config import ComputeSettings
+    from arkfed.site.load import Site
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the rendezvous of the ranks; never exposed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _portable_site(site: "Site") -> "Site":
+    """The site without its plugin instance (plugins load from files a child cannot import by name)."""
+    return replace(site, plugin=None)
+
+
+def _rank_main(rank: int, world_size: int, port: int, folder: str, threads: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    job = torch.load(Path(folder) / "job.pt", map_location="cpu", weights_only=False)
+    compute: ComputeSettings = job["compute"]
+    cuda = job["cuda"]
+    if cuda:
+        torch.cuda.set_device(rank)
+        compute = compute.model_copy(update={"device": f"cuda:{rank}"})
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world_size)
+    try:
+        student, teacher, head, teacher_head = job["student"], job["teacher"], job["head"], job["teacher_head"]
+        if cuda:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        context = RankContext(rank, world_size)
+        progress = _progress_to_file(Path(folder)) if rank == 0 else None
+        result = train_site_visit(student, teacher, head, job["site"], job["settings"], job["plan"], compute=compute,
+                                  progress=progress, teacher_head=teacher_head, rank=context)
+        if rank == 0:
+            state = {"student": _plain_state(student), "teacher": teacher.state_dict(), "head": head.state_dict(),
+                     "teacher_head": teacher_head.state_dict() if teacher_head is not None else None, "result": result}
+            torch.save(state, Path(folder) / "result.tmp")
+            os.replace(Path(folder) / "result.tmp", Path(folder) / "result.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _plain_state(module: nn.Module) -> dict:
+    """State dict with SyncBatchNorm's keys, which are BatchNorm's: loads into the caller's model."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def _progress_to_file(folder: Path) -> Callable[[int, int, float], None]:
+    path = folder / "progress"
+
+    def report(step: int, steps: int, loss: float) -> None:
+        path.with_suffix(".tmp").write_text(f"{step} {steps} {loss!r}")
+        os.replace(path.with_suffix(".tmp"), path)
+
+    return report
+
+
+def run_visit_on_gpus(student, teacher, head, site: "Site", settings: "TrainSettings", plan: "VisitPlan",
+                      compute: "ComputeSettings", progress=None, teacher_head=None):
+    """Run :func:`arkfed.ark.visit.train_site_visit` in ``compute.gpus`` processes; load rank 0's weights
+    into ``student``, ``teacher``, ``head`` (and ``teacher_head``) in place and return its :class:`VisitResult`.
+
+    On a machine without CUDA the ranks run on CPU with gloo (for tests); with CUDA, ``gpus`` must
+    not exceed the visible devices.
+    """
+    import torch.multiprocessing as mp
+
+    from arkfed.devices import resolve_device
+
+    gpus = compute.gpus
+    device = resolve_device(compute.device)
+    cuda = device.type == "cuda"
+    if cuda and gpus > torch.cuda.device_count():
+        raise ArkfedError(f"--gpus {gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible", site=site.name)
+    n_train = len(site.split("train"))
+    if n_train < gpus * settings.batch_size:
+        raise ArkfedError(f"{n_train} training images are fewer than one global batch ({gpus} GPUs x batch "
+                          f"{settings.batch_size}); lower --batch-size or --gpus", site=site.name)
+    threads = max(1, torch.get_num_threads() // gpus)
+    with tempfile.TemporaryDirectory(prefix="arkfed-ddp-") as folder:
+        job = {"student": student, "teacher": teacher, "head": head, "teacher_head": teacher_head,
+               "site": _portable_site(site), "settings": settings, "compute": compute.model_copy(update={"gpus": 1}),
+               "plan": plan, "cuda": cuda}
+        torch.save(job, Path(folder) / "job.pt")
+        # CUDA cannot be forked; a CPU (gloo) run forks, which skips re-importing torch in each rank
+        method = "spawn" if cuda or not hasattr(os, "fork") else "fork"
+        context = mp.start_processes(_rank_main, args=(gpus, free_port(), folder, threads), nprocs=gpus,
+                                     join=False, start_method=method)
+        _wait(context, Path(folder), progress)
+        out = torch.load(Path(folder) / "result.pt", map_location="cpu", weights_only=False)
+    student.load_state_dict(out["student"])
+    teacher.load_state_dict(out["teacher"])
+    head.load_state_dict(out["head"])
+    if teacher_head is not None:
+        teacher_head.load_state_dict(out["teacher_head"])
+    return out["result"]
+
+
+def _wait(context, folder: Path, progress) -> None:
+    """Join the ranks, relaying rank 0's progress to the caller's callback meanwhile."""
+    last = None
+    done = False
+    while not done:
+        done = context.join(timeout=0.5)
+        if progress is None:
+            continue
+        try:
+            text = (folder / "progress").read_text()
+        except OSError:
+            continue
+        if text != last:
+            last = text
+            step, steps, loss = text.split()
+            progress(int(step), int(steps), float(loss))

@@ -1,0 +1,179 @@
+"""One Ark site visit: the only training step there is, in local and in federated runs.
+
+:func:`train_site_visit` trains the student backbone+projector and the site's private head for
+``local_epochs`` over the site's training split, with Ark's loss
+``(1 - c) * task_loss + c * MSE(student(view1), teacher(view2))``. It holds no coordinator state
+and is deterministic given (weights, settings, plan): data order, augmentation, label-smoothing
+draws and dropout are all seeded from ``plan.seed`` (the caller's global RNG is left untouched).
+
+Optimizer: a fresh timm optimizer per visit with ``plan.lr`` (the global warm-up + cosine lr at
+this visit). Optimizer state is therefore never carried between sites, so nothing but weights
+travels between visits and a resumed or federated run matches a local one exactly.
+
+The teacher gets no gradients and stays in eval mode (its BatchNorm statistics come only from
+the EMA). With ``settings.ema == "visit"`` (Ark's default) the *caller* applies
+:func:`arkfed.schedules.ema_update` with ``plan.momentum`` after the visit; with ``"iteration"``
+the visit updates the teacher (and the site's teacher head, when given) after every step, the
+momentum following the cosine schedule at fractional visit positions.
+
+Hardware (device, workers, precision) is the site's own :class:`arkfed.site.config.ComputeSettings`,
+never part of what the coordinator sends.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from arkfed.ark.losses import ark_loss, consistency_loss, task_loss
+from arkfed.ark.ranks import SINGLE, RankContext
+from arkfed.ark.updates import NonFiniteError
+from arkfed.config import TrainSettings, VisitPlan
+from arkfed.data.device_views import DeviceViews
+from arkfed.data.loaders import make_train_loader
+from arkfed.devices import autocast, memory_format, resolve_device
+from arkfed.errors import ArkfedError
+from arkfed.model.ark import ArkModel, SiteHead
+from arkfed.schedules import ema_update, teacher_momentum
+from arkfed.site.config import ComputeSettings
+from arkfed.site.load import Site
+
+VisitProgress = Callable[[int, int, float], None]
+"""Called after every step with (step done, steps in this visit, loss of the step)."""
+
+
+class VisitResult(BaseModel):
+    """Scalar outcome of a visit (all a site ever reports besides the weights)."""
+
+    site: str
+    round: int
+    visit: int
+    loss: float
+    task_loss: float
+    consistency_loss: float
+    num_examples: int
+    steps: int
+    seconds: float
+    images_per_s: float
+    lr: float
+    consistency: float
+    momentum: float
+
+
+def make_optimizer(student: nn.Module, head: nn.Module, settings: TrainSettings, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer over student + head (no weight decay on biases and norm layers)."""
+    from timm.optim import create_optimizer_v2
+
+    kwargs = {"momentum": settings.momentum} if settings.optimizer in ("sgd", "momentum") else {}
+    return create_optimizer_v2(
+        nn.ModuleDict({"student": student, "head": head}), opt=settings.optimizer, lr=lr,
+        weight_decay=settings.weight_decay, **kwargs,
+    )
+
+
+def _check_head(head: SiteHead, site: Site, student: ArkModel) -> None:
+    if head.out_features != site.schema.num_classes or head.in_features != student.embed_dim:
+        raise ArkfedError(
+            f"head has {head.in_features}->{head.out_features} units, but the schema has {site.schema.num_classes} "
+            f"classes and the model embeds to {student.embed_dim}", site=site.name,
+        )
+
+
+def train_site_visit(
+    student: ArkModel,
+    teacher: ArkModel,
+    head: SiteHead,
+    site: Site,
+    settings: TrainSettings,
+    plan: VisitPlan,
+    compute: ComputeSettings | None = None,
+    progress: VisitProgress | None = None,
+    teacher_head: SiteHead | None = None,
+    rank: RankContext | None = None,
+) -> VisitResult:
+    """Train ``student`` and ``head`` in place on ``site``'s training split for one visit, in this
+    process (as one of ``rank.world_size`` DDP ranks when given). Whether a visit runs on several
+    GPUs is decided once, by :func:`arkfed.ark.tasks.train_visit`."""
+    _check_head(head, site, student)
+    compute = compute or site.config.compute
+    rank = rank or SINGLE
+    device = resolve_device(compute.device)
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(plan.seed + rank.rank)  # dropout / drop-path draws (own stream per rank)
+        return _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress, rank)
+
+
+def _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress, rank=SINGLE) -> VisitResult:
+    fmt = memory_format(device)
+    student.to(device, memory_format=fmt).train()
+    teacher.to(device, memory_format=fmt).eval()
+    teacher.requires_grad_(False)
+    head.to(device).train()
+    if teacher_head is not None:
+        teacher_head.to(device).eval()
+    loader = make_train_loader(
+        site.split("train"), site.schema, student.spec, settings.batch_size, epochs=settings.local_epochs,
+        seed=plan.seed, crop_scale=settings.crop_scale, views=settings.views, jitter_p=settings.jitter_p,
+        max_steps=settings.max_steps_per_visit, num_workers=compute.workers(), pin_memory=device.type == "cuda",
+        crop_source=settings.crop_source, train_resize=settings.train_resize,
+        rank=rank.rank, world_size=rank.world_size, augment=compute.augment,
+    )
+    student_forward, head_forward = rank.wrap(student, device, compute.compile), rank.wrap(head, device)
+    views = DeviceViews(student.spec.mean, student.spec.std) if compute.augment == "device" else None
+    optimizer = make_optimizer(student, head, settings, plan.lr)
+    c = plan.consistency
+    steps = len(loader)
+    totals = torch.zeros(3, dtype=torch.float64)
+    examples = 0
+    start = time.perf_counter()
+    for step, batch in enumerate(loader):
+        if views is not None:  # the loader sent uint8 images + view parameters: make the views here
+            batch = views.batch(batch, device)
+        xs = batch.student.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        targets = batch.targets.to(device, non_blocking=True)
+        mask = batch.mask.to(device, non_blocking=True)
+        with autocast(device, compute.precision):
+            z_student = student_forward(xs)
+            logits = head_forward(z_student)
+            z_teacher = None
+            if c > 0:
+                xt = batch.teacher.to(device, non_blocking=True).contiguous(memory_format=fmt)
+                with torch.no_grad():
+                    z_teacher = teacher(xt)
+        task = task_loss(logits.float(), targets, mask, site.schema.task)
+        cons = consistency_loss(z_student.float(), z_teacher.float()) if z_teacher is not None else None
+        loss = ark_loss(task, cons, c)
+        zero = torch.zeros((), device=loss.device)
+        parts = torch.stack([loss.detach(), task.detach(), cons.detach() if cons is not None else zero]).double().cpu()
+        value = float(parts[0])  # one device sync per step (all three losses at once)
+        if not math.isfinite(value):  # stop before the step corrupts the weights; the last checkpoint stays good
+            raise NonFiniteError(f"loss became {value} in visit {plan.visit} step {step}; lower --lr", site=site.name,
+                                 category="non_finite_loss")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if settings.ema == "iteration":
+            momentum = teacher_momentum(plan.visit + (step + 1) / steps, plan.total_visits, settings.momentum_teacher)
+            ema_update(teacher, student, momentum)
+            if teacher_head is not None:
+                ema_update(teacher_head, head, momentum)
+        n = len(xs)
+        totals += parts * n
+        examples += n
+        if progress is not None:
+            progress(step + 1, steps, value)
+    seconds = time.perf_counter() - start
+    summed = rank.sum(torch.cat([totals, torch.tensor([examples], dtype=torch.float64)]))  # over DDP ranks
+    totals, examples = summed[:3], int(summed[3])
+    mean = (totals / max(examples, 1)).tolist()
+    return VisitResult(
+        site=site.name, round=plan.round, visit=plan.visit, loss=mean[0], task_loss=mean[1], consistency_loss=mean[2],
+        num_examples=examples, steps=steps, seconds=seconds, images_per_s=examples / seconds if seconds > 0 else 0.0,
+        lr=plan.lr, consistency=c, momentum=plan.momentum,
+    )

@@ -1,0 +1,169 @@
+"""Training configuration and the visit plan: what the coordinator decides before any site trains.
+
+Everything here is plain pydantic data and arithmetic, so the local coordinator and the Flower
+ServerApp plan a run identically and can ship :class:`TrainSettings` and :class:`VisitPlan` as JSON.
+
+Learning rate: one global warm-up + cosine schedule indexed by *site visit* (timm's scheduler,
+evaluated at the visit index). Each visit builds a fresh optimizer with that visit's lr, because
+optimizer state (momentum, Adam moments) would otherwise be per-site data that has to travel
+with the model; the visit is then a pure function of (weights, settings, plan).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from arkfed.spec import ModelSpec
+
+ViewsMode = Literal["ark", "ark+", "independent"]
+EmaMode = Literal["visit", "iteration"]
+OrderMode = Literal["fixed", "shuffle"]
+CropSource = Literal["original", "resized"]
+ConsistencySchedule = Literal["cosine", "momentum"]
+FederationMode = Literal["cyclic", "parallel"]
+Weighting = Literal["equal", "samples"]
+
+
+class TrainSettings(BaseModel):
+    """Hyper-parameters of a site visit (sent to every site in federated runs). The hardware a
+    site trains on is the site's own (:class:`arkfed.site.config.ComputeSettings`), not part of this."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(default=32, ge=1, description="images per step at a site")
+    local_epochs: int = Field(default=1, ge=1, description="epochs over a site's training split per visit")
+    lr: float = Field(default=1e-3, gt=0, description="peak learning rate (warm-up + cosine over visits)")
+    min_lr: float = Field(default=1e-5, ge=0, description="final learning rate of the cosine")
+    optimizer: Literal["sgd", "momentum", "adamw"] = Field(
+        default="adamw",
+        description="sgd (SGD with Nesterov momentum, Ark's --opt sgd) | momentum (classical SGD) | adamw (timm create_optimizer_v2)",
+    )
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(default=0.05, ge=0, description="weight decay (not on biases and norms)")
+    warmup_visits: int = Field(default=0, ge=0, description="linear lr warm-up, in visits")
+    warmup_rounds: int = Field(
+        default=0, ge=0, description="linear lr warm-up in rounds (Ark's warm-up epochs), added to warmup_visits"
+    )
+    warmup_lr: float | None = Field(default=None, ge=0, description="lr at the start of the warm-up (default lr / 100; Ark: 1e-6)")
+    crop_scale: tuple[float, float] = Field(default=(0.08, 1.0), description="random-resized-crop area range MIN,MAX")
+    crop_source: CropSource = Field(
+        default="original",
+        description="cut the random crop from the source image (Ark) | from it squashed to train_resize (faster, less detail)",
+    )
+    train_resize: int | None = Field(
+        default=None, ge=16, description="crop_source=resized: the square the image is squashed to first (default img_size; Ark+: 896)"
+    )
+    views: ViewsMode = Field(
+        default="ark", description="ark (teacher: same crop, student: + jitter) | ark+ (teacher: whole image) | independent")
+    jitter_p: float = Field(default=0.3, ge=0, le=1, description="probability of the student's intensity jitter")
+    ema: EmaMode = Field(default="visit", description="teacher EMA after each visit (Ark) | iteration")
+    momentum_teacher: float = Field(default=0.9, ge=0, le=1, description="teacher momentum at the first visit (cosine to 1)")
+    max_consistency: float = Field(default=0.5, ge=0, le=1, description="final consistency weight c (cosine from 0); 0 = no teacher term")
+    consistency_schedule: ConsistencySchedule = Field(
+        default="cosine",
+        description="cosine: c rises 0 -> max_consistency (Ark) | momentum: c = (m - 0.9) * 5 from the teacher momentum m (Ark+)",
+    )
+    max_steps_per_visit: int | None = Field(default=None, ge=1, description="cap on batches per visit (quick trials)")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _check_crop(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_schedules(self) -> "TrainSettings":
+        if self.train_resize is not None and self.crop_source != "resized":
+            raise ValueError("train_resize applies only with crop_source='resized'")
+        return self
+
+
+class VisitPlan(BaseModel):
+    """The schedule values of one site visit: everything that changes from visit to visit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    round: int = Field(ge=0)
+    visit: int = Field(ge=0, description="global visit index, 0-based")
+    total_visits: int = Field(ge=1)
+    site: str
+    consistency: float = Field(ge=0, le=1, description="consistency weight c")
+    momentum: float = Field(ge=0, le=1, description="teacher EMA momentum for this visit")
+    lr: float = Field(ge=0)
+    seed: int = Field(ge=0)
+
+
+class TrainConfig(BaseModel):
+    """A whole run: sites, rounds, model, init and settings (written as the run's config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sites: list[str] = Field(min_length=1, description="site names, in visiting order")
+    recipe: str | None = Field(default=None, description="the recipe the settings started from")
+    rounds: int = Field(default=1, ge=1, description="rounds; each visits every site once")
+    mode: FederationMode = Field(default="cyclic", description=(
+        "cyclic (Ark: one site after another, teacher EMA after each) | "
+        "parallel (every site from the same student, averaged, one teacher EMA per round)"))
+    weighting: Weighting = Field(default="samples", description="parallel mode's average: samples (FedAvg) | equal (Ark+)")
+    order: OrderMode = Field(default="fixed", description="site order per round: fixed | shuffle")
+    seed: int = Field(default=0, ge=0, description="seed of initialisation, data order and augmentation")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    init: str = Field(
+        default="random",
+        description="random | imagenet (local timm weights: $ARKFED_PRETRAINED or the Hugging Face cache; never downloaded) | "
+        "imagenet:PATH | PATH (weights file, export, run folder, or a released Ark .pth.tar)",
+    )
+    eval_split: str = Field(default="val", description="the split every site evaluates after each round")
+    settings: TrainSettings = Field(default_factory=TrainSettings)
+
+    @field_validator("sites")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"site names must be unique, got {value}")
+        return value
+
+    @property
+    def total_visits(self) -> int:
+        return self.rounds * len(self.sites)
+
+
+class TeacherClock(BaseModel):
+    """The teacher EMA steps a run has taken, so that each site's teacher head can be caught up
+    with the steps it missed (see :mod:`arkfed.ark.tasks`).
+
+    ``events``: (visit index after which the teacher moved, momentum); ``last``: per site, the
+    event that included its last accepted visit (its teacher head is current up to there).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[tuple[int, float]] = Field(default_factory=list)
+    last: dict[str, int] = Field(default_factory=dict)
+
+    def record(self, visit: int, momentum: float, sites: Sequence[str]) -> None:
+        self.events.append((visit, momentum))
+        for site in sites:
+            self.last[site] = visit
+
+    def pending(self, site: str) -> float:
+        """The product of the momenta of every teacher step since the site's own last one."""
+        since = self.last.get(site, -1)
+        product = 1.0
+        for visit, momentum in self.events:
+            if visit > since:
+                product *= momentum
+        return product
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any parts (run seed, visit index, ...), independent of hashing salt."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+

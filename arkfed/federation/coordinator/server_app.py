@@ -1,0 +1,263 @@
+"""The coordinator side of a federated run: Flower's ServerApp, started by the SuperLink.
+
+Only plumbing lives here. The run itself is :class:`arkfed.run.loop.ArkLoop`, the same loop a local
+run uses; :class:`FlowerSites` is its "sites" implementation over a Flower Grid: sites join by
+name (a ``query.hello`` message, checked against their registered name when SuperNode
+authentication is on), a visit or evaluation is a request to the site's SuperNode, a failed
+request is retried once (after waiting for a vanished site to come back) and then reported as a
+:class:`~arkfed.run.loop.SiteFailure`, which the loop records as a skip.
+
+Heads stay at the sites. The coordinator names the version a site starts from (the site's last
+accepted visit, kept in the checkpoint), so a retried visit, or one after a resume, starts from the
+same head as in an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from arkfed.config import TrainConfig, VisitPlan
+from arkfed.errors import ArkfedError
+from arkfed.federation import messages as m
+from arkfed.federation.coordinator.mailbox import exchange, online_nodes
+from arkfed.federation.protocol import FederationSettings
+from arkfed.io import append_jsonl
+from arkfed.run.folder import RunFolder, RunState
+from arkfed.run.loop import ArkLoop, SiteFailure, SiteInfo, VisitReply
+
+RUN_DIR_KEY = "run-dir"
+HELLO_TIMEOUT = 120.0
+
+
+class FlowerSites:
+    """The loop's sites, reached through Flower (see the module docstring)."""
+
+    mode = "federated"
+
+    def __init__(self, grid: Grid, run_dir: Path, fed: FederationSettings, callbacks, poll: float = 0.25):
+        self.grid, self.run_dir, self.fed, self.callbacks, self.poll = grid, Path(run_dir), fed, callbacks, poll
+        self.nodes: dict[str, int] = {}
+        self.known: set[int] = set()
+        self.infos: dict[str, SiteInfo] = {}
+        self.initial_heads: dict = {}
+        self.config: TrainConfig | None = None
+        self.sent_bytes: dict[str, int] = {}
+
+    # -- joining --------------------------------------------------------------------------------
+    def _log_inbox(self, reply: Message) -> None:
+        """``RUN/logs/inbox.jsonl``: what every message from a site carried (the coordinator's audit)."""
+        entry = {"time": time.time(), "from_node": reply.metadata.src_node_id, "message_type": reply.metadata.message_type,
+                 "group": reply.metadata.group_id}
+        if reply.has_error():
+            entry["error"] = {"code": reply.error.code, "reason": reply.error.reason}
+        else:
+            entry["content"] = m.describe_content(reply.content)
+        append_jsonl(self.run_dir / "logs" / "inbox.jsonl", entry)
+
+    def _identify(self, node_ids: list[int], registered: dict[int, str]) -> None:
+        """Ask new nodes who they are; record the listed sites among them."""
+        from arkfed.data.schema import LabelSchema
+        from arkfed.run.provenance import federated_fingerprint
+
+        request = m.json_record(run_uid=self.fed.run_uid, sites=self.config.sites, schemas=self.fed.schemas)
+        messages = {n: Message(m.request_content(request), n, m.HELLO, ttl=HELLO_TIMEOUT, group_id="join") for n in node_ids}
+        for node_id, reply in exchange(self.grid, messages, HELLO_TIMEOUT, self.poll, on_reply=self._log_inbox).items():
+            if isinstance(reply, SiteFailure):
+                if reply.refused:
+                    raise ArkfedError(f"a site was refused: {reply.reason}")
+                self.callbacks.on_warning(f"SuperNode {node_id} could not say which site it is: {reply.reason}")
+                self.known.discard(node_id)  # ask again later
+                continue
+            try:  # issue 8: a malformed hello is reported, never a crash
+                name, member, schema, sizes = m.read_hello_reply(reply.content)
+            except m.BadReply as exc:
+                self.callbacks.on_warning(f"SuperNode {node_id} sent an unusable hello: {exc}")
+                continue
+            if registered.get(node_id) and registered[node_id] != name:
+                self.callbacks.on_warning(f"SuperNode {node_id} is registered as {registered[node_id]!r} but serves site {name!r}; ignored")
+                continue
+            if not member:
+                print(f"site {name!r} (node {node_id}) is connected but not part of this run", flush=True)
+                continue
+            recorded = self.fed.schemas.get(name)
+            if recorded is not None and LabelSchema.model_validate(recorded) != schema:
+                raise ArkfedError(f"site {name!r} refused: its dataset schema {schema.describe()} differs from the run's "
+                                  f"record {LabelSchema.model_validate(recorded).describe()}")
+            old = self.nodes.get(name)
+            if old is not None and old != node_id and old in online_nodes(self.grid):
+                self.callbacks.on_warning(f"two SuperNodes serve site {name!r} ({old} and {node_id}); keeping {old}")
+                continue
+            self.nodes[name] = node_id
+            self.infos[name] = SiteInfo(schema, sizes, federated_fingerprint(sizes, schema))
+            self.callbacks.on_site_status(name, "joined", f"node {node_id}", **{f"{k}_size": float(v) for k, v in sizes.items()})
+            print(f"site {name!r} joined (node {node_id})", flush=True)
+
+    def _discover(self) -> None:
+        nodes = list(self.grid.get_nodes())
+        new = [n.node_id for n in nodes if n.node_id not in self.known]
+        if new:
+            self.known.update(new)
+            self._identify(new, {n.node_id: n.name for n in nodes if n.name})
+
+    def join(self, config: TrainConfig) -> dict[str, SiteInfo]:
+        """Wait until every listed site has joined (or fail after ``join_timeout``)."""
+        self.config = config
+        deadline = time.monotonic() + self.fed.join_timeout
+        while missing := [s for s in config.sites if s not in self.nodes]:
+            if time.monotonic() > deadline:
+                joined = sorted(self.nodes) or "none"
+                raise ArkfedError(f"sites {missing} did not join within {self.fed.join_timeout:.0f} s (joined: {joined})")
+            self._discover()
+            time.sleep(self.poll)
+        if not self.fed.schemas:
+            self.fed.schemas = {name: self.infos[name].schema.model_dump(mode="json") for name in config.sites}
+            self.fed.write(self.run_dir)
+        return {name: self.infos[name] for name in config.sites}
+
+    def start(self, state: RunState, fresh: bool) -> None:
+        """The initial heads go to the sites with their first request; the coordinator keeps none
+        (a resumed run rebuilds them, seeded exactly as at the start)."""
+        from arkfed.run.loop import initial_state
+
+        heads = state.heads if fresh else initial_state(self.config, {n: i.schema for n, i in self.infos.items()}).heads
+        self.initial_heads = dict(heads)
+        state.heads, state.teacher_heads = {}, {}
+
+    def _node_for(self, site: str, wait: float) -> int | None:
+        """The site's current node (a restarted SuperNode is found again by name), waiting up to ``wait`` s."""
+        deadline = time.monotonic() + wait
+        while True:
+            if self.nodes.get(site) not in online_nodes(self.grid):
+                self._discover()
+            if self.nodes.get(site) in online_nodes(self.grid):
+                return self.nodes[site]
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(self.poll)
+
+    # -- requests -------------------------------------------------------------------------------
+    def _content(self, state: RunState, site: str, **extra) -> RecordDict:
+        version = state.versions.get(site, m.NO_HEAD)
+        request = m.json_record(
+            run_uid=self.fed.run_uid, spec=state.student.spec, settings=self.config.settings, head_from=version,
+            schemas={site: self.fed.schemas[site]}, pending=state.clock.pending(site), **extra,
+        )
+        arrays = {m.STUDENT: m.model_record(state.student), m.TEACHER: m.model_record(state.teacher)}
+        if version == m.NO_HEAD:
+            arrays[m.HEAD] = m.model_record(self.initial_heads[site])
+        return m.request_content(request, **arrays)
+
+    def _send(self, state: RunState, kind: str, items: dict[str, object], group: str) -> dict[str, Message | SiteFailure]:
+        """One request per site (visits: its plan; evaluations: the split), retried once."""
+        results: dict[str, Message | SiteFailure] = {}
+        todo = dict(items)
+        for attempt in (1, 2):
+            requests = {}
+            for site, item in todo.items():
+                node = self._node_for(site, self.fed.rejoin_wait if attempt == 2 else 0.0)
+                if node is None:
+                    results[site] = SiteFailure("site is offline")
+                    continue
+                content = self._content(state, site, **({"plan": item} if kind == m.VISIT else {"split": item}))
+                requests[site] = Message(content, node, kind, ttl=self.fed.visit_timeout, group_id=group)
+                self.sent_bytes[site] = sum(r.count_bytes() for r in content.array_records.values())
+                state_name = "training" if kind == m.VISIT else "evaluating"
+                self.callbacks.on_site_status(site, state_name, f"attempt {attempt}" if attempt > 1 else "")
+            if requests:
+                results.update(exchange(self.grid, requests, self.fed.visit_timeout, self.poll, on_reply=self._log_inbox))
+            todo = {}
+            for site in items:
+                result = results.get(site)
+                if isinstance(result, SiteFailure):
+                    self.callbacks.on_site_status(site, "failed", result.reason)
+                    if attempt == 1 and not result.refused:
+                        self.callbacks.on_warning(f"round {group}: request to site {site!r} failed, retrying: {result.reason}")
+                        todo[site] = items[site]
+            if not todo:
+                return results
+        return results
+
+    def visit(self, state: RunState, plans: Sequence[VisitPlan]) -> dict[str, VisitReply | SiteFailure]:
+        from arkfed.ark.updates import max_examples
+
+        answers: dict[str, VisitReply | SiteFailure] = {}
+        replies = self._send(state, m.VISIT, {p.site: p for p in plans}, str(plans[0].round))
+        for plan in plans:
+            reply = replies[plan.site]
+            if isinstance(reply, SiteFailure):
+                answers[plan.site] = reply
+                continue
+            try:  # issue 8: checked before use (arkfed.ark.updates.check_update); a bad reply skips the visit
+                declared = max_examples(self.infos[plan.site].sizes.get("train", 0), self.config.settings)
+                iteration = self.config.settings.ema == "iteration"
+                checked = m.read_visit_reply(reply.content, plan, state.student, state.teacher, iteration, declared,
+                                             self.fed.max_update_norm)
+            except m.BadReply as exc:
+                answers[plan.site] = SiteFailure(f"rejected reply: {exc}", refused=True)
+                continue
+            except Exception as exc:  # a malformed reply skips the visit, never the run
+                answers[plan.site] = SiteFailure(f"malformed reply: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}", refused=True)
+                continue
+            received = sum(r.count_bytes() for r in reply.content.array_records.values())
+            extra = {"bytes_sent": self.sent_bytes.get(plan.site, 0), "bytes_received": received}
+            answers[plan.site] = VisitReply(checked.result, checked.student, checked.teacher, extra=extra)
+        return answers
+
+    def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None:
+        self.callbacks.on_site_status(plan.site, "done", f"visit {plan.visit + 1}")
+
+    def evaluate(self, state: RunState, split: str) -> dict[str, dict[str, dict] | SiteFailure]:
+        replies = self._send(state, m.EVALUATE, {site: split for site in self.config.sites}, "eval")
+        answers: dict[str, dict[str, dict] | SiteFailure] = {}
+        for site, reply in replies.items():
+            if isinstance(reply, SiteFailure):
+                answers[site] = reply
+                continue
+            try:  # issue 8: a malformed evaluation reply is skipped, never a crash
+                info = self.infos[site]
+                answers[site] = m.read_eval_reply(reply.content, info.schema.classes, info.sizes.get(split))
+            except m.BadReply as exc:
+                answers[site] = SiteFailure(f"rejected reply: {exc}", refused=True)
+                continue
+            self.callbacks.on_site_status(site, "done", "evaluated")
+        return answers
+
+
+def run_federation(grid: Grid, run_dir: Path, flower_run_id: int | None = None) -> dict:
+    """The federated run in ``run_dir`` (prepared by ``arkfed coordinator``): the one Ark loop over Flower sites."""
+    from arkfed.federation.coordinator.status import StatusFile
+    from arkfed.run.callbacks import CallbackList
+    from arkfed.run.progress import QuietProgress
+
+    run = RunFolder(run_dir)
+    config, fed = run.read_config(), FederationSettings.read(run.path)
+    status = StatusFile(run.path, config, flower_run_id)
+    callbacks = [status, QuietProgress(per_visit=True), *_trackers(fed, run.path)]
+    sites = FlowerSites(grid, run.path, fed, CallbackList(callbacks))
+    try:
+        # `arkfed coordinator` wrote config.yaml: a checkpoint means resume, none means a fresh start
+        return ArkLoop(config, run, sites, callbacks).run_loop(resume=True)
+    except BaseException as exc:
+        status.fail(str(exc) or type(exc).__name__)
+        print(f"run failed: {exc}", flush=True)
+        raise
+
+
+def _trackers(fed: FederationSettings, run_dir: Path) -> list:
+    from arkfed.run.trackers import make_trackers
+
+    return make_trackers(fed.log, run_dir)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower entry point: the run folder comes from the generated app's run config."""
+    run_federation(grid, Path(str(context.run_config[RUN_DIR_KEY])), flower_run_id=context.run_id)

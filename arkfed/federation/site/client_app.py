@@ -1,0 +1,390 @@
+"""The site side of a federated run: Flower's ClientApp, run by the site's SuperNode.
+
+The SuperNode's node config names the site and its YAML (``arkfed site`` sets both), so the
+ClientApp reads the site's data with the site's own plugin, never anything the coordinator sends.
+Each handler is a thin shell around the functions local mode uses:
+
+- ``query.hello``: identify the site by name, check its label schema against the run's record;
+- ``train.visit``: :func:`arkfed.ark.tasks.visit_site`, unchanged, on the received weights;
+- ``evaluate.round``: :func:`arkfed.ark.tasks.evaluate_site_models`; metrics only.
+
+The site's heads (the student's and the teacher's) never leave: they are kept in the node's
+context state and in its
+``local_state_dir`` (:class:`~arkfed.federation.site.heads.HeadStore`).
+
+Before a visit or an evaluation touches an image or a weight, the request is checked against the
+site's policy (:func:`arkfed.site.policy.check_request`; with ``approval: manual`` the operator's
+approval of the run's fingerprint is awaited); a refusal names the policy key. A trained student
+is checked finite before it is returned (:func:`arkfed.ark.tasks.visit_site`).
+
+Every reply passes through :func:`audit_outgoing`, which records what left the site in
+``<local_state_dir>/outbox.jsonl``. A failure leaves the site as an error code and a fixed
+category (:func:`public_error`: ``data_error``, ``out_of_memory``, ``non_finite_update``,
+``policy_refused: <key>: <limit>``, ...): error text can hold paths, patient and study ids, so
+the full text and traceback stay in ``<local_state_dir>/logs/site-errors.log``.
+:class:`SiteClientApp` does the same for exceptions Flower raises around the handlers, and
+:func:`guard_task_replies` for those raised in Flower's task runtime before the ClientApp runs.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from arkfed.ark.tasks import SiteHeads
+from arkfed.errors import ArkfedError
+from arkfed.federation import messages as m
+from arkfed.federation.messages import SITE_CODES, SITE_FAILED, SITE_REFUSED
+from arkfed.federation.site.heads import HeadStore, append_outbox, schema_mismatch
+
+NODE_SITE = "site"
+NODE_SITE_CONFIG = "site-config"
+NODE_PLUGINS = "plugins-dir"
+
+
+TEST_HOOK_ENV = "ARKFED_TEST_SITE_HOOK"
+"""TEST ONLY: ``/path/to/file.py:function`` called as ``function(msg, context, reply) -> reply`` on
+every successful reply, inside the error handling; tests make a site misbehave with it (bad
+weights, errors with paths). Whoever controls a site's environment can run code there anyway."""
+
+
+class SiteRefusal(ArkfedError):
+    """The site refuses a request (it does not belong in this run as configured, or breaks the
+    site's policy); ``public`` is all the coordinator is told: a category and non-identifying detail."""
+
+    def __init__(self, message: str, *, site: str | None = None, public: str = "refused"):
+        super().__init__(message, site=site)
+        self.public = public
+
+
+def node_site_config(context: Context):
+    """The site config this SuperNode serves, checked against the name in its node config."""
+    from arkfed.site.config import load_site_config
+
+    node = context.node_config
+    if NODE_SITE_CONFIG not in node:
+        raise ArkfedError(f"SuperNode has no {NODE_SITE_CONFIG!r} in its node config; start sites with `arkfed site --config`")
+    config = load_site_config(Path(str(node[NODE_SITE_CONFIG])))
+    name = str(node.get(NODE_SITE, config.name))
+    if name != config.name:
+        raise SiteRefusal(f"node config names site {name!r} but its config file names {config.name!r}", site=config.name,
+                          public="wrong_site: the SuperNode's node config and its site config name different sites")
+    return config
+
+
+def _plugins_dirs(context: Context) -> list[str]:
+    value = str(context.node_config.get(NODE_PLUGINS, ""))
+    return [p for p in value.split(os.pathsep) if p]
+
+
+def load_node_site(context: Context):
+    from arkfed.site.load import load_site
+
+    return load_site(node_site_config(context), _plugins_dirs(context))
+
+
+def _check_schema(site, request) -> None:
+    """Refuse when the run recorded a different schema for this site."""
+    from arkfed.data.schema import LabelSchema
+
+    recorded = m.read_json(request, "schemas").get(site.name)
+    if recorded is not None:
+        expected = LabelSchema.model_validate(recorded)
+        if expected != site.schema:
+            text = str(schema_mismatch(site.name, site.schema, expected, "the run's record"))
+            raise SiteRefusal(text, public=f"schema_mismatch: {text}")
+
+
+def _head_stores(site, request, context: Context) -> tuple[HeadStore, HeadStore]:
+    run_uid = m.read_json(request, "run_uid")
+    return tuple(HeadStore(site.config.local_state_dir, run_uid, site.name, site.schema, context.state, kind)
+                 for kind in ("head", "teacher-head"))
+
+
+def _start_heads(stores: tuple[HeadStore, HeadStore], site, request, content: RecordDict, embed_dim: int) -> SiteHeads:
+    """The heads this request starts from: a stored version, or the initial head sent along (the
+    teacher's head then starts as its copy)."""
+    from arkfed.model.ark import SiteHead
+
+    version = int(m.read_json(request, "head_from"))
+    student_store, teacher_store = stores
+    if version == m.NO_HEAD:
+        head = student_store.load(m.NO_HEAD)
+        if head is None:
+            if m.HEAD not in content:
+                raise ArkfedError("request starts a new head but carries no initial head", site=site.name)
+            head = SiteHead(site.name, site.schema, embed_dim)
+            m.load_model_record(head, content[m.HEAD], "initial head")
+            student_store.save(m.NO_HEAD, head)
+        return SiteHeads.fresh(head)
+    head, teacher = student_store.load(version), teacher_store.load(version)
+    if head is None or teacher is None:
+        raise SiteRefusal(
+            f"has no head from visit {version} of run {student_store.run_uid} (neither in the SuperNode's state nor in "
+            f"{student_store.folder}); its local state was lost, so it cannot continue this run", site=site.name,
+            public=f"head_missing: the site has no head from visit {version}; its local state was lost",
+        )
+    return SiteHeads(head, teacher)
+
+
+def _models(content: RecordDict, request):
+    from arkfed.model.ark import ArkModel
+    from arkfed.spec import ModelSpec
+
+    spec = _read(request, "spec", ModelSpec)
+    student, teacher = ArkModel(spec), ArkModel(spec)
+    m.load_model_record(student, content[m.STUDENT], "student")
+    m.load_model_record(teacher, content[m.TEACHER], "teacher")
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def hello(msg: Message, context: Context) -> Message:
+    """Name, schema and split sizes of this site (after checking the run's schema record)."""
+    site = load_node_site(context)
+    request = msg.content[m.REQUEST]
+    member = site.name in m.read_json(request, "sites")
+    if member:
+        _check_schema(site, request)
+        for store in _head_stores(site, request, context):
+            store.check_recorded_schema()
+    sizes = {name: len(table) for name, table in site.splits.items()}
+    content = RecordDict({
+        m.SITE: m.json_record(name=site.name, schema=site.schema, member=member),
+        m.METRICS: MetricRecord({f"{k}_size": int(v) for k, v in sizes.items()}),
+    })
+    return Message(content, reply_to=msg)
+
+
+def _read(request, key: str, model=None):
+    """A request field, validated; a field that does not validate is refused (naming the field,
+    never its value)."""
+    from pydantic import ValidationError
+
+    try:
+        return m.read_json(request, key, model)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join([key, *map(str, err["loc"])])
+        raise SiteRefusal(f"invalid {key} in the request: {exc}", public=f"invalid_request: {where}: {err['msg']}") from None
+    except ArkfedError as exc:
+        raise SiteRefusal(str(exc), public=f"invalid_request: {key}: missing or malformed") from None
+
+
+def _enforce_policy(config, kind: str, request, settings, spec, plan=None, split=None, train_size=None) -> None:
+    """The site's policy decides before anything is loaded: :func:`arkfed.site.policy.check_request`,
+    then (``approval: manual``) the operator's approval of the run's fingerprint."""
+    from arkfed.site.policy import check_request, run_fingerprint, wait_for_approval
+
+    policy = config.policy
+    refusal = check_request(policy, kind, settings, plan=plan, split=split, spec=spec, train_size=train_size)
+    if refusal is None and policy.approval == "manual" and train_size is not None:
+        run_uid = str(_read(request, "run_uid"))
+        fingerprint = run_fingerprint(run_uid, spec, settings)
+        details = {"site": config.name, "run_uid": run_uid, "request": kind, "split": split,
+                   "model": spec.model_dump(mode="json"), "settings": settings.model_dump(mode="json")}
+        refusal = wait_for_approval(config.local_state_dir, fingerprint, details, policy.approval_timeout)
+    if refusal is not None:
+        raise SiteRefusal(f"refused by the site's policy: {refusal}", site=config.name, public=str(refusal))
+
+
+def _train_size(site) -> int:
+    table = site.splits.get("train")
+    return len(table) if table is not None else 0
+
+
+def visit(msg: Message, context: Context) -> Message:
+    """One Ark site visit on the received student/teacher (:func:`arkfed.ark.tasks.visit_site`,
+    exactly as in local mode), within the site's policy; the heads stay here, versioned by visit."""
+    from arkfed.ark.tasks import check_finite, visit_site
+    from arkfed.config import TrainSettings, VisitPlan
+    from arkfed.site.policy import apply_memory_limit
+    from arkfed.spec import ModelSpec
+
+    config = node_site_config(context)
+    request = msg.content[m.REQUEST]
+    plan = _read(request, "plan", VisitPlan)
+    settings = _read(request, "settings", TrainSettings)
+    spec = _read(request, "spec", ModelSpec)
+    if plan.site != config.name:
+        raise SiteRefusal(f"was sent visit {plan.visit}, which is planned for site {plan.site!r}", site=config.name,
+                          public=f"wrong_site: visit {plan.visit} is planned for site {plan.site!r}")
+    _enforce_policy(config, "visit", request, settings, spec, plan=plan)  # before reading any data
+    site = load_node_site(context)
+    _enforce_policy(config, "visit", request, settings, spec, plan=plan, train_size=_train_size(site))
+    _check_schema(site, request)
+    stores = _head_stores(site, request, context)
+    student, teacher = _models(msg.content, request)
+    heads = _start_heads(stores, site, request, msg.content, student.embed_dim)
+    apply_memory_limit(config.policy, config.compute.device)
+    result = visit_site(student, teacher, heads, site, settings, plan, float(_read(request, "pending")))
+    if settings.ema == "iteration":  # visit_site checked the student and its head
+        check_finite(teacher, "teacher", site.name)
+    stores[0].save(plan.visit, heads.student)
+    stores[1].save(plan.visit, heads.teacher)
+    content = RecordDict({
+        m.STUDENT: m.model_record(student),
+        m.METRICS: m.metrics_record(result.model_dump(exclude={"site"})),
+    })
+    if settings.ema == "iteration":  # the teacher moved during the visit
+        content[m.TEACHER] = m.model_record(teacher)
+    return Message(content, reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    """Student and teacher on this site's evaluation split with their heads, exactly as local
+    mode evaluates (:func:`arkfed.ark.tasks.evaluate_site_models`): metrics only (per-class AUCs
+    only where the site's policy allows them)."""
+    from arkfed.ark.tasks import evaluate_site_models
+    from arkfed.config import TrainSettings
+    from arkfed.site.policy import apply_memory_limit
+    from arkfed.spec import ModelSpec
+
+    config = node_site_config(context)
+    request = msg.content[m.REQUEST]
+    settings = _read(request, "settings", TrainSettings)
+    spec = _read(request, "spec", ModelSpec)
+    split = _read(request, "split")
+    _enforce_policy(config, "evaluate", request, settings, spec, split=split)
+    site = load_node_site(context)
+    _enforce_policy(config, "evaluate", request, settings, spec, split=split, train_size=_train_size(site))
+    _check_schema(site, request)
+    content = RecordDict()
+    table = site.splits.get(split)
+    if table is not None and len(table) > 0:
+        stores = _head_stores(site, request, context)
+        student, teacher = _models(msg.content, request)
+        heads = _start_heads(stores, site, request, msg.content, student.embed_dim)
+        apply_memory_limit(config.policy, config.compute.device)
+        pending = float(_read(request, "pending"))
+        for label, result in evaluate_site_models(student, teacher, heads, site, settings, split, pending).items():
+            if not config.policy.per_class_metrics:
+                result = {k: v for k, v in result.items() if k != "auc"}
+            content[label] = m.metrics_record(result)
+    return Message(content, reply_to=msg)
+
+
+# -- what leaves the site when something fails ------------------------------------------------
+
+
+def public_error(exc: BaseException) -> tuple[int, str]:
+    """(error code, fixed category) for a failure: all the coordinator learns. Error text can
+    carry local paths, patient and study ids; it stays in the site's log."""
+    import torch
+
+    from arkfed.ark.updates import NonFiniteError
+
+    if isinstance(exc, SiteRefusal):
+        return SITE_REFUSED, " ".join(exc.public.split())[:2000]
+    if isinstance(exc, NonFiniteError):
+        return SITE_FAILED, exc.category
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return SITE_FAILED, "out_of_memory"
+    if isinstance(exc, (ArkfedError, OSError)):
+        return SITE_FAILED, "data_error"
+    return SITE_FAILED, "internal_error"
+
+
+def _state_dir(context: Context) -> Path | None:
+    try:
+        return node_site_config(context).local_state_dir
+    except Exception:
+        return None
+
+
+def _log_failure(state_dir: Path | None, msg: Message, text: str) -> None:
+    """The full error (with paths and traceback) stays in the site's own log."""
+    if state_dir is None:
+        print(text, flush=True)
+        return
+    log = Path(state_dir) / "logs" / "site-errors.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.write(f"--- {msg.metadata.message_type} (run {msg.metadata.run_id}, round {msg.metadata.group_id})\n{text}\n")
+
+
+def _error_reply(msg: Message, state_dir: Path | None, exc: BaseException) -> Message:
+    _log_failure(state_dir, msg, "".join(traceback.format_exception(exc)))
+    code, reason = public_error(exc)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _audit(state_dir: Path | None, msg: Message, reply: Message) -> None:
+    if state_dir is None:
+        return
+    entry = {"message_type": msg.metadata.message_type, "run_id": msg.metadata.run_id, "group": msg.metadata.group_id}
+    if reply.has_error():
+        entry["error"] = {"code": reply.error.code, "reason": reply.error.reason}
+    else:
+        entry["content"] = m.describe_content(reply.content)
+    append_outbox(state_dir, entry)
+
+
+def _test_hook(msg: Message, context: Context, reply: Message) -> Message:
+    """TEST ONLY (:data:`TEST_HOOK_ENV`): let a test make this site misbehave."""
+    spec = os.environ.get(TEST_HOOK_ENV)
+    if not spec:
+        return reply
+    import importlib.util
+
+    path, _, name = spec.rpartition(":")
+    module_spec = importlib.util.spec_from_file_location("arkfed_test_site_hook", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return getattr(module, name)(msg, context, reply)
+
+
+def audit_outgoing(msg: Message, context: Context, call_next) -> Message:
+    """Flower mod around every handler: failures become a code and a category (full text in the
+    site's log), and every message the site sends gets an audit line in ``outbox.jsonl``."""
+    state_dir = _state_dir(context)
+    try:
+        reply = _test_hook(msg, context, call_next(msg, context))
+    except Exception as exc:  # every failure becomes a reply the coordinator can act on
+        reply = _error_reply(msg, state_dir, exc)
+    _audit(state_dir, msg, reply)
+    return reply
+
+
+class SiteClientApp(ClientApp):
+    """Flower's ClientApp, except that an exception Flower raises around the handlers (an unknown
+    message type, say) leaves as a category too, not as Flower's text."""
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        try:
+            return super().__call__(message, context)
+        except Exception as exc:
+            state_dir = _state_dir(context)
+            reply = _error_reply(message, state_dir, exc)
+            _audit(state_dir, message, reply)
+            return reply
+
+
+def guard_task_replies() -> None:
+    """In a task process: an error reply that Flower's runtime built itself (the task failed
+    before or while loading the ClientApp) leaves as ``internal_error``; its text goes to the
+    site's log. Installed by the site's task executor before it runs Flower's task runtime."""
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    push = runtime.push_message
+    if getattr(push, "arkfed_guarded", False):
+        return
+
+    def push_message(client, message: Message, context: Context) -> None:
+        if message.has_error() and message.error.code not in SITE_CODES:
+            _log_failure(_state_dir(context), message, f"Flower task error {message.error.code}: {message.error.reason}")
+            message.error = Error(code=SITE_FAILED, reason="internal_error")
+        push(client, message, context)
+
+    push_message.arkfed_guarded = True
+    runtime.push_message = push_message
+
+
+app = SiteClientApp(mods=[audit_outgoing])
+app.query("hello")(hello)
+app.train("visit")(visit)
+app.evaluate("round")(evaluate)

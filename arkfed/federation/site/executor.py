@@ -1,0 +1,252 @@
+"""A site's SuperExec that starts each ClientApp task from a warm, already-imported process.
+
+Flower's SuperNode hands every message to a fresh ``flwr-clientapp`` interpreter, which then
+imports torch and timm again: several seconds of CPU per message, i.e. per site visit. ``arkfed
+site`` therefore runs the SuperNode with ``--isolation process`` and this module as its SuperExec:
+Flower's own SuperExec loop (:func:`flwr.supercore.superexec.run_superexec.run_superexec`) with an
+executor that *forks* the task process from this parent, which imported torch, timm, Flower's
+ClientApp runtime and arkfed once. Each task still runs in its own short-lived process through
+Flower's :func:`~flwr.supernode.runtime.run_clientapp.run_clientapp`, exactly as ``flwr-clientapp``
+would; only the interpreter start-up is saved.
+
+The parent never runs a tensor operation, so no thread pools exist when it forks.
+
+Sites run arkfed's ClientApp and nothing else. Flower would unpack each run's app bundle (FAB)
+and import whatever ClientApp its ``pyproject.toml`` names, with the bundle's own files on the
+import path. Here the task process instead reads the bundle in memory without unpacking it
+(:func:`inspect_bundle`): it must hold ``pyproject.toml`` alone and name arkfed's own ServerApp and
+ClientApp; the ClientApp is then :mod:`arkfed.federation.site.client_app`, imported from the installed
+arkfed, never from the bundle. Every message is also checked against the coordinator's signature
+of the run (:mod:`arkfed.federation.signing`, against the federation CA the site pinned with
+``--root-certificates``) and its ``run_uid`` validated. A refused message gets a one-line
+``SITE_REFUSED`` error reply, logged in the site's ``outbox.jsonl`` like every reply. This is done
+by replacing two names inside Flower's ``run_clientapp`` module for the task process
+(:func:`_install_gate`); ``pyproject.toml`` pins flwr 1.42 for that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import traceback
+
+
+def preload() -> None:
+    """Import what every ClientApp task needs, once, before any fork."""
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+    from flwr.supernode.runtime import run_clientapp  # noqa: F401
+
+    import arkfed.ark.metrics  # noqa: F401
+    import arkfed.ark.visit  # noqa: F401
+    import arkfed.federation.site.client_app  # noqa: F401
+    from arkfed.datasets._plugin import discover_plugins
+
+    discover_plugins()
+
+
+class ForkExecutor:
+    """Flower SuperExec executor (same interface as its SubprocessExecutor): one forked process per task."""
+
+    def __init__(self) -> None:
+        self.children: set[int] = set()
+
+    def get_eligible_capacity(self, supported_task_types, *, insecure: bool = False, root_certificates_path=None):
+        return supported_task_types, set()
+
+    def wait_for_capacity(self, task_type=None, *, fab_hash=None, insecure: bool = False, root_certificates_path=None) -> None:
+        return None
+
+    def launch(self, spec):
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        if spec.task_type != TaskType.CLIENT_APP:
+            return LaunchResult.failed(f"arkfed's site executor runs ClientApp tasks only, not {spec.task_type}")
+        pid = os.fork()
+        if pid == 0:  # the task process: never returns into the SuperExec loop
+            os._exit(_run_task(spec))
+        self.children.add(pid)
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Reap finished task processes."""
+        for pid in list(self.children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.children.discard(pid)
+
+    def close(self) -> None:
+        import signal
+
+        for pid in self.children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+FEDERATION_CA: str | None = None  # the CA this site pinned at enrolment (None: insecure trial, runs unsigned)
+
+
+def inspect_bundle(content: bytes) -> str | None:
+    """Why this app bundle is refused (None: it is arkfed's own app, pyproject.toml only)."""
+    import io
+    import tomllib
+    import zipfile
+
+    from arkfed.federation.flower_app import BUNDLE_FILES, COMPONENTS
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as bundle:
+            names = set(bundle.namelist())
+            extra = sorted(names - BUNDLE_FILES)
+            if extra:
+                return f"the run's app bundle holds files besides pyproject.toml ({', '.join(repr(n[:60]) for n in extra[:3])})"
+            project = tomllib.loads(bundle.read("pyproject.toml").decode())
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError, OSError):
+        return "the run's app bundle is not a readable Flower app"
+    components = project.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
+    for kind, expected in COMPONENTS.items():
+        if components.get(kind) != expected:
+            return f"the run's app names {kind} {str(components.get(kind))[:80]!r}, not arkfed's {expected!r}"
+    return None
+
+
+class GatedClientApp:
+    """arkfed's ClientApp behind the site's checks: the bundle verdict, the run signature, the run id."""
+
+    def __init__(self, refusal: str | None):
+        self.refusal = refusal
+
+    def check(self, message, context) -> None:
+        from arkfed.federation import messages as m
+        from arkfed.federation.signing import RunRefused, check_request, verify_run
+
+        if self.refusal:
+            raise RunRefused(self.refusal)
+        claim = verify_run(context.run_config, FEDERATION_CA) if FEDERATION_CA else None
+        if m.REQUEST not in message.content.config_records:
+            raise RunRefused("the message carries no arkfed request")
+        check_request(claim, message.content.config_records[m.REQUEST])
+
+    def __call__(self, message, context):
+        from flwr.app import Error, Message
+
+        from arkfed.federation.messages import SITE_REFUSED
+        from arkfed.federation.signing import RunRefused
+        from arkfed.federation.site.client_app import app, node_site_config
+        from arkfed.federation.site.heads import append_outbox
+
+        try:
+            self.check(message, context)
+        except RunRefused as exc:
+            reason = f"refused: {exc}"
+            print(f"arkfed site: run {message.metadata.run_id}: {reason}", flush=True)
+            try:
+                state_dir = node_site_config(context).local_state_dir
+                append_outbox(state_dir, {"message_type": message.metadata.message_type, "run_id": message.metadata.run_id,
+                                          "group": message.metadata.group_id,
+                                          "error": {"code": SITE_REFUSED, "reason": reason}})
+            except Exception as log_exc:  # the refusal stands even if the audit log cannot be written
+                print(f"arkfed site: could not log the refusal: {log_exc}", flush=True)
+            return Message(Error(code=SITE_REFUSED, reason=reason), reply_to=message)
+        return app(message=message, context=context)
+
+
+def _install_gate() -> None:
+    """Make Flower's ``run_clientapp`` inspect the bundle instead of installing it, and load the
+    gated arkfed ClientApp instead of the bundle's."""
+    import hashlib
+    from pathlib import Path
+
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    verdict: dict[str, object] = {}
+
+    def inspect_instead_of_install(fab_file, *args, **kwargs) -> Path:
+        content = bytes(fab_file) if isinstance(fab_file, (bytes, bytearray)) else b""
+        verdict["refusal"] = inspect_bundle(content)
+        verdict["hash"] = hashlib.sha256(content).hexdigest()
+        return Path(os.devnull)
+
+    def load_gated(fab_id: str, fab_version: str, fab_hash: str) -> GatedClientApp:
+        refusal = verdict.get("refusal", "the run's app bundle was not inspected")
+        if refusal is None and verdict.get("hash") != fab_hash:
+            refusal = "the run's app bundle does not match its hash"
+        return GatedClientApp(refusal)  # type: ignore[arg-type]
+
+    for name in ("install_from_fab", "get_load_client_app_fn"):
+        if not hasattr(runtime, name):  # a Flower change must not silently skip the gate
+            raise RuntimeError(f"flwr.supernode.runtime.run_clientapp has no {name}; arkfed's site gate needs flwr 1.42")
+    runtime.install_from_fab = inspect_instead_of_install
+    runtime.get_load_client_app_fn = lambda *args, **kwargs: load_gated
+
+
+def _run_task(spec) -> int:
+    """Body of a forked task process: Flower's ClientApp runtime, as ``flwr-clientapp`` runs it,
+    with arkfed's gate in place of bundle installation and loading (:func:`_install_gate`)."""
+    try:
+        from flwr.supercore.exit import exit_handler
+        from flwr.supercore.tls import validate_and_resolve_root_certificates
+        from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        _install_gate()
+        exit_handler.registered_exit_handlers.clear()  # the parent's handlers are not ours
+        exit_handler._lock_handlers = threading.Lock()
+        from arkfed.federation.site.client_app import guard_task_replies
+
+        guard_task_replies()  # Flower's own error text never leaves the site (issue 8, item 6)
+        run_clientapp(
+            runtime_api_address=spec.runtime_api_address,
+            token=spec.token,
+            insecure=spec.insecure,
+            certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+            parent_pid=os.getppid(),
+            runtime_dependency_install=False,
+        )
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="arkfed site SuperExec (forks warm ClientApp task processes)")
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--root-certificates", default=None)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--federation-ca", default=None,
+                        help="the federation's ca.crt: runs must be signed by a coordinator certificate it issued")
+    args = parser.parse_args(argv)
+    global FEDERATION_CA
+    FEDERATION_CA = args.federation_ca
+    if FEDERATION_CA is None:
+        print("arkfed site: no federation CA (insecure trial): runs are not checked for a coordinator signature", flush=True)
+    preload()
+    from flwr.supercore.superexec import run_superexec as superexec
+
+    executor = ForkExecutor()
+    superexec.get_executor = lambda *a, **k: executor  # Flower's loop, our executor
+    superexec.run_superexec(
+        runtime_api_address=args.runtime_api_address,
+        insecure=args.insecure,
+        root_certificates_path=args.root_certificates,
+        parent_pid=args.parent_pid,
+        runtime_dependency_install=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

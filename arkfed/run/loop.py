@@ -1,0 +1,291 @@
+"""The Ark loop: the one place where a run is planned, trained, checked, recorded and resumed.
+
+Local and federated runs are the same loop over a small :class:`Sites` interface with two
+implementations: :class:`InProcessSites` here (the sites' data in this process) and
+``arkfed.federation.coordinator.server_app.FlowerSites`` (join, send, receive, retry, skip over Flower).
+Either way a site runs :mod:`arkfed.ark.tasks` on the weights it is given.
+
+A run is a list of *groups* (:func:`arkfed.run.plan.plan_groups`): visits that start from the same
+student and end in one teacher update. Cyclic mode (Ark) has one visit per group; parallel mode
+(the federated variant of Ark+) has every site of a round in one group, whose returned students
+are averaged (equal or sample weights) before the teacher's EMA step. Every returned update is
+checked (:func:`arkfed.ark.updates.check_update`) before it touches the student; a visit that fails or
+is refused is skipped and recorded, and the run goes on.
+
+After each group the checkpoint is written (visit counter, student, teacher, in-process heads and
+the teacher clock in one file); after each round every site evaluates student and teacher. Resume
+continues from the checkpoint with ``metrics.jsonl`` trimmed back to it. What the loop reports
+goes to :class:`arkfed.run.callbacks.LoopCallback` s: the metrics log, progress, status file, trackers.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol, Sequence
+
+import torch
+
+from arkfed.ark.tasks import SiteHeads
+from arkfed.ark.visit import VisitResult
+from arkfed.config import TrainConfig, VisitPlan, derive_seed
+from arkfed.data.schema import LabelSchema
+from arkfed.errors import ArkfedError
+from arkfed.model.ark import ArkModel, SiteHead
+from arkfed.run.callbacks import CallbackList, LoopCallback, RunInfo
+from arkfed.run.folder import RunFolder, RunState
+from arkfed.run.plan import plan_groups
+from arkfed.run.records import MetricsLog, build_summary, eval_record, round_record, skip_record, trim_metrics, visit_record
+from arkfed.schedules import ema_update
+
+
+# -- what sites answer --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SiteFailure:
+    """Why a request got no usable answer; ``refused`` means retrying cannot help (policy, schema)."""
+
+    reason: str
+    refused: bool = False
+
+
+@dataclass
+class SiteInfo:
+    """What a site tells the loop when it joins: its label schema and split sizes."""
+
+    schema: LabelSchema
+    sizes: dict[str, int]
+    fingerprint: dict = field(default_factory=dict)
+
+
+@dataclass
+class VisitReply:
+    """A finished visit: its scalar result, the returned student (and teacher, with per-iteration
+    EMA), and ``extra`` fields for the metrics line (e.g. bytes and round-trip time)."""
+
+    result: VisitResult
+    student: dict[str, torch.Tensor]
+    teacher: dict[str, torch.Tensor] | None = None
+    extra: dict = field(default_factory=dict)
+    heads: SiteHeads | None = None  # in-process sites: the trained heads, kept only if accepted
+
+
+class Sites(Protocol):
+    """Where visits and evaluations happen. ``visit``/``evaluate`` never raise for one site's
+    failure: they answer a :class:`SiteFailure` for it."""
+
+    mode: str
+
+    def join(self, config: TrainConfig) -> dict[str, SiteInfo]: ...
+
+    def start(self, state: RunState, fresh: bool) -> None: ...
+
+    def visit(self, state: RunState, plans: Sequence[VisitPlan]) -> dict[str, VisitReply | SiteFailure]: ...
+
+    def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None: ...
+
+    def evaluate(self, state: RunState, split: str) -> dict[str, dict[str, dict] | SiteFailure]: ...
+
+
+# -- state ----------------------------------------------------------------------------------------
+def _init_model(config: TrainConfig) -> ArkModel:
+    from arkfed.model.weights import load_ark_model
+
+    if config.init == "random":
+        return ArkModel(config.model)
+    if config.init == "imagenet":
+        return ArkModel(config.model, pretrained=True)
+    return load_ark_model(config.init, "teacher", spec=config.model)
+
+
+def _init_heads(config: TrainConfig, schemas: Mapping[str, LabelSchema], embed_dim: int) -> dict[str, SiteHead]:
+    """Fresh heads, except that continual accrual reuses an earlier run's (or a released Ark
+    checkpoint's) head for a known site whose classes are unchanged."""
+    from arkfed.model.weights import load_init_heads
+
+    previous = load_init_heads(config.init)
+    heads = {}
+    for name in config.sites:
+        head = SiteHead(name, schemas[name], embed_dim)
+        old = previous.get(name)
+        if old is not None and old.classes == head.classes and old.in_features == embed_dim:
+            head.load_state_dict(old.state_dict())
+        heads[name] = head
+    return heads
+
+
+def initial_state(config: TrainConfig, schemas: Mapping[str, LabelSchema]) -> RunState:
+    """Seeded student, teacher (a copy of the student, as in Ark) and both heads per site."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.seed, "init"))
+        student = _init_model(config)
+        heads = _init_heads(config, schemas, student.embed_dim)
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    teacher_heads = {name: SiteHeads.fresh(head).teacher for name, head in heads.items()}
+    return RunState(student, teacher, heads, 0, teacher_heads)
+
+
+def open_run(run: RunFolder, config: TrainConfig, schemas: Mapping[str, LabelSchema], resume: bool) -> tuple[RunState, set[int], bool]:
+    """The state to start from, the rounds already evaluated and whether it is fresh: a new run
+    writes its config; a resumed one continues from its checkpoint with metrics trimmed back to it
+    (a run killed before its first checkpoint starts over)."""
+    if resume:
+        if not run.has_run():
+            raise ArkfedError(f"{run.path}: nothing to resume (no config.yaml)")
+        if run.has_checkpoint():
+            state = run.load_checkpoint()
+            records, evaluated = trim_metrics(run.read_metrics(), state.visits_done)
+            run.rewrite_metrics(records)
+            return state, evaluated, False
+        run.rewrite_metrics([])
+        return initial_state(config, schemas), set(), True
+    if run.has_run():
+        raise ArkfedError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
+    run.write_config(config)
+    return initial_state(config, schemas), set(), True
+
+
+# -- updates --------------------------------------------------------------------------------------
+def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """FedAvg of state dicts: floating tensors weighted by ``weights``; integer buffers (BatchNorm's
+    ``num_batches_tracked``) take the largest value."""
+    if not states or len(states) != len(weights):
+        raise ValueError("need one weight per state, and at least one state")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to a positive number, got {list(weights)}")
+    out = {}
+    for key, first in states[0].items():
+        if first.dtype.is_floating_point:
+            acc = torch.zeros_like(first, dtype=torch.float64)
+            for state, weight in zip(states, weights):
+                acc += state[key].to(torch.float64) * (weight / total)
+            out[key] = acc.to(first.dtype)
+        else:
+            out[key] = torch.stack([s[key] for s in states]).max(dim=0).values
+    return out
+
+
+# -- the loop -------------------------------------------------------------------------------------
+class ArkLoop:
+    """One run of Ark over ``sites``, writing ``run`` (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, run: RunFolder, sites: Sites, callbacks: Sequence[LoopCallback] = ()):
+        self.config, self.run, self.sites = config, run, sites
+        self.callbacks = CallbackList([MetricsLog(run), *callbacks])
+        self.schemas: dict[str, LabelSchema] = {}
+        self.infos: dict[str, SiteInfo] = {}
+
+    def warn(self, text: str) -> None:
+        self.callbacks.on_warning(text)
+
+    def _skip(self, stage: str, rnd: int, visit: int, site: str, reason: str) -> None:
+        self.callbacks.on_skip(skip_record(stage, rnd, visit, site, reason))
+        self.warn(f"site {site!r}: {stage} in round {rnd + 1} skipped: {reason}")
+
+    def _checked(self, state: RunState, plans: Sequence[VisitPlan], replies) -> list[tuple[VisitPlan, VisitReply]]:
+        accepted = []
+        for plan in plans:
+            reply = replies.get(plan.site) or SiteFailure("no answer")
+            if not isinstance(reply, SiteFailure):
+                problem = self._update_problem(state, plan.site, reply)
+                if problem is not None:
+                    reply = SiteFailure(f"update rejected: {problem}", refused=True)
+            if isinstance(reply, SiteFailure):
+                self._skip("visit", plan.round, plan.visit, plan.site, reply.reason)
+            else:
+                accepted.append((plan, reply))
+        return accepted
+
+    def _update_problem(self, state: RunState, site: str, reply: VisitReply) -> str | None:
+        """The one gate for every returned update, local or remote (:func:`arkfed.ark.updates.check_update`):
+        the model's keys, dtypes and shapes, finite values, and ``num_examples`` within what the
+        site's declared training split allows (it weights the parallel-mode average)."""
+        from arkfed.ark.updates import check_update, max_examples
+
+        bound = max_examples(self.infos[site].sizes.get("train", 0), self.config.settings)
+        problem = check_update(state.student.state_dict(), reply.student, reply.result.num_examples, bound, None)
+        if problem is None and reply.teacher is not None:
+            problem = check_update(state.teacher.state_dict(), reply.teacher, reply.result.num_examples, bound, None)
+        return problem
+
+    def _apply(self, state: RunState, group: Sequence[VisitPlan], accepted: list[tuple[VisitPlan, VisitReply]]) -> None:
+        """The student (averaged in parallel mode), then the teacher's EMA step for the group."""
+        if not accepted:
+            return
+        iteration = self.config.settings.ema == "iteration"
+        if len(group) == 1:
+            plan, reply = accepted[0]
+            state.student.load_state_dict(reply.student)
+            if iteration:
+                state.teacher.load_state_dict(reply.teacher)
+        else:
+            weights = [1.0 if self.config.weighting == "equal" else float(r.result.num_examples) for _, r in accepted]
+            state.student.load_state_dict(weighted_average([r.student for _, r in accepted], weights))
+            if iteration:
+                state.teacher.load_state_dict(weighted_average([r.teacher for _, r in accepted], weights))
+        momentum = group[0].momentum
+        if not iteration:
+            ema_update(state.teacher, state.student, momentum)
+        state.clock.record(group[-1].visit, momentum, [plan.site for plan, _ in accepted])
+        for plan, reply in accepted:
+            self.sites.accept(state, plan, reply)
+            state.versions[plan.site] = plan.visit
+
+    def _train_group(self, state: RunState, group: Sequence[VisitPlan]) -> None:
+        for plan in group:
+            self.callbacks.on_visit_start(plan)
+        start = time.perf_counter()
+        replies = self.sites.visit(state, group)
+        seconds = time.perf_counter() - start
+        accepted = self._checked(state, group, replies)
+        self._apply(state, group, accepted)
+        for plan, reply in accepted:  # metrics before the checkpoint: resume trims what it lacks
+            self.callbacks.on_visit_end(plan, visit_record(plan, reply.result, round_trip_s=seconds, **reply.extra))
+        state.visits_done = group[-1].visit + 1
+        self.run.save_checkpoint(state)
+
+    def _evaluate(self, state: RunState, rnd: int, started: float) -> None:
+        split = self.config.eval_split
+        records = []
+        answers = self.sites.evaluate(state, split)
+        for site in self.config.sites:  # the run's order, whatever order the answers came in
+            answer = answers.get(site, SiteFailure("no answer"))
+            if isinstance(answer, SiteFailure):
+                self._skip("evaluation", rnd, state.visits_done, site, answer.reason)
+                continue
+            records += [eval_record(rnd, site, label, split, result) for label, result in answer.items()]
+        self.run.save_weights(state)
+        self.callbacks.on_round_end(rnd, records + [round_record(rnd, time.perf_counter() - started)])
+
+    def run_loop(self, resume: bool = False) -> dict:
+        """Join, train every group, evaluate every round, write the summary."""
+        started = time.perf_counter()
+        try:
+            infos = self.infos = self.sites.join(self.config)
+            self.schemas = {name: info.schema for name, info in infos.items()}
+            state, evaluated, fresh = open_run(self.run, self.config, self.schemas, resume)
+            self.sites.start(state, fresh)
+            self._write_provenance(infos)
+            groups = plan_groups(self.config)
+            self.callbacks.on_run_start(RunInfo(self.config, self.run.path, self.config.total_visits, state.visits_done, self.sites.mode))
+            for rnd in range(self.config.rounds):
+                for group in (g for g in groups if g[0].round == rnd and g[-1].visit >= state.visits_done):
+                    self._train_group(state, group)
+                if rnd not in evaluated:
+                    self._evaluate(state, rnd, started)
+            self.run.save_weights(state)
+            summary = build_summary(self.config, self.run.read_metrics(), time.perf_counter() - started, self.schemas)
+            self.run.write_summary(summary)
+            self.callbacks.on_run_end(summary)
+            return summary
+        finally:
+            self.callbacks.close()
+
+    def _write_provenance(self, infos: Mapping[str, SiteInfo]) -> None:
+        from arkfed.run.provenance import write_provenance
+
+        write_provenance(self.run.path, {name: info.fingerprint for name, info in infos.items()})
+
+
