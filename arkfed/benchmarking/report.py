@@ -201,11 +201,14 @@ def markdown(results: dict) -> str:
 
 
 def figure(results: dict, path: Path) -> None:
-    """Three panels: joined − alone per site, the accrual curve, the baselines on the held-out site."""
+    """Three panels: joined − alone per site, the accrual curve, the baselines on the held-out site;
+    each 95% interval drawn from its lower to its upper end, missing values left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from arkfed.evaluation.plots import as_floats, draw_intervals
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     ax = axes[0]
@@ -213,9 +216,9 @@ def figure(results: dict, path: Path) -> None:
     width = 0.27
     for i, metric in enumerate(("teacher", "student", "finetune")):
         diffs = [results["join_vs_alone"][s][metric]["joined_minus_alone"] for s in sites]
-        means = [d["mean"] if d["mean"] is not None else np.nan for d in diffs]
-        err = _errors(diffs)
-        ax.bar(np.arange(len(sites)) + (i - 1) * width, means, width, yerr=err, capsize=3, label=metric)
+        at = np.arange(len(sites)) + (i - 1) * width
+        ax.bar(at, as_floats(d.get("mean") for d in diffs), width, label=metric)
+        draw_intervals(ax, at, *_bounds(diffs), capsize=3)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(sites)), sites, rotation=15)
     ax.set_ylabel("joined − alone, own test mean AUC")
@@ -227,8 +230,8 @@ def figure(results: dict, path: Path) -> None:
     ks = sorted(int(k) for k in curve["points"])
     for metric in results["held_out_metrics"]:
         stats = [curve["points"][_key(curve["points"], k)][metric] for k in ks]
-        means = np.array([s["mean"] if s["mean"] is not None else np.nan for s in stats], dtype=float)
-        ax.errorbar(ks, means, yerr=_errors(stats), marker="o", capsize=3, label=metric)
+        (line,) = ax.plot(ks, as_floats(s.get("mean") for s in stats), marker="o", label=metric)
+        draw_intervals(ax, ks, *_bounds(stats), ecolor=line.get_color(), capsize=3)
     ax.set_xticks(ks)
     ax.set_xlabel("k: sites Ark trained on")
     ax.set_ylabel(f"{curve['held_out']} test mean AUC")
@@ -237,15 +240,18 @@ def figure(results: dict, path: Path) -> None:
 
     ax = axes[2]
     labels = list(results["baselines"])
+    shown = []
     for i, metric in enumerate(HELD_OUT_ORDER):
-        stats = [results["baselines"][a].get(metric, {"mean": np.nan}) for a in labels]
-        means = [s["mean"] if s.get("mean") is not None else np.nan for s in stats]
-        ax.barh(np.arange(len(labels)) + (i - 0.5) * 0.4, means, 0.4, xerr=_errors(stats), capsize=2, label=metric)
+        stats = [results["baselines"][a].get(metric, {}) for a in labels]
+        at = np.arange(len(labels)) + (i - 0.5) * 0.4
+        means, (low, high) = as_floats(s.get("mean") for s in stats), _bounds(stats)
+        ax.barh(at, means, 0.4, label=metric)
+        draw_intervals(ax, at, low, high, horizontal=True)
+        shown += [v for v in (*means, *low, *high) if math.isfinite(v)]
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.invert_yaxis()
-    finite = [s["mean"] for a in labels for m in HELD_OUT_ORDER if (s := results["baselines"][a].get(m)) and s.get("mean") is not None]
-    if finite:
-        ax.set_xlim(max(0.0, min(finite) - 0.05), min(1.0, max(finite) + 0.05))
+    if shown:
+        ax.set_xlim(max(0.0, min(shown) - 0.05), min(1.0, max(shown) + 0.05))
     ax.set_xlabel(f"{results['held_out']} test mean AUC")
     ax.set_title("3. Baselines on the sources")
     ax.legend(fontsize=8)
@@ -258,15 +264,11 @@ def _key(points: dict, k: int):
     return k if k in points else str(k)
 
 
-def _errors(stats: Sequence[dict]) -> np.ndarray:
-    """Asymmetric error bars from the 95% intervals (0 where there is no interval)."""
-    low, high = [], []
-    for s in stats:
-        mean, ci = s.get("mean"), s.get("ci95") or [None, None]
-        ok = mean is not None and ci[0] is not None and math.isfinite(ci[0]) and math.isfinite(mean)
-        low.append(mean - ci[0] if ok else 0.0)
-        high.append(ci[1] - mean if ok else 0.0)
-    return np.array([low, high])
+def _bounds(stats: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper ends of the 95% intervals (NaN where there is none)."""
+    from arkfed.evaluation.plots import interval_bounds
+
+    return interval_bounds([s.get("ci95") for s in stats])
 
 
 def write_outputs(results: dict, out: Path) -> None:
@@ -274,4 +276,6 @@ def write_outputs(results: dict, out: Path) -> None:
 
     write_text_atomic(out / "results.json", json.dumps(json_safe(results), indent=2) + "\n")
     write_text_atomic(out / "results.md", markdown(results))
-    figure(results, out / "accrual.png")
+    from arkfed.evaluation.plots import try_figure
+
+    try_figure(lambda: figure(results, out / "accrual.png"), "accrual.png")  # a failure warns; the numbers above stay

@@ -90,6 +90,19 @@ def _finish(out: Path, result: dict, table) -> None:
     console.print(f"results: {path}")
 
 
+def _chart(out: Path, result: dict, name: str, draw) -> Optional[Path]:
+    """Write ``results.json``, then ``draw(out / name)``: a figure that fails warns in one line and keeps the numbers.
+    On success ``result["chart"]`` names the figure (the caller's :func:`_finish` writes it in)."""
+    from arkfed.evaluation.plots import try_figure
+    from arkfed.evaluation.sources import write_results
+
+    write_results(out, result)
+    chart = try_figure(lambda: draw(out / name), name)
+    if chart is not None:
+        result["chart"] = chart.name
+    return chart
+
+
 def _table(title: str, *columns: str, numbers: bool = True):
     from rich.table import Table
 
@@ -317,13 +330,14 @@ def linear_probe(
     result = {"source": str(model), "site": s.name,
               **probe_curve({"model": net, **_compared(compare, which)}, s.split("train"), s.split("test"), s.schema, settings)}
     curve = result["curve"]
-    chart = plot_curves(curve, out / "linear-probe.png", "test mean AUC", f"Linear probes on {s.name} ({features} features)")
-    result["chart"] = chart.name
+    chart = _chart(out, result, "linear-probe.png",
+                   lambda path: plot_curves(curve, path, "test mean AUC", f"Linear probes on {s.name} ({features} features)"))
     few = result["too_few_positives"]
     table = _curve_table(curve, f"linear probe on {s.name}: test mean AUC by shots per class ({features} features)",
                          f"classes with fewer than {min_positives} test positives left out of the mean: {', '.join(few)}" if few else "")
     _finish(out, result, table)
-    _console().print(f"chart: {chart}")
+    if chart:
+        _console().print(f"chart: {chart}")
 
 
 # -- finetune ---------------------------------------------------------------------------------
@@ -372,13 +386,14 @@ def finetune(
               **finetune_curve({"model": net, **_compared(compare, which)}, s.split("train"), s.splits.get("val"), s.split("test"),
                                s.schema, inits, tuple(parse_sizes(train_sizes)), _seeds(seeds), settings, _correction(correction))}
     curve = result["curve"]
-    chart = plot_curves(curve, out / "finetune.png", "test mean AUC", f"Fine-tuning on {s.name} ({epochs} epochs)")
-    result["chart"] = chart.name
+    chart = _chart(out, result, "finetune.png",
+                   lambda path: plot_curves(curve, path, "test mean AUC", f"Fine-tuning on {s.name} ({epochs} epochs)"))
     few = result["runs"][0]["test"].get("too_few_positives", [])
     table = _curve_table(curve, f"fine-tuning on {s.name} ({epochs} epochs): test mean AUC by training-set size",
                          f"classes with fewer than {min_positives} test positives left out of the mean: {', '.join(few)}" if few else "")
     _finish(out, result, table)
-    _console().print(f"chart: {chart}")
+    if chart:
+        _console().print(f"chart: {chart}")
 
 
 # -- bias -------------------------------------------------------------------------------------
@@ -413,9 +428,8 @@ def bias(
                             n_boot=bootstrap, seed=seed, batch_size=batch_size, device=_device(device))
     result = {"source": str(model), "site": s.name, "model": which,
               **bias_analysis(net, s.split("train"), s.split("test"), s.schema, settings)}
-    chart = plot_bias(result, out / "bias.png",
-                      f"{s.name}: gender bias of {model.name} (* DeLong, {correction}-adjusted p < {alpha})")
-    result["chart"] = chart.name
+    chart = _chart(out, result, "bias.png", lambda path: plot_bias(
+        result, path, f"{s.name}: gender bias of {model.name} (* DeLong, {correction}-adjusted p < {alpha})"))
     table = _table(f"gender bias on {s.name} (train {result['train_sizes']}, test {result['test_sizes']}); A→B: trained on A, tested on B",
                    "finding", "M→M [95% CI]", "F→M", "gap M", "p", "p adj", "F→F [95% CI]", "M→F", "gap F", "p", "p adj")
     unscored = []
@@ -443,7 +457,8 @@ def bias(
         caption.append(f"not scorable on this test split (one label value): {', '.join(unscored)}")
     table.caption = "; ".join(caption)
     _finish(out, result, table)
-    _console().print(f"chart: {chart}")
+    if chart:
+        _console().print(f"chart: {chart}")
 
 
 TOO_FEW_SHORT = "too few positives"
@@ -485,12 +500,13 @@ def segment(
                                correction=_correction(correction), device=_device(device))
     result = {"source": str(model), **segmentation_curve({"model": net, **_compared(compare, which)}, images, masks, settings)}
     curve = result["curve"]
-    chart = plot_curves(curve, out / "segment.png", "Dice", f"Segmentation transfer ({encoder} encoder, {img_size} px, {steps} steps)")
-    result["chart"] = chart.name
+    chart = _chart(out, result, "segment.png", lambda path: plot_curves(
+        curve, path, "Dice", f"Segmentation transfer ({encoder} encoder, {img_size} px, {steps} steps)"))
     table = _curve_table(curve, f"segmentation transfer: Dice on {result['test_pairs']} held-out pairs ({encoder} encoder, {img_size} px)",
                          f"all-foreground mask Dice {_f(result['trivial_dice'])}")
     _finish(out, result, table)
-    _console().print(f"chart: {chart}")
+    if chart:
+        _console().print(f"chart: {chart}")
 
 
 # -- compare ----------------------------------------------------------------------------------
@@ -534,8 +550,8 @@ def compare(
                                bias=bias, min_positives=min_positives, n_boot=bootstrap, correction=_correction(correction),
                                batch_size=batch_size, device=_device(device))
     result = {"sources": [str(m) for m in models], **compare_models(entries, s, settings)}
-    chart = plot_comparison(result, out / "compare.png", f"{s.name}: {', '.join(e.name for e in entries)}")
-    result["chart"] = chart.name
+    chart = _chart(out, result, "compare.png",
+                   lambda path: plot_comparison(result, path, f"{s.name}: {', '.join(e.name for e in entries)}"))
     curve = result["probe"]["curve"]
     # the comparison column: the largest size the seeds could test (at "all" a probe is deterministic)
     tested = [lab for lab in curve["sizes"] if any(c[lab]["p"] == c[lab]["p"] for c in curve["comparisons"].values())]
@@ -580,7 +596,8 @@ def compare(
     caption += result["notes"]
     table.caption = "; ".join(caption)
     _finish(out, result, table)
-    _console().print(f"chart: {chart}")
+    if chart:
+        _console().print(f"chart: {chart}")
 
 
 # -- predict ----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from arkfed.errors import ArkfedError
 from arkfed.evaluation.embeddings import FeatureKind, embed_table
 from arkfed.evaluation.evaluate import MIN_POSITIVES, TOO_FEW, bootstrap_groups, bootstrap_weights, percentile_interval
 from arkfed.evaluation.linear_probe import fit_probe_logits, subset
+from arkfed.evaluation.plots import as_floats, draw_intervals, interval_bounds
 from arkfed.evaluation.stats import CORRECTION_NAMES, Correction, adjust_pvalues
 from arkfed.io import atomic_write
 from arkfed.model.ark import ArkModel
@@ -159,31 +160,32 @@ def plot_bias(result: dict, path: Path, title: str = "") -> Path:
     """Grouped bars with 95% CIs, one panel per test sex: per finding, the AUC of the
     male-trained and the female-trained probe; '*' marks a gap significant after the
     multiple-comparison correction; findings with too few positives are drawn pale and labelled.
-    Findings the test split cannot score (one label value only) are left out."""
+    Findings the test split cannot score (one label value only) are left out. A CI is drawn from
+    its lower to its upper end: a percentile-bootstrap interval may exclude its AUC."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     findings = result["findings"]
-    names = [n for n, e in findings.items() if any(np.isfinite(e[f"{a}->{b}"]) for a in SEXES for b in SEXES)]
+    names = [n for n, e in findings.items() if np.isfinite(as_floats(e[f"{a}->{b}"] for a in SEXES for b in SEXES)).any()]
     fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.75 * len(names) + 2), 7.5), sharex=True)
     width = 0.38
     x = np.arange(len(names))
     for ax, test_sex in zip(axes, SEXES):
         for i, train_sex in enumerate(SEXES):
             key = f"{train_sex}->{test_sex}"
-            values = np.array([findings[n][key] for n in names], dtype=float)
-            cis = [findings[n].get(f"{key}_ci") for n in names]
-            err = np.array([[v - c[0], c[1] - v] if c and np.isfinite(v) else [0, 0] for v, c in zip(values, cis)]).T.reshape(2, -1)
+            values = as_floats(findings[n][key] for n in names)
             alphas = [0.35 if findings[n][f"too_few_on_{test_sex}"] else 1.0 for n in names]
-            bars = ax.bar(x + (i - 0.5) * width, values, width, yerr=err, capsize=2, error_kw={"lw": 0.8},
+            bars = ax.bar(x + (i - 0.5) * width, values, width,
                           label=f"trained on {'male' if train_sex == 'M' else 'female'} images", color=("#4477aa", "#cc6677")[i])
             for bar, a in zip(bars, alphas):
                 bar.set_alpha(a)
+            draw_intervals(ax, x + (i - 0.5) * width, *interval_bounds([findings[n].get(f"{key}_ci") for n in names]))
         for j, n in enumerate(names):
             e = findings[n]
-            top = np.nanmax([e[f"M->{test_sex}"], e[f"F->{test_sex}"]])
+            scored = as_floats([e[f"M->{test_sex}"], e[f"F->{test_sex}"]])
+            top = float(np.max(scored[np.isfinite(scored)])) if np.isfinite(scored).any() else 0.5
             if e[f"significant_on_{test_sex}"]:
                 ax.text(j, top + 0.08, "*", ha="center", fontsize=16)
             elif e[f"too_few_on_{test_sex}"]:

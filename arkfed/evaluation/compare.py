@@ -115,13 +115,14 @@ def _bias(entries: list[Entry], train, test, schema, settings: CompareSettings) 
 
 def plot_comparison(result: dict, path: Path, title: str) -> Path:
     """Left: the few-shot probe curves of every model; right: each model's probe (all labels),
-    fine-tuned and own-head test AUC with 95% CIs."""
+    fine-tuned and own-head test AUC with 95% CIs (drawn from lower to upper end)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from arkfed.evaluation.curves import draw_curves
+    from arkfed.evaluation.plots import as_floats, draw_intervals, interval_bounds
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     draw_curves(left, result["probe"]["curve"], "test mean AUC", result["curve_names"])
@@ -131,10 +132,10 @@ def plot_comparison(result: dict, path: Path, title: str) -> Path:
     width = 0.8 / max(1, len(kinds))
     x = np.arange(len(rows))
     for j, kind in enumerate(kinds):
-        means = [r[kind][0] if r.get(kind) else np.nan for r in rows]
-        err = np.array([[m - r[kind][1][0], r[kind][1][1] - m] if r.get(kind) and r[kind][1] else [0, 0]
-                        for m, r in zip(means, rows)]).T.reshape(2, -1)
-        right.bar(x + (j - (len(kinds) - 1) / 2) * width, means, width, yerr=err, capsize=2, label=kind)
+        means = as_floats(r[kind][0] if r.get(kind) else None for r in rows)
+        at = x + (j - (len(kinds) - 1) / 2) * width
+        right.bar(at, means, width, label=kind)
+        draw_intervals(right, at, *interval_bounds([r[kind][1] if r.get(kind) else None for r in rows]))
     right.set_xticks(x, [r["name"] for r in rows], rotation=15, ha="right")
     right.axhline(0.5, color="grey", lw=0.8, ls="--")
     right.set_ylim(0, 1.05)

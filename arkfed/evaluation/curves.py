@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from arkfed.errors import ArkfedError
+from arkfed.evaluation.plots import as_floats, draw_intervals, interval_bounds
 from arkfed.evaluation.stats import CORRECTION_NAMES, PAIRED_T, WILCOXON, Correction, adjust_pvalues, mean_ci, paired_t, wilcoxon_p
 from arkfed.io import atomic_write
 
@@ -143,40 +144,38 @@ def shown_ci(point: dict) -> list[float] | None:
     seeds do not vary (one seed, or a deterministic fit on all labels), the bootstrap over test
     cases of the first seed's run."""
     ci = point.get("ci")
-    if ci and ci[1] - ci[0] > 1e-12:
+    if ci and None not in ci and ci[1] - ci[0] > 1e-12:
         return ci
     return point.get("bootstrap_ci") or ci
 
 
 def draw_curves(ax, summary: dict, ylabel: str, names: dict[str, str] | None = None) -> None:
-    """Mean ± 95% CI per initialisation over training-set size on ``ax`` (log scale; 'all' at
-    its real size); '*' above a size where the model differs from random init after correction."""
+    """Mean and 95% CI (band and capped interval, whether or not it contains the mean) per
+    initialisation over training-set size on ``ax`` (log scale; 'all' at its real size); '*'
+    above a size where the model differs from random init after correction."""
     import matplotlib.pyplot as plt
 
     names = names or {}
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     xs_all = []
     for i, (init, points) in enumerate(summary["inits"].items()):
-        xs, ys, lows, highs = [], [], [], []
-        for label in summary["sizes"]:
-            p = points[label]
-            if p["train_size"] is None or not np.isfinite(p["mean"]):
-                continue
-            xs.append(p["train_size"])
-            ys.append(p["mean"])
-            ci = shown_ci(p)
-            lows.append(ci[0] if ci else p["mean"])
-            highs.append(ci[1] if ci else p["mean"])
+        shown = [points[label] for label in summary["sizes"]
+                 if points[label]["train_size"] is not None and np.isfinite(as_floats([points[label]["mean"]])[0])]
+        xs, ys = [p["train_size"] for p in shown], [p["mean"] for p in shown]
+        lows, highs = interval_bounds([shown_ci(p) for p in shown])  # NaN where a point has no interval: no band there
         xs_all += xs
         style = "-" if init == REFERENCE else ("--" if init == RANDOM else "-.")
         ax.plot(xs, ys, style, marker="o", ms=4, color=colours[i % len(colours)], label=names.get(init, init))
         ax.fill_between(xs, lows, highs, color=colours[i % len(colours)], alpha=0.15, lw=0)
+        draw_intervals(ax, xs, lows, highs, ecolor=colours[i % len(colours)], alpha=0.6)  # also where the band has no neighbour
     vs_random = summary["comparisons"].get(RANDOM, {})
     for label in summary["sizes"]:
         if vs_random.get(label, {}).get("significant"):
             p = summary["inits"][REFERENCE][label]
-            ax.annotate("*", (p["train_size"], max(p["mean"], summary["inits"][RANDOM][label]["mean"])),
-                        textcoords="offset points", xytext=(0, 8), ha="center", fontsize=14)
+            top = as_floats([p["mean"], summary["inits"][RANDOM][label]["mean"]])
+            if p["train_size"] is not None and np.isfinite(top).any():
+                ax.annotate("*", (p["train_size"], float(np.nanmax(top))), textcoords="offset points", xytext=(0, 8), ha="center",
+                            fontsize=14)
     if xs_all and min(xs_all) > 0:
         ax.set_xscale("log")
         ticks = sorted(set(xs_all))

@@ -11,11 +11,13 @@ still training. Plots:
 from __future__ import annotations
 
 import html
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from arkfed.errors import ArkfedError
+from arkfed.evaluation.plots import as_floats, try_figure
 from arkfed.evaluation.runinfo import RunInfo, read_run
 from arkfed.io import atomic_write
 
@@ -23,9 +25,9 @@ MODEL_STYLES = {"teacher": "-", "student": "--"}
 
 
 def _series(evals: list[dict], site: str, model: str, key: str) -> tuple[list[int], list[float]]:
-    rows = sorted((int(r["round"]), r.get(key)) for r in evals if r.get("site") == site and r.get("model") == model)
-    rounds = [r for r, v in rows if v is not None]
-    return rounds, [float(v) for r, v in rows if v is not None]
+    rows = sorted((int(r["round"]), float(r[key])) for r in evals
+                  if r.get("site") == site and r.get("model") == model and r.get(key) is not None)
+    return [r for r, _ in rows], [v for _, v in rows]  # NaN values stay: a gap in the line, never a crash
 
 
 def _save(fig, path: Path) -> Path:
@@ -74,9 +76,9 @@ def plot_losses(run: RunInfo, path: Path) -> Path:
         if visits:
             x = [v + 1 for v, _ in visits]
             c = colours[i % len(colours)]
-            left.plot(x, [r.get("loss") for _, r in visits], "-o", ms=3, color=c, label=f"{site} total")
+            left.plot(x, as_floats(r.get("loss") for _, r in visits), "-o", ms=3, color=c, label=f"{site} total")
             if all("task_loss" in r for _, r in visits):
-                left.plot(x, [r["task_loss"] for _, r in visits], ":", color=c, label=f"{site} task")
+                left.plot(x, as_floats(r["task_loss"] for _, r in visits), ":", color=c, label=f"{site} task")
         for model, style in MODEL_STYLES.items():
             rounds, values = _series(run.evals, site, model, "loss")
             if rounds:
@@ -102,7 +104,7 @@ def summary_rows(run: RunInfo) -> list[dict]:
     rows = []
     for site in run.sites:
         rounds, values = _series(run.evals, site, "teacher", "mean_auc")
-        best = int(np.argmax(values)) if values else None
+        best = int(np.nanargmax(values)) if np.isfinite(values).any() else None
         rows.append({
             "site": site,
             "teacher_mean_auc": (final.get((site, "teacher")) or {}).get("mean_auc"),
@@ -140,14 +142,21 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:10
 
 
 def write_report(run_folder: str | Path, out: str | Path) -> dict:
-    """Write the plots and ``report.html`` into ``out``; returns the summary rows and file names."""
+    """Write ``results.json``, then the plots and ``report.html`` into ``out``; returns the summary rows and
+    file names (a plot that fails is left out with a one-line warning)."""
     run = read_run(run_folder)
     if not run.records:
         raise ArkfedError(f"{run_folder}: no metrics.jsonl records to report (has the run started?)")
+    from arkfed.evaluation.sources import write_results
+
     out = Path(out)
-    images = [plot_auc_over_rounds(run, out / "auc_over_rounds.png").name, plot_losses(run, out / "losses.png").name]
     rows = summary_rows(run)
+    result = {"run": str(run.folder), "rounds_evaluated": run.rounds_done, "visits": len(run.visits), "sites": rows}
+    write_results(out, result)  # the numbers first: a figure that fails cannot lose them
+    images = []
+    for name, plot in (("auc_over_rounds.png", plot_auc_over_rounds), ("losses.png", plot_losses)):
+        if try_figure(partial(plot, run, out / name), name):
+            images.append(name)
     page = html_page(run, rows, images)
     atomic_write(out / "report.html", lambda tmp: tmp.write_text(page))
-    return {"run": str(run.folder), "rounds_evaluated": run.rounds_done, "visits": len(run.visits), "sites": rows,
-            "files": [*images, "report.html"]}
+    return {**result, "files": [*images, "report.html"]}
