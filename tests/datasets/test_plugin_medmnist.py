@@ -13,7 +13,7 @@ from arkfed.datasets._plugin import get_plugin
 from arkfed.errors import ArkfedError
 from arkfed.site.load import load_site
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def plugin(**options):

@@ -26,7 +26,7 @@ from arkfed.site.validate import validate_site
 
 COUNTS = {"demo-nih": 70, "demo-chexpert": 60, "demo-shenzhen": 40}
 SIZE = 48
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

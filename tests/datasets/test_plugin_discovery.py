@@ -47,7 +47,7 @@ def test_builtin_plugins_are_found_without_configuration():
 
 def test_every_builtin_module_is_declared_as_an_entry_point_of_its_class():
     """pyproject.toml's entry points name exactly the built-in modules, each pointing at its registered class."""
-    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     points = project["project"]["entry-points"][ENTRY_POINT_GROUP]
     modules = {p.stem for p in Path(arkfed.datasets.__file__).parent.glob("*.py") if not p.name.startswith("_")}
     assert set(points) == BUILTIN == modules

@@ -31,7 +31,7 @@ from federation_fixtures import fast_settings, make_sites, tiny_config
 from site_hooks import FAULTS_ENV
 
 RUN_TIMEOUT = 300.0
-HOOK = Path(__file__).with_name("site_hooks.py")
+HOOK = Path(__file__).resolve().parents[1] / "site_hooks.py"
 NIH, CHEXPERT, SHENZHEN = "demo-nih", "demo-chexpert", "demo-shenzhen"
 PERMISSIVE = {"min_batch_size": 1, "min_steps_per_visit": 1, "evaluate_splits": ["val", "test"]}
 

@@ -106,7 +106,7 @@ def test_a_name_resolves_to_sites_dir_name_yaml(tmp_path):
 
 
 def test_the_repository_sites_folder_resolves_by_name(monkeypatch):
-    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     config = load_site_config("demo-nih")
     assert config.dataset == "chestxray14" and config.root.name == "demo-nih"
 

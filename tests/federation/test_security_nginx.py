@@ -18,7 +18,7 @@ from arkfed.federation.site.node import SiteNode
 from federation_fixtures import fast_settings, make_sites, site_name, tiny_config
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
-CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "arkfed-fleet.conf"
+CONF = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "arkfed-fleet.conf"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")]
 
 

@@ -24,7 +24,7 @@ from arkfed.errors import ArkfedError
 from arkfed.site.cache import open_cached, site_sources
 from arkfed.site.config import SiteConfig, load_site_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 40  # the cache's longer side in these tests; most images below are larger
 
 

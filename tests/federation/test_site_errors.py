@@ -61,7 +61,7 @@ def test_an_error_with_a_windows_path_and_mimic_ids_leaves_as_a_category_only(si
     path, site, config, state = site_setup
     faults = tmp_path / "faults.json"
     faults.write_text(json.dumps({f"{site.name}:visit:0": "error"}))
-    monkeypatch.setenv(TEST_HOOK_ENV, f"{Path(__file__).with_name('site_hooks.py')}:misbehave")
+    monkeypatch.setenv(TEST_HOOK_ENV, f"{Path(__file__).resolve().parents[1] / 'site_hooks.py'}:misbehave")
     monkeypatch.setenv(FAULTS_ENV, str(faults))
     reply = app(message(request(site, state, config.settings, plan=plan_visits(config)[0]), m.VISIT), context(path, site.name))
     assert reply.has_error() and (reply.error.code, reply.error.reason) == (SITE_FAILED, "data_error")

@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import arkfed.demo.generate
+import arkfed.demo.sites
 from arkfed.cli import app, main
 
 runner = CliRunner()
@@ -37,7 +38,7 @@ def small_demo(tmp_path_factory) -> Path:
     small = tuple(dataclasses.replace(s, images=n) for s, n in zip(arkfed.demo.generate.DEMO_SITES, (30, 30, 24)))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(arkfed.demo.generate, "DEMO_SITES", small)
-        patch.setattr(arkfed.demo.generate, "ALL_DEMO_SITES", small + arkfed.demo.generate.EXTRA_DEMO_SITES)
+        patch.setattr(arkfed.demo.generate, "ALL_DEMO_SITES", small + arkfed.demo.sites.EXTRA_DEMO_SITES)
         result = run("demo-data", out, "--seed", "5", "--size", "32")
     assert result.exit_code == 0, result.output
     assert "SYNTHETIC" in result.output and "demo-shenzhen" in result.output

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from arkfed.demo.generate import ALL_DEMO_SITES, DEMO_SITES, EXTRA_DEMO_SITES, generate_demo_federation, plan_site, vindr_image_id
+from arkfed.demo.generate import generate_demo_federation
+from arkfed.demo.layouts import vindr_image_id
+from arkfed.demo.sites import ALL_DEMO_SITES, DEMO_SITES, EXTRA_DEMO_SITES, plan_site
 from arkfed.site.load import load_site
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SMALL = {"demo-nih": 10, "demo-chexpert": 10, "demo-shenzhen": 8, "demo-vindr": 160}
 VINDR = EXTRA_DEMO_SITES[0]
 
