@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from arkfed.data.cache import prepare_cache
+from arkfed.data.cache_prepare import prepare_cache
 from arkfed.data.loaders import read_resized
 from arkfed.data.tables import DatasetTable, FileImages, make_meta
 from arkfed.site.cache import open_cached, site_sources

@@ -19,6 +19,24 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from arkfed.demo.anatomy import (
+    LUNG_AIR,
+    SOFT_TISSUE,
+    Anatomy,
+    Canvas,
+    Lung,
+    base_grid,
+    blob,
+    clavicle_mask,
+    gauss,
+    heart_mask,
+    inside,
+    lung_field,
+    rib_mask,
+    smooth_noise,
+    torso_mask,
+)
+
 # Findings the drawer knows, by canonical name (arkfed.data.findings).
 DRAWN_FINDINGS = (
     "Atelectasis",
@@ -32,29 +50,6 @@ DRAWN_FINDINGS = (
     "Support Devices",
     "Tuberculosis",
 )
-
-SOFT_TISSUE = 0.56
-LUNG_AIR = 0.42
-
-
-@dataclass(frozen=True)
-class Anatomy:
-    """One patient's body: the same for all of that patient's images (follow-ups)."""
-
-    sex: str
-    cx: float
-    body_hw: float
-    lung_top: float
-    base_right: float
-    base_left: float
-    lung_rx: float
-    medial_gap: float
-    dome: float
-    heart_hw: float
-    heart_hh: float
-    rib_spacing: float
-    rib_first: float
-    bone: float
 
 
 @dataclass(frozen=True)
@@ -72,132 +67,6 @@ class AcquisitionStyle:
     collimation: tuple[float, float] | None = None
     markers: tuple[str, ...] = ()
     marker_p: float = 0.0
-
-
-def sample_anatomy(rng: np.random.Generator, sex: str) -> Anatomy:
-    male = sex == "M"
-    base_right = rng.uniform(0.70, 0.76)
-    return Anatomy(
-        sex=sex,
-        cx=rng.uniform(0.485, 0.515),
-        body_hw=rng.uniform(0.42, 0.47) if male else rng.uniform(0.38, 0.43),
-        lung_top=rng.uniform(0.13, 0.18),
-        base_right=base_right,
-        base_left=base_right + rng.uniform(0.005, 0.03),
-        lung_rx=rng.uniform(0.150, 0.175) if male else rng.uniform(0.135, 0.160),
-        medial_gap=rng.uniform(0.045, 0.06),
-        dome=rng.uniform(0.04, 0.07),
-        heart_hw=rng.uniform(0.135, 0.15),
-        heart_hh=rng.uniform(0.10, 0.115),
-        rib_spacing=rng.uniform(0.052, 0.06),
-        rib_first=rng.uniform(0.10, 0.13),
-        bone=rng.uniform(0.04, 0.07),
-    )
-
-
-@lru_cache(maxsize=8)
-def _base_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    c = (np.arange(size, dtype=np.float32) + 0.5) / size
-    xx, yy = np.meshgrid(c, c, indexing="xy")
-    return xx, yy
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Zero-mean, unit-ish, spatially smooth noise (a coarse random grid, bicubically enlarged)."""
-    coarse = rng.standard_normal((cells, cells)).astype(np.float32)
-    img = Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC)
-    return np.asarray(img, dtype=np.float32)
-
-
-def _inside(d: np.ndarray, edge: float) -> np.ndarray:
-    """Soft indicator of ``d <= 0`` with a linear edge ``edge`` wide (in normalised units)."""
-    return np.clip(0.5 - d / edge, 0.0, 1.0)
-
-
-def _blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: float, edge: float) -> np.ndarray:
-    return _inside(np.sqrt((x - cx) ** 2 + (y - cy) ** 2) - r, edge)
-
-
-def _gauss(x: np.ndarray, y: np.ndarray, cx: float, cy: float, sx: float, sy: float) -> np.ndarray:
-    return np.exp(-0.5 * (((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2))
-
-
-@dataclass
-class Lung:
-    """One lung field: where it is, and its masks (filled in by :func:`_lung`)."""
-
-    side: str  # "right" (image left) or "left" (image right)
-    lx: float
-    ly: float
-    rx: float
-    ry: float
-    base: float
-    medial: float
-    lateral: float
-    shape: np.ndarray  # soft mask of the lung outline before the heart is cut out
-    u: np.ndarray  # normalised ellipse coordinates, for peripheral bands
-    v: np.ndarray
-
-
-def _lung(x: np.ndarray, y: np.ndarray, a: Anatomy, side: str, base_shift: float = 0.0) -> Lung:
-    sign = -1.0 if side == "right" else 1.0
-    base = (a.base_right if side == "right" else a.base_left) - base_shift
-    medial = a.cx + sign * a.medial_gap
-    lx = medial + sign * a.lung_rx
-    lateral = lx + sign * a.lung_rx
-    ly = base - 0.14
-    ry = ly - a.lung_top
-    u = (x - lx) / a.lung_rx
-    v = (y - ly) / ry
-    ellipse = _inside((np.sqrt(u * u + v * v) - 1.0) * a.lung_rx, 0.012)
-    dome_y = base - a.dome * np.clip(1.0 - ((x - lx) / (a.lung_rx * 1.05)) ** 2, 0.0, 1.0)
-    below_dome = _inside(y - dome_y, 0.01)
-    med = _inside(sign * (medial - x), 0.01)
-    return Lung(side, lx, ly, a.lung_rx, ry, base, medial, lateral, ellipse * below_dome * med, u, v)
-
-
-def _heart(x: np.ndarray, y: np.ndarray, a: Anatomy, scale: float) -> np.ndarray:
-    hcx = a.cx + 0.04 + 0.6 * (scale - 1.0) * a.heart_hw
-    hcy = a.base_right - 0.1 - 0.25 * (scale - 1.0) * a.heart_hh
-    dx, dy = x - hcx, y - hcy
-    c, s = np.cos(0.35), np.sin(0.35)
-    u = (c * dx + s * dy) / (a.heart_hw * scale)
-    v = (-s * dx + c * dy) / (a.heart_hh * (0.5 + 0.5 * scale))
-    return _inside((np.sqrt(u * u + v * v) - 1.0) * a.heart_hw, 0.012)
-
-
-def _torso(x: np.ndarray, y: np.ndarray, a: Anatomy) -> np.ndarray:
-    shoulder = np.clip((y - 0.02) / 0.16, 0.0, 1.0) ** 0.5
-    hw = 0.09 + (a.body_hw + 0.04 - 0.09) * shoulder
-    return _inside(np.abs(x - a.cx) - hw, 0.02)
-
-
-def _ribs(x: np.ndarray, y: np.ndarray, a: Anatomy, thorax: np.ndarray) -> np.ndarray:
-    t = np.abs(x - a.cx)
-    phase = (y - a.rib_first + 0.25 * t - 1.9 * t * t) / a.rib_spacing
-    frac = np.abs(phase - np.round(phase)) * a.rib_spacing
-    band = _inside(frac - 0.009, 0.007) * (phase > -0.5) * (phase < 10.5)
-    lateral = _inside(t - (a.body_hw - 0.02), 0.02) * (t > 0.03)
-    return band * lateral * thorax
-
-
-def _clavicles(x: np.ndarray, y: np.ndarray, a: Anatomy) -> np.ndarray:
-    t = np.abs(x - a.cx)
-    line = 0.20 - 0.18 * t + 0.2 * (t - 0.18) ** 2
-    return _inside(np.abs(y - line) - 0.012, 0.008) * (t > 0.03) * (t < a.body_hw * 0.95)
-
-
-@dataclass
-class Canvas:
-    """The density map being drawn and the masks findings need."""
-
-    x: np.ndarray
-    y: np.ndarray
-    density: np.ndarray
-    air: np.ndarray
-    markings: np.ndarray
-    lungs: dict[str, Lung]
-    anatomy: Anatomy
 
 
 def _random_lung_point(rng: np.random.Generator, lung: Lung, v_range=(-0.8, 0.55)) -> tuple[float, float]:
@@ -233,7 +102,7 @@ def _effusion(cv: Canvas, rng: np.random.Generator, strength: float) -> None:
         level = lung.base - height
         lateral_frac = np.clip((cv.x - lung.medial) / (lung.lateral - lung.medial), 0.0, 1.2)
         meniscus = level - rng.uniform(0.04, 0.09) * lateral_frac**2
-        fluid = _inside(meniscus - cv.y, 0.02) * lung.shape
+        fluid = inside(meniscus - cv.y, 0.02) * lung.shape
         cv.air *= 1.0 - 0.92 * strength * fluid
         cv.markings *= 1.0 - fluid
 
@@ -242,11 +111,11 @@ def _pneumothorax(cv: Canvas, rng: np.random.Generator, strength: float) -> None
     lung = cv.lungs[str(rng.choice(["right", "left"]))]
     depth = rng.uniform(0.35, 0.55) * (0.6 + 0.4 * strength)
     r = np.sqrt(lung.u**2 + lung.v**2)
-    upper = _inside(lung.v - rng.uniform(0.1, 0.5), 0.2)
-    band = _inside((1.0 - depth) - r, 0.04) * upper * lung.shape  # r > 1 - depth
+    upper = inside(lung.v - rng.uniform(0.1, 0.5), 0.2)
+    band = inside((1.0 - depth) - r, 0.04) * upper * lung.shape  # r > 1 - depth
     cv.markings *= 1.0 - band
     cv.air += 0.3 * strength * band
-    line = _inside(np.abs(r - (1.0 - depth)) - 0.015, 0.02) * upper * lung.shape
+    line = inside(np.abs(r - (1.0 - depth)) - 0.015, 0.02) * upper * lung.shape
     cv.density += 0.16 * strength * line
 
 
@@ -257,7 +126,7 @@ def _nodules(cv: Canvas, rng: np.random.Generator, strength: float, count: tuple
         px, py = _random_lung_point(rng, lung)
         r = rng.uniform(*radius)
         wobble = 1.0 + 0.15 * np.sin(np.arctan2(cv.y - py, cv.x - px) * int(rng.integers(2, 5)) + rng.uniform(0, 6.3))
-        spot = _inside(np.sqrt((cv.x - px) ** 2 + (cv.y - py) ** 2) - r * wobble, 0.35 * r)
+        spot = inside(np.sqrt((cv.x - px) ** 2 + (cv.y - py) ** 2) - r * wobble, 0.35 * r)
         cv.density += density * strength * rng.uniform(0.8, 1.1) * spot
 
 
@@ -265,8 +134,8 @@ def _consolidation(cv: Canvas, rng: np.random.Generator, strength: float) -> Non
     lung = cv.lungs[str(rng.choice(["right", "left"]))]
     px, py = _random_lung_point(rng, lung, (-0.55, 0.3))
     size = cv.x.shape[0]
-    texture = _smooth_noise(rng, size, 20)
-    envelope = _gauss(cv.x, cv.y, px, py, rng.uniform(0.07, 0.1), rng.uniform(0.07, 0.11))
+    texture = smooth_noise(rng, size, 20)
+    envelope = gauss(cv.x, cv.y, px, py, rng.uniform(0.07, 0.1), rng.uniform(0.07, 0.11))
     patch = np.clip(2.4 * envelope + 0.8 * texture - 0.7, 0.0, 1.0) * lung.shape
     cv.air *= 1.0 - 0.9 * strength * patch
     cv.markings *= 1.0 - patch
@@ -278,16 +147,16 @@ def _edema(cv: Canvas, rng: np.random.Generator, strength: float) -> None:
     for lung in cv.lungs.values():
         hx = lung.medial + (lung.lx - lung.medial) * 0.3
         hy = lung.ly - 0.05
-        haze += _gauss(cv.x, cv.y, hx, hy, spread * 1.3, spread) * lung.shape
-    texture = 1.0 + 0.25 * _smooth_noise(rng, cv.x.shape[0], 24)
+        haze += gauss(cv.x, cv.y, hx, hy, spread * 1.3, spread) * lung.shape
+    texture = 1.0 + 0.25 * smooth_noise(rng, cv.x.shape[0], 24)
     cv.air *= 1.0 - np.clip(0.75 * strength * rng.uniform(0.85, 1.15) * haze * texture, 0.0, 0.9)
     # Kerley B lines: short horizontal lines at the lateral lung bases
     for lung in cv.lungs.values():
         sign = -1.0 if lung.side == "right" else 1.0
         for k in range(int(rng.integers(2, 5))):
             ly = lung.base - 0.06 - 0.02 * k
-            near_edge = _inside(sign * (lung.lateral - cv.x) - 0.05, 0.01) * (sign * (cv.x - lung.lx) > 0)
-            cv.density += 0.08 * strength * _inside(np.abs(cv.y - ly) - 0.004, 0.006) * near_edge * lung.shape
+            near_edge = inside(sign * (lung.lateral - cv.x) - 0.05, 0.01) * (sign * (cv.x - lung.lx) > 0)
+            cv.density += 0.08 * strength * inside(np.abs(cv.y - ly) - 0.004, 0.006) * near_edge * lung.shape
 
 
 def _atelectasis_wedge(cv: Canvas, rng: np.random.Generator, lung: Lung, strength: float) -> None:
@@ -298,7 +167,7 @@ def _atelectasis_wedge(cv: Canvas, rng: np.random.Generator, lung: Lung, strengt
     start_y = lung.ly - rng.uniform(0.16, 0.24)
     nx, ny = np.cos(angle), -np.sin(angle)  # edge normal
     d = sign * (cv.x - start_x) * nx + (cv.y - start_y) * ny
-    wedge = _inside(d, 0.01) * (cv.y > start_y) * lung.shape
+    wedge = inside(d, 0.01) * (cv.y > start_y) * lung.shape
     cv.air *= 1.0 - 0.95 * strength * wedge
     cv.markings *= 1.0 - wedge
 
@@ -307,20 +176,20 @@ def _tuberculosis(cv: Canvas, rng: np.random.Generator, strength: float) -> None
     for side in _sides(rng, 0.45):
         lung = cv.lungs[side]
         cx, cy = lung.lx + rng.uniform(-0.3, 0.3) * lung.rx, lung.ly - rng.uniform(0.55, 0.75) * lung.ry
-        envelope = _gauss(cv.x, cv.y, cx, cy, rng.uniform(0.05, 0.08), rng.uniform(0.05, 0.08))
-        texture = _smooth_noise(rng, cv.x.shape[0], 22)
+        envelope = gauss(cv.x, cv.y, cx, cy, rng.uniform(0.05, 0.08), rng.uniform(0.05, 0.08))
+        texture = smooth_noise(rng, cv.x.shape[0], 22)
         patch = np.clip(1.8 * envelope + 0.6 * texture - 0.75, 0.0, 1.0) * lung.shape
         cv.air *= 1.0 - 0.5 * strength * patch
         cv.markings *= 1.0 - patch
         for _ in range(int(rng.integers(2, 6))):
             px = cx + rng.normal(0, 0.04)
             py = cy + rng.normal(0, 0.035)
-            cv.density += 0.15 * strength * _blob(cv.x, cv.y, px, py, rng.uniform(0.008, 0.016), 0.008) * lung.shape
+            cv.density += 0.15 * strength * blob(cv.x, cv.y, px, py, rng.uniform(0.008, 0.016), 0.008) * lung.shape
         if rng.random() < 0.35:  # a cavity: a dense ring with an air centre
             r = rng.uniform(0.018, 0.03)
             dist = np.sqrt((cv.x - cx) ** 2 + (cv.y - cy) ** 2)
-            cv.density += 0.22 * strength * _inside(np.abs(dist - r) - 0.006, 0.006) * lung.shape
-            cv.air += 0.2 * strength * _inside(dist - 0.7 * r, 0.005) * lung.shape
+            cv.density += 0.22 * strength * inside(np.abs(dist - r) - 0.006, 0.006) * lung.shape
+            cv.air += 0.2 * strength * inside(dist - 0.7 * r, 0.005) * lung.shape
 
 
 def _support_devices(cv: Canvas, rng: np.random.Generator) -> None:
@@ -330,16 +199,16 @@ def _support_devices(cv: Canvas, rng: np.random.Generator) -> None:
     if kind < 0.6:  # an endotracheal / nasogastric tube down the midline
         tip = rng.uniform(0.3, 0.85)
         path_x = a.cx + rng.uniform(-0.01, 0.01) + 0.03 * np.clip((y - 0.45) / 0.4, 0.0, 1.0) ** 2
-        tube = _inside(np.abs(x - path_x) - 0.005, 0.005) * (y < tip)
+        tube = inside(np.abs(x - path_x) - 0.005, 0.005) * (y < tip)
         cv.density += 0.35 * tube
     if kind > 0.4:  # a pacemaker box in the upper chest with its lead to the heart
         bx, by = a.cx + rng.uniform(0.18, 0.28), rng.uniform(0.16, 0.24)
-        box = _inside(np.maximum(np.abs(x - bx) - 0.035, np.abs(y - by) - 0.025), 0.006)
+        box = inside(np.maximum(np.abs(x - bx) - 0.035, np.abs(y - by) - 0.025), 0.006)
         cv.density += 0.55 * box
         hx, hy = a.cx + 0.02, a.base_right - 0.08
         t = np.clip(((x - bx) * (hx - bx) + (y - by) * (hy - by)) / ((hx - bx) ** 2 + (hy - by) ** 2), 0.0, 1.0)
         dist = np.sqrt((x - bx - t * (hx - bx)) ** 2 + (y - by - t * (hy - by)) ** 2)
-        cv.density += 0.3 * _inside(dist - 0.003, 0.004)
+        cv.density += 0.3 * inside(dist - 0.003, 0.004)
 
 
 FINDING_DRAWERS = {
@@ -393,31 +262,31 @@ def _draw_body(
     rng: np.random.Generator, x: np.ndarray, y: np.ndarray, a: Anatomy, lifted_side: str | None, lift: float, heart_scale: float
 ) -> Canvas:
     """Torso, lungs (one lifted by volume loss), heart, bones, trachea and lung markings."""
-    lungs = {side: _lung(x, y, a, side, base_shift=lift if side == lifted_side else 0.0) for side in ("right", "left")}
-    heart = _heart(x, y, a, heart_scale)
-    torso = _torso(x, y, a)
+    lungs = {side: lung_field(x, y, a, side, base_shift=lift if side == lifted_side else 0.0) for side in ("right", "left")}
+    heart = heart_mask(x, y, a, heart_scale)
+    torso = torso_mask(x, y, a)
     size = x.shape[0]
     air = np.maximum(lungs["right"].shape, lungs["left"].shape) * (1.0 - heart)
-    vessels = sum(_gauss(x, y, lg.medial + (lg.lx - lg.medial) * 0.2, lg.ly - 0.03, 0.09, 0.12) for lg in lungs.values())
-    markings = (0.05 * np.abs(_smooth_noise(rng, size, 32)) + 0.07 * vessels * (1 + 0.5 * _smooth_noise(rng, size, 20))) * air
+    vessels = sum(gauss(x, y, lg.medial + (lg.lx - lg.medial) * 0.2, lg.ly - 0.03, 0.09, 0.12) for lg in lungs.values())
+    markings = (0.05 * np.abs(smooth_noise(rng, size, 32)) + 0.07 * vessels * (1 + 0.5 * smooth_noise(rng, size, 20))) * air
     cv = Canvas(x, y, SOFT_TISSUE * torso, air, markings, lungs, a)
     for lg in lungs.values():
         lg.shape = lg.shape * (1.0 - heart)
 
-    thorax = _inside(y - (max(a.base_right, a.base_left) + 0.04), 0.02)
-    cv.density += a.bone * _ribs(x, y, a, thorax) * torso + 1.3 * a.bone * _clavicles(x, y, a)
-    spine = _inside(np.abs(x - a.cx) - 0.032, 0.01) * torso
+    thorax = inside(y - (max(a.base_right, a.base_left) + 0.04), 0.02)
+    cv.density += a.bone * rib_mask(x, y, a, thorax) * torso + 1.3 * a.bone * clavicle_mask(x, y, a)
+    spine = inside(np.abs(x - a.cx) - 0.032, 0.01) * torso
     cv.density += 0.07 * spine + 0.02 * heart
-    cv.density -= 0.12 * _inside(np.abs(x - a.cx) - 0.014, 0.008) * _inside(y - 0.3, 0.03) * torso  # trachea
+    cv.density -= 0.12 * inside(np.abs(x - a.cx) - 0.014, 0.008) * inside(y - 0.3, 0.03) * torso  # trachea
     if a.sex == "F":  # breast shadows over the lower lung fields
         for sign in (-1.0, 1.0):
-            cv.density += 0.06 * _gauss(x, y, a.cx + sign * a.body_hw * 0.6, a.base_right - 0.02, 0.13, 0.07) * torso
+            cv.density += 0.06 * gauss(x, y, a.cx + sign * a.body_hw * 0.6, a.base_right - 0.02, 0.13, 0.07) * torso
     return cv
 
 
 def _geometry(rng: np.random.Generator, size: int, style: AcquisitionStyle) -> tuple[np.ndarray, np.ndarray]:
     """The sampling grid after the site's positioning jitter (rotation, scale, shift)."""
-    xx, yy = _base_grid(size)
+    xx, yy = base_grid(size)
     theta = np.deg2rad(rng.uniform(-style.rotate_deg, style.rotate_deg))
     scale = rng.uniform(*style.scale)
     dx, dy = rng.uniform(-style.shift, style.shift, size=2)

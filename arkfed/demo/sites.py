@@ -12,7 +12,8 @@ from typing import Callable
 import numpy as np
 
 from arkfed.data.findings import CHESTXRAY14_CLASSES, CHEXPERT_CLASSES
-from arkfed.demo.draw import AcquisitionStyle, draw_chest, sample_anatomy
+from arkfed.demo.anatomy import sample_anatomy
+from arkfed.demo.draw import AcquisitionStyle, draw_chest
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ def _schema(task: str, classes: tuple[str, ...], **kw) -> LabelSchema:
 # published the weights (Ark_MICCAI2023/README.md "Train Ark-6", Ark_Plus/README.md "Train Ark+"):
 # MIMIC, CheXpert, ChestXray14, RSNAPneumonia, VinDrCXR, Shenzhen (+ COVIDx for Ark+'s continual
 # training). Class orders are ``diseases`` in Ark's datasets_config.yaml; schemas are the arkfed
-# plugins' (tests/test_ark_checkpoints.py checks them against the plugins).
+# plugins' (tests/model/test_ark_checkpoints.py checks them against the plugins).
 ARK_DATASETS: tuple[ArkDataset, ...] = (
     ArkDataset("mimic_cxr", CHEXPERT_CLASSES, _schema("multilabel", CHEXPERT_CLASSES, uncertain="ones")),
     ArkDataset("chexpert", CHEXPERT_CLASSES, CHEXPERT_LABELER_SCHEMA),

@@ -16,17 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from arkfed.data.cache import (
-    SHARD_BYTES,
-    CachedImages,
-    CacheIndex,
-    CacheStatus,
-    PrepareReport,
-    ProgressCallback,
-    fingerprint,
-    image_id,
-    prepare_cache,
-)
+from arkfed.data.cache import SHARD_BYTES, CachedImages, CacheIndex, CacheStatus, ProgressCallback, fingerprint, image_id
+from arkfed.data.cache_prepare import PrepareReport, prepare_cache
 from arkfed.data.tables import SPLITS, DatasetTable, FileImages
 from arkfed.errors import ArkfedError
 from arkfed.site.config import SiteConfig

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 import arkfed.data.tables
-from arkfed.data.cache import CachedImages, CacheIndex, CacheSettings, fit_resize, prepare_cache
+from arkfed.data.cache import CachedImages, CacheIndex, CacheSettings, fit_resize
+from arkfed.data.cache_prepare import prepare_cache
 from arkfed.data.imageio import read_image
 from arkfed.data.tables import DatasetTable, FileImages, make_meta
 from arkfed.errors import ArkfedError
@@ -142,7 +143,7 @@ def test_corrupt_bytes_of_same_length_fall_back_to_the_file(tmp_path):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from arkfed.data.cache import prepare_cache
+    from arkfed.data.cache_prepare import prepare_cache
     folder, kill_after = Path(sys.argv[1]), int(sys.argv[2])
     sources = [(Path(p).name, p) for p in sys.argv[3:]]
     def progress(done, total):

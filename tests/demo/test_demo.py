@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from arkfed.demo.draw import DRAWN_FINDINGS, AcquisitionStyle, draw_chest, sample_anatomy
+from arkfed.demo.anatomy import sample_anatomy
+from arkfed.demo.draw import DRAWN_FINDINGS, AcquisitionStyle, draw_chest
 from arkfed.demo.generate import (
     DEMO_SITES,
     MARKER_FILE,
