@@ -1,4 +1,5 @@
-"""Training configuration and the visit plan: what the coordinator decides before any site trains.
+"""The run configuration: what the coordinator decides before any site trains (the visit plan
+built from it is :mod:`arkfed.run.plan`).
 
 Everything here is plain pydantic data and arithmetic, so the local coordinator and the Flower
 ServerApp plan a run identically and can ship :class:`TrainSettings` and :class:`VisitPlan` as JSON.

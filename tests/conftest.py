@@ -24,3 +24,55 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def label_files(shared_data: Path) -> Path:
     return shared_data / "label-files"
+
+
+# `make test-fast` runs `-m "not slow"`: the unit tests, about a minute on 2 idle cores. Slow are
+# the tests that train models end to end, start federation processes or build a wheel (whole
+# modules below), and single tests measured at over ~4 s on the development machine. Everything
+# runs in `make test`, which is what CI runs. A test file added to a folder listed here is slow.
+SLOW_MODULES = (
+    "benchmarking/test_accrual.py",
+    "cli/test_cli_train.py",
+    "evaluation/test_bias.py",
+    "evaluation/test_compare.py",
+    "evaluation/test_evaluate.py",
+    "evaluation/test_finetune.py",
+    "evaluation/test_linear_probe.py",
+    "evaluation/test_plots.py",
+    "evaluation/test_report.py",
+    "evaluation/test_segment.py",
+    "federation/test_federation_loopback.py",
+    "federation/test_policy_federation.py",
+    "federation/test_security_federation.py",
+    "federation/test_security_nginx.py",
+    "federation/test_security_superexec.py",
+    "run/test_provenance.py",
+    "run/test_trackers.py",
+    "run/test_train_local.py",
+    "test_wheel_install.py",
+)
+SLOW_TESTS = (
+    "ark/test_distributed.py::test_two_process_visit_matches_one_process_visit_of_the_same_global_batch",
+    "ark/test_visit.py::test_visit_is_deterministic_and_leaves_the_teacher_alone",
+    "ark/test_visit.py::test_visit_trains_student_and_head_and_keeps_callers_rng",
+    "benchmarking/test_accrual_demo.py::test_vindr_site_reads_through_the_plugin_with_reader_votes",
+    "benchmarking/test_accrual_demo.py::test_vindr_is_opt_in_and_leaves_the_other_sites_unchanged",
+    "data/test_cache.py::test_site_yaml_cache_auto_prepares_on_first_use_and_trains_identically",
+    "evaluation/test_export.py::test_export_ships_teacher_heads_and_the_batchnorm_statistics_evaluate_used",
+    "federation/test_federation_client.py::test_visits_match_local_mode_and_the_head_survives_a_supernode_restart",
+    "federation/test_site_errors.py::test_an_error_with_a_windows_path_and_mimic_ids_leaves_as_a_category_only",
+    "model/test_ark_checkpoints.py::test_published_checkpoint_loads_with_features_of_the_hand_loaded_timm_model",
+    "site/test_policy.py::test_manual_approval_waits_for_the_operator",
+    "site/test_policy.py::test_per_class_metrics_stay_at_the_site_when_its_policy_says_so",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        if tests not in path.parents:
+            continue
+        where = path.relative_to(tests).as_posix()
+        if where in SLOW_MODULES or f"{where}::{item.name.split('[')[0]}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

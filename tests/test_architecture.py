@@ -85,3 +85,15 @@ def test_no_module_is_too_long_to_read():
     long = {str(p.relative_to(REPO)): n for p in (REPO / "arkfed").rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
     assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by concern): {long}"
+
+
+def test_no_function_is_too_complex_to_review():
+    """radon's grade C ends at cyclomatic complexity 20; figures (``plot_*``) may branch more."""
+    from radon.complexity import cc_visit
+
+    complex_functions = []
+    for path in sorted((REPO / "arkfed").rglob("*.py")):
+        for block in cc_visit(path.read_text()):
+            if block.complexity > 20 and not block.name.startswith("plot"):
+                complex_functions.append(f"{path.relative_to(REPO)}:{block.lineno} {block.name} ({block.complexity})")
+    assert not complex_functions, "functions above radon grade C (split them):\n" + "\n".join(complex_functions)

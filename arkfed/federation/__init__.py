@@ -2,15 +2,17 @@
 
 Who runs what:
 
-- the coordinator (``arkfed coordinator``): a Flower SuperLink (:mod:`.launcher`) and arkfed's
-  ServerApp (:mod:`.server_app`), which plans the run exactly as local mode does, keeps student and
-  teacher, applies the teacher EMA and writes the usual run folder;
-- each site (``arkfed site``): a Flower SuperNode (:mod:`.site_node`) whose ClientApp
-  (:mod:`.client_app`) runs :func:`arkfed.ark.visit.train_site_visit` and
-  :func:`arkfed.ark.metrics.evaluate_site` on the site's own data, keeping its head
-  (:mod:`.site_state`); tasks start from a warm process (:mod:`.site_executor`);
+- the coordinator (``arkfed coordinator``, :mod:`.coordinator`): a Flower SuperLink
+  (:mod:`.coordinator.launcher`) behind a gateway that forwards only the Fleet API
+  (:mod:`.coordinator.gateway`), and arkfed's ServerApp (:mod:`.coordinator.server_app`), whose
+  ``FlowerSites`` drive the one loop of :mod:`arkfed.run.loop` exactly as a local run does;
+- each site (``arkfed site``, :mod:`.site`): a Flower SuperNode (:mod:`.site.node`) whose ClientApp
+  (:mod:`.site.client_app`) runs :mod:`arkfed.ark.tasks` on the site's own data, keeping its heads
+  (:mod:`.site.heads`); tasks start from a warm process (:mod:`.site.executor`);
 - on one machine (``arkfed train --federated``): :mod:`.loopback`.
 
+Both sides import the modules here, never each other: :mod:`.messages` (what travels),
+:mod:`.protocol`, :mod:`.signing`, :mod:`.certs`, :mod:`.processes`, :mod:`.flower_app`.
 What travels (:mod:`.messages`): model arrays and scalar metrics, plus a site's name and label
 schema when it joins. Security (:mod:`.certs`): TLS and registered site keys, on by default.
 Flower is imported by these modules, so import them lazily from the CLI.

@@ -1,7 +1,7 @@
 """The Ark loop: the one place where a run is planned, trained, checked, recorded and resumed.
 
 Local and federated runs are the same loop over a small :class:`Sites` interface with two
-implementations: :class:`InProcessSites` here (the sites' data in this process) and
+implementations: :class:`arkfed.run.local.InProcessSites` (the sites' data in this process) and
 ``arkfed.federation.coordinator.server_app.FlowerSites`` (join, send, receive, retry, skip over Flower).
 Either way a site runs :mod:`arkfed.ark.tasks` on the weights it is given.
 
