@@ -2,7 +2,8 @@
 
 Each area registers its commands from its own module (``arkfed/cli/<area>.py`` exposes
 ``register(app)``). Heavy imports happen inside the commands so ``arkfed --help`` stays fast.
-User errors (:class:`ArkfedError`) are printed as one red line and exit with status 2.
+User errors (:class:`ArkfedError`) are printed as one red line and exit with status 2. The top layer:
+it may import everything, and nothing in arkfed imports it.
 """
 
 from __future__ import annotations

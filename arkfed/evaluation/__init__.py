@@ -4,5 +4,5 @@ fine-tuning, the gender-bias protocol, segmentation transfer, zero-shot predicti
 Each module is a set of plain functions over models, tensors and dataset tables; the ``arkfed``
 commands in :mod:`arkfed.cli.evaluation` are thin wrappers. Every entry point takes its model
 through :func:`arkfed.evaluation.sources.load_models`, which accepts a run folder, an export folder
-or a weights file.
+or a weights file. May import :mod:`arkfed.run` and below; never federation, benchmarking or cli.
 """

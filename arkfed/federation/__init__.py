@@ -11,7 +11,7 @@ Who runs what:
   (:mod:`.site.heads`); tasks start from a warm process (:mod:`.site.executor`);
 - on one machine (``arkfed train --federated``): :mod:`.loopback`.
 
-Both sides import the modules here, never each other: :mod:`.messages` (what travels),
+May import :mod:`arkfed.run` and below. Both sides import the modules here, never each other: :mod:`.messages` (what travels),
 :mod:`.protocol`, :mod:`.signing`, :mod:`.certs`, :mod:`.processes`, :mod:`.flower_app`.
 What travels (:mod:`.messages`): model arrays and scalar metrics, plus a site's name and label
 schema when it joins. Security (:mod:`.certs`): TLS and registered site keys, on by default.
