@@ -246,3 +246,11 @@ def test_released_mimic_head_gives_each_finding_its_own_row(released):
     for finding in CHEXPERT_CLASSES:
         assert torch.allclose(out[:, mimic.classes.index(finding)], ark_rows[:, ARK_MIMIC_HEADER.index(finding)], atol=1e-6), finding
     assert ARK_MIMIC_HEADER.index("Pneumonia") == 11 and CHEXPERT_CLASSES.index("Pneumonia") == 7
+
+
+def test_head_orders_match_the_plugins_readers_of_arks_split_lists():
+    """The same Ark list columns name the head rows and the plugins' split lists."""
+    from arkfed.datasets._plugin import get_plugin
+
+    for name in ("chestxray14", "rsna_pneumonia", "shenzhen"):
+        assert get_plugin(name).split_list_format.classes == ark_head(name).ark_classes, name
