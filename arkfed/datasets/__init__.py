@@ -17,6 +17,7 @@ from arkfed.datasets._csv import CsvDatasetPlugin, CsvOptions
 from arkfed.datasets._label_files import (
     FileDatasetOptions,
     LabelRecords,
+    ReadingProtocol,
     SplitConfig,
     assemble_splits,
     check_label_values,
@@ -37,7 +38,7 @@ from arkfed.errors import ArkfedError
 __all__ = [
     "CHESTXRAY14_CLASSES", "CHEXPERT_CLASSES", "CHEXPERT_LABELER_SCHEMA", "SPLITS", "UNCERTAIN",
     "ArkfedError", "ArrayImages", "CsvDatasetPlugin", "CsvOptions", "DatasetPlugin", "DatasetTable",
-    "FileDatasetOptions", "FileImages", "LabelRecords", "LabelSchema", "MissingPolicy", "NoOptions",
+    "FileDatasetOptions", "FileImages", "LabelRecords", "LabelSchema", "MissingPolicy", "NoOptions", "ReadingProtocol",
     "SplitConfig", "SplitListFormat", "TaskType", "UncertainPolicy",
     "assemble_splits", "canonical_finding", "check_label_values", "concat_records", "discover_plugins",
     "find_label_file", "get_plugin", "label_matrix", "list_files", "locate_images", "make_meta",

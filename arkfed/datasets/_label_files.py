@@ -81,6 +81,10 @@ def check_label_values(values: np.ndarray, allowed: set[float], file: Path | str
 
 LABEL_FILE_SUFFIXES = ("", ".gz", ".zip")
 MissingImagesPolicy = Literal["error", "drop"]
+# A plugin's ``protocol`` option: ``arkfed`` reads a dataset arkfed's way; ``ark`` reads it as Ark's
+# reference code does (github.com/jlianglab/Ark, Ark_MICCAI2023/dataloader.py and its dataset/ lists),
+# where the two differ in what is read (each plugin's option description says how).
+ReadingProtocol = Literal["arkfed", "ark"]
 
 
 class FileDatasetOptions(BaseModel):
