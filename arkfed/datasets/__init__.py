@@ -3,8 +3,8 @@
 ``from arkfed.datasets import DatasetPlugin, LabelSchema, register_dataset, ...`` is the one
 import point for plugin code (the built-ins, ``arkfed add-dataset``'s output and third-party
 packages use it). The machinery lives in the private modules (``_plugin``: the base class and
-discovery; ``_label_files``: readers of official label files; ``_csv``: the generic CSV reader;
-``_scaffold``: ``add-dataset``). Every other module here is one built-in dataset, found by
+discovery; ``_label_files``: readers of official label files; ``_split_lists``: Ark's split lists;
+``_csv``: the generic CSV reader; ``_scaffold``: ``add-dataset``). Every other module here is one built-in dataset, found by
 discovery and declared under the ``arkfed.datasets`` entry point group, as a contributor's
 package declares its own. May import :mod:`arkfed.data` and the top-level vocabulary only.
 """
@@ -17,6 +17,7 @@ from arkfed.datasets._csv import CsvDatasetPlugin, CsvOptions
 from arkfed.datasets._label_files import (
     FileDatasetOptions,
     LabelRecords,
+    ReadingProtocol,
     SplitConfig,
     assemble_splits,
     check_label_values,
@@ -31,15 +32,16 @@ from arkfed.datasets._label_files import (
     split_records,
 )
 from arkfed.datasets._plugin import DatasetPlugin, NoOptions, discover_plugins, get_plugin, register_dataset
+from arkfed.datasets._split_lists import SplitListFormat, require_list_format
 from arkfed.errors import ArkfedError
 
 __all__ = [
     "CHESTXRAY14_CLASSES", "CHEXPERT_CLASSES", "CHEXPERT_LABELER_SCHEMA", "SPLITS", "UNCERTAIN",
     "ArkfedError", "ArrayImages", "CsvDatasetPlugin", "CsvOptions", "DatasetPlugin", "DatasetTable",
-    "FileDatasetOptions", "FileImages", "LabelRecords", "LabelSchema", "MissingPolicy", "NoOptions",
-    "SplitConfig", "TaskType", "UncertainPolicy",
+    "FileDatasetOptions", "FileImages", "LabelRecords", "LabelSchema", "MissingPolicy", "NoOptions", "ReadingProtocol",
+    "SplitConfig", "SplitListFormat", "TaskType", "UncertainPolicy",
     "assemble_splits", "canonical_finding", "check_label_values", "concat_records", "discover_plugins",
     "find_label_file", "get_plugin", "label_matrix", "list_files", "locate_images", "make_meta",
     "patient_split", "present_images", "read_csv", "read_image", "register_dataset", "require_columns",
-    "split_records", "split_table",
+    "require_list_format", "split_records", "split_table",
 ]

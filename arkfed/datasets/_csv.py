@@ -213,5 +213,3 @@ class CsvDatasetPlugin(DatasetPlugin):
     def read_records(self, root: Path) -> LabelRecords:
         return read_csv_records(root, self.options)
 
-    def read(self, root: Path, split: SplitConfig) -> dict[str, DatasetTable]:
-        return read_csv_dataset(root, split, self.options)

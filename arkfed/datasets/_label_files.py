@@ -15,14 +15,15 @@ from typing import Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from arkfed.data.tables import DatasetTable, FileImages, patient_split, split_table
 from arkfed.errors import ArkfedError
 
 
 class SplitConfig(BaseModel):
-    """How to split a dataset that ships no official split (always patient-wise)."""
+    """How to split a dataset that ships no official split (always patient-wise), or the folder of
+    split lists (Ark's ``dataset/*.txt``) that name each image's split instead."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -30,6 +31,18 @@ class SplitConfig(BaseModel):
     test_fraction: float = 0.2
     seed: int = 0
     use_official: bool = True
+    lists: Path | None = Field(
+        default=None,
+        description="folder of split lists in the format of Ark's repository (Ark_MICCAI2023/dataset/*.txt, e.g. "
+        "RSNAPneumonia_{train,val,test}.txt): the listed images, in the listed splits, are the dataset "
+        "(see arkfed.datasets._split_lists); a site YAML sets it with `split_lists: DIR`",
+    )
+
+    @model_validator(mode="after")
+    def _lists_are_the_split(self) -> "SplitConfig":
+        if self.lists is not None and not self.use_official:
+            raise ValueError("split lists name each image's split: `use_official: false` contradicts them")
+        return self
 
 
 def require_columns(frame: pd.DataFrame, columns: Sequence[str], file: Path | str) -> None:
@@ -68,6 +81,10 @@ def check_label_values(values: np.ndarray, allowed: set[float], file: Path | str
 
 LABEL_FILE_SUFFIXES = ("", ".gz", ".zip")
 MissingImagesPolicy = Literal["error", "drop"]
+# A plugin's ``protocol`` option: ``arkfed`` reads a dataset arkfed's way; ``ark`` reads it as Ark's
+# reference code does (github.com/jlianglab/Ark, Ark_MICCAI2023/dataloader.py and its dataset/ lists),
+# where the two differ in what is read (each plugin's option description says how).
+ReadingProtocol = Literal["arkfed", "ark"]
 
 
 class FileDatasetOptions(BaseModel):

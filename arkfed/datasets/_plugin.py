@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from arkfed.data.schema import LabelSchema
 from arkfed.data.tables import DatasetTable
 from arkfed.datasets._label_files import LabelRecords, SplitConfig, assemble_splits
+from arkfed.datasets._split_lists import SplitListFormat, apply_split_lists, require_list_format
 from arkfed.errors import ArkfedError
 
 ENTRY_POINT_GROUP = "arkfed.datasets"
@@ -61,13 +62,15 @@ class DatasetPlugin:
     Plugin-specific settings from a site config's ``options:`` are validated by ``Options`` (a
     pydantic model, extra keys forbidden) and available as ``self.options``. Plugins over image
     files extend :class:`~arkfed.datasets._label_files.FileDatasetOptions`, whose ``missing_images`` policy
-    :meth:`read` applies.
+    :meth:`read` applies. A plugin whose dataset Ark splits with list files declares
+    ``split_list_format``, and a site's ``split_lists:`` then picks the splits (:mod:`arkfed.datasets._split_lists`).
     """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     schema: ClassVar[LabelSchema | None] = None
     Options: ClassVar[type[BaseModel]] = NoOptions
+    split_list_format: ClassVar[SplitListFormat | None] = None
 
     def __init__(self, options: dict | None = None):
         try:
@@ -113,7 +116,19 @@ class DatasetPlugin:
         checked per the ``missing_images`` option, official split kept, else split by patient).
         """
         missing_images = getattr(self.options, "missing_images", "error")
-        return assemble_splits(self.read_records(root), split, missing_images)
+        return assemble_splits(self.read_split_records(root, split), split, missing_images)
+
+    def read_split_records(self, root: Path, split: SplitConfig) -> LabelRecords:
+        """:meth:`read_records`, cut to the site's split lists (``split_lists:``) when it gives them.
+
+        A plugin that declares ``split_list_format`` (a
+        :class:`~arkfed.datasets._split_lists.SplitListFormat`) reads lists in that format; for any
+        other plugin, split lists are an error rather than silently ignored."""
+        require_list_format(self.name, self.split_list_format, split)
+        records = self.read_records(root)
+        if split.lists is None:
+            return records
+        return apply_split_lists(records, self.split_list_format, split, getattr(self.options, "missing_images", "error"))
 
 
 _REGISTERED: dict[str, type[DatasetPlugin]] = {}  # "module.QualName" -> class (a module re-import replaces its class)

@@ -4,6 +4,7 @@ Read as NIH distributes it: ``Data_Entry_2017_v2020.csv`` (or the older ``Data_E
 findings pipe-separated in ``Finding Labels`` ("No Finding" = none of the 14), the official
 patient-wise split lists ``train_val_list.txt`` / ``test_list.txt`` and the images in
 ``images/`` or in the ``images_0XX/images/`` folders the twelve download archives unpack to.
+A site's ``split_lists: DIR`` gives Ark's train/val/test instead (``Xray14_{train,val,test}_official.txt``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from arkfed.datasets import (
     FileDatasetOptions,
     LabelRecords,
     LabelSchema,
+    SplitListFormat,
     find_label_file,
     list_files,
     locate_images,
@@ -34,6 +36,16 @@ NO_FINDING = "No Finding"
 FINDINGS = "Finding Labels"
 IMAGE = "Image Index"
 COLUMNS = (IMAGE, FINDINGS, "Patient ID", "Patient Age", "Patient Gender", "View Position")
+# Ark's lists (Ark_MICCAI2023/dataset/Xray14_{train,val,test}_official.txt): "00000001_000.png" and
+# 14 0/1 columns in NIH's order, read by ChestXray14.__init__ in Ark_MICCAI2023/dataloader.py
+# (line.split(), labels lineItems[1:15]); the test list is NIH's test_list.txt, train and val
+# Ark's patient-wise cut of train_val_list.txt.
+ARK_SPLIT_LISTS = SplitListFormat(
+    files={"train": "Xray14_train_official.txt", "val": "Xray14_val_official.txt", "test": "Xray14_test_official.txt"},
+    classes=CHESTXRAY14_CLASSES,
+    folder="ChestXray14",
+    reference="Ark_MICCAI2023/dataloader.py ChestXray14",
+)
 
 
 class ChestXray14Options(FileDatasetOptions):
@@ -85,6 +97,7 @@ class ChestXray14(DatasetPlugin):
     description = "NIH ChestX-ray14 (Data_Entry_2017_v2020.csv, official train_val/test lists), 14 findings"
     schema = LabelSchema(task="multilabel", classes=CHESTXRAY14_CLASSES, uncertain="lsr-ones", missing="zeros")
     Options = ChestXray14Options
+    split_list_format = ARK_SPLIT_LISTS
 
     def read_records(self, root: Path) -> LabelRecords:
         """All rows of the label file; official split from the lists (test, else the train pool)."""

@@ -4,7 +4,8 @@ Read as Stanford distributes it: ``CheXpert-v1.0-small/`` (or ``CheXpert-v1.0/``
 ``train.csv`` and ``valid.csv`` whose ``Path`` column is relative to the folder above it. The
 official test set is hidden, so (as Ark does) ``valid.csv`` is the test split and ``train.csv`` is
 cut into train/val by patient. ``root`` may be the folder holding ``CheXpert-v1.0-small/`` or
-that folder itself.
+that folder itself. Frontal views only by default; ``protocol: ark`` tests on all 234 images of
+valid.csv, laterals included, as Ark does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from arkfed.datasets import (
     CHEXPERT_CLASSES,
@@ -24,6 +26,7 @@ from arkfed.datasets import (
     DatasetPlugin,
     FileDatasetOptions,
     LabelRecords,
+    ReadingProtocol,
     concat_records,
     find_label_file,
     label_matrix,
@@ -39,7 +42,16 @@ LABEL_VALUES = (0.0, 1.0, UNCERTAIN)
 
 
 class CheXpertOptions(FileDatasetOptions):
-    views: Literal["frontal", "all"] = "frontal"
+    views: Literal["frontal", "all"] = Field(
+        default="frontal",
+        description="frontal: only the Frontal rows of train.csv and valid.csv (arkfed's choice); all: laterals too",
+    )
+    protocol: ReadingProtocol = Field(
+        default="arkfed",
+        description="ark: the test split is valid.csv in full, laterals included (all 234 images), as Ark tests "
+        "CheXpert (Ark_MICCAI2023/datasets_config.yaml test_list dataset/CheXpert-v1.0_valid.csv, every row read by "
+        "CheXpert.__init__ in dataloader.py); `views` then applies to train.csv only. arkfed: `views` applies to both",
+    )
 
 
 def dataset_folder(root: Path) -> Path:
@@ -90,13 +102,15 @@ class CheXpert(DatasetPlugin):
     Options = CheXpertOptions
 
     def read_records(self, root: Path) -> LabelRecords:
-        """Rows of train.csv (train pool) and valid.csv (test), frontal views unless ``views: all``."""
+        """Rows of train.csv (train pool) and valid.csv (test), frontal views unless ``views: all``
+        (valid.csv whole under ``protocol: ark``)."""
         folder = dataset_folder(root)
         frontal_only = self.options.views == "frontal"
         parts = [read_chexpert_csv(find_label_file(folder, "train.csv"), folder, "trainval", frontal_only)]
         valid = find_label_file(folder, "valid.csv", required=False)
-        if valid is not None:
-            parts.append(read_chexpert_csv(valid, folder, "test", frontal_only))
+        if valid is not None:  # Ark's test list is valid.csv whole (Ark_MICCAI2023/datasets_config.yaml)
+            whole = self.options.protocol == "ark"
+            parts.append(read_chexpert_csv(valid, folder, "test", frontal_only and not whole))
         records = concat_records(parts)
         if valid is None:  # no held-out file: split everything by patient
             records = replace(records, official=None)

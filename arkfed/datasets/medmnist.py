@@ -26,6 +26,7 @@ from arkfed.datasets import (
     check_label_values,
     make_meta,
     register_dataset,
+    require_list_format,
 )
 
 SCHEMAS: dict[str, LabelSchema] = {
@@ -81,6 +82,7 @@ class MedMnist(DatasetPlugin):
 
     def read(self, root: Path, split: SplitConfig) -> dict[str, DatasetTable]:
         """The official train/val/test arrays (``split`` fractions do not apply: MedMNIST is pre-split)."""
+        require_list_format(self.name, None, split)
         file = npz_path(root, self.options)
         if not file.is_file():
             raise ArkfedError(f"MedMNIST file not found: {file} (copy {file.name} from the medmnist cache into {root})")

@@ -12,7 +12,11 @@ LSR-Ones), blank as negative, and the mean AUC over all 14 classes (Ark cuts onl
 competition's 5). ``label_policy: chexpert`` gives CheXpert's policies instead (LSR-Ones, 5
 reported classes). Where this departs from Ark: Ark reads its own CSV lists (frontal and lateral
 images in its ``mimic-cxr-2.0.0-{train,validate,test}.csv``); arkfed reads PhysioNet's files,
-frontal views by default (``views: all`` keeps laterals).
+frontal views by default (``views: all`` keeps laterals). Ark also turns uncertain labels into
+positives as it reads them, so its test AUCs count them positive (its test list has 565 uncertain
+and 539 positive Pneumonia labels), where arkfed's evaluation leaves uncertain labels out.
+``protocol: ark`` reads as Ark does: uncertain labels become positives in every split and the test
+split keeps its laterals.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 
 from arkfed.datasets import (
     CHEXPERT_CLASSES,
@@ -33,6 +38,7 @@ from arkfed.datasets import (
     FileDatasetOptions,
     LabelRecords,
     LabelSchema,
+    ReadingProtocol,
     find_label_file,
     label_matrix,
     make_meta,
@@ -52,9 +58,31 @@ ARK_MIMIC_SCHEMA = LabelSchema.model_validate(
 
 
 class MimicCxrOptions(FileDatasetOptions):
-    views: Literal["frontal", "all"] = "frontal"
-    patients_file: str = "patients.csv"
-    label_policy: Literal["ark", "chexpert"] = "ark"
+    views: Literal["frontal", "all"] = Field(
+        default="frontal", description="frontal: PA and AP images only (arkfed's choice); all: laterals too"
+    )
+    patients_file: str = Field(default="patients.csv", description="MIMIC-IV's patients.csv (sex, anchor age), read when in the root")
+    label_policy: Literal["ark", "chexpert"] = Field(
+        default="ark",
+        description="ark: uncertain as positive in training and all 14 classes scored, as Ark's MIMIC "
+        "(Ark_MICCAI2023/dataloader.py MIMIC, uncertain_label='Ones'); chexpert: CheXpert's LSR-Ones and 5 scored classes",
+    )
+    protocol: ReadingProtocol = Field(
+        default="arkfed",
+        description="ark: labels read as Ark's MIMIC loader reads them (MIMIC.__init__ in Ark_MICCAI2023/dataloader.py "
+        "turns -1 into 1 while reading dataset/mimic-cxr-2.0.0-{train,validate,test}.csv): uncertain labels are "
+        "positives in every split, so evaluation counts them positive instead of leaving them out; and the test "
+        "split keeps laterals, as Ark's mimic-cxr-2.0.0-test.csv lists all 5,159 test images. arkfed: uncertain "
+        "labels stay uncertain (the schema's policy in training, left out of evaluation)",
+    )
+
+    @model_validator(mode="after")
+    def _ark_reads_uncertain_as_ones(self) -> "MimicCxrOptions":
+        if self.protocol == "ark" and self.label_policy != "ark":
+            raise ValueError(
+                "protocol: ark reads uncertain MIMIC labels as positives (Ark's 'Ones'); it cannot train with label_policy: chexpert"
+            )
+        return self
 
 
 def read_study_labels(root: Path) -> pd.DataFrame:
@@ -130,8 +158,9 @@ class MimicCxr(DatasetPlugin):
         studies = read_study_labels(root)
         rows, split_file = read_official_split(root)
         rows = rows.merge(read_views(root), on="dicom_id", how="left")
-        if self.options.views == "frontal":
-            rows = rows[rows["ViewPosition"].isin(FRONTAL_VIEWS)]
+        ark = self.options.protocol == "ark"
+        if self.options.views == "frontal":  # Ark's test list holds every view of the official test split
+            rows = rows[rows["ViewPosition"].isin(FRONTAL_VIEWS) | (ark & (rows["split"] == "test"))]
         rows = rows.merge(studies, on=STUDY_KEY, how="left")
         patients = read_patients(root, self.options.patients_file)
         if patients is not None:
@@ -145,9 +174,12 @@ class MimicCxr(DatasetPlugin):
             view=rows["ViewPosition"],
             study_id=rows["study_id"].astype(str),
         )
+        labels = rows[list(CHEXPERT_CLASSES)].to_numpy(dtype=np.float32, copy=True)
+        if ark:  # Ark's MIMIC loader: "elif a == -1: ... if self.uncertain_label == 'Ones': label[i] = 1"
+            labels[labels == UNCERTAIN] = 1.0
         return LabelRecords(
             paths=image_paths(root, rows).to_numpy(dtype=object),
-            labels=rows[list(CHEXPERT_CLASSES)].to_numpy(dtype=np.float32),
+            labels=labels,
             meta=meta,
             classes=CHEXPERT_CLASSES,
             source=split_file,

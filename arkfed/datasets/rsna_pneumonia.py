@@ -5,7 +5,9 @@ per box) and ``stage_2_detailed_class_info.csv`` (patientId, class in "Lung Opac
 "No Lung Opacity / Not Normal"), images ``stage_2_train_images/<patientId>.dcm``. The two files
 must agree (Target 1 exactly when the class is "Lung Opacity"). Each patientId is one image of one
 patient, so the split is by patientId. ``read_dicom_metadata: true`` reads sex, age and view from
-the DICOM headers (headers only, no pixels) of the images kept.
+the DICOM headers (headers only, no pixels) of the images kept. A site's ``split_lists: DIR``
+gives Ark's split instead: its ``RSNAPneumonia_{train,val,test}.txt`` (PNG names are matched to
+the DICOMs by patientId; each listed class must agree with the Kaggle files).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from arkfed.datasets import (
     ArkfedError,
@@ -25,6 +28,7 @@ from arkfed.datasets import (
     LabelRecords,
     LabelSchema,
     SplitConfig,
+    SplitListFormat,
     find_label_file,
     make_meta,
     present_images,
@@ -37,10 +41,22 @@ from arkfed.datasets import (
 CLASSES = ("Normal", "Lung Opacity", "No Lung Opacity / Not Normal")
 OPACITY = "Lung Opacity"
 IMAGE_FOLDER = "stage_2_train_images"
+# Ark's lists (Ark_MICCAI2023/dataset/RSNAPneumonia_{train,val,test}.txt): "<patientId>.png <class>",
+# read by RSNAPneumonia.__init__ in Ark_MICCAI2023/dataloader.py (one-hot at int(lineItems[-1])), the
+# class index counting datasets_config.yaml's ['Normal', 'No Lung Opacity/Not Normal', 'Lung Opacity'].
+ARK_SPLIT_LISTS = SplitListFormat(
+    files={"train": "RSNAPneumonia_train.txt", "val": "RSNAPneumonia_val.txt", "test": "RSNAPneumonia_test.txt"},
+    classes=("Normal", "No Lung Opacity / Not Normal", "Lung Opacity"),
+    labels="index",
+    folder="RSNA",
+    reference="Ark_MICCAI2023/dataloader.py RSNAPneumonia",
+)
 
 
 class RsnaPneumoniaOptions(FileDatasetOptions):
-    read_dicom_metadata: bool = False
+    read_dicom_metadata: bool = Field(
+        default=False, description="read sex, age and view from the DICOM headers of the images kept (no pixels)"
+    )
 
 
 def first_line(mask: np.ndarray) -> int:
@@ -80,6 +96,7 @@ class RsnaPneumonia(DatasetPlugin):
     description = "RSNA Pneumonia (stage_2_train_labels.csv + stage_2_detailed_class_info.csv), 3 classes, DICOM"
     schema = LabelSchema(task="multiclass", classes=CLASSES, uncertain="lsr-ones", missing="zeros")
     Options = RsnaPneumoniaOptions
+    split_list_format = ARK_SPLIT_LISTS
 
     def read_records(self, root: Path) -> LabelRecords:
         """One row per patientId with a one-hot class, after checking the two label files agree."""
@@ -126,7 +143,7 @@ class RsnaPneumonia(DatasetPlugin):
         )
 
     def read(self, root: Path, split: SplitConfig) -> dict[str, DatasetTable]:
-        records = self.read_records(root)
+        records = self.read_split_records(root, split)
         keep = present_images(records.paths, self.options.missing_images, records.source)
         records = records.subset(keep)
         if self.options.read_dicom_metadata:

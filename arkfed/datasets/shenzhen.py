@@ -4,7 +4,8 @@ Read as the NLM distributes it: ``CXR_png/CHNCXR_0001_0.png`` (the final digit i
 1 = tuberculosis) and ``ClinicalReadings/CHNCXR_0001_0.txt``, whose first non-empty line gives
 sex and age ("male 45yrs", "Female 35 yrs"). Readings are free text written by hand, so an
 unparsable or missing reading leaves sex/age missing rather than failing the site. There is no
-official split and each image is one patient, so the split is by image.
+official split and each image is one patient, so the split is by image, unless a site's
+``split_lists: DIR`` gives Ark's (``ShenzenCXR_{train,valid,test}_data.txt``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from arkfed.datasets import (
     FileDatasetOptions,
     LabelRecords,
     LabelSchema,
+    SplitListFormat,
     list_files,
     make_meta,
     register_dataset,
@@ -29,6 +31,16 @@ from arkfed.datasets import (
 IMAGE_NAME = re.compile(r"^(CHNCXR_\d+)_([01])\.png$", re.IGNORECASE)
 SEX_WORD = re.compile(r"\b(male|female|m|f)\b", re.IGNORECASE)
 AGE = re.compile(r"(\d+)\s*(month|day)?", re.IGNORECASE)
+# Ark's lists (Ark_MICCAI2023/dataset/ShenzenCXR_{train,valid,test}_data.txt, Ark's spelling):
+# "CHNCXR_0001_0.png,0", read by ShenzhenCXR.__init__ in Ark_MICCAI2023/dataloader.py
+# (line.split(','), labels lineItems[1:2]).
+ARK_SPLIT_LISTS = SplitListFormat(
+    files={"train": "ShenzenCXR_train_data.txt", "val": "ShenzenCXR_valid_data.txt", "test": "ShenzenCXR_test_data.txt"},
+    classes=("Tuberculosis",),
+    separator=",",
+    folder="Shenzhen",
+    reference="Ark_MICCAI2023/dataloader.py ShenzhenCXR",
+)
 
 
 class ShenzhenOptions(FileDatasetOptions):
@@ -61,6 +73,7 @@ class Shenzhen(DatasetPlugin):
     description = "Shenzhen tuberculosis set (CXR_png/CHNCXR_XXXX_{0,1}.png + ClinicalReadings), binary Tuberculosis"
     schema = LabelSchema(task="binary", classes=("Tuberculosis",), uncertain="lsr-ones", missing="zeros")
     Options = ShenzhenOptions
+    split_list_format = ARK_SPLIT_LISTS
 
     def read_records(self, root: Path) -> LabelRecords:
         """One row per CHNCXR image in CXR_png (other files, e.g. Thumbs.db, are ignored)."""

@@ -21,8 +21,8 @@ finding present when more than half of the image's radiologists marked it, which
 the test set's consensus standard and damps single-reader noise; ``rad_vote: any`` keeps every
 reader's positives (more sensitive, noisier). Where this departs from Ark: Ark's training list is
 ``any`` (a positive from one reader is a positive; checked on all 15,000 training images), so
-choose ``rad_vote: any`` to reproduce Ark's training labels exactly. Test labels are the
-consensus either way. VinDr ships no patient ids: each image is its own patient for splitting.
+choose ``protocol: ark`` (or ``rad_vote: any``) to reproduce Ark's training labels exactly. Test
+labels are the consensus either way. VinDr ships no patient ids: each image is its own patient for splitting.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from arkfed.datasets import (
     ArkfedError,
@@ -40,6 +40,7 @@ from arkfed.datasets import (
     FileDatasetOptions,
     LabelRecords,
     LabelSchema,
+    ReadingProtocol,
     concat_records,
     find_label_file,
     label_matrix,
@@ -73,15 +74,40 @@ IMAGE_SUFFIXES = (".dicom", ".dcm", ".png", ".jpg", ".jpeg")
 
 
 class VinDrCxrOptions(FileDatasetOptions):
-    label_file: Literal["physionet", "kaggle"] = "physionet"
-    labels: Literal["ark", "global", "all"] | None = None  # None: ark (the physionet default)
-    rad_vote: Literal["majority", "any"] = "majority"
+    label_file: Literal["physionet", "kaggle"] = Field(
+        default="physionet", description="physionet: annotations/image_labels_{train,test}.csv; kaggle: VinBigData's train.csv boxes"
+    )
+    labels: Literal["ark", "global", "all"] | None = Field(
+        default=None,
+        description="ark (default): Ark's six (Ark_MICCAI2023/datasets_config.yaml VinDrCXR); global: the COPD variant; all: 28",
+    )
+    rad_vote: Literal["majority", "any"] | None = Field(
+        default=None,
+        description="how the three readers of a training image are combined: majority (> half; arkfed's default) or "
+        "any (one reader suffices; the default under protocol: ark)",
+    )
+    protocol: ReadingProtocol = Field(
+        default="arkfed",
+        description="ark: training labels are 'any reader', as in Ark's dataset/VinDrCXR_train_pe_global_one.txt "
+        "(read by VinDrCXR.__init__ in Ark_MICCAI2023/dataloader.py; it equals the any-reader vote of "
+        "image_labels_train.csv on all 15,000 images), Ark's six labels from PhysioNet's files; arkfed: a majority vote",
+    )
 
     @model_validator(mode="after")
-    def _kaggle_has_local_labels_only(self) -> "VinDrCxrOptions":
+    def _consistent(self) -> "VinDrCxrOptions":
         if self.label_file == "kaggle" and self.labels is not None:
             raise ValueError("the Kaggle box file has only the 14 local classes + 'No finding'; drop `labels`")
+        if self.protocol == "ark":
+            if self.rad_vote == "majority":
+                raise ValueError("protocol: ark reads any reader's positive as positive (Ark's training list); drop rad_vote: majority")
+            if self.label_file != "physionet" or self.labels not in (None, "ark"):
+                raise ValueError("protocol: ark reads Ark's six labels from PhysioNet's image_labels files; drop label_file / labels")
         return self
+
+    @property
+    def vote(self) -> str:
+        """The reader vote in effect: the option, else any under protocol: ark, else majority."""
+        return self.rad_vote or ("any" if self.protocol == "ark" else "majority")
 
 
 def classes_for(options: VinDrCxrOptions) -> tuple[str, ...]:
@@ -141,7 +167,7 @@ class VinDrCxr(DatasetPlugin):
         classes = classes_for(self.options)
         require_columns(frame, ("image_id", *classes), file)
         positive = label_matrix(frame, classes, file, (0.0, 1.0))
-        labels, image_ids = vote(positive, frame["image_id"].astype(str), self.options.rad_vote)
+        labels, image_ids = vote(positive, frame["image_id"].astype(str), self.options.vote)
         return self.records(image_folder, image_ids, labels, classes, file, official)
 
     def read_kaggle(self, root: Path) -> LabelRecords:
@@ -163,7 +189,7 @@ class VinDrCxr(DatasetPlugin):
         votes = pd.crosstab(per_reader["image"], per_reader["code"]).reindex(
             index=readers.index, columns=range(len(KAGGLE_LABELS)), fill_value=0
         )
-        if self.options.rad_vote == "any":
+        if self.options.vote == "any":
             labels = votes.to_numpy() > 0
         else:
             labels = votes.to_numpy() * 2 > readers.to_numpy()[:, None]

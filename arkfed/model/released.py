@@ -50,24 +50,57 @@ def _schema(task: str, classes: tuple[str, ...], **kw) -> LabelSchema:
 
 
 # Ark's head order is the order of ``--data_set`` in the training command of the README that
-# published the weights (Ark_MICCAI2023/README.md "Train Ark-6", Ark_Plus/README.md "Train Ark+"):
-# MIMIC, CheXpert, ChestXray14, RSNAPneumonia, VinDrCXR, Shenzhen (+ COVIDx for Ark+'s continual
-# training). Class orders are ``diseases`` in Ark's datasets_config.yaml; schemas are the arkfed
-# plugins' (tests/model/test_ark_checkpoints.py checks them against the plugins).
+# published the weights (Ark_MICCAI2023/README.md "Train Ark-6", Ark_Plus/README.md "Train Ark+";
+# ``ArkSwinTransformer.__init__`` in models.py appends one ``omni_heads`` entry per dataset in that
+# order): MIMIC, CheXpert, ChestXray14, RSNAPneumonia, VinDrCXR, Shenzhen (+ COVIDx for Ark+'s
+# continual training). The schemas are the arkfed plugins' (tests/model/test_ark_checkpoints.py
+# checks them against the plugins).
+#
+# A head's rows follow the label vector Ark's *loader* builds (``Ark_MICCAI2023/dataloader.py``,
+# same code in ``Ark_Plus/Pretraining/dataloader.py``), not ``diseases`` in datasets_config.yaml,
+# which Ark uses only to name AUCs in its logs and which is wrong for MIMIC. Each order below names
+# its source; the list files are those in Ark's ``dataset/`` folder.
+
+# MIMIC: ``MIMIC.__init__`` takes ``line[5:]`` of its CSV lists (``dataset/mimic-cxr-2.0.0-{train,
+# validate,test}.csv``, header "image_path,dicom_id,study_id,subject_id,split,Atelectasis,..."),
+# i.e. the columns in the file's alphabetical order (that of PhysioNet's chexpert.csv), not the
+# CheXpert order datasets_config.yaml lists for MIMIC.
+ARK_MIMIC_CLASSES: tuple[str, ...] = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+    "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+    "Pneumothorax", "Support Devices",
+)
+# CheXpert: ``CheXpert.__init__`` takes ``line[5:]`` of Stanford's train.csv / valid.csv
+# (``dataset/CheXpert-v1.0_{train,valid}.csv``: Path, Sex, Age, Frontal/Lateral, AP/PA, then the 14
+# observations in Stanford's order, "No Finding" first).
+ARK_CHEXPERT_CLASSES: tuple[str, ...] = CHEXPERT_CLASSES
+# ChestX-ray14: ``ChestXray14.__init__`` takes ``lineItems[1:15]`` of ``dataset/Xray14_*_official.txt``
+# (no header); the columns are NIH's order as datasets_config.yaml lists it (checked against
+# Data_Entry_2017_v2020.csv on all 112,120 listed images).
+ARK_CHESTXRAY14_CLASSES: tuple[str, ...] = CHESTXRAY14_CLASSES
+# RSNA: ``RSNAPneumonia.__init__`` one-hots ``int(lineItems[-1])`` of ``dataset/RSNAPneumonia_*.txt``;
+# 0/1/2 as datasets_config.yaml lists them (the lists hold 8,851 / 11,821 / 6,012 images of each,
+# Kaggle's Normal / No Lung Opacity / Not Normal / Lung Opacity counts; 2 exactly where Target = 1).
+ARK_RSNA_CLASSES: tuple[str, ...] = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
+# VinDr-CXR: ``VinDrCXR.__init__`` takes ``lineItems[1:]`` of ``dataset/VinDrCXR_{train,test}_pe_global_one.txt``;
+# datasets_config.yaml's ['PE', 'Lung tumor', 'Pneumonia', 'Tuberculosis', 'Other diseases', 'No finding']
+# (checked against Ark_Plus/dataset/VinDrCXR/image_labels_{train,test}.csv on every image).
+ARK_VINDR_CLASSES: tuple[str, ...] = ("Pleural effusion", "Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases", "No finding")
+# Shenzhen: ``ShenzhenCXR.__init__`` takes ``lineItems[1:2]`` of ``dataset/ShenzenCXR_*_data.txt``
+# ("name.png,label"): one output, tuberculosis (the label is the file name's last digit).
+ARK_SHENZHEN_CLASSES: tuple[str, ...] = ("Tuberculosis",)
+# COVIDx (Ark+ only): ``COVIDx.__init__`` in Ark_Plus/Pretraining/dataloader.py one-hots
+# ``classes.index(label)`` with ``classes = ['normal', 'pneumonia', 'COVID-19']``.
+ARK_COVIDX_CLASSES: tuple[str, ...] = ("normal", "pneumonia", "COVID-19")
+
 ARK_DATASETS: tuple[ArkDataset, ...] = (
-    ArkDataset("mimic_cxr", CHEXPERT_CLASSES, _schema("multilabel", CHEXPERT_CLASSES, uncertain="ones")),
-    ArkDataset("chexpert", CHEXPERT_CLASSES, CHEXPERT_LABELER_SCHEMA),
-    ArkDataset("chestxray14", CHESTXRAY14_CLASSES, _schema("multilabel", CHESTXRAY14_CLASSES)),
-    ArkDataset(
-        "rsna_pneumonia", ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity"),
-        _schema("multiclass", ("Normal", "Lung Opacity", "No Lung Opacity / Not Normal")),
-    ),
-    ArkDataset(
-        "vindr_cxr", ("Pleural effusion", "Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases", "No finding"),
-        _schema("multilabel", ("Pleural effusion", "Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases", "No finding")),
-    ),
-    ArkDataset("shenzhen", ("Tuberculosis",), _schema("binary", ("Tuberculosis",))),
-    ArkDataset("covidx", ("normal", "pneumonia", "COVID-19"), _schema("multiclass", ("normal", "pneumonia", "COVID-19"))),
+    ArkDataset("mimic_cxr", ARK_MIMIC_CLASSES, _schema("multilabel", CHEXPERT_CLASSES, uncertain="ones")),
+    ArkDataset("chexpert", ARK_CHEXPERT_CLASSES, CHEXPERT_LABELER_SCHEMA),
+    ArkDataset("chestxray14", ARK_CHESTXRAY14_CLASSES, _schema("multilabel", CHESTXRAY14_CLASSES)),
+    ArkDataset("rsna_pneumonia", ARK_RSNA_CLASSES, _schema("multiclass", ("Normal", "Lung Opacity", "No Lung Opacity / Not Normal"))),
+    ArkDataset("vindr_cxr", ARK_VINDR_CLASSES, _schema("multilabel", ARK_VINDR_CLASSES)),
+    ArkDataset("shenzhen", ARK_SHENZHEN_CLASSES, _schema("binary", ("Tuberculosis",))),
+    ArkDataset("covidx", ARK_COVIDX_CLASSES, _schema("multiclass", ARK_COVIDX_CLASSES)),
 )
 
 # Swin configurations Ark published or may be given: (embed_dim, depths, window) -> timm name, size.

@@ -1,8 +1,9 @@
 """Sites: an institution's dataset, as named by a YAML file in ``sites/``.
 
 A site config names a plugin and the local data folder; optional keys override the label
-policies, the split, the image size, where site-local state (e.g. the private head in
-federated runs) is kept and the site's ``policy:`` for federated runs (:mod:`arkfed.site.policy`).
+policies, the split (or give Ark's split lists, ``split_lists:``), the image size, where
+site-local state (e.g. the private head in federated runs) is kept and the site's ``policy:``
+for federated runs (:mod:`arkfed.site.policy`).
 Unknown keys and bad values are errors naming the file and the field.
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from arkfed.data.cache import CacheSettings
 from arkfed.data.schema import MissingPolicy, UncertainPolicy
@@ -70,6 +71,12 @@ class SiteConfig(BaseModel):
     root: Path
     options: dict = Field(default_factory=dict)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    split_lists: Path | None = Field(
+        default=None,
+        description="folder of split lists in the format of Ark's repository (Ark_MICCAI2023/dataset/*.txt as "
+        "Ark_MICCAI2023/dataloader.py reads them, e.g. RSNAPneumonia_{train,val,test}.txt): the site's images and "
+        "splits are the listed ones (plugins chestxray14, rsna_pneumonia, shenzhen); relative to the YAML file",
+    )
     labels: LabelPolicies = Field(default_factory=LabelPolicies)
     image_size: int | None = Field(default=None, ge=16, le=2048)
     state_dir: Path | None = None
@@ -77,6 +84,17 @@ class SiteConfig(BaseModel):
     cache: CacheSettings = Field(default_factory=CacheSettings, description="prepared-image cache (arkfed.data.cache)")
     compute: ComputeSettings = Field(default_factory=ComputeSettings)
     policy: SitePolicy = Field(default_factory=SitePolicy, description="what a coordinator may ask (federated runs)")
+
+    @model_validator(mode="after")
+    def _split_lists_pick_the_split(self) -> "SiteConfig":
+        """``split_lists:`` reaches the plugin as ``split.lists`` (what :meth:`DatasetPlugin.read` is given)."""
+        if self.split_lists is not None:
+            if self.split.lists not in (None, self.split_lists):
+                raise ValueError(f"split_lists {self.split_lists} and split.lists {self.split.lists} differ: give one")
+            if not self.split.use_official:
+                raise ValueError("split lists name each image's split: `split: {use_official: false}` contradicts them")
+            self.split = self.split.model_copy(update={"lists": self.split_lists})
+        return self
 
     @property
     def local_state_dir(self) -> Path:
@@ -124,6 +142,10 @@ def load_site_config(ref: str | Path, sites_dir: Path = SITES_DIR) -> SiteConfig
         update["state_dir"] = base / config.state_dir
     if config.cache.dir is not None:
         update["cache"] = config.cache.model_copy(update={"dir": base / config.cache.dir})
+    if config.split.lists is not None:
+        lists = base / config.split.lists
+        update["split"] = config.split.model_copy(update={"lists": lists})
+        update["split_lists"] = lists if config.split_lists is not None else None
     return config.model_copy(update=update)
 
 

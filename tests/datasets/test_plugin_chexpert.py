@@ -158,3 +158,41 @@ def test_missing_image_is_named_with_its_label_file(site):
 def test_dataset_folder_not_found_is_named(tmp_path: Path):
     with pytest.raises(ArkfedError, match="CheXpert train.csv not found"):
         plugin().read_records(tmp_path)
+
+
+def phantom_csv(rows: list[tuple[str, str, list[float]]]) -> pd.DataFrame:
+    """Rows in Stanford's column layout: (path, Frontal/Lateral, 14 labels)."""
+    frame = pd.DataFrame([labels for _, _, labels in rows], columns=list(CHEXPERT_CLASSES))
+    frame.insert(0, "AP/PA", [("AP" if view == "Frontal" else np.nan) for _, view, _ in rows])
+    frame.insert(0, "Frontal/Lateral", [view for _, view, _ in rows])
+    frame.insert(0, "Age", 60)
+    frame.insert(0, "Sex", "Female")
+    frame.insert(0, "Path", [path for path, _, _ in rows])
+    return frame
+
+
+@pytest.fixture
+def phantom(tmp_path: Path) -> Path:
+    """A phantom CheXpert: 4 train images; valid.csv with 2 frontal and 2 lateral images (as Stanford's has 32 laterals)."""
+    blank = [np.nan] * 14
+    train = [(f"{FOLDER}/train/patient0000{i}/study1/view1_frontal.jpg", "Frontal", [1.0, UNCERTAIN] + blank[2:]) for i in range(3)]
+    train.append((f"{FOLDER}/train/patient00000/study1/view2_lateral.jpg", "Lateral", [0.0] * 14))
+    valid = [(f"{FOLDER}/valid/patient6454{i // 2}/study1/view{1 + i % 2}_{view.lower()}.jpg", view, [float(i % 2)] * 14)
+             for i, view in enumerate(("Frontal", "Lateral", "Frontal", "Lateral"))]
+    (tmp_path / FOLDER).mkdir()
+    phantom_csv(train).to_csv(tmp_path / FOLDER / "train.csv", index=False)
+    phantom_csv(valid).to_csv(tmp_path / FOLDER / "valid.csv", index=False)
+    for path, _, _ in train + valid:
+        write_jpg(tmp_path / path)
+    return tmp_path
+
+
+def test_protocol_ark_tests_on_all_of_valid_csv_laterals_included(phantom: Path):
+    ours = plugin().read(phantom, SplitConfig(val_fraction=0.0))
+    theirs = plugin(protocol="ark").read(phantom, SplitConfig(val_fraction=0.0))
+    assert list(ours["test"].meta["view"]) == ["AP", "AP"]
+    assert len(theirs["test"]) == 4 and list(theirs["test"].meta["view"]) == ["AP", "Lateral", "AP", "Lateral"]
+    np.testing.assert_array_equal(theirs["test"].labels[:, 0], [0.0, 1.0, 0.0, 1.0])
+    assert len(theirs["train"]) == len(ours["train"]) == 3  # train.csv keeps `views` (frontal)
+    assert len(plugin(protocol="ark", views="all").read(phantom, SplitConfig(val_fraction=0.0))["train"]) == 4
+    assert len(plugin(protocol="arkfed").read(phantom, SplitConfig(val_fraction=0.0))["test"]) == 2  # the default

@@ -143,3 +143,38 @@ def test_ark_policies_uncertain_as_ones_and_all_14_classes_scored():
     assert targets[0, :4].tolist() == [1.0, 0.0, 1.0, 0.0] and mask.all()
     chexpert = plugin(label_policy="chexpert").label_schema()
     assert chexpert.uncertain == "lsr-ones" and len(chexpert.reported_classes) == 5
+
+
+def test_protocol_ark_scores_uncertain_test_labels_as_positive_and_keeps_test_laterals(root: Path):
+    """Ark's MIMIC loader turns -1 into 1 as it reads its lists, and its test list holds every view."""
+    from arkfed.data.loaders import evaluation_schema
+    from arkfed.data.schema import label_targets
+
+    meta = pd.read_csv(root / f"{PREFIX}-metadata.csv.gz")
+    meta.loc[meta["dicom_id"] == DICOMS[5][2], "ViewPosition"] = "LATERAL"  # a lateral in the official test split
+    meta.to_csv(root / f"{PREFIX}-metadata.csv.gz", index=False)
+    arkfed, ark = plugin(), plugin(protocol="ark")
+    assert plugin(protocol="arkfed").read_records(root).labels.tobytes() == arkfed.read_records(root).labels.tobytes()  # the default
+    ours, theirs = arkfed.read(root, SplitConfig(val_fraction=0.5)), ark.read(root, SplitConfig(val_fraction=0.5))
+    assert list(theirs["test"].meta["view"]) == ["PA", "LATERAL"] and list(ours["test"].meta["view"]) == ["PA"]
+    assert "LATERAL" not in set(theirs["train"].meta["view"])  # training keeps `views` (frontal)
+
+    raw = ours["test"].labels[0]
+    assert (raw == UNCERTAIN).any()  # the phantom's test study has uncertain findings
+    np.testing.assert_array_equal(theirs["test"].labels[0], np.where(raw == UNCERTAIN, 1.0, raw))
+    schema = ark.label_schema()
+    assert schema == arkfed.label_schema()  # same schema: only what is read differs
+    # what evaluation counts: arkfed leaves uncertain findings out, Ark's protocol scores them positive
+    _, mask = label_targets(ours["test"].labels, evaluation_schema(schema))
+    targets, ark_mask = label_targets(theirs["test"].labels, evaluation_schema(schema))
+    uncertain = raw == UNCERTAIN
+    assert not mask[0, uncertain].any() and ark_mask[0, uncertain].all() and (targets[0, uncertain] == 1).all()
+    for table in theirs.values():
+        assert not (table.labels == UNCERTAIN).any()  # every split, as Ark's loader reads every list
+
+
+def test_protocol_ark_cannot_train_with_chexpert_policies():
+    with pytest.raises(ArkfedError, match=r"plugin 'mimic_cxr': option .*label_policy: chexpert"):
+        plugin(protocol="ark", label_policy="chexpert")
+    with pytest.raises(ArkfedError, match=r"option 'protocol'"):
+        plugin(protocol="reference")

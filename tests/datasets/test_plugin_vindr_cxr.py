@@ -159,3 +159,22 @@ def test_physionet_bad_value_and_missing_column(tmp_path: Path):
 def test_labels_option_is_rejected_for_the_kaggle_file():
     with pytest.raises(ArkfedError, match="option"):
         plugin(label_file="kaggle", labels="all")
+
+
+def test_protocol_ark_takes_any_readers_training_positives(tmp_path: Path):
+    """Ark's VinDrCXR_train_pe_global_one.txt is the any-reader vote of image_labels_train.csv."""
+    physionet_site(tmp_path)
+    classes = plugin().label_schema().classes
+    tb = classes.index("Tuberculosis")
+    ours, theirs = plugin().read_records(tmp_path), plugin(protocol="ark").read_records(tmp_path)
+    b = list(ours.meta["patient_id"]).index("b")  # one of three readers saw tuberculosis
+    assert ours.labels[b, tb] == 0 and theirs.labels[b, tb] == 1
+    np.testing.assert_array_equal(theirs.labels, plugin(rad_vote="any").read_records(tmp_path).labels)
+    np.testing.assert_array_equal(theirs.labels[-2:], ours.labels[-2:])  # the test consensus either way
+    assert plugin(protocol="ark").label_schema() == plugin().label_schema()
+
+
+@pytest.mark.parametrize("options", [{"rad_vote": "majority"}, {"labels": "all"}, {"label_file": "kaggle"}])
+def test_protocol_ark_rejects_what_ark_did_not_read(options):
+    with pytest.raises(ArkfedError, match=r"plugin 'vindr_cxr': option .*protocol: ark"):
+        plugin(protocol="ark", **options)

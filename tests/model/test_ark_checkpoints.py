@@ -18,6 +18,7 @@ import timm
 import torch
 from torch import nn
 
+from arkfed.data.findings import CHESTXRAY14_CLASSES, CHEXPERT_CLASSES
 from arkfed.model import released as ark_checkpoints
 from arkfed.model.released import ARK_DATASETS, infer_spec, load_ark_checkpoint, split_state
 from arkfed.model.weights import load_ark_model, load_file_heads
@@ -26,6 +27,21 @@ from arkfed.spec import ModelSpec
 TINY = "swin_arkfed_tiny_test"
 TINY_ARGS = dict(patch_size=4, window_size=7, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2))
 HEAD_SIZES = (14, 14, 14, 3, 6, 1)  # Ark-6: MIMIC, CheXpert, ChestXray14, RSNA, VinDr, Shenzhen
+# Line 1 of Ark's MIMIC lists (Ark_MICCAI2023/dataset/mimic-cxr-2.0.0-test.csv, the same in
+# Ark_Plus/dataset/MIMIC/); ``MIMIC.__init__`` in dataloader.py reads ``line[5:]`` as the labels.
+ARK_MIMIC_CSV_HEADER = (
+    "image_path,dicom_id,study_id,subject_id,split,Atelectasis,Cardiomegaly,Consolidation,Edema,"
+    "Enlarged Cardiomediastinum,Fracture,Lung Lesion,Lung Opacity,No Finding,Pleural Effusion,Pleural Other,"
+    "Pneumonia,Pneumothorax,Support Devices"
+)
+ARK_MIMIC_HEADER = tuple(ARK_MIMIC_CSV_HEADER.split(",")[5:])
+# Line 1 of Ark's CheXpert lists (Ark_MICCAI2023/dataset/CheXpert-v1.0_valid.csv = Stanford's
+# valid.csv); ``CheXpert.__init__`` reads ``line[5:]``.
+ARK_CHEXPERT_CSV_HEADER = (
+    "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,"
+    "Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,Fracture,"
+    "Support Devices"
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -109,7 +125,9 @@ def test_omni_heads_become_named_heads_in_arks_dataset_order(released):
     assert list(named) == [d.name for d in ARK_DATASETS[:6]]
     z = torch.randn(3, 24)
     with torch.no_grad():
-        assert torch.equal(named["mimic_cxr"](z), heads[0](z))
+        mimic = named["mimic_cxr"]
+        assert mimic.classes == CHEXPERT_CLASSES  # arkfed's order; Ark's rows are its CSV's (alphabetical) order
+        assert torch.allclose(mimic(z), heads[0](z)[:, [ARK_MIMIC_HEADER.index(c) for c in CHEXPERT_CLASSES]], atol=1e-6)
         rsna = named["rsna_pneumonia"]
         assert rsna.classes == ("Normal", "Lung Opacity", "No Lung Opacity / Not Normal")
         assert torch.equal(rsna(z), heads[3](z)[:, [0, 2, 1]])  # Ark's rows: Normal, Not Normal, Lung Opacity
@@ -187,3 +205,52 @@ def test_init_from_a_released_checkpoint_starts_a_run_on_a_new_site(released):
         assert torch.allclose(state.teacher.eval().features(x), backbone(x), atol=1e-5)
     assert state.heads["mysite"].in_features == 24  # the new site's head sits on Ark's 24-wide projector
     assert set(load_init_heads(path)) == {d.name for d in ARK_DATASETS[:6]}  # known sites could continue their heads
+
+
+def ark_head(name: str):
+    return next(d for d in ARK_DATASETS if d.name == name)
+
+
+def test_mimic_head_rows_follow_the_header_of_arks_mimic_lists():
+    """Ark's MIMIC head row i is column 5 + i of its CSV lists: alphabetical, not CheXpert's order."""
+    assert ark_head("mimic_cxr").ark_classes == ARK_MIMIC_HEADER
+    assert ARK_MIMIC_HEADER[0] == "Atelectasis" and ARK_MIMIC_HEADER != CHEXPERT_CLASSES
+    assert ark_head("chexpert").ark_classes == tuple(ARK_CHEXPERT_CSV_HEADER.split(",")[5:])
+
+
+def test_chexpert_head_rows_follow_the_real_train_csv_header(label_files: Path):
+    import gzip
+
+    with gzip.open(label_files / "chexpert_train.csv.gz", "rt") as f:
+        header = f.readline().strip().split(",")
+    assert header[:5] == ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]  # what CheXpert.__init__ skips (line[5:])
+    assert ark_head("chexpert").ark_classes == tuple(header[5:])
+
+
+def test_every_head_names_each_of_its_rows_once():
+    for dataset in ARK_DATASETS:
+        assert sorted(dataset.ark_classes) == sorted(dataset.schema.classes), dataset.name
+    assert ark_head("chestxray14").ark_classes == CHESTXRAY14_CLASSES  # Xray14_*_official.txt columns
+    assert ark_head("rsna_pneumonia").ark_classes == ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")  # list label 0/1/2
+    assert ark_head("vindr_cxr").ark_classes[0] == "Pleural effusion"  # Ark's "PE"
+    assert ark_head("covidx").ark_classes == ("normal", "pneumonia", "COVID-19")
+
+
+def test_released_mimic_head_gives_each_finding_its_own_row(released):
+    """A finding's output is the row Ark trained for it: e.g. Pneumonia is Ark's row 11, not CheXpert's 7."""
+    path, _, _, heads = released
+    mimic = load_file_heads(path)["mimic_cxr"]
+    z = torch.randn(4, 24)
+    with torch.no_grad():
+        out, ark_rows = mimic(z), heads[0](z)
+    for finding in CHEXPERT_CLASSES:
+        assert torch.allclose(out[:, mimic.classes.index(finding)], ark_rows[:, ARK_MIMIC_HEADER.index(finding)], atol=1e-6), finding
+    assert ARK_MIMIC_HEADER.index("Pneumonia") == 11 and CHEXPERT_CLASSES.index("Pneumonia") == 7
+
+
+def test_head_orders_match_the_plugins_readers_of_arks_split_lists():
+    """The same Ark list columns name the head rows and the plugins' split lists."""
+    from arkfed.datasets._plugin import get_plugin
+
+    for name in ("chestxray14", "rsna_pneumonia", "shenzhen"):
+        assert get_plugin(name).split_list_format.classes == ark_head(name).ark_classes, name
