@@ -15,7 +15,7 @@ import torch
 
 from arkfed.ark.tasks import train_visit
 from arkfed.config import TrainSettings, VisitPlan
-from arkfed.data.loaders import make_train_loader
+from arkfed.data.loaders import TrainLoaderOptions, make_train_loader
 from arkfed.model.ark import ArkModel, SiteHead
 from arkfed.site.config import ComputeSettings, SiteConfig
 from arkfed.site.load import Site
@@ -46,8 +46,8 @@ def test_rank_slices_tile_the_one_process_batches():
     site = _site()
     spec = ModelSpec(model="test_vit", img_size=32, projector_dim=16)
     table, schema = site.split("train"), site.schema
-    one = [b.student for b in make_train_loader(table, schema, spec, 8, seed=5, max_steps=3)]
-    ranks = [[b.student for b in make_train_loader(table, schema, spec, 4, seed=5, max_steps=3, rank=r, world_size=2)]
+    one = [b.student for b in make_train_loader(table, schema, spec, TrainLoaderOptions(8, seed=5, max_steps=3))]
+    ranks = [[b.student for b in make_train_loader(table, schema, spec, TrainLoaderOptions(4, seed=5, max_steps=3, rank=r, world_size=2))]
              for r in range(2)]
     assert len(one) == len(ranks[0]) == len(ranks[1]) == 3
     for k in range(3):

@@ -35,7 +35,7 @@ from arkfed.ark.ranks import SINGLE, RankContext
 from arkfed.ark.updates import NonFiniteError
 from arkfed.config import TrainSettings, VisitPlan
 from arkfed.data.device_views import DeviceViews
-from arkfed.data.loaders import make_train_loader
+from arkfed.data.loaders import TrainLoaderOptions, make_train_loader
 from arkfed.devices import autocast, memory_format, resolve_device
 from arkfed.errors import ArkfedError
 from arkfed.model.ark import ArkModel, SiteHead
@@ -117,13 +117,8 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
     head.to(device).train()
     if teacher_head is not None:
         teacher_head.to(device).eval()
-    loader = make_train_loader(
-        site.split("train"), site.schema, student.spec, settings.batch_size, epochs=settings.local_epochs,
-        seed=plan.seed, crop_scale=settings.crop_scale, views=settings.views, jitter_p=settings.jitter_p,
-        max_steps=settings.max_steps_per_visit, num_workers=compute.workers(), pin_memory=device.type == "cuda",
-        crop_source=settings.crop_source, train_resize=settings.train_resize,
-        rank=rank.rank, world_size=rank.world_size, augment=compute.augment,
-    )
+    options = TrainLoaderOptions.for_visit(settings, plan, compute, rank.rank, rank.world_size)
+    loader = make_train_loader(site.split("train"), site.schema, student.spec, options)
     student_forward, head_forward = rank.wrap(student, device, compute.compile), rank.wrap(head, device)
     views = DeviceViews(student.spec.mean, student.spec.std) if compute.augment == "device" else None
     optimizer = make_optimizer(student, head, settings, plan.lr)
