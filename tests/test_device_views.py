@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from arkfed.ark.pair import ArkPair, SiteHeads
 from arkfed.ark.visit import train_site_visit
 from arkfed.config import TrainSettings, VisitPlan
 from arkfed.data.device_views import WIDTH, DeviceViews, RawBatch, ViewParams, apply_jitter
@@ -94,6 +95,7 @@ def test_visit_trains_with_views_made_on_the_device():
     before = copy.deepcopy(student.state_dict())
     settings = TrainSettings(batch_size=8, max_steps_per_visit=2)
     plan = VisitPlan(round=0, visit=1, total_visits=4, site="d", consistency=0.3, momentum=0.9, lr=1e-3, seed=5)
-    result = train_site_visit(student, teacher, head, site, settings, plan, compute=ComputeSettings(augment="device"))
+    pair = ArkPair(student, teacher, SiteHeads.fresh(head))
+    result = train_site_visit(pair, site, settings, plan, compute=ComputeSettings(augment="device"))
     assert result.steps == 2 and np.isfinite(result.loss) and result.consistency_loss > 0
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())

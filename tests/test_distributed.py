@@ -13,6 +13,7 @@ import copy
 import numpy as np
 import torch
 
+from arkfed.ark.pair import ArkPair, SiteHeads
 from arkfed.ark.tasks import train_visit
 from arkfed.config import TrainSettings, VisitPlan
 from arkfed.data.loaders import TrainLoaderOptions, make_train_loader
@@ -37,7 +38,7 @@ def _visit(site, student, teacher, head, teacher_head, batch_size, gpus, ema):
     compute = ComputeSettings(device="cpu", gpus=gpus)
     plan = VisitPlan(round=0, visit=2, total_visits=6, site=site.name, consistency=0.3, momentum=0.9, lr=0.05, seed=11)
     steps = []
-    result = train_visit(student, teacher, head, site, settings, plan, compute=compute, teacher_head=teacher_head,
+    result = train_visit(ArkPair(student, teacher, SiteHeads(head, teacher_head)), site, settings, plan, compute=compute,
                          progress=lambda s, n, loss: steps.append((s, n)))
     return result, steps
 
