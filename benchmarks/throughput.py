@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from arkfed.ark.pair import ArkPair, SiteHeads
 from arkfed.ark.visit import train_site_visit
 from arkfed.config import TrainSettings, VisitPlan
 from arkfed.demo.generate import generate_demo_federation
@@ -92,7 +93,7 @@ def ark_visit(site: Site, spec: ModelSpec, settings: TrainSettings, compute: Com
     stamps: dict[int, float] = {}
     settings = settings.model_copy(update={"max_steps_per_visit": warmup + steps})
     # progress runs after the step's loss is read back (a device sync), so the stamps are real step ends
-    train_site_visit(student, teacher, head, site, settings, plan, compute=compute,
+    train_site_visit(ArkPair(student, teacher, SiteHeads.fresh(head)), site, settings, plan, compute=compute,
                      progress=lambda s, n, loss: stamps.__setitem__(s, time.perf_counter()))
     return steps * settings.batch_size * compute.gpus / (stamps[warmup + steps] - stamps[warmup])
 

@@ -3,8 +3,8 @@
 ``compute.gpus = N > 1`` (the site YAML's ``compute:``, or ``--gpus N``) makes
 :func:`arkfed.ark.tasks.train_visit` call :func:`run_visit_on_gpus`,
 which starts N processes (``torch.multiprocessing``, no torchrun: the rendezvous is a free TCP
-port on 127.0.0.1). Each rank trains the same student and head wrapped in DDP on its share of
-every *global* batch:
+port on 127.0.0.1). Each rank trains the same :class:`~arkfed.ark.pair.ArkPair` (student and head
+wrapped in DDP) on its share of every *global* batch:
 
 - global batch = N x ``settings.batch_size`` (the batch size is per GPU, so memory per GPU is
   that of a one-GPU visit). The visit's draws are those of a one-process visit with the global
@@ -18,9 +18,9 @@ every *global* batch:
 - BatchNorm layers become SyncBatchNorm (statistics over the global batch, as one process
   would compute them) on CUDA; gloo (CPU) has no SyncBatchNorm, so CPU runs are exact only for
   models without BatchNorm (ViT/Swin use LayerNorm).
-- Only rank 0 writes: its weights and the :class:`~arkfed.ark.visit.VisitResult` (losses averaged over
-  all ranks) go through a temporary file back to the calling process, which loads them into its
-  own modules in place; it alone talks to Flower and writes run files.
+- Only rank 0 writes: its pair's weights and the :class:`~arkfed.ark.visit.VisitResult` (losses averaged
+  over all ranks) go through a temporary file back to the calling process, which loads them into
+  its own pair in place; it alone talks to Flower and writes run files.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from arkfed.ark.visit import train_site_visit
 from arkfed.errors import ArkfedError
 
 if TYPE_CHECKING:
+    from arkfed.ark.pair import ArkPair
+    from arkfed.ark.visit import VisitProgress, VisitResult
     from arkfed.config import TrainSettings, VisitPlan
     from arkfed.site.config import ComputeSettings
     from arkfed.site.load import Site
@@ -70,26 +72,18 @@ def _rank_main(rank: int, world_size: int, port: int, folder: str, threads: int)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world_size)
     try:
-        student, teacher, head, teacher_head = job["student"], job["teacher"], job["head"], job["teacher_head"]
+        pair: ArkPair = job["pair"]
         if cuda:
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            pair.student = nn.SyncBatchNorm.convert_sync_batchnorm(pair.student)
         context = RankContext(rank, world_size)
         progress = _progress_to_file(Path(folder)) if rank == 0 else None
-        result = train_site_visit(student, teacher, head, job["site"], job["settings"], job["plan"], compute=compute,
-                                  progress=progress, teacher_head=teacher_head, rank=context)
+        result = train_site_visit(pair, job["site"], job["settings"], job["plan"], compute=compute, progress=progress, rank=context)
         if rank == 0:
-            state = {"student": _plain_state(student), "teacher": teacher.state_dict(), "head": head.state_dict(),
-                     "teacher_head": teacher_head.state_dict() if teacher_head is not None else None, "result": result}
-            torch.save(state, Path(folder) / "result.tmp")
+            torch.save({"pair": pair.state_dict(), "result": result}, Path(folder) / "result.tmp")
             os.replace(Path(folder) / "result.tmp", Path(folder) / "result.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _plain_state(module: nn.Module) -> dict:
-    """State dict with SyncBatchNorm's keys, which are BatchNorm's: loads into the caller's model."""
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 def _progress_to_file(folder: Path) -> Callable[[int, int, float], None]:
@@ -102,10 +96,10 @@ def _progress_to_file(folder: Path) -> Callable[[int, int, float], None]:
     return report
 
 
-def run_visit_on_gpus(student, teacher, head, site: "Site", settings: "TrainSettings", plan: "VisitPlan",
-                      compute: "ComputeSettings", progress=None, teacher_head=None):
+def run_visit_on_gpus(pair: "ArkPair", site: "Site", settings: "TrainSettings", plan: "VisitPlan", compute: "ComputeSettings",
+                      progress: "VisitProgress | None" = None) -> "VisitResult":
     """Run :func:`arkfed.ark.visit.train_site_visit` in ``compute.gpus`` processes; load rank 0's weights
-    into ``student``, ``teacher``, ``head`` (and ``teacher_head``) in place and return its :class:`VisitResult`.
+    into ``pair`` in place and return its :class:`VisitResult`.
 
     On a machine without CUDA the ranks run on CPU with gloo (for tests); with CUDA, ``gpus`` must
     not exceed the visible devices.
@@ -125,8 +119,7 @@ def run_visit_on_gpus(student, teacher, head, site: "Site", settings: "TrainSett
                           f"{settings.batch_size}); lower --batch-size or --gpus", site=site.name)
     threads = max(1, torch.get_num_threads() // gpus)
     with tempfile.TemporaryDirectory(prefix="arkfed-ddp-") as folder:
-        job = {"student": student, "teacher": teacher, "head": head, "teacher_head": teacher_head,
-               "site": _portable_site(site), "settings": settings, "compute": compute.model_copy(update={"gpus": 1}),
+        job = {"pair": pair, "site": _portable_site(site), "settings": settings, "compute": compute.model_copy(update={"gpus": 1}),
                "plan": plan, "cuda": cuda}
         torch.save(job, Path(folder) / "job.pt")
         # CUDA cannot be forked; a CPU (gloo) run forks, which skips re-importing torch in each rank
@@ -135,11 +128,7 @@ def run_visit_on_gpus(student, teacher, head, site: "Site", settings: "TrainSett
                                      join=False, start_method=method)
         _wait(context, Path(folder), progress)
         out = torch.load(Path(folder) / "result.pt", map_location="cpu", weights_only=False)
-    student.load_state_dict(out["student"])
-    teacher.load_state_dict(out["teacher"])
-    head.load_state_dict(out["head"])
-    if teacher_head is not None:
-        teacher_head.load_state_dict(out["teacher_head"])
+    pair.load_state_dict(out["pair"])
     return out["result"]
 
 

@@ -4,60 +4,26 @@ These two functions are the only site-side work there is. In-process sites
 (:class:`arkfed.run.local.InProcessSites`) call them directly; the Flower ClientApp calls them on the
 weights it received. So a site trains and scores identically in local and federated runs.
 
-A site holds two heads per run: the student's head (trained in its visits) and the teacher's
-head, an EMA of it. In Ark the teacher's heads are EMA'd with the rest of the teacher after every
-dataset visit, including the heads of sites that were not visited (reference ``trainer.py``). A
-site only hears of its own visits, so the updates it missed are applied when it is next asked:
-between two of its visits its student head does not change, and ``k`` EMA steps with momenta
-``m_1..m_k`` towards a constant target equal one step with momentum ``m_1 * ... * m_k`` (the
-coordinator sends that product as ``pending``). The result equals Ark's per-visit EMA of every head.
+Both take the site's :class:`arkfed.ark.pair.ArkPair`: the student and the teacher with the site's
+two heads (the student's, and the teacher's, its EMA, caught up here with the EMA steps the site
+missed since its last visit, see :mod:`arkfed.ark.pair`).
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from arkfed.ark.updates import NonFiniteError  # a site sends its category (issue 8), never the values
-from arkfed.errors import ArkfedError
-from arkfed.schedules import ema_update
 
 if TYPE_CHECKING:
+    from arkfed.ark.pair import ArkPair
     from arkfed.ark.visit import VisitProgress, VisitResult
     from arkfed.config import TrainSettings, VisitPlan
-    from arkfed.model.ark import ArkModel, SiteHead
     from arkfed.site.config import ComputeSettings
     from arkfed.site.load import Site
-
-
-@dataclass
-class SiteHeads:
-    """A site's two heads in one run: the student's and the teacher's (its EMA)."""
-
-    student: "SiteHead"
-    teacher: "SiteHead"
-
-    @classmethod
-    def fresh(cls, head: "SiteHead") -> "SiteHeads":
-        """A new run's heads: the teacher's starts as a copy of the student's, as the teacher does."""
-        teacher = copy.deepcopy(head)
-        teacher.requires_grad_(False)
-        return cls(head, teacher)
-
-    def clone(self) -> "SiteHeads":
-        return SiteHeads(copy.deepcopy(self.student), copy.deepcopy(self.teacher))
-
-
-def catch_up(heads: SiteHeads, pending: float) -> None:
-    """Apply the teacher-head EMA steps this site missed (``pending``: the product of their momenta)."""
-    if not 0.0 <= pending <= 1.0:
-        raise ArkfedError(f"pending teacher momentum must be in [0, 1], got {pending}")
-    if pending < 1.0:
-        ema_update(heads.teacher, heads.student, pending)
 
 
 def check_finite(module: torch.nn.Module, what: str, site: str) -> None:
@@ -67,9 +33,8 @@ def check_finite(module: torch.nn.Module, what: str, site: str) -> None:
             raise NonFiniteError(f"the {what} has non-finite values in {name!r} after training", site=site)
 
 
-def train_visit(student: "ArkModel", teacher: "ArkModel", head: "SiteHead", site: "Site", settings: "TrainSettings",
-                plan: "VisitPlan", compute: "ComputeSettings | None" = None, progress: "VisitProgress | None" = None,
-                teacher_head: "SiteHead | None" = None) -> "VisitResult":
+def train_visit(pair: "ArkPair", site: "Site", settings: "TrainSettings", plan: "VisitPlan",
+                compute: "ComputeSettings | None" = None, progress: "VisitProgress | None" = None) -> "VisitResult":
     """One visit's training on the site's hardware: ``compute.gpus`` > 1 runs it in that many DDP
     processes (:func:`arkfed.ark.ddp.run_visit_on_gpus`), otherwise in this process
     (:func:`arkfed.ark.visit.train_site_visit`). The one place where that is decided."""
@@ -77,16 +42,14 @@ def train_visit(student: "ArkModel", teacher: "ArkModel", head: "SiteHead", site
     if compute.gpus > 1:
         from arkfed.ark.ddp import run_visit_on_gpus
 
-        return run_visit_on_gpus(student, teacher, head, site, settings, plan, compute, progress, teacher_head)
+        return run_visit_on_gpus(pair, site, settings, plan, compute, progress)
     from arkfed.ark.visit import train_site_visit
 
-    return train_site_visit(student, teacher, head, site, settings, plan, compute, progress, teacher_head)
+    return train_site_visit(pair, site, settings, plan, compute, progress)
 
 
 def visit_site(
-    student: "ArkModel",
-    teacher: "ArkModel",
-    heads: SiteHeads,
+    pair: "ArkPair",
     site: "Site",
     settings: "TrainSettings",
     plan: "VisitPlan",
@@ -96,21 +59,19 @@ def visit_site(
 ) -> "VisitResult":
     """One visit at a site: catch the teacher head up, train student + head
     (:func:`train_visit`), then the teacher head's EMA step for this visit."""
-    catch_up(heads, pending)
-    result = train_visit(student, teacher, heads.student, site, settings, plan, compute, progress, heads.teacher)
+    pair.catch_up(pending)
+    result = train_visit(pair, site, settings, plan, compute, progress)
     if settings.ema == "visit":
-        ema_update(heads.teacher, heads.student, plan.momentum)
-    check_finite(student, "student", site.name)
-    check_finite(heads.student, "student head", site.name)
+        pair.head_ema_step(plan.momentum)
+    check_finite(pair.student, "student", site.name)
+    check_finite(pair.head, "student head", site.name)
     if not math.isfinite(result.loss):
         raise NonFiniteError(f"visit {plan.visit} ended with loss {result.loss}", site=site.name, category="non_finite_loss")
     return result
 
 
 def evaluate_site_models(
-    student: "ArkModel",
-    teacher: "ArkModel",
-    heads: SiteHeads,
+    pair: "ArkPair",
     site: "Site",
     settings: "TrainSettings",
     split: str,
@@ -125,11 +86,9 @@ def evaluate_site_models(
     table = site.splits.get(split)
     if table is None or len(table) == 0:
         return {}
-    teacher_head = copy.deepcopy(heads.teacher)
-    if pending < 1.0:
-        ema_update(teacher_head, heads.student, pending)
+    now = pair.caught_up(pending)
     calibration = site.splits.get("train")
-    pairs = {"student": (student, heads.student), "teacher": (teacher, teacher_head)}
+    pairs = {"student": (now.student, now.head), "teacher": (now.teacher, now.teacher_head)}
     return {
         label: evaluate_site(model, head, table, site.schema, settings, calibration=calibration, compute=compute or site.config.compute)
         for label, (model, head) in pairs.items()

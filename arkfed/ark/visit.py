@@ -10,11 +10,13 @@ Optimizer: a fresh timm optimizer per visit with ``plan.lr`` (the global warm-up
 this visit). Optimizer state is therefore never carried between sites, so nothing but weights
 travels between visits and a resumed or federated run matches a local one exactly.
 
+The networks come as one :class:`arkfed.ark.pair.ArkPair` (student, teacher, the site's two heads).
 The teacher gets no gradients and stays in eval mode (its BatchNorm statistics come only from
 the EMA). With ``settings.ema == "visit"`` (Ark's default) the *caller* applies
 :func:`arkfed.schedules.ema_update` with ``plan.momentum`` after the visit; with ``"iteration"``
-the visit updates the teacher (and the site's teacher head, when given) after every step, the
-momentum following the cosine schedule at fractional visit positions.
+the visit updates the teacher and the site's teacher head after every step
+(:meth:`~arkfed.ark.pair.ArkPair.ema_step`), the momentum following the cosine schedule at
+fractional visit positions.
 
 Hardware (device, workers, precision) is the site's own :class:`arkfed.site.config.ComputeSettings`,
 never part of what the coordinator sends.
@@ -31,15 +33,14 @@ from pydantic import BaseModel
 from torch import nn
 
 from arkfed.ark.losses import ark_loss, consistency_loss, task_loss
+from arkfed.ark.pair import ArkPair
 from arkfed.ark.ranks import SINGLE, RankContext
 from arkfed.ark.updates import NonFiniteError
 from arkfed.config import TrainSettings, VisitPlan
 from arkfed.data.device_views import DeviceViews
-from arkfed.data.loaders import make_train_loader
+from arkfed.data.loaders import TrainLoaderOptions, make_train_loader
 from arkfed.devices import autocast, memory_format, resolve_device
-from arkfed.errors import ArkfedError
-from arkfed.model.ark import ArkModel, SiteHead
-from arkfed.schedules import ema_update, teacher_momentum
+from arkfed.schedules import teacher_momentum
 from arkfed.site.config import ComputeSettings
 from arkfed.site.load import Site
 
@@ -76,54 +77,34 @@ def make_optimizer(student: nn.Module, head: nn.Module, settings: TrainSettings,
     )
 
 
-def _check_head(head: SiteHead, site: Site, student: ArkModel) -> None:
-    if head.out_features != site.schema.num_classes or head.in_features != student.embed_dim:
-        raise ArkfedError(
-            f"head has {head.in_features}->{head.out_features} units, but the schema has {site.schema.num_classes} "
-            f"classes and the model embeds to {student.embed_dim}", site=site.name,
-        )
-
-
 def train_site_visit(
-    student: ArkModel,
-    teacher: ArkModel,
-    head: SiteHead,
+    pair: ArkPair,
     site: Site,
     settings: TrainSettings,
     plan: VisitPlan,
     compute: ComputeSettings | None = None,
     progress: VisitProgress | None = None,
-    teacher_head: SiteHead | None = None,
     rank: RankContext | None = None,
 ) -> VisitResult:
-    """Train ``student`` and ``head`` in place on ``site``'s training split for one visit, in this
+    """Train ``pair``'s student and head in place on ``site``'s training split for one visit, in this
     process (as one of ``rank.world_size`` DDP ranks when given). Whether a visit runs on several
     GPUs is decided once, by :func:`arkfed.ark.tasks.train_visit`."""
-    _check_head(head, site, student)
+    pair.check_head(site)
     compute = compute or site.config.compute
     rank = rank or SINGLE
     device = resolve_device(compute.device)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(plan.seed + rank.rank)  # dropout / drop-path draws (own stream per rank)
-        return _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress, rank)
+        return _run_visit(pair, site, settings, plan, device, compute, progress, rank)
 
 
-def _run_visit(student, teacher, head, teacher_head, site, settings, plan, device, compute, progress, rank=SINGLE) -> VisitResult:
+def _run_visit(pair: ArkPair, site, settings, plan, device, compute, progress, rank=SINGLE) -> VisitResult:
     fmt = memory_format(device)
-    student.to(device, memory_format=fmt).train()
-    teacher.to(device, memory_format=fmt).eval()
-    teacher.requires_grad_(False)
-    head.to(device).train()
-    if teacher_head is not None:
-        teacher_head.to(device).eval()
-    loader = make_train_loader(
-        site.split("train"), site.schema, student.spec, settings.batch_size, epochs=settings.local_epochs,
-        seed=plan.seed, crop_scale=settings.crop_scale, views=settings.views, jitter_p=settings.jitter_p,
-        max_steps=settings.max_steps_per_visit, num_workers=compute.workers(), pin_memory=device.type == "cuda",
-        crop_source=settings.crop_source, train_resize=settings.train_resize,
-        rank=rank.rank, world_size=rank.world_size, augment=compute.augment,
-    )
+    pair.to_train(device, fmt)
+    student, teacher, head = pair.student, pair.teacher, pair.head
+    options = TrainLoaderOptions.for_visit(settings, plan, compute, rank.rank, rank.world_size)
+    loader = make_train_loader(site.split("train"), site.schema, student.spec, options)
     student_forward, head_forward = rank.wrap(student, device, compute.compile), rank.wrap(head, device)
     views = DeviceViews(student.spec.mean, student.spec.std) if compute.augment == "device" else None
     optimizer = make_optimizer(student, head, settings, plan.lr)
@@ -159,10 +140,7 @@ def _run_visit(student, teacher, head, teacher_head, site, settings, plan, devic
         loss.backward()
         optimizer.step()
         if settings.ema == "iteration":
-            momentum = teacher_momentum(plan.visit + (step + 1) / steps, plan.total_visits, settings.momentum_teacher)
-            ema_update(teacher, student, momentum)
-            if teacher_head is not None:
-                ema_update(teacher_head, head, momentum)
+            pair.ema_step(teacher_momentum(plan.visit + (step + 1) / steps, plan.total_visits, settings.momentum_teacher))
         n = len(xs)
         totals += parts * n
         examples += n

@@ -261,14 +261,15 @@ def epoch_steps(site, budget: Budget) -> int:
 
 def own_scores(trained: Trained, names: Sequence[str], sites: Mapping, budget: Budget) -> dict[str, dict[str, float]]:
     """Each site's own test mean AUC with its own head, for teacher and student (as the loop scores)."""
-    from arkfed.ark.tasks import SiteHeads, evaluate_site_models
+    from arkfed.ark.pair import ArkPair, SiteHeads
+    from arkfed.ark.tasks import evaluate_site_models
     from arkfed.config import TrainSettings
 
     settings = TrainSettings(batch_size=max(budget.batch_size, 64))
     out = {}
     for name in names:
         head = trained.heads[name]
-        scored = evaluate_site_models(trained.student, trained.teacher, SiteHeads(head, head), sites[name], settings, "test",
+        scored = evaluate_site_models(ArkPair(trained.student, trained.teacher, SiteHeads(head, head)), sites[name], settings, "test",
                                       compute=compute_settings(budget))
         out[name] = {label: _auc(r["mean_auc"]) for label, r in scored.items()}
     return out

@@ -22,7 +22,7 @@ import torch
 
 from arkfed.ark.losses import task_loss
 from arkfed.config import TrainConfig, derive_seed
-from arkfed.data.loaders import make_train_loader
+from arkfed.data.loaders import TrainLoaderOptions, make_train_loader
 from arkfed.devices import resolve_device
 from arkfed.run.folder import RunState
 from arkfed.schedules import visit_lrs
@@ -64,12 +64,11 @@ def train_pooled(config: TrainConfig, sites: Mapping[str, Site], compute: Comput
             for group in optimizer.param_groups:
                 group["lr"] = lrs[epoch]
             loaders = {
-                name: make_train_loader(
-                    site.split("train"), site.schema, student.spec, settings.batch_size, epochs=settings.local_epochs,
-                    seed=derive_seed(config.seed, "pooled", epoch, name), crop_scale=settings.crop_scale,
-                    views=settings.views, jitter_p=settings.jitter_p, max_steps=settings.max_steps_per_visit,
-                    num_workers=compute.workers(), pin_memory=device.type == "cuda",
-                )
+                name: make_train_loader(site.split("train"), site.schema, student.spec, TrainLoaderOptions(
+                    settings.batch_size, epochs=settings.local_epochs, seed=derive_seed(config.seed, "pooled", epoch, name),
+                    crop_scale=settings.crop_scale, views=settings.views, jitter_p=settings.jitter_p,
+                    max_steps=settings.max_steps_per_visit, num_workers=compute.workers(), pin_memory=device.type == "cuda",
+                ))
                 for name, site in sites.items()
             }
             batches = {name: iter(loader) for name, loader in loaders.items()}

@@ -27,20 +27,24 @@ ten-crop), grayscale replicated to three channels and normalised with the model'
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from arkfed.config import CropSource
+from arkfed.config import CropSource, TrainSettings, VisitPlan
 from arkfed.data.batches import EvalBatch, TrainBatch
 from arkfed.data.schema import LabelSchema, label_targets
 from arkfed.data.tables import DatasetTable
 from arkfed.data.transforms import ViewPair
 from arkfed.errors import ArkfedError
 from arkfed.spec import ModelSpec
+
+if TYPE_CHECKING:  # the site layer sits above this one; a visit passes its own settings in
+    from arkfed.site.config import ComputeSettings
 
 
 def evaluation_schema(schema: LabelSchema) -> LabelSchema:
@@ -282,47 +286,63 @@ def _loader_kwargs(num_workers: int, pin_memory: bool) -> dict:
     return kwargs
 
 
-def make_train_loader(
-    table: DatasetTable,
-    schema: LabelSchema,
-    spec: ModelSpec,
-    batch_size: int,
-    epochs: int = 1,
-    seed: int = 0,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
-    views: str = "ark",
-    jitter_p: float = 0.3,
-    max_steps: int | None = None,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-    crop_source: CropSource = "original",
-    train_resize: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    augment: str = "cpu",
-) -> DataLoader:
-    """The batches of one visit, in a reproducible order with reproducible augmentation.
+@dataclass(frozen=True)
+class TrainLoaderOptions:
+    """How a visit's batches are drawn and loaded: everything :func:`make_train_loader` needs besides
+    the table, the label schema and the model spec.
 
     ``crop_source``/``train_resize``: which image the crop is cut from (see the module docstring).
     With ``world_size`` > 1 (one DDP rank of N) ``batch_size`` is per rank: the draws are those of
     a one-process visit with batch ``N x batch_size`` and this rank loads its slice of each batch.
     """
-    order = visit_draws(len(table), batch_size * world_size, epochs, seed, max_steps)
-    pair, collate = ViewPair(spec.img_size, crop_scale, views, jitter_p), TrainCollate(spec)
-    if augment == "device":  # workers draw the view parameters; the visit makes the views on its device
+
+    batch_size: int
+    epochs: int = 1
+    seed: int = 0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    views: str = "ark"
+    jitter_p: float = 0.3
+    max_steps: int | None = None
+    crop_source: CropSource = "original"
+    train_resize: int | None = None
+    num_workers: int = 0
+    pin_memory: bool = False
+    augment: str = "cpu"
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def for_visit(cls, settings: TrainSettings, plan: VisitPlan, compute: ComputeSettings, rank: int = 0,
+                  world_size: int = 1) -> TrainLoaderOptions:
+        """A site visit's loader: the run's settings, the visit's seed, the site's hardware, this rank's share."""
+        from arkfed.devices import resolve_device
+
+        return cls(
+            batch_size=settings.batch_size, epochs=settings.local_epochs, seed=plan.seed, crop_scale=settings.crop_scale,
+            views=settings.views, jitter_p=settings.jitter_p, max_steps=settings.max_steps_per_visit,
+            crop_source=settings.crop_source, train_resize=settings.train_resize, num_workers=compute.workers(),
+            pin_memory=resolve_device(compute.device).type == "cuda", augment=compute.augment, rank=rank, world_size=world_size,
+        )
+
+
+def make_train_loader(table: DatasetTable, schema: LabelSchema, spec: ModelSpec, options: TrainLoaderOptions) -> DataLoader:
+    """The batches of one visit, in a reproducible order with reproducible augmentation (see
+    :class:`TrainLoaderOptions`)."""
+    o = options
+    order = visit_draws(len(table), o.batch_size * o.world_size, o.epochs, o.seed, o.max_steps)
+    pair, collate = ViewPair(spec.img_size, o.crop_scale, o.views, o.jitter_p), TrainCollate(spec)
+    if o.augment == "device":  # workers draw the view parameters; the visit makes the views on its device
         from arkfed.data.device_views import RawCollate, ViewParams
 
-        pair, collate = ViewParams(spec.img_size, crop_scale, views, jitter_p), RawCollate()
-    dataset = TrainDataset(table, schema, spec.img_size, pair, order, seed, crop_source, train_resize)
-    if world_size > 1:
-        from arkfed.data.loaders import RankBatches
-
-        per_rank = min(batch_size * world_size, len(table)) // world_size
-        return DataLoader(dataset, batch_sampler=RankBatches(len(order), per_rank, rank, world_size),
-                          collate_fn=collate, **_loader_kwargs(num_workers, pin_memory))
+        pair, collate = ViewParams(spec.img_size, o.crop_scale, o.views, o.jitter_p), RawCollate()
+    dataset = TrainDataset(table, schema, spec.img_size, pair, order, o.seed, o.crop_source, o.train_resize)
+    if o.world_size > 1:
+        per_rank = min(o.batch_size * o.world_size, len(table)) // o.world_size
+        return DataLoader(dataset, batch_sampler=RankBatches(len(order), per_rank, o.rank, o.world_size),
+                          collate_fn=collate, **_loader_kwargs(o.num_workers, o.pin_memory))
     return DataLoader(
-        dataset, batch_size=min(batch_size, len(table)), shuffle=False, drop_last=False,
-        collate_fn=collate, **_loader_kwargs(num_workers, pin_memory),
+        dataset, batch_size=min(o.batch_size, len(table)), shuffle=False, drop_last=False,
+        collate_fn=collate, **_loader_kwargs(o.num_workers, o.pin_memory),
     )
 
 

@@ -83,10 +83,11 @@ def predict_net(net: nn.Module, table: DatasetTable, schema: LabelSchema, spec: 
 def train_epoch(net: nn.Module, optimizer, scheduler, table: DatasetTable, schema: LabelSchema, spec: ModelSpec,
                 settings: FineTuneSettings, epoch: int) -> tuple[float, int]:
     """One pass over the (augmented) training split; returns the mean loss and the steps taken."""
-    from arkfed.data.loaders import make_train_loader
+    from arkfed.data.loaders import TrainLoaderOptions, make_train_loader
 
-    loader = make_train_loader(table, schema, spec, settings.batch_size, epochs=1, seed=settings.seed * 1000 + epoch,
-                               crop_scale=settings.crop_scale, views="ark", max_steps=settings.max_steps_per_epoch)
+    options = TrainLoaderOptions(settings.batch_size, epochs=1, seed=settings.seed * 1000 + epoch, crop_scale=settings.crop_scale,
+                                 views="ark", max_steps=settings.max_steps_per_epoch)
+    loader = make_train_loader(table, schema, spec, options)
     net.train()
     losses = []
     for images, _, targets, mask in loader:  # the student view: geometry + intensity jitter

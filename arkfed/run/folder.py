@@ -20,7 +20,6 @@ checkpoint and a metrics line never leaves duplicates or holes.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import warnings
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from arkfed.ark.tasks import SiteHeads, catch_up
+from arkfed.ark.pair import SiteHeads
 from arkfed.config import TeacherClock, TrainConfig
 from arkfed.data.schema import LabelSchema
 from arkfed.errors import ArkfedError
@@ -196,10 +195,8 @@ class RunFolder:
         for site, head in state.heads.items():
             save_head(self.heads_dir / f"{site}.safetensors", head)
         for site, head in state.teacher_heads.items():  # caught up with the teacher steps since the site's visit
-            current = SiteHeads(state.heads[site], copy.deepcopy(head)) if site in state.heads else None
-            if current is not None:
-                catch_up(current, state.clock.pending(site))
-                head = current.teacher
+            if site in state.heads:
+                head = SiteHeads(state.heads[site], head).caught_up(state.clock.pending(site)).teacher
             save_head(self.teacher_heads_dir / f"{site}.safetensors", head)
 
     def write_summary(self, summary: dict) -> None:

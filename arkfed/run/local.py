@@ -8,7 +8,8 @@ import copy
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from arkfed.ark.tasks import SiteHeads, evaluate_site_models, visit_site
+from arkfed.ark.pair import ArkPair, SiteHeads
+from arkfed.ark.tasks import evaluate_site_models, visit_site
 from arkfed.config import TrainConfig, VisitPlan
 from arkfed.errors import ArkfedError
 from arkfed.run.callbacks import CallbackList, LoopCallback
@@ -47,19 +48,20 @@ class InProcessSites:
         for name, head in state.heads.items():  # checkpoints from before teacher heads existed
             state.teacher_heads.setdefault(name, SiteHeads.fresh(head).teacher)
 
-    def _heads(self, state: RunState, name: str) -> SiteHeads:
-        return SiteHeads(copy.deepcopy(state.heads[name]), copy.deepcopy(state.teacher_heads[name]))
+    @staticmethod
+    def _pair(state: RunState, name: str) -> ArkPair:
+        """The run's student and teacher with the site's two heads (the run's own modules, not copies)."""
+        return ArkPair(state.student, state.teacher, SiteHeads(state.heads[name], state.teacher_heads[name]))
 
     def visit(self, state: RunState, plans: Sequence[VisitPlan]) -> dict[str, VisitReply | SiteFailure]:
         replies: dict[str, VisitReply | SiteFailure] = {}
         for plan in plans:
             site = self.sites[plan.site]
-            student, teacher = copy.deepcopy(state.student), copy.deepcopy(state.teacher)
-            heads = self._heads(state, plan.site)
-            result = visit_site(student, teacher, heads, site, self.settings, plan, state.clock.pending(plan.site),
-                                self.compute[plan.site], progress=self.callbacks.on_step)
-            teacher_state = teacher.state_dict() if self.settings.ema == "iteration" else None
-            replies[plan.site] = VisitReply(result, student.state_dict(), teacher_state, heads=heads)
+            pair = copy.deepcopy(self._pair(state, plan.site))
+            result = visit_site(pair, site, self.settings, plan, state.clock.pending(plan.site), self.compute[plan.site],
+                                progress=self.callbacks.on_step)
+            teacher_state = pair.teacher.state_dict() if self.settings.ema == "iteration" else None
+            replies[plan.site] = VisitReply(result, pair.student.state_dict(), teacher_state, heads=pair.heads)
         return replies
 
     def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None:
@@ -67,8 +69,7 @@ class InProcessSites:
 
     def evaluate(self, state: RunState, split: str) -> dict[str, dict[str, dict] | SiteFailure]:
         return {
-            name: evaluate_site_models(state.student, state.teacher, SiteHeads(state.heads[name], state.teacher_heads[name]),
-                                       site, self.settings, split, state.clock.pending(name), self.compute[name])
+            name: evaluate_site_models(self._pair(state, name), site, self.settings, split, state.clock.pending(name), self.compute[name])
             for name, site in self.sites.items() if name in state.heads
         }
 

@@ -27,7 +27,7 @@ from typing import Mapping, Protocol, Sequence
 
 import torch
 
-from arkfed.ark.tasks import SiteHeads
+from arkfed.ark.pair import SiteHeads
 from arkfed.ark.visit import VisitResult
 from arkfed.config import TrainConfig, VisitPlan, derive_seed
 from arkfed.data.schema import LabelSchema

@@ -13,9 +13,10 @@ import copy
 import numpy as np
 import torch
 
+from arkfed.ark.pair import ArkPair, SiteHeads
 from arkfed.ark.tasks import train_visit
 from arkfed.config import TrainSettings, VisitPlan
-from arkfed.data.loaders import make_train_loader
+from arkfed.data.loaders import TrainLoaderOptions, make_train_loader
 from arkfed.model.ark import ArkModel, SiteHead
 from arkfed.site.config import ComputeSettings, SiteConfig
 from arkfed.site.load import Site
@@ -37,7 +38,7 @@ def _visit(site, student, teacher, head, teacher_head, batch_size, gpus, ema):
     compute = ComputeSettings(device="cpu", gpus=gpus)
     plan = VisitPlan(round=0, visit=2, total_visits=6, site=site.name, consistency=0.3, momentum=0.9, lr=0.05, seed=11)
     steps = []
-    result = train_visit(student, teacher, head, site, settings, plan, compute=compute, teacher_head=teacher_head,
+    result = train_visit(ArkPair(student, teacher, SiteHeads(head, teacher_head)), site, settings, plan, compute=compute,
                          progress=lambda s, n, loss: steps.append((s, n)))
     return result, steps
 
@@ -46,8 +47,8 @@ def test_rank_slices_tile_the_one_process_batches():
     site = _site()
     spec = ModelSpec(model="test_vit", img_size=32, projector_dim=16)
     table, schema = site.split("train"), site.schema
-    one = [b.student for b in make_train_loader(table, schema, spec, 8, seed=5, max_steps=3)]
-    ranks = [[b.student for b in make_train_loader(table, schema, spec, 4, seed=5, max_steps=3, rank=r, world_size=2)]
+    one = [b.student for b in make_train_loader(table, schema, spec, TrainLoaderOptions(8, seed=5, max_steps=3))]
+    ranks = [[b.student for b in make_train_loader(table, schema, spec, TrainLoaderOptions(4, seed=5, max_steps=3, rank=r, world_size=2))]
              for r in range(2)]
     assert len(one) == len(ranks[0]) == len(ranks[1]) == 3
     for k in range(3):

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from arkfed.ark.pair import ArkPair, SiteHeads
 from arkfed.ark.visit import train_site_visit
 from arkfed.config import TrainSettings, VisitPlan
 from arkfed.errors import ArkfedError
@@ -34,6 +35,10 @@ def make_models(seed=0):
     return student, teacher, head
 
 
+def pair_of(student, teacher, head) -> ArkPair:
+    return ArkPair(student, teacher, SiteHeads.fresh(head))
+
+
 def plan(**kw) -> VisitPlan:
     values = dict(round=1, visit=4, total_visits=9, site="s1", consistency=0.3, momentum=0.95, lr=0.01, seed=11)
     return VisitPlan(**(values | kw))
@@ -56,7 +61,7 @@ def test_visit_is_deterministic_and_leaves_the_teacher_alone():
     for _ in range(2):
         student, teacher, head = make_models()
         teacher_before = states(teacher)[0]
-        result = train_site_visit(student, teacher, head, site, SETTINGS, plan())
+        result = train_site_visit(pair_of(student, teacher, head), site, SETTINGS, plan())
         assert same(states(teacher)[0], teacher_before)  # visit-wise EMA is the caller's job
         assert all(p.grad is None for p in teacher.parameters())
         runs.append((states(student, head), result))
@@ -66,7 +71,7 @@ def test_visit_is_deterministic_and_leaves_the_teacher_alone():
     assert ra.consistency_loss > 0 and ra.task_loss > 0
     assert ra.loss == pytest.approx(0.7 * ra.task_loss + 0.3 * ra.consistency_loss, rel=1e-5)
     student, teacher, head = make_models()
-    train_site_visit(student, teacher, head, site, SETTINGS, plan(seed=12))
+    train_site_visit(pair_of(student, teacher, head), site, SETTINGS, plan(seed=12))
     assert not same(states(student)[0], a[0])  # the plan's seed drives data order and augmentation
 
 
@@ -75,7 +80,7 @@ def test_visit_trains_student_and_head_and_keeps_callers_rng():
     student, teacher, head = make_models()
     before = states(student, head)
     torch.manual_seed(123)
-    train_site_visit(student, teacher, head, site, SETTINGS, plan(consistency=0.0))
+    train_site_visit(pair_of(student, teacher, head), site, SETTINGS, plan(consistency=0.0))
     after_visit = torch.rand(3)
     torch.manual_seed(123)
     assert torch.equal(torch.rand(3), after_visit)
@@ -85,7 +90,7 @@ def test_visit_trains_student_and_head_and_keeps_callers_rng():
 
 def test_first_visit_has_no_consistency_term():
     student, teacher, head = make_models()
-    result = train_site_visit(student, teacher, head, make_site(), SETTINGS, plan(consistency=0.0))
+    result = train_site_visit(pair_of(student, teacher, head), make_site(), SETTINGS, plan(consistency=0.0))
     assert result.consistency_loss == 0.0 and result.loss == result.task_loss
 
 
@@ -95,7 +100,7 @@ def test_per_iteration_ema_updates_teacher_after_each_step():
     teacher0 = copy.deepcopy(teacher)
     settings = SETTINGS.model_copy(update={"ema": "iteration", "max_steps_per_visit": 1})
     p = plan()
-    train_site_visit(student, teacher, head, site, settings, p)
+    train_site_visit(pair_of(student, teacher, head), site, settings, p)
     ema_update(teacher0, student, teacher_momentum(p.visit + 1, p.total_visits, settings.momentum_teacher))
     for key, value in teacher.state_dict().items():
         assert torch.allclose(value.float(), teacher0.state_dict()[key].float(), atol=1e-6), key
@@ -106,8 +111,8 @@ def test_progress_callback_and_wrong_head_error():
     site = make_site()
     student, teacher, head = make_models()
     calls = []
-    train_site_visit(student, teacher, head, site, SETTINGS, plan(), progress=lambda s, n, loss: calls.append((s, n)))
+    train_site_visit(pair_of(student, teacher, head), site, SETTINGS, plan(), progress=lambda s, n, loss: calls.append((s, n)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
     wrong = SiteHead("s1", multilabel_schema(("a", "b")), SPEC.projector_dim)
     with pytest.raises(ArkfedError, match="s1"):
-        train_site_visit(student, teacher, wrong, site, SETTINGS, plan())
+        train_site_visit(pair_of(student, teacher, wrong), site, SETTINGS, plan())

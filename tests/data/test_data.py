@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from arkfed.data.loaders import make_eval_loader, make_train_loader, read_resized, visit_draws
+from arkfed.data.loaders import TrainLoaderOptions, make_eval_loader, make_train_loader, read_resized, visit_draws
 from arkfed.data.tables import ArrayImages, DatasetTable, make_meta
 from arkfed.errors import ArkfedError
 from arkfed.spec import ModelSpec
@@ -43,7 +43,7 @@ def test_train_loader_reproducible_and_worker_independent():
     table = synthetic_table(20, ("a", "b", "c"), size=32, uncertain=0.3)
     schema = multilabel_schema(uncertain="lsr-ones")
     def run(seed, workers):
-        return list(make_train_loader(table, schema, SPEC, batch_size=8, epochs=2, seed=seed, num_workers=workers))
+        return list(make_train_loader(table, schema, SPEC, TrainLoaderOptions(batch_size=8, epochs=2, seed=seed, num_workers=workers)))
     a, b, c = run(5, 0), run(5, 2), run(6, 0)
     assert len(a) == 4  # 20 // 8 = 2 full batches per epoch, drop-last
     for x, y in zip(a, b):
@@ -58,10 +58,10 @@ def test_train_loader_reproducible_and_worker_independent():
 
 def test_views_share_geometry_and_teacher_is_unjittered():
     table = synthetic_table(16, ("a", "b", "c"), size=32)
-    loader = make_train_loader(table, multilabel_schema(), SPEC, batch_size=16, seed=3, jitter_p=0.0)
+    loader = make_train_loader(table, multilabel_schema(), SPEC, TrainLoaderOptions(batch_size=16, seed=3, jitter_p=0.0))
     batch = next(iter(loader))
     assert torch.equal(batch.student, batch.teacher)
-    batch = next(iter(make_train_loader(table, multilabel_schema(), SPEC, batch_size=16, seed=3, jitter_p=1.0)))
+    batch = next(iter(make_train_loader(table, multilabel_schema(), SPEC, TrainLoaderOptions(batch_size=16, seed=3, jitter_p=1.0))))
     assert not torch.equal(batch.student, batch.teacher)
 
 
@@ -102,8 +102,8 @@ def test_every_image_enters_through_source_pixels_and_crops_start_from_the_chose
     real = arkfed.data.loaders.source_pixels
     monkeypatch.setattr(arkfed.data.loaders, "source_pixels", lambda t, i: seen.append(i) or real(t, i))  # a cache slots in here
     def student(crop_source: str) -> torch.Tensor:
-        loader = make_train_loader(table, multilabel_schema(), spec, batch_size=1, seed=5, crop_scale=(0.05, 0.05),
-                                   jitter_p=0.0, crop_source=crop_source)
+        options = TrainLoaderOptions(batch_size=1, seed=5, crop_scale=(0.05, 0.05), jitter_p=0.0, crop_source=crop_source)
+        loader = make_train_loader(table, multilabel_schema(), spec, options)
         return next(iter(loader)).student
     # same seed, same crop box in relative terms; from the 96 px source it holds 4x the pixels of the 24 px square
     assert not torch.equal(student("original"), student("resized"))

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from arkfed.ark.pair import ArkPair, SiteHeads
 from arkfed.ark.visit import train_site_visit
 from arkfed.config import TrainSettings, VisitPlan
 from arkfed.data.device_views import WIDTH, DeviceViews, RawBatch, ViewParams, apply_jitter
-from arkfed.data.loaders import make_train_loader
+from arkfed.data.loaders import TrainLoaderOptions, make_train_loader
 from arkfed.model.ark import ArkModel, SiteHead
 from arkfed.site.config import ComputeSettings, SiteConfig
 from arkfed.site.load import Site
@@ -70,12 +71,13 @@ def test_device_loader_draws_reproducible_parameters_per_sample():
     schema = multilabel_schema()
     table = synthetic_table(12, schema.classes, size=S)
     spec = ModelSpec(model="test_resnet", img_size=S, projector_dim=8)
-    a = [b for b in make_train_loader(table, schema, spec, 4, seed=3, augment="device")]
-    b = [b for b in make_train_loader(table, schema, spec, 2, seed=3, augment="device")]
+    a = [b for b in make_train_loader(table, schema, spec, TrainLoaderOptions(4, seed=3, augment="device"))]
+    b = [b for b in make_train_loader(table, schema, spec, TrainLoaderOptions(2, seed=3, augment="device"))]
     assert isinstance(a[0], RawBatch) and a[0].images.dtype == torch.uint8 and a[0].params.shape == (4, WIDTH)
     draws = torch.cat([x.params for x in a])
     assert not torch.equal(draws[0], draws[1]) and torch.cat([x.params for x in b]).shape == (12, WIDTH)
-    again = torch.cat([x.params for x in make_train_loader(table, schema, spec, 4, seed=3, augment="device", num_workers=2)])
+    workers = TrainLoaderOptions(4, seed=3, augment="device", num_workers=2)
+    again = torch.cat([x.params for x in make_train_loader(table, schema, spec, workers)])
     assert torch.equal(draws, again)  # seeded per (visit seed, draw): the same with worker processes
     p = ViewParams(S).draw()
     assert 0 < p[2] <= 1 and 0 < p[3] <= 1 and -10 <= p[4] <= 10
@@ -93,6 +95,7 @@ def test_visit_trains_with_views_made_on_the_device():
     before = copy.deepcopy(student.state_dict())
     settings = TrainSettings(batch_size=8, max_steps_per_visit=2)
     plan = VisitPlan(round=0, visit=1, total_visits=4, site="d", consistency=0.3, momentum=0.9, lr=1e-3, seed=5)
-    result = train_site_visit(student, teacher, head, site, settings, plan, compute=ComputeSettings(augment="device"))
+    pair = ArkPair(student, teacher, SiteHeads.fresh(head))
+    result = train_site_visit(pair, site, settings, plan, compute=ComputeSettings(augment="device"))
     assert result.steps == 2 and np.isfinite(result.loss) and result.consistency_loss > 0
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())

@@ -10,7 +10,8 @@ import pytest
 import torch
 from flwr.app import Context, Message, Metadata, RecordDict
 
-from arkfed.ark.tasks import SiteHeads, evaluate_site_models, visit_site
+from arkfed.ark.pair import ArkPair, SiteHeads
+from arkfed.ark.tasks import evaluate_site_models, visit_site
 from arkfed.federation import messages as m
 from arkfed.federation.site.client_app import SITE_FAILED, SITE_REFUSED, app
 from arkfed.federation.site.heads import read_outbox
@@ -87,7 +88,7 @@ def test_visits_match_local_mode_and_the_head_survives_a_supernode_restart(site_
     reply = app(_message(_request(site, fed, config, m.NO_HEAD, plan=plans[0]), m.VISIT), context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert set(reply.content.keys()) == {m.STUDENT, m.METRICS}
-    visit_site(local.student, local.teacher, local_heads, site, config.settings, plans[0])
+    visit_site(ArkPair(local.student, local.teacher, local_heads), site, config.settings, plans[0])
     m.load_model_record(fed.student, reply.content[m.STUDENT])
     assert max_abs_diff(fed.student, local.student) < 1e-6
     sent = read_outbox(site.config.local_state_dir)[-1]
@@ -100,7 +101,7 @@ def test_visits_match_local_mode_and_the_head_survives_a_supernode_restart(site_
     fresh = _context(path, site)
     reply = app(_message(_request(site, fed, config, 0, plan=plans[1]), m.VISIT), fresh)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    visit_site(local.student, local.teacher, local_heads, site, config.settings, plans[1])
+    visit_site(ArkPair(local.student, local.teacher, local_heads), site, config.settings, plans[1])
     m.load_model_record(fed.student, reply.content[m.STUDENT])
     assert max_abs_diff(fed.student, local.student) < 1e-6
     stored = site.config.local_state_dir / "runs" / RUN_UID
@@ -118,7 +119,7 @@ def test_visits_match_local_mode_and_the_head_survives_a_supernode_restart(site_
     assert not reply.has_error()
     assert set(reply.content.keys()) == {m.STUDENT, m.TEACHER}
     assert all(type(r).__name__ == "MetricRecord" for r in reply.content.values())
-    local_results = evaluate_site_models(local.student, local.teacher, local_heads, site, config.settings, "val")
+    local_results = evaluate_site_models(ArkPair(local.student, local.teacher, local_heads), site, config.settings, "val")
     for label in (m.STUDENT, m.TEACHER):
         expected = local_results[label]
         got = m.eval_result(reply.content[label], site.schema.classes)

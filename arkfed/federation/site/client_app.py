@@ -35,7 +35,7 @@ from pathlib import Path
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from arkfed.ark.tasks import SiteHeads
+from arkfed.ark.pair import ArkPair, SiteHeads
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.messages import SITE_CODES, SITE_FAILED, SITE_REFUSED
@@ -221,7 +221,7 @@ def visit(msg: Message, context: Context) -> Message:
     student, teacher = _models(msg.content, request)
     heads = _start_heads(stores, site, request, msg.content, student.embed_dim)
     apply_memory_limit(config.policy, config.compute.device)
-    result = visit_site(student, teacher, heads, site, settings, plan, float(_read(request, "pending")))
+    result = visit_site(ArkPair(student, teacher, heads), site, settings, plan, float(_read(request, "pending")))
     if settings.ema == "iteration":  # visit_site checked the student and its head
         check_finite(teacher, "teacher", site.name)
     stores[0].save(plan.visit, heads.student)
@@ -261,7 +261,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         heads = _start_heads(stores, site, request, msg.content, student.embed_dim)
         apply_memory_limit(config.policy, config.compute.device)
         pending = float(_read(request, "pending"))
-        for label, result in evaluate_site_models(student, teacher, heads, site, settings, split, pending).items():
+        for label, result in evaluate_site_models(ArkPair(student, teacher, heads), site, settings, split, pending).items():
             if not config.policy.per_class_metrics:
                 result = {k: v for k, v in result.items() if k != "auc"}
             content[label] = m.metrics_record(result)
