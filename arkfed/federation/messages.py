@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from pydantic import BaseModel
 
+from arkfed.ark.updates import VisitReply
 from arkfed.errors import ArkfedError
 
 if TYPE_CHECKING:
@@ -221,9 +221,11 @@ def describe_content(content: RecordDict) -> dict[str, dict]:
 
 
 # -- replies, parsed before use ------------------------------------------------------------------
-# A site's reply is input from another institution: every field is checked here, and what does
-# not fit raises BadReply with one line saying why, so the coordinator skips that reply instead of
-# crashing on a missing key, a metric that overwrites a record field, or an unusable model.
+# A site's reply is input from another institution: every field is decoded here, and what does
+# not fit the wire format raises BadReply with one line saying why, so the coordinator skips that
+# reply instead of crashing on a missing key, a metric that overwrites a record field, or arrays
+# that are not the model's. Whether a decoded model may be used is decided in one place, the Ark
+# loop's gate (:func:`arkfed.ark.updates.check_reply`), for local and remote visits alike.
 
 RESERVED_METRICS = frozenset({"kind", "round", "visit", "site", "model", "split", "time"})
 """Fields the coordinator's metrics records set themselves; a reply may not carry them as metrics."""
@@ -231,15 +233,6 @@ RESERVED_METRICS = frozenset({"kind", "round", "visit", "site", "model", "split"
 
 class BadReply(ArkfedError):
     """A reply the coordinator will not use (the visit or evaluation is skipped, not retried)."""
-
-
-@dataclass
-class VisitReply:
-    """A checked ``train.visit`` reply: its scalar result and the returned model states."""
-
-    result: Any  # arkfed.ark.visit.VisitResult
-    student: dict
-    teacher: dict | None
 
 
 def _record(content: RecordDict, key: str, kind: type, what: str):
@@ -271,14 +264,13 @@ def _unpack(module, record: ArrayRecord, what: str) -> dict:
         raise BadReply(f"{what} arrays cannot be unpacked ({type(exc).__name__})") from None
 
 
-def read_visit_reply(content: RecordDict, plan, student: "nn.Module", teacher: "nn.Module", with_teacher: bool,
-                     max_examples: int | None, max_norm: float | None = None) -> VisitReply:
-    """The reply to ``plan``'s visit, checked: metrics are exactly a VisitResult for this visit
-    (finite), the student (and with per-iteration EMA the teacher) passes
-    :func:`arkfed.ark.updates.check_update` against the state that was sent; raises :class:`BadReply`."""
+def read_visit_reply(content: RecordDict, plan, student: "nn.Module", teacher: "nn.Module", with_teacher: bool) -> VisitReply:
+    """The reply to ``plan``'s visit, decoded: metrics are exactly a VisitResult for this visit
+    (finite), the student (and with per-iteration EMA the teacher) unpacks into a state shaped like
+    ``student`` (``teacher``); raises :class:`BadReply`. The states are not checked here: the loop's
+    gate (:func:`arkfed.ark.updates.check_reply`) checks every visit's."""
     from pydantic import ValidationError
 
-    from arkfed.ark.updates import check_update
     from arkfed.ark.visit import VisitResult
 
     values = _metric_values(_record(content, METRICS, MetricRecord, "visit reply"), "visit reply",
@@ -296,17 +288,10 @@ def read_visit_reply(content: RecordDict, plan, student: "nn.Module", teacher: "
     bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise BadReply(f"visit reply: metric {bad[0]!r} is not finite")
-    states = {STUDENT: (student, True), TEACHER: (teacher, with_teacher)}
-    unpacked = {}
-    for name, (module, wanted) in states.items():
-        if not wanted:
-            continue
-        state = _unpack(module, _record(content, name, ArrayRecord, "visit reply"), f"returned {name}")
-        reason = check_update(module.state_dict(), state, result.num_examples, max_examples, max_norm if name == STUDENT else None)
-        if reason is not None:
-            raise BadReply(f"returned {name}: {reason}")
-        unpacked[name] = state
-    return VisitReply(result, unpacked[STUDENT], unpacked.get(TEACHER))
+    returned = _unpack(student, _record(content, STUDENT, ArrayRecord, "visit reply"), f"returned {STUDENT}")
+    if with_teacher:
+        return VisitReply(result, returned, _unpack(teacher, _record(content, TEACHER, ArrayRecord, "visit reply"), f"returned {TEACHER}"))
+    return VisitReply(result, returned)
 
 
 def read_eval_reply(content: RecordDict, classes: tuple[str, ...], split_size: int | None) -> dict[str, dict]:
