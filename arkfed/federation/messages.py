@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -189,6 +190,96 @@ def request_content(request: ConfigRecord, **arrays: ArrayRecord) -> RecordDict:
     for name, record in arrays.items():
         content[name] = record
     return content
+
+
+# -- requests, decoded at the site; replies, encoded there ----------------------------------------
+class BadRequest(ArkfedError):
+    """A request field the site refuses as missing or invalid; ``public`` (what the coordinator is
+    told) names the field and why, never its value."""
+
+    def __init__(self, message: str, *, public: str):
+        super().__init__(message)
+        self.public = public
+
+
+def _field(record: ConfigRecord, key: str, kind: type) -> Any:
+    """One request field as ``kind`` (a pydantic model or a JSON type); :class:`BadRequest` if it is not."""
+    from pydantic import ValidationError
+
+    try:
+        value = read_json(record, key, kind if issubclass(kind, BaseModel) else None)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join([key, *map(str, err["loc"])])
+        raise BadRequest(f"invalid {key} in the request: {exc}", public=f"invalid_request: {where}: {err['msg']}") from None
+    except (ArkfedError, ValueError) as exc:
+        raise BadRequest(str(exc), public=f"invalid_request: {key}: missing or malformed") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise BadRequest(f"{key} in the request is a {type(value).__name__}, expected {kind.__name__}",
+                         public=f"invalid_request: {key}: expected {kind.__name__}")
+    return value
+
+
+@dataclass
+class SiteRequest:
+    """A ``train.visit`` (with ``plan``) or ``evaluate.round`` (with ``split``) request, every
+    field validated; the model arrays are unpacked by :meth:`models` once the site's policy allowed it."""
+
+    settings: Any  # arkfed.config.TrainSettings
+    spec: Any  # arkfed.spec.ModelSpec
+    run_uid: str
+    schemas: dict
+    head_from: int
+    pending: float
+    content: RecordDict
+    plan: Any = None  # arkfed.config.VisitPlan
+    split: str | None = None
+
+    def models(self) -> tuple["nn.Module", "nn.Module"]:
+        """The student and teacher sent along (the teacher frozen)."""
+        from arkfed.model.ark import ArkModel
+
+        student, teacher = ArkModel(self.spec), ArkModel(self.spec)
+        load_model_record(student, self.content[STUDENT], "student")
+        load_model_record(teacher, self.content[TEACHER], "teacher")
+        teacher.requires_grad_(False)
+        return student, teacher
+
+    def initial_head(self, head: "nn.Module", site: str) -> None:
+        """Load the initial head sent along (``head_from`` is :data:`NO_HEAD`) into ``head``."""
+        if HEAD not in self.content:
+            raise ArkfedError("request starts a new head but carries no initial head", site=site)
+        load_model_record(head, self.content[HEAD], "initial head")
+
+
+def read_site_request(content: RecordDict, kind: str) -> SiteRequest:
+    """A ``train.visit`` or ``evaluate.round`` request, decoded (raises :class:`BadRequest`)."""
+    from arkfed.config import TrainSettings, VisitPlan
+    from arkfed.spec import ModelSpec
+
+    record = content[REQUEST]
+    plan = _field(record, "plan", VisitPlan) if kind == VISIT else None
+    settings, spec = _field(record, "settings", TrainSettings), _field(record, "spec", ModelSpec)
+    split = _field(record, "split", str) if kind == EVALUATE else None
+    return SiteRequest(settings, spec, _field(record, "run_uid", str), _field(record, "schemas", dict), _field(record, "head_from", int),
+                       _field(record, "pending", float), content, plan=plan, split=split)
+
+
+def visit_content(result: BaseModel, student: "nn.Module", teacher: "nn.Module | None" = None) -> RecordDict:
+    """A ``train.visit`` reply: the student (and the teacher, when it moved during the visit) and
+    the visit's scalar metrics."""
+    content = RecordDict({STUDENT: model_record(student), METRICS: metrics_record(result.model_dump(exclude={"site"}))})
+    if teacher is not None:
+        content[TEACHER] = model_record(teacher)
+    return content
+
+
+def evaluation_content(results: dict[str, dict], per_class: bool) -> RecordDict:
+    """An ``evaluate.round`` reply: per model label, its metrics (per-class AUCs only with ``per_class``)."""
+    return RecordDict({label: metrics_record(r if per_class else {k: v for k, v in r.items() if k != "auc"})
+                       for label, r in results.items()})
 
 
 _ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:\\|/)[^\s'\"<>|:,;)]+")
