@@ -4,14 +4,16 @@ before a returned model touches the student, the teacher or the checkpoint.
 A site is trusted with its own data, not with the federation's model: a bug, a bad learning rate
 or a hostile site can return NaN weights, tensors of another shape, or claim a million examples
 to dominate a parallel-mode average. :func:`check_update` says what is wrong with a returned
-state (one line) or None; the caller skips that visit and carries on. No Flower here: the same
-checks serve the Flower ServerApp, the shared loop and the tests.
+state (one line) or None; the caller skips that visit and carries on. A finished visit, local or
+decoded from a Flower reply, is one :class:`VisitReply`; the Ark loop passes every one through
+:func:`check_reply` (the one gate) before it is used. No Flower here.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from arkfed.errors import ArkfedError
@@ -19,6 +21,8 @@ from arkfed.errors import ArkfedError
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from arkfed.ark.tasks import SiteHeads
+    from arkfed.ark.visit import VisitResult
     from arkfed.config import TrainSettings
 
 
@@ -103,4 +107,36 @@ def check_update(
         norm = update_norm(reference, update)
         if not norm <= max_norm:
             return f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}"
+    return None
+
+
+@dataclass
+class VisitReply:
+    """A finished visit, from an in-process site or decoded from a Flower reply: its scalar result,
+    the returned student (and teacher, with per-iteration EMA), ``extra`` fields for the metrics
+    line (e.g. bytes sent and received) and, for in-process sites, the trained heads (kept only if
+    the reply is accepted). Unchecked until :func:`check_reply` says it may be used."""
+
+    result: VisitResult
+    student: dict[str, Tensor]
+    teacher: dict[str, Tensor] | None = None
+    extra: dict = field(default_factory=dict)
+    heads: SiteHeads | None = None
+
+
+def check_reply(reply: VisitReply, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor], split_size: int | None,
+                max_norm: float | None = None) -> str | None:
+    """The one gate for a returned visit, local or remote: why ``reply`` must not be used, or None.
+
+    The returned student (and teacher, when one came back) pass :func:`check_update` against the
+    states that were sent (``student``, ``teacher``) with ``split_size`` the bound from the site's
+    declared training split (:func:`max_examples`); ``max_norm`` bounds the student only.
+    """
+    checks = [("student", student, reply.student, max_norm)]
+    if reply.teacher is not None:
+        checks.append(("teacher", teacher, reply.teacher, None))
+    for name, sent, state, norm in checks:
+        reason = check_update(sent, state, reply.result.num_examples, split_size, norm)
+        if reason is not None:
+            return f"returned {name}: {reason}"
     return None

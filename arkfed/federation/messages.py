@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from pydantic import BaseModel
 
+from arkfed.ark.updates import VisitReply
 from arkfed.errors import ArkfedError
 
 if TYPE_CHECKING:
@@ -191,6 +192,96 @@ def request_content(request: ConfigRecord, **arrays: ArrayRecord) -> RecordDict:
     return content
 
 
+# -- requests, decoded at the site; replies, encoded there ----------------------------------------
+class BadRequest(ArkfedError):
+    """A request field the site refuses as missing or invalid; ``public`` (what the coordinator is
+    told) names the field and why, never its value."""
+
+    def __init__(self, message: str, *, public: str):
+        super().__init__(message)
+        self.public = public
+
+
+def _field(record: ConfigRecord, key: str, kind: type) -> Any:
+    """One request field as ``kind`` (a pydantic model or a JSON type); :class:`BadRequest` if it is not."""
+    from pydantic import ValidationError
+
+    try:
+        value = read_json(record, key, kind if issubclass(kind, BaseModel) else None)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join([key, *map(str, err["loc"])])
+        raise BadRequest(f"invalid {key} in the request: {exc}", public=f"invalid_request: {where}: {err['msg']}") from None
+    except (ArkfedError, ValueError) as exc:
+        raise BadRequest(str(exc), public=f"invalid_request: {key}: missing or malformed") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise BadRequest(f"{key} in the request is a {type(value).__name__}, expected {kind.__name__}",
+                         public=f"invalid_request: {key}: expected {kind.__name__}")
+    return value
+
+
+@dataclass
+class SiteRequest:
+    """A ``train.visit`` (with ``plan``) or ``evaluate.round`` (with ``split``) request, every
+    field validated; the model arrays are unpacked by :meth:`models` once the site's policy allowed it."""
+
+    settings: Any  # arkfed.config.TrainSettings
+    spec: Any  # arkfed.spec.ModelSpec
+    run_uid: str
+    schemas: dict
+    head_from: int
+    pending: float
+    content: RecordDict
+    plan: Any = None  # arkfed.config.VisitPlan
+    split: str | None = None
+
+    def models(self) -> tuple["nn.Module", "nn.Module"]:
+        """The student and teacher sent along (the teacher frozen)."""
+        from arkfed.model.ark import ArkModel
+
+        student, teacher = ArkModel(self.spec), ArkModel(self.spec)
+        load_model_record(student, self.content[STUDENT], "student")
+        load_model_record(teacher, self.content[TEACHER], "teacher")
+        teacher.requires_grad_(False)
+        return student, teacher
+
+    def initial_head(self, head: "nn.Module", site: str) -> None:
+        """Load the initial head sent along (``head_from`` is :data:`NO_HEAD`) into ``head``."""
+        if HEAD not in self.content:
+            raise ArkfedError("request starts a new head but carries no initial head", site=site)
+        load_model_record(head, self.content[HEAD], "initial head")
+
+
+def read_site_request(content: RecordDict, kind: str) -> SiteRequest:
+    """A ``train.visit`` or ``evaluate.round`` request, decoded (raises :class:`BadRequest`)."""
+    from arkfed.config import TrainSettings, VisitPlan
+    from arkfed.spec import ModelSpec
+
+    record = content[REQUEST]
+    plan = _field(record, "plan", VisitPlan) if kind == VISIT else None
+    settings, spec = _field(record, "settings", TrainSettings), _field(record, "spec", ModelSpec)
+    split = _field(record, "split", str) if kind == EVALUATE else None
+    return SiteRequest(settings, spec, _field(record, "run_uid", str), _field(record, "schemas", dict), _field(record, "head_from", int),
+                       _field(record, "pending", float), content, plan=plan, split=split)
+
+
+def visit_content(result: BaseModel, student: "nn.Module", teacher: "nn.Module | None" = None) -> RecordDict:
+    """A ``train.visit`` reply: the student (and the teacher, when it moved during the visit) and
+    the visit's scalar metrics."""
+    content = RecordDict({STUDENT: model_record(student), METRICS: metrics_record(result.model_dump(exclude={"site"}))})
+    if teacher is not None:
+        content[TEACHER] = model_record(teacher)
+    return content
+
+
+def evaluation_content(results: dict[str, dict], per_class: bool) -> RecordDict:
+    """An ``evaluate.round`` reply: per model label, its metrics (per-class AUCs only with ``per_class``)."""
+    return RecordDict({label: metrics_record(r if per_class else {k: v for k, v in r.items() if k != "auc"})
+                       for label, r in results.items()})
+
+
 _ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:\\|/)[^\s'\"<>|:,;)]+")
 
 
@@ -221,9 +312,11 @@ def describe_content(content: RecordDict) -> dict[str, dict]:
 
 
 # -- replies, parsed before use ------------------------------------------------------------------
-# A site's reply is input from another institution: every field is checked here, and what does
-# not fit raises BadReply with one line saying why, so the coordinator skips that reply instead of
-# crashing on a missing key, a metric that overwrites a record field, or an unusable model.
+# A site's reply is input from another institution: every field is decoded here, and what does
+# not fit the wire format raises BadReply with one line saying why, so the coordinator skips that
+# reply instead of crashing on a missing key, a metric that overwrites a record field, or arrays
+# that are not the model's. Whether a decoded model may be used is decided in one place, the Ark
+# loop's gate (:func:`arkfed.ark.updates.check_reply`), for local and remote visits alike.
 
 RESERVED_METRICS = frozenset({"kind", "round", "visit", "site", "model", "split", "time"})
 """Fields the coordinator's metrics records set themselves; a reply may not carry them as metrics."""
@@ -231,15 +324,6 @@ RESERVED_METRICS = frozenset({"kind", "round", "visit", "site", "model", "split"
 
 class BadReply(ArkfedError):
     """A reply the coordinator will not use (the visit or evaluation is skipped, not retried)."""
-
-
-@dataclass
-class VisitReply:
-    """A checked ``train.visit`` reply: its scalar result and the returned model states."""
-
-    result: Any  # arkfed.ark.visit.VisitResult
-    student: dict
-    teacher: dict | None
 
 
 def _record(content: RecordDict, key: str, kind: type, what: str):
@@ -271,14 +355,13 @@ def _unpack(module, record: ArrayRecord, what: str) -> dict:
         raise BadReply(f"{what} arrays cannot be unpacked ({type(exc).__name__})") from None
 
 
-def read_visit_reply(content: RecordDict, plan, student: "nn.Module", teacher: "nn.Module", with_teacher: bool,
-                     max_examples: int | None, max_norm: float | None = None) -> VisitReply:
-    """The reply to ``plan``'s visit, checked: metrics are exactly a VisitResult for this visit
-    (finite), the student (and with per-iteration EMA the teacher) passes
-    :func:`arkfed.ark.updates.check_update` against the state that was sent; raises :class:`BadReply`."""
+def read_visit_reply(content: RecordDict, plan, student: "nn.Module", teacher: "nn.Module", with_teacher: bool) -> VisitReply:
+    """The reply to ``plan``'s visit, decoded: metrics are exactly a VisitResult for this visit
+    (finite), the student (and with per-iteration EMA the teacher) unpacks into a state shaped like
+    ``student`` (``teacher``); raises :class:`BadReply`. The states are not checked here: the loop's
+    gate (:func:`arkfed.ark.updates.check_reply`) checks every visit's."""
     from pydantic import ValidationError
 
-    from arkfed.ark.updates import check_update
     from arkfed.ark.visit import VisitResult
 
     values = _metric_values(_record(content, METRICS, MetricRecord, "visit reply"), "visit reply",
@@ -296,17 +379,10 @@ def read_visit_reply(content: RecordDict, plan, student: "nn.Module", teacher: "
     bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise BadReply(f"visit reply: metric {bad[0]!r} is not finite")
-    states = {STUDENT: (student, True), TEACHER: (teacher, with_teacher)}
-    unpacked = {}
-    for name, (module, wanted) in states.items():
-        if not wanted:
-            continue
-        state = _unpack(module, _record(content, name, ArrayRecord, "visit reply"), f"returned {name}")
-        reason = check_update(module.state_dict(), state, result.num_examples, max_examples, max_norm if name == STUDENT else None)
-        if reason is not None:
-            raise BadReply(f"returned {name}: {reason}")
-        unpacked[name] = state
-    return VisitReply(result, unpacked[STUDENT], unpacked.get(TEACHER))
+    returned = _unpack(student, _record(content, STUDENT, ArrayRecord, "visit reply"), f"returned {STUDENT}")
+    if with_teacher:
+        return VisitReply(result, returned, _unpack(teacher, _record(content, TEACHER, ArrayRecord, "visit reply"), f"returned {TEACHER}"))
+    return VisitReply(result, returned)
 
 
 def read_eval_reply(content: RecordDict, classes: tuple[str, ...], split_size: int | None) -> dict[str, dict]:

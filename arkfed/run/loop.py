@@ -8,9 +8,9 @@ Either way a site runs :mod:`arkfed.ark.tasks` on the weights it is given.
 A run is a list of *groups* (:func:`arkfed.run.plan.plan_groups`): visits that start from the same
 student and end in one teacher update. Cyclic mode (Ark) has one visit per group; parallel mode
 (the federated variant of Ark+) has every site of a round in one group, whose returned students
-are averaged (equal or sample weights) before the teacher's EMA step. Every returned update is
-checked (:func:`arkfed.ark.updates.check_update`) before it touches the student; a visit that fails or
-is refused is skipped and recorded, and the run goes on.
+are averaged (equal or sample weights) before the teacher's EMA step. Every returned update, local
+or remote, is checked here and only here (:func:`arkfed.ark.updates.check_reply`) before it touches
+the student; a visit that fails or is refused is skipped and recorded, and the run goes on.
 
 After each group the checkpoint is written (visit counter, student, teacher, in-process heads and
 the teacher clock in one file); after each round every site evaluates student and teacher. Resume
@@ -28,7 +28,7 @@ from typing import Mapping, Protocol, Sequence
 import torch
 
 from arkfed.ark.pair import SiteHeads
-from arkfed.ark.visit import VisitResult
+from arkfed.ark.updates import VisitReply, check_reply, max_examples
 from arkfed.config import TrainConfig, VisitPlan, derive_seed
 from arkfed.data.schema import LabelSchema
 from arkfed.errors import ArkfedError
@@ -56,18 +56,6 @@ class SiteInfo:
     schema: LabelSchema
     sizes: dict[str, int]
     fingerprint: dict = field(default_factory=dict)
-
-
-@dataclass
-class VisitReply:
-    """A finished visit: its scalar result, the returned student (and teacher, with per-iteration
-    EMA), and ``extra`` fields for the metrics line (e.g. bytes and round-trip time)."""
-
-    result: VisitResult
-    student: dict[str, torch.Tensor]
-    teacher: dict[str, torch.Tensor] | None = None
-    extra: dict = field(default_factory=dict)
-    heads: SiteHeads | None = None  # in-process sites: the trained heads, kept only if accepted
 
 
 class Sites(Protocol):
@@ -169,10 +157,13 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
 
 # -- the loop -------------------------------------------------------------------------------------
 class ArkLoop:
-    """One run of Ark over ``sites``, writing ``run`` (see the module docstring)."""
+    """One run of Ark over ``sites``, writing ``run`` (see the module docstring); ``max_update_norm``
+    bounds how far (L2) a returned student may be from the one sent (None: no bound)."""
 
-    def __init__(self, config: TrainConfig, run: RunFolder, sites: Sites, callbacks: Sequence[LoopCallback] = ()):
+    def __init__(self, config: TrainConfig, run: RunFolder, sites: Sites, callbacks: Sequence[LoopCallback] = (),
+                 max_update_norm: float | None = None):
         self.config, self.run, self.sites = config, run, sites
+        self.max_update_norm = max_update_norm
         self.callbacks = CallbackList([MetricsLog(run), *callbacks])
         self.schemas: dict[str, LabelSchema] = {}
         self.infos: dict[str, SiteInfo] = {}
@@ -191,7 +182,7 @@ class ArkLoop:
             if not isinstance(reply, SiteFailure):
                 problem = self._update_problem(state, plan.site, reply)
                 if problem is not None:
-                    reply = SiteFailure(f"update rejected: {problem}", refused=True)
+                    reply = SiteFailure(f"rejected reply: {problem}", refused=True)
             if isinstance(reply, SiteFailure):
                 self._skip("visit", plan.round, plan.visit, plan.site, reply.reason)
             else:
@@ -199,16 +190,11 @@ class ArkLoop:
         return accepted
 
     def _update_problem(self, state: RunState, site: str, reply: VisitReply) -> str | None:
-        """The one gate for every returned update, local or remote (:func:`arkfed.ark.updates.check_update`):
-        the model's keys, dtypes and shapes, finite values, and ``num_examples`` within what the
-        site's declared training split allows (it weights the parallel-mode average)."""
-        from arkfed.ark.updates import check_update, max_examples
-
+        """The one gate for every returned update, local or remote (:func:`arkfed.ark.updates.check_reply`):
+        the model's keys, dtypes and shapes, finite values, ``num_examples`` within what the site's
+        declared training split allows (it weights the parallel-mode average), the update's norm."""
         bound = max_examples(self.infos[site].sizes.get("train", 0), self.config.settings)
-        problem = check_update(state.student.state_dict(), reply.student, reply.result.num_examples, bound, None)
-        if problem is None and reply.teacher is not None:
-            problem = check_update(state.teacher.state_dict(), reply.teacher, reply.result.num_examples, bound, None)
-        return problem
+        return check_reply(reply, state.student.state_dict(), state.teacher.state_dict(), bound, self.max_update_norm)
 
     def _apply(self, state: RunState, group: Sequence[VisitPlan], accepted: list[tuple[VisitPlan, VisitReply]]) -> None:
         """The student (averaged in parallel mode), then the teacher's EMA step for the group."""

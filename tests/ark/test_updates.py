@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from arkfed.ark.updates import NonFiniteError, check_finite, check_update, max_examples, update_norm
+from arkfed.ark.updates import NonFiniteError, check_finite, check_reply, check_update, max_examples, update_norm
 from arkfed.config import TrainSettings, VisitPlan
 from arkfed.data.loaders import visit_draws
 from arkfed.errors import ArkfedError
@@ -87,7 +87,12 @@ def _visit_content(model: ArkModel, **metric_changes) -> RecordDict:
 
 
 def _read(content, model, bound=32, norm=None):
-    return m.read_visit_reply(content, PLAN, model, model, False, bound, norm)
+    """Decoded (messages), then through the loop's one gate (check_reply), as the coordinator does."""
+    reply = m.read_visit_reply(content, PLAN, model, model, False)
+    problem = check_reply(reply, model.state_dict(), model.state_dict(), bound, norm)
+    if problem is not None:
+        raise m.BadReply(problem)
+    return reply
 
 
 def test_a_good_visit_reply_is_parsed_into_the_result_and_the_returned_state(model):
@@ -95,6 +100,24 @@ def test_a_good_visit_reply_is_parsed_into_the_result_and_the_returned_state(mod
     assert reply.result.site == "a" and reply.result.num_examples == 16 and reply.teacher is None
     expected = _trained(model)
     assert all(torch.equal(reply.student[k], expected[k]) for k in expected)
+
+
+def test_the_one_gate_checks_the_returned_teacher_too_and_bounds_only_the_students_norm(model):
+    reply = _read(_visit_content(model), model)
+    ref = model.state_dict()
+    norm = update_norm(ref, reply.student)
+    assert check_reply(reply, ref, ref, 32, norm * 1.01) is None
+    assert check_reply(reply, ref, ref, 32, norm * 0.99).startswith("returned student: update norm")
+    reply.teacher = {k: v.clone() for k, v in _trained(_trained_model(model, 100.0)).items()}
+    assert check_reply(reply, ref, ref, 32, norm * 1.01) is None  # far from the sent teacher: no norm bound on it
+    next(v for v in reply.teacher.values() if v.dtype.is_floating_point).view(-1)[0] = math.nan
+    assert check_reply(reply, ref, ref, 32, None).startswith("returned teacher: non-finite values")
+
+
+def _trained_model(model: ArkModel, shift: float) -> ArkModel:
+    moved = copy.deepcopy(model)
+    moved.load_state_dict({k: v + shift if v.dtype.is_floating_point else v for k, v in model.state_dict().items()})
+    return moved
 
 
 def _replace(record: ArrayRecord, dtype: str, array: np.ndarray) -> ArrayRecord:

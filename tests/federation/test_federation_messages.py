@@ -116,3 +116,29 @@ def test_describe_content_lists_array_shapes_and_metric_values():
     assert set(described["student"]["arrays"]) == {"float32", "int64"}
     assert described["metrics"] == {"kind": "metrics", "values": {"loss": 0.25}}
     assert np.isclose(described["student"]["bytes"], content["student"].count_bytes())
+
+
+def test_a_site_request_is_decoded_once_and_a_bad_field_is_refused_by_name():
+    settings = TrainSettings()
+    source = _perturbed_model(1)
+    record = m.json_record(run_uid="r1", spec=SPEC, settings=settings, head_from=m.NO_HEAD, schemas={}, pending=1, split="val")
+    content = m.request_content(record, **{m.STUDENT: m.model_record(source), m.TEACHER: m.model_record(source)})
+    request = m.read_site_request(content, m.EVALUATE)
+    assert (request.run_uid, request.split, request.head_from, request.pending, request.plan) == ("r1", "val", m.NO_HEAD, 1.0, None)
+    assert request.settings == settings and request.spec == SPEC
+    student, teacher = request.models()
+    assert torch.equal(next(iter(student.state_dict().values())), next(iter(source.state_dict().values())))
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ArkfedError, match="carries no initial head"):
+        request.initial_head(ArkModel(SPEC), "a")
+    for key, text, public in (("head_from", '"3"', "invalid_request: head_from: expected int"),
+                              ("pending", "true", "invalid_request: pending: expected float"),
+                              ("settings", '{"batch_size": 0}', "invalid_request: settings.batch_size: Input should be greater than"),
+                              ("run_uid", "{not json", "invalid_request: run_uid: missing or malformed")):
+        broken = m.json_record(run_uid="r1", spec=SPEC, settings=settings, head_from=0, schemas={}, pending=1.0, split="val")
+        broken[key] = text
+        with pytest.raises(m.BadRequest) as info:
+            m.read_site_request(m.request_content(broken), m.EVALUATE)
+        assert info.value.public.startswith(public)
+    with pytest.raises(m.BadRequest, match="lacks 'plan'"):
+        m.read_site_request(content, m.VISIT)

@@ -183,8 +183,6 @@ class FlowerSites:
         return results
 
     def visit(self, state: RunState, plans: Sequence[VisitPlan]) -> dict[str, VisitReply | SiteFailure]:
-        from arkfed.ark.updates import max_examples
-
         answers: dict[str, VisitReply | SiteFailure] = {}
         replies = self._send(state, m.VISIT, {p.site: p for p in plans}, str(plans[0].round))
         for plan in plans:
@@ -192,11 +190,9 @@ class FlowerSites:
             if isinstance(reply, SiteFailure):
                 answers[plan.site] = reply
                 continue
-            try:  # issue 8: checked before use (arkfed.ark.updates.check_update); a bad reply skips the visit
-                declared = max_examples(self.infos[plan.site].sizes.get("train", 0), self.config.settings)
+            try:  # issue 8: decoded here, checked by the loop's gate (arkfed.ark.updates.check_reply) like a local visit
                 iteration = self.config.settings.ema == "iteration"
-                checked = m.read_visit_reply(reply.content, plan, state.student, state.teacher, iteration, declared,
-                                             self.fed.max_update_norm)
+                decoded = m.read_visit_reply(reply.content, plan, state.student, state.teacher, iteration)
             except m.BadReply as exc:
                 answers[plan.site] = SiteFailure(f"rejected reply: {exc}", refused=True)
                 continue
@@ -204,8 +200,8 @@ class FlowerSites:
                 answers[plan.site] = SiteFailure(f"malformed reply: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}", refused=True)
                 continue
             received = sum(r.count_bytes() for r in reply.content.array_records.values())
-            extra = {"bytes_sent": self.sent_bytes.get(plan.site, 0), "bytes_received": received}
-            answers[plan.site] = VisitReply(checked.result, checked.student, checked.teacher, extra=extra)
+            decoded.extra = {"bytes_sent": self.sent_bytes.get(plan.site, 0), "bytes_received": received}
+            answers[plan.site] = decoded
         return answers
 
     def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None:
@@ -241,7 +237,7 @@ def run_federation(grid: Grid, run_dir: Path, flower_run_id: int | None = None) 
     sites = FlowerSites(grid, run.path, fed, CallbackList(callbacks))
     try:
         # `arkfed coordinator` wrote config.yaml: a checkpoint means resume, none means a fresh start
-        return ArkLoop(config, run, sites, callbacks).run_loop(resume=True)
+        return ArkLoop(config, run, sites, callbacks, max_update_norm=fed.max_update_norm).run_loop(resume=True)
     except BaseException as exc:
         status.fail(str(exc) or type(exc).__name__)
         print(f"run failed: {exc}", flush=True)

@@ -8,6 +8,9 @@ Each handler is a thin shell around the functions local mode uses:
 - ``train.visit``: :func:`arkfed.ark.tasks.visit_site`, unchanged, on the received weights;
 - ``evaluate.round``: :func:`arkfed.ark.tasks.evaluate_site_models`; metrics only.
 
+A visit or an evaluation reads as: decode the request (:func:`arkfed.federation.messages.read_site_request`),
+check it against the site's policy, run :mod:`arkfed.ark.tasks`, encode the reply.
+
 The site's heads (the student's and the teacher's) never leave: they are kept in the node's
 context state and in its
 ``local_state_dir`` (:class:`~arkfed.federation.site.heads.HeadStore`).
@@ -87,11 +90,11 @@ def load_node_site(context: Context):
     return load_site(node_site_config(context), _plugins_dirs(context))
 
 
-def _check_schema(site, request) -> None:
-    """Refuse when the run recorded a different schema for this site."""
+def _check_schema(site, schemas: dict) -> None:
+    """Refuse when the run recorded (in ``schemas``) a different schema for this site."""
     from arkfed.data.schema import LabelSchema
 
-    recorded = m.read_json(request, "schemas").get(site.name)
+    recorded = schemas.get(site.name)
     if recorded is not None:
         expected = LabelSchema.model_validate(recorded)
         if expected != site.schema:
@@ -99,26 +102,23 @@ def _check_schema(site, request) -> None:
             raise SiteRefusal(text, public=f"schema_mismatch: {text}")
 
 
-def _head_stores(site, request, context: Context) -> tuple[HeadStore, HeadStore]:
-    run_uid = m.read_json(request, "run_uid")
+def _head_stores(site, run_uid: str, context: Context) -> tuple[HeadStore, HeadStore]:
     return tuple(HeadStore(site.config.local_state_dir, run_uid, site.name, site.schema, context.state, kind)
                  for kind in ("head", "teacher-head"))
 
 
-def _start_heads(stores: tuple[HeadStore, HeadStore], site, request, content: RecordDict, embed_dim: int) -> SiteHeads:
+def _start_heads(stores: tuple[HeadStore, HeadStore], site, request: m.SiteRequest, embed_dim: int) -> SiteHeads:
     """The heads this request starts from: a stored version, or the initial head sent along (the
     teacher's head then starts as its copy)."""
     from arkfed.model.ark import SiteHead
 
-    version = int(m.read_json(request, "head_from"))
+    version = request.head_from
     student_store, teacher_store = stores
     if version == m.NO_HEAD:
         head = student_store.load(m.NO_HEAD)
         if head is None:
-            if m.HEAD not in content:
-                raise ArkfedError("request starts a new head but carries no initial head", site=site.name)
             head = SiteHead(site.name, site.schema, embed_dim)
-            m.load_model_record(head, content[m.HEAD], "initial head")
+            request.initial_head(head, site.name)
             student_store.save(m.NO_HEAD, head)
         return SiteHeads.fresh(head)
     head, teacher = student_store.load(version), teacher_store.load(version)
@@ -131,26 +131,14 @@ def _start_heads(stores: tuple[HeadStore, HeadStore], site, request, content: Re
     return SiteHeads(head, teacher)
 
 
-def _models(content: RecordDict, request):
-    from arkfed.model.ark import ArkModel
-    from arkfed.spec import ModelSpec
-
-    spec = _read(request, "spec", ModelSpec)
-    student, teacher = ArkModel(spec), ArkModel(spec)
-    m.load_model_record(student, content[m.STUDENT], "student")
-    m.load_model_record(teacher, content[m.TEACHER], "teacher")
-    teacher.requires_grad_(False)
-    return student, teacher
-
-
 def hello(msg: Message, context: Context) -> Message:
     """Name, schema and split sizes of this site (after checking the run's schema record)."""
     site = load_node_site(context)
     request = msg.content[m.REQUEST]
     member = site.name in m.read_json(request, "sites")
     if member:
-        _check_schema(site, request)
-        for store in _head_stores(site, request, context):
+        _check_schema(site, m.read_json(request, "schemas"))
+        for store in _head_stores(site, m.read_json(request, "run_uid"), context):
             store.check_recorded_schema()
     sizes = {name: len(table) for name, table in site.splits.items()}
     content = RecordDict({
@@ -160,32 +148,16 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _read(request, key: str, model=None):
-    """A request field, validated; a field that does not validate is refused (naming the field,
-    never its value)."""
-    from pydantic import ValidationError
-
-    try:
-        return m.read_json(request, key, model)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join([key, *map(str, err["loc"])])
-        raise SiteRefusal(f"invalid {key} in the request: {exc}", public=f"invalid_request: {where}: {err['msg']}") from None
-    except ArkfedError as exc:
-        raise SiteRefusal(str(exc), public=f"invalid_request: {key}: missing or malformed") from None
-
-
-def _enforce_policy(config, kind: str, request, settings, spec, plan=None, split=None, train_size=None) -> None:
+def _enforce_policy(config, kind: str, request: m.SiteRequest, train_size: int | None = None) -> None:
     """The site's policy decides before anything is loaded: :func:`arkfed.site.policy.check_request`,
     then (``approval: manual``) the operator's approval of the run's fingerprint."""
     from arkfed.site.policy import check_request, run_fingerprint, wait_for_approval
 
-    policy = config.policy
-    refusal = check_request(policy, kind, settings, plan=plan, split=split, spec=spec, train_size=train_size)
+    policy, settings, spec, run_uid = config.policy, request.settings, request.spec, request.run_uid
+    refusal = check_request(policy, kind, settings, plan=request.plan, split=request.split, spec=spec, train_size=train_size)
     if refusal is None and policy.approval == "manual" and train_size is not None:
-        run_uid = str(_read(request, "run_uid"))
         fingerprint = run_fingerprint(run_uid, spec, settings)
-        details = {"site": config.name, "run_uid": run_uid, "request": kind, "split": split,
+        details = {"site": config.name, "run_uid": run_uid, "request": kind, "split": request.split,
                    "model": spec.model_dump(mode="json"), "settings": settings.model_dump(mode="json")}
         refusal = wait_for_approval(config.local_state_dir, fingerprint, details, policy.approval_timeout)
     if refusal is not None:
@@ -201,38 +173,29 @@ def visit(msg: Message, context: Context) -> Message:
     """One Ark site visit on the received student/teacher (:func:`arkfed.ark.tasks.visit_site`,
     exactly as in local mode), within the site's policy; the heads stay here, versioned by visit."""
     from arkfed.ark.tasks import check_finite, visit_site
-    from arkfed.config import TrainSettings, VisitPlan
     from arkfed.site.policy import apply_memory_limit
-    from arkfed.spec import ModelSpec
 
     config = node_site_config(context)
-    request = msg.content[m.REQUEST]
-    plan = _read(request, "plan", VisitPlan)
-    settings = _read(request, "settings", TrainSettings)
-    spec = _read(request, "spec", ModelSpec)
+    request = m.read_site_request(msg.content, m.VISIT)
+    plan, settings = request.plan, request.settings
     if plan.site != config.name:
         raise SiteRefusal(f"was sent visit {plan.visit}, which is planned for site {plan.site!r}", site=config.name,
                           public=f"wrong_site: visit {plan.visit} is planned for site {plan.site!r}")
-    _enforce_policy(config, "visit", request, settings, spec, plan=plan)  # before reading any data
+    _enforce_policy(config, "visit", request)  # before reading any data
     site = load_node_site(context)
-    _enforce_policy(config, "visit", request, settings, spec, plan=plan, train_size=_train_size(site))
-    _check_schema(site, request)
-    stores = _head_stores(site, request, context)
-    student, teacher = _models(msg.content, request)
-    heads = _start_heads(stores, site, request, msg.content, student.embed_dim)
+    _enforce_policy(config, "visit", request, train_size=_train_size(site))
+    _check_schema(site, request.schemas)
+    stores = _head_stores(site, request.run_uid, context)
+    student, teacher = request.models()
+    heads = _start_heads(stores, site, request, student.embed_dim)
     apply_memory_limit(config.policy, config.compute.device)
-    result = visit_site(ArkPair(student, teacher, heads), site, settings, plan, float(_read(request, "pending")))
-    if settings.ema == "iteration":  # visit_site checked the student and its head
+    result = visit_site(ArkPair(student, teacher, heads), site, settings, plan, request.pending)
+    iteration = settings.ema == "iteration"  # the teacher moved during the visit: it goes back too
+    if iteration:  # visit_site checked the student and its head
         check_finite(teacher, "teacher", site.name)
     stores[0].save(plan.visit, heads.student)
     stores[1].save(plan.visit, heads.teacher)
-    content = RecordDict({
-        m.STUDENT: m.model_record(student),
-        m.METRICS: m.metrics_record(result.model_dump(exclude={"site"})),
-    })
-    if settings.ema == "iteration":  # the teacher moved during the visit
-        content[m.TEACHER] = m.model_record(teacher)
-    return Message(content, reply_to=msg)
+    return Message(m.visit_content(result, student, teacher if iteration else None), reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -240,32 +203,24 @@ def evaluate(msg: Message, context: Context) -> Message:
     mode evaluates (:func:`arkfed.ark.tasks.evaluate_site_models`): metrics only (per-class AUCs
     only where the site's policy allows them)."""
     from arkfed.ark.tasks import evaluate_site_models
-    from arkfed.config import TrainSettings
     from arkfed.site.policy import apply_memory_limit
-    from arkfed.spec import ModelSpec
 
     config = node_site_config(context)
-    request = msg.content[m.REQUEST]
-    settings = _read(request, "settings", TrainSettings)
-    spec = _read(request, "spec", ModelSpec)
-    split = _read(request, "split")
-    _enforce_policy(config, "evaluate", request, settings, spec, split=split)
+    request = m.read_site_request(msg.content, m.EVALUATE)
+    settings, split = request.settings, request.split
+    _enforce_policy(config, "evaluate", request)
     site = load_node_site(context)
-    _enforce_policy(config, "evaluate", request, settings, spec, split=split, train_size=_train_size(site))
-    _check_schema(site, request)
-    content = RecordDict()
+    _enforce_policy(config, "evaluate", request, train_size=_train_size(site))
+    _check_schema(site, request.schemas)
+    results = {}
     table = site.splits.get(split)
     if table is not None and len(table) > 0:
-        stores = _head_stores(site, request, context)
-        student, teacher = _models(msg.content, request)
-        heads = _start_heads(stores, site, request, msg.content, student.embed_dim)
+        stores = _head_stores(site, request.run_uid, context)
+        student, teacher = request.models()
+        heads = _start_heads(stores, site, request, student.embed_dim)
         apply_memory_limit(config.policy, config.compute.device)
-        pending = float(_read(request, "pending"))
-        for label, result in evaluate_site_models(ArkPair(student, teacher, heads), site, settings, split, pending).items():
-            if not config.policy.per_class_metrics:
-                result = {k: v for k, v in result.items() if k != "auc"}
-            content[label] = m.metrics_record(result)
-    return Message(content, reply_to=msg)
+        results = evaluate_site_models(ArkPair(student, teacher, heads), site, settings, split, request.pending)
+    return Message(m.evaluation_content(results, config.policy.per_class_metrics), reply_to=msg)
 
 
 # -- what leaves the site when something fails ------------------------------------------------
@@ -278,7 +233,7 @@ def public_error(exc: BaseException) -> tuple[int, str]:
 
     from arkfed.ark.updates import NonFiniteError
 
-    if isinstance(exc, SiteRefusal):
+    if isinstance(exc, (SiteRefusal, m.BadRequest)):
         return SITE_REFUSED, " ".join(exc.public.split())[:2000]
     if isinstance(exc, NonFiniteError):
         return SITE_FAILED, exc.category
