@@ -79,7 +79,7 @@ def test_validate_load_error_is_one_line(tmp_path, monkeypatch, capsys):
     code, output = run_main(monkeypatch, capsys, "validate", tmp_path / "s.yaml")
     assert code == 1
     lines = [line for line in output.splitlines() if line.strip()]
-    allowed = "name, dataset, root, options, split, labels, image_size, state_dir, max_images, cache, compute, policy"
+    allowed = "name, dataset, root, options, split, split_lists, labels, image_size, state_dir, max_images, cache, compute, policy"
     assert lines == [f"error: {tmp_path / 's.yaml'}: field 'extra_key': unknown key (allowed: {allowed})"]
 
 
