@@ -100,10 +100,7 @@ def bias_analysis(model: ArkModel, train: DatasetTable, test: DatasetTable, sche
     """AUC of each (train sex, test sex) pair per finding, and the same-vs-other-sex gaps with p-values."""
     tr, te = (embed_table(model, t, schema, settings.features, settings.batch_size, settings.device) for t in (train, test))
     train_rows = balanced_train_rows(train, settings.seed, settings.balance)
-    test_rows = {s: sex_rows(test, s) for s in SEXES}
-    for s, r in test_rows.items():
-        if len(r) < 2:
-            raise ArkfedError(f"the test split has {len(r)} images with sex {s!r}; the bias protocol needs both sexes recorded")
+    test_rows = _test_rows(test)
     scores = {s: scores_from_logits(fit_probe_logits(subset(tr, r), te, schema, settings.c, settings.seed), schema.task)
               for s, r in train_rows.items()}
     groups, unit = bootstrap_groups(test, len(test))
@@ -111,24 +108,56 @@ def bias_analysis(model: ArkModel, train: DatasetTable, test: DatasetTable, sche
     for k, name in enumerate(schema.classes):
         entry: dict = {}
         for test_sex, rows in test_rows.items():
-            other = "F" if test_sex == "M" else "M"
             keep = rows[te.mask[rows, k] > 0]
             y = te.targets[keep, k] > 0.5
-            same, cross, p = delong_test(y, scores[test_sex][keep, k], scores[other][keep, k])
-            few = int(y.sum()) < settings.min_positives
-            entry[f"{test_sex}->{test_sex}"] = same
-            entry[f"{other}->{test_sex}"] = cross
-            entry[f"gap_on_{test_sex}"] = same - cross
-            entry[f"p_on_{test_sex}"] = p
-            entry[f"positives_on_{test_sex}"] = int(y.sum())
-            entry[f"too_few_on_{test_sex}"] = few
+            entry.update(_gap_test(y, {s: scores[s][keep, k] for s in SEXES}, test_sex, settings.min_positives))
             if settings.n_boot > 0:
-                _, local = np.unique(groups[keep], return_inverse=True)
-                for train_sex in SEXES:
-                    reps = np.concatenate([roc_auc(y, scores[train_sex][keep, k], w)
-                                           for w in bootstrap_weights(local, settings.n_boot, settings.seed)])
-                    entry[f"{train_sex}->{test_sex}_ci"] = percentile_interval(reps, settings.n_boot)
+                entry.update(_bootstrap_cis(y, {s: scores[s][keep, k] for s in SEXES}, groups[keep], test_sex, settings))
         findings[name] = entry
+    tests = _adjust_family(findings, settings)
+    return {
+        "features": settings.features, "balanced": settings.balance, "alpha": settings.alpha, "test": "DeLong",
+        "correction": settings.correction, "correction_name": CORRECTION_NAMES[settings.correction],
+        "tests_in_family": len(tests), "min_positives": settings.min_positives,
+        "too_few_positives": sorted({n for n, e in findings.items() if any(e[f"too_few_on_{s}"] for s in SEXES)}),
+        "bootstrap": {"resamples": settings.n_boot, "unit": unit, "level": 0.95, "method": "percentile"},
+        "train_sizes": {s: int(len(r)) for s, r in train_rows.items()},
+        "test_sizes": {s: int(len(r)) for s, r in test_rows.items()},
+        "mean_auc": _mean_aucs(findings),
+        "findings": findings,
+    }
+
+
+def _test_rows(test: DatasetTable) -> dict[str, np.ndarray]:
+    """Test rows per sex; both sexes need at least two images."""
+    rows = {s: sex_rows(test, s) for s in SEXES}
+    for s, r in rows.items():
+        if len(r) < 2:
+            raise ArkfedError(f"the test split has {len(r)} images with sex {s!r}; the bias protocol needs both sexes recorded")
+    return rows
+
+
+def _gap_test(y: np.ndarray, scores: dict[str, np.ndarray], test_sex: str, min_positives: int) -> dict:
+    """One finding on one test sex: the same-sex and other-sex probes' AUCs, their gap and DeLong's p."""
+    other = "F" if test_sex == "M" else "M"
+    same, cross, p = delong_test(y, scores[test_sex], scores[other])
+    return {f"{test_sex}->{test_sex}": same, f"{other}->{test_sex}": cross, f"gap_on_{test_sex}": same - cross, f"p_on_{test_sex}": p,
+            f"positives_on_{test_sex}": int(y.sum()), f"too_few_on_{test_sex}": int(y.sum()) < min_positives}
+
+
+def _bootstrap_cis(y: np.ndarray, scores: dict[str, np.ndarray], groups: np.ndarray, test_sex: str, settings: BiasSettings) -> dict:
+    """Percentile-bootstrap 95% CIs of both probes' AUCs on one test sex, resampling ``groups`` (patients or images)."""
+    _, local = np.unique(groups, return_inverse=True)
+    cis = {}
+    for train_sex in SEXES:
+        reps = np.concatenate([roc_auc(y, scores[train_sex], w) for w in bootstrap_weights(local, settings.n_boot, settings.seed)])
+        cis[f"{train_sex}->{test_sex}_ci"] = percentile_interval(reps, settings.n_boot)
+    return cis
+
+
+def _adjust_family(findings: dict[str, dict], settings: BiasSettings) -> list[tuple[str, str]]:
+    """Correct the p-values of every finding and test sex with enough positives together; mark the
+    significant gaps. Returns the family of tests."""
     tests = [(name, sex) for name in findings for sex in SEXES if not findings[name][f"too_few_on_{sex}"]]
     adjusted = adjust_pvalues([findings[n][f"p_on_{s}"] for n, s in tests], settings.correction)
     for (name, sex), q in zip(tests, adjusted):
@@ -138,22 +167,17 @@ def bias_analysis(model: ArkModel, train: DatasetTable, test: DatasetTable, sche
             entry.setdefault(f"p_adjusted_on_{sex}", float("nan"))
             q = entry[f"p_adjusted_on_{sex}"]
             entry[f"significant_on_{sex}"] = bool(np.isfinite(q) and q < settings.alpha)
+    return tests
+
+
+def _mean_aucs(findings: dict[str, dict]) -> dict[str, float]:
+    """Mean AUC per (train sex, test sex) over the findings with enough positives and a finite AUC."""
     means = {}
     for a in SEXES:
         for b in SEXES:
             values = [e[f"{a}->{b}"] for e in findings.values() if not e[f"too_few_on_{b}"] and np.isfinite(e[f"{a}->{b}"])]
             means[f"{a}->{b}"] = float(np.mean(values)) if values else float("nan")
-    return {
-        "features": settings.features, "balanced": settings.balance, "alpha": settings.alpha, "test": "DeLong",
-        "correction": settings.correction, "correction_name": CORRECTION_NAMES[settings.correction],
-        "tests_in_family": len(tests), "min_positives": settings.min_positives,
-        "too_few_positives": sorted({n for n, e in findings.items() if any(e[f"too_few_on_{s}"] for s in SEXES)}),
-        "bootstrap": {"resamples": settings.n_boot, "unit": unit, "level": 0.95, "method": "percentile"},
-        "train_sizes": {s: int(len(r)) for s, r in train_rows.items()},
-        "test_sizes": {s: int(len(r)) for s, r in test_rows.items()},
-        "mean_auc": means,
-        "findings": findings,
-    }
+    return means
 
 
 def plot_bias(result: dict, path: Path, title: str = "") -> Path:

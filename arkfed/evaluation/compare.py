@@ -56,6 +56,24 @@ class Entry:
     note: str | None = None
 
 
+def compare_entries(paths: list[Path], site, arch: str | None = None, img_size: int = 224) -> list[Entry]:
+    """The teacher of every source, named by its folder or file name (made unique), with its head
+    for ``site`` when that head predicts the site's classes."""
+    from arkfed.evaluation.sources import load_source, model_heads
+
+    entries: list[Entry] = []
+    for path in paths:
+        name = path.name  # a file keeps its suffix: "model.safetensors" never collides with the curve key "model"
+        while name in [e.name for e in entries] or name in ("model", "random"):
+            name += "'"
+        heads, note = model_heads(path, "teacher")
+        head = heads.get(site.name)
+        if head is not None and head.schema.classes != site.schema.classes:
+            head, note = None, f"{path}: head {site.name!r} predicts other classes; own-head AUC skipped"
+        entries.append(Entry(name, load_source(path, "teacher", arch, img_size), head, note))
+    return entries
+
+
 def compare_models(entries: list[Entry], site, settings: CompareSettings) -> dict:
     """Run the protocol of the module docstring for every entry on ``site``."""
     from arkfed.evaluation.curves import REFERENCE

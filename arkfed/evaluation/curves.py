@@ -76,46 +76,64 @@ def summarise_curves(records: list[dict], sizes: list[int | None], metric: str, 
     """
     inits = list(dict.fromkeys(r["init"] for r in records))
     labels = [size_label(s) for s in sizes]
-    table: dict = {}
-    for init in inits:
-        table[init] = {}
-        for label in labels:
-            rows = sorted((r for r in records if r["init"] == init and r["size"] == label), key=lambda r: r["seed"])
-            mean, ci = mean_ci([r["score"] for r in rows])
-            table[init][label] = {"mean": mean, "ci": ci, "seeds": [r["seed"] for r in rows], "values": [r["score"] for r in rows],
-                                  "train_size": rows[0]["train_size"] if rows else None}
-    test = WILCOXON if per_case else PAIRED_T
+    table = {init: {label: _curve_point(records, init, label) for label in labels} for init in inits}
+    comparisons, family = _comparisons(table, [i for i in inits if i != REFERENCE], labels, per_case)
+    _adjust(comparisons, family, correction, alpha, per_case is None)
+    return {
+        "metric": metric, "unit": unit, "sizes": labels, "inits": table, "reference": REFERENCE, "comparisons": comparisons,
+        "test": WILCOXON if per_case else PAIRED_T, "correction": correction, "correction_name": CORRECTION_NAMES[correction],
+        "alpha": alpha, "tests_in_family": int(np.isfinite([comparisons[o][lab]["p"] for o, lab in family]).sum()) if family else 0,
+        "interval": "mean over seeds with a Student-t 95% CI",
+        "pretraining": pretraining_verdict(comparisons.get(RANDOM), labels, unit, len({r["seed"] for r in records})),
+    }
+
+
+def _curve_point(records: list[dict], init: str, label: str) -> dict:
+    """One initialisation at one size: the mean over seeds with its Student-t CI, and the values by seed."""
+    rows = sorted((r for r in records if r["init"] == init and r["size"] == label), key=lambda r: r["seed"])
+    mean, ci = mean_ci([r["score"] for r in rows])
+    return {"mean": mean, "ci": ci, "seeds": [r["seed"] for r in rows], "values": [r["score"] for r in rows],
+            "train_size": rows[0]["train_size"] if rows else None}
+
+
+def _paired_p(ref: dict, oth: dict, per_case: dict | None, other: str, label: str) -> float:
+    """The model against ``other`` at one size: Wilcoxon over test cases, or the paired t-test over shared seeds."""
+    if per_case:
+        return wilcoxon_p(np.nanmean(per_case[(REFERENCE, label)], axis=0), np.nanmean(per_case[(other, label)], axis=0))
+    by_seed = {s: v for s, v in zip(oth["seeds"], oth["values"])}
+    pairs = [(v, by_seed[s]) for s, v in zip(ref["seeds"], ref["values"]) if s in by_seed]
+    return paired_t([a for a, _ in pairs], [b for _, b in pairs])
+
+
+def _comparisons(table: dict, others: list[str], labels: list[str], per_case: dict | None) -> tuple[dict, list[tuple[str, str]]]:
+    """Per other initialisation and size: the model's difference and raw p; and the family of tests, in order."""
     comparisons: dict = {}
     family = []
-    for other in (i for i in inits if i != REFERENCE):
+    for other in others:
         comparisons[other] = {}
         for label in labels:
             ref, oth = table[REFERENCE][label], table[other][label]
-            if per_case:
-                p = wilcoxon_p(np.nanmean(per_case[(REFERENCE, label)], axis=0), np.nanmean(per_case[(other, label)], axis=0))
-            else:
-                by_seed = {s: v for s, v in zip(oth["seeds"], oth["values"])}
-                pairs = [(v, by_seed[s]) for s, v in zip(ref["seeds"], ref["values"]) if s in by_seed]
-                p = paired_t([a for a, _ in pairs], [b for _, b in pairs])
-            comparisons[other][label] = {"difference": ref["mean"] - oth["mean"], "p": p}
+            comparisons[other][label] = {"difference": ref["mean"] - oth["mean"], "p": _paired_p(ref, oth, per_case, other, label)}
             family.append((other, label))
+    return comparisons, family
+
+
+def _adjust(comparisons: dict, family: list[tuple[str, str]], correction: Correction, alpha: float, over_seeds: bool) -> None:
+    """Adjust the family's p-values together; mark each comparison significant or not, with its verdict."""
     adjusted = adjust_pvalues([comparisons[o][lab]["p"] for o, lab in family], correction)
     for (other, label), q in zip(family, adjusted):
         entry = comparisons[other][label]
         entry["p_adjusted"] = float(q)
         entry["significant"] = bool(np.isfinite(q) and q < alpha)
-        if not np.isfinite(entry["p"]):
-            entry["verdict"] = "not tested (no variation over seeds)" if per_case is None else "not tested"
-        else:
-            better = "model better" if entry["difference"] > 0 else "model worse"
-            entry["verdict"] = better if entry["significant"] else "no significant difference"
-    return {
-        "metric": metric, "unit": unit, "sizes": labels, "inits": table, "reference": REFERENCE, "comparisons": comparisons,
-        "test": test, "correction": correction, "correction_name": CORRECTION_NAMES[correction], "alpha": alpha,
-        "tests_in_family": int(np.isfinite([comparisons[o][lab]["p"] for o, lab in family]).sum()) if family else 0,
-        "interval": "mean over seeds with a Student-t 95% CI",
-        "pretraining": pretraining_verdict(comparisons.get(RANDOM), labels, unit, len({r["seed"] for r in records})),
-    }
+        entry["verdict"] = _verdict(entry, over_seeds)
+
+
+def _verdict(entry: dict, over_seeds: bool) -> str:
+    if not np.isfinite(entry["p"]):
+        return "not tested (no variation over seeds)" if over_seeds else "not tested"
+    if not entry["significant"]:
+        return "no significant difference"
+    return "model better" if entry["difference"] > 0 else "model worse"
 
 
 def pretraining_verdict(vs_random: dict | None, labels: list[str], unit: str, seeds: int = 2) -> dict:

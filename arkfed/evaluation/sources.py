@@ -109,6 +109,24 @@ def load_one(source: str | Path, which: str = "teacher", spec: ModelSpec | None 
     return models.get(which) or next(iter(models.values()))
 
 
+def load_source(source: str | Path, which: str = "teacher", arch: str | None = None, img_size: int = 224) -> ArkModel:
+    """:func:`load_one` for a command's MODEL argument: ``arch`` (with ``img_size``) names the
+    architecture of a plain backbone weights file, which carries none itself."""
+    from arkfed.model.weights import SPEC_KEY
+
+    source = Path(source)
+    if arch is None and source_kind(source) == "file":
+        meta = {}
+        if source.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(source), framework="pt") as f:
+                meta = f.metadata() or {}
+        if SPEC_KEY not in meta:
+            raise ArkfedError(f"{source}: a plain backbone file carries no architecture; pass --arch NAME (and --img-size)")
+    return load_one(source, which, ModelSpec(model=arch, img_size=img_size) if arch else None)
+
+
 def write_results(out: str | Path, result: dict) -> Path:
     """``OUT/results.json``, written atomically."""
     from arkfed.io import atomic_write, json_safe
