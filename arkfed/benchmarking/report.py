@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from arkfed.benchmarking.stats import TEST_NAME, mean_ci, paired
+from arkfed.evaluation.stats import PAIRED_DIFFERENCE_TEST, mean_ci, paired_difference
 
 HELD_OUT_ORDER = ("probe all", "finetune")
 
@@ -61,7 +61,7 @@ def summarise(plan, records: Sequence[dict], minutes: float) -> dict:
         for metric in OWN_METRICS:
             alone, joined = series("ark", (site,), "own", site, metric), series("ark", every, "own", site, metric)
             join[site][metric] = {"alone": {**mean_ci(alone), "values": alone}, "joined": {**mean_ci(joined), "values": joined},
-                                  "joined_minus_alone": paired(joined, alone)}
+                                  "joined_minus_alone": paired_difference(joined, alone)}
 
     metrics = held_out_metrics(records)
     subsets = curve_subsets(plan.sources, plan.budget.orderings)
@@ -75,7 +75,8 @@ def summarise(plan, records: Sequence[dict], minutes: float) -> dict:
             point[metric] = {**mean_ci(per_seed), "values": per_seed, "per_federation": per_fed}
         curve["points"][k] = point
     top = max(subsets)
-    curve["rise"] = {m: paired(curve["points"][top][m]["values"], curve["points"][1][m]["values"]) for m in metrics} if top > 1 else {}
+    curve["rise"] = {m: paired_difference(curve["points"][top][m]["values"], curve["points"][1][m]["values"])
+                     for m in metrics} if top > 1 else {}
 
     sources = tuple(plan.sources)
     arms = [(f"single {s}", "ark", (s,)) for s in plan.sources]
@@ -90,7 +91,7 @@ def summarise(plan, records: Sequence[dict], minutes: float) -> dict:
         row: dict = {"arm": arm, "sites": list(names)}
         for m in metrics:
             values = series(arm, names, "held_out", m)
-            row[m] = {**mean_ci(values), "values": values, "ark_minus_this": paired(reference[m], values)}
+            row[m] = {**mean_ci(values), "values": values, "ark_minus_this": paired_difference(reference[m], values)}
         if names:
             own = [[_value(idx[(arm, names)].get(s), "own", n, "teacher") for n in names] for s in seeds]
             own_mean = [float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for v in own]
@@ -103,7 +104,7 @@ def summarise(plan, records: Sequence[dict], minutes: float) -> dict:
     job_minutes = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in records) / 60
     return {"sites": list(plan.sites), "held_out": plan.held_out, "sources": list(plan.sources), "seeds": seeds,
             "complete_seeds": complete, "job_minutes": job_minutes,
-            "weighting": plan.weighting, "imagenet": str(plan.imagenet) if plan.imagenet else None, "test": TEST_NAME,
+            "weighting": plan.weighting, "imagenet": str(plan.imagenet) if plan.imagenet else None, "test": PAIRED_DIFFERENCE_TEST,
             "minutes": minutes, "records": len(records), "join_vs_alone": join, "accrual": curve, "baselines": baselines,
             "held_out_metrics": metrics}
 
