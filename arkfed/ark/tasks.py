@@ -20,9 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
-from arkfed.ark.updates import NonFiniteError  # a site sends its category (issue 8), never the values
+from arkfed.ark.updates import NonFiniteError, check_finite  # a site sends its category (issue 8), never the values
 from arkfed.errors import ArkfedError
 from arkfed.schedules import ema_update
 
@@ -58,13 +56,6 @@ def catch_up(heads: SiteHeads, pending: float) -> None:
         raise ArkfedError(f"pending teacher momentum must be in [0, 1], got {pending}")
     if pending < 1.0:
         ema_update(heads.teacher, heads.student, pending)
-
-
-def check_finite(module: torch.nn.Module, what: str, site: str) -> None:
-    """Refuse to hand on weights with NaN/Inf (they would poison the teacher and the checkpoint)."""
-    for name, tensor in module.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(f"the {what} has non-finite values in {name!r} after training", site=site)
 
 
 def train_visit(student: "ArkModel", teacher: "ArkModel", head: "SiteHead", site: "Site", settings: "TrainSettings",

@@ -200,7 +200,8 @@ def _train_size(site) -> int:
 def visit(msg: Message, context: Context) -> Message:
     """One Ark site visit on the received student/teacher (:func:`arkfed.ark.tasks.visit_site`,
     exactly as in local mode), within the site's policy; the heads stay here, versioned by visit."""
-    from arkfed.ark.tasks import check_finite, visit_site
+    from arkfed.ark.tasks import visit_site
+    from arkfed.ark.updates import check_finite
     from arkfed.config import TrainSettings, VisitPlan
     from arkfed.site.policy import apply_memory_limit
     from arkfed.spec import ModelSpec
