@@ -116,19 +116,13 @@ DEMO_HELD_OUT = "demo-vindr"
 # --- sites ---------------------------------------------------------------------------------------
 
 
-def load_sites(refs: Sequence[str] | None, budget: Budget, work: Path) -> dict:
-    """The benchmark's sites: YAML paths / names, or (none given) the demo federation with demo-vindr."""
-    from arkfed.site.config import resolve_site_path
-    from arkfed.site.load import load_site
+def benchmark_sites(refs: Sequence[str] | None, budget: Budget, work: Path) -> dict:
+    """The benchmark's sites: YAML paths / names (:func:`arkfed.site.load.load_sites`), or (none
+    given) the demo federation with demo-vindr."""
+    from arkfed.site.load import load_site, load_sites
 
     if refs:
-        sites = {}
-        for ref in refs:
-            site = load_site(resolve_site_path(ref).resolve())
-            if site.name in sites:
-                raise ArkfedError(f"site {site.name!r} given twice (--sites {','.join(refs)})")
-            sites[site.name] = site
-        return sites
+        return load_sites(refs)
     from arkfed.demo.generate import ensure_demo_federation
 
     tag = "default" if budget.demo_counts is None else "x".join(str(v) for v in budget.demo_counts.values())
@@ -463,7 +457,7 @@ def benchmark_accrual(site_refs: Sequence[str] | None, held_out: str | None, bud
         raise ArkfedError(f"--imagenet {imagenet}: no such weights file (a local timm {budget.model} checkpoint)")
     if weighting not in ("equal", "samples"):
         raise ArkfedError(f"--weighting must be equal or samples, got {weighting!r}")
-    sites = load_sites(site_refs, budget, out)
+    sites = benchmark_sites(site_refs, budget, out)
     if not report_only:
         sites = cache_images(sites, budget.img_size, log)
     held_out = held_out or (DEMO_HELD_OUT if not site_refs else list(sites)[-1])
