@@ -274,9 +274,9 @@ def finetune_auc(model, site, budget: Budget, seed: int, init: str = "model") ->
 
     settings = FineTuneSettings(epochs=budget.finetune_epochs, lr=budget.finetune_lr, batch_size=budget.batch_size,
                                 crop_scale=budget.crop_scale, seed=seed, max_steps_per_epoch=budget.finetune_max_steps,
-                                device=str(_device(budget)), min_positives=1, n_boot=0)
-    # min_positives=1: every class with both labels in the test split counts, as in the probes and
-    # the training loop's scores; no bootstrap: the benchmark's intervals are over seeds
+                                device=str(_device(budget)), n_boot=0)
+    # mean_auc: every class with both labels in the test split, as everywhere (arkfed.ark.metrics);
+    # no bootstrap: the benchmark's intervals are over seeds
     train, val, test = site.split("train"), site.splits.get("val"), site.split("test")
     return float(finetune(model, train, val, test, site.schema, init, settings)["test"]["mean_auc"])
 

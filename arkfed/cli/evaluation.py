@@ -147,7 +147,8 @@ def export(
 
 # -- evaluate ---------------------------------------------------------------------------------
 MinPosOpt = typer.Option(10, "--min-positives", min=1,
-                         help="classes with fewer positive test images are reported but marked and left out of means and stars")
+                         help="classes with fewer positive test images are reported but marked (and left out of "
+                         "mean_auc_min_positives and of the bias stars and means); the mean AUC counts every class with both labels")
 
 
 def evaluate(
@@ -199,7 +200,8 @@ def evaluate_caption(result: dict, first: dict, min_positives: int) -> str:
     if first["too_few_positives"]:
         from arkfed.evaluation.evaluate import TOO_FEW
 
-        parts.append(f"classes with fewer than {min_positives} positives are marked '{TOO_FEW}' and left out of the mean AUC")
+        parts.append(f"classes with fewer than {min_positives} positives are marked '{TOO_FEW}'; mean AUC without them: "
+                     + ", ".join(f"{n} {_f(m.get('mean_auc_min_positives'))}" for n, m in result["models"].items()))
     heads = ", ".join(f"{n}: {h}/" for n, h in result.get("heads", {}).items())
     if heads:
         parts.append(f"heads {heads}")
@@ -334,7 +336,7 @@ def linear_probe(
                    lambda path: plot_curves(curve, path, "test mean AUC", f"Linear probes on {s.name} ({features} features)"))
     few = result["too_few_positives"]
     table = _curve_table(curve, f"linear probe on {s.name}: test mean AUC by shots per class ({features} features)",
-                         f"classes with fewer than {min_positives} test positives left out of the mean: {', '.join(few)}" if few else "")
+                         f"classes with fewer than {min_positives} test positives: {', '.join(few)}" if few else "")
     _finish(out, result, table)
     if chart:
         _console().print(f"chart: {chart}")
@@ -390,7 +392,7 @@ def finetune(
                    lambda path: plot_curves(curve, path, "test mean AUC", f"Fine-tuning on {s.name} ({epochs} epochs)"))
     few = result["runs"][0]["test"].get("too_few_positives", [])
     table = _curve_table(curve, f"fine-tuning on {s.name} ({epochs} epochs): test mean AUC by training-set size",
-                         f"classes with fewer than {min_positives} test positives left out of the mean: {', '.join(few)}" if few else "")
+                         f"classes with fewer than {min_positives} test positives: {', '.join(few)}" if few else "")
     _finish(out, result, table)
     if chart:
         _console().print(f"chart: {chart}")
@@ -590,7 +592,7 @@ def compare(
         caption.append(BOOT_NOTE)
     if result["probe"]["too_few_positives"]:
         few = ", ".join(result["probe"]["too_few_positives"])
-        caption.append(f"classes with fewer than {min_positives} test positives left out of every mean: {few}")
+        caption.append(f"classes with fewer than {min_positives} test positives: {few}")
     if "skipped" in result.get("bias", {}):
         caption.append(f"bias skipped: {result['bias']['skipped']}")
     caption += result["notes"]
