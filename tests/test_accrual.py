@@ -10,8 +10,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from arkfed.benchmarking.accrual import BUDGETS, Plan, train_config
+from arkfed.benchmarking.accrual import Plan
+from arkfed.benchmarking.arms import train_config
 from arkfed.benchmarking.baselines import pooled_schedule, train_pooled
+from arkfed.benchmarking.budget import BUDGETS
 from arkfed.benchmarking.plan import curve_subsets, orderings
 from arkfed.demo.generate import ALL_DEMO_SITES, generate_demo_federation
 from arkfed.errors import ArkfedError
