@@ -26,7 +26,6 @@ wrapped in DDP) on its share of every *global* batch:
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import nn
 from arkfed.ark.ranks import RankContext
 from arkfed.ark.visit import train_site_visit
 from arkfed.errors import ArkfedError
+from arkfed.ports import free_port  # the rendezvous of the ranks, on 127.0.0.1: never exposed
 
 if TYPE_CHECKING:
     from arkfed.ark.pair import ArkPair
@@ -45,13 +45,6 @@ if TYPE_CHECKING:
     from arkfed.config import TrainSettings, VisitPlan
     from arkfed.site.config import ComputeSettings
     from arkfed.site.load import Site
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the rendezvous of the ranks; never exposed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _portable_site(site: "Site") -> "Site":

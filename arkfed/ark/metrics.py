@@ -1,8 +1,16 @@
 """Evaluation metrics of a site head on a split: per-class AUC, mean AUC, accuracy, loss.
 
-AUCs are computed with scikit-learn over the *counted* entries of each class (the mask of
-:func:`arkfed.data.schema.label_targets`); a class whose counted labels are all one value has no AUC
-(NaN) and is left out of the mean. The mean runs over the schema's ``reported_classes``.
+AUCs are computed over the *counted* entries of each class (the mask of
+:func:`arkfed.data.schema.label_targets`); a class whose counted labels are all one value has no
+AUC (NaN).
+
+A site's mean AUC (``mean_auc``), one definition everywhere (:func:`mean_auc`): the mean of the
+AUCs of the schema's ``reported_classes`` that have both a positive and a negative counted label
+in the split; no minimum number of positives. Training-time evaluation (``metrics.jsonl``,
+``summary.json``), ``evaluate``, ``report``, ``compare``, the transfer curves and the benchmarks
+all report this number under this key. ``evaluate`` also reports ``mean_auc_min_positives``:
+the same mean over the classes with at least ``--min-positives`` positives
+(:func:`arkfed.evaluation.evaluate.evaluate_predictions`).
 """
 
 from __future__ import annotations
@@ -80,7 +88,8 @@ def class_aucs(scores: np.ndarray, targets: np.ndarray, mask: np.ndarray, classe
 
 
 def mean_auc(aucs: dict[str, float], classes: Sequence[str]) -> float:
-    """Mean over ``classes`` of the AUCs that exist (NaN if none does)."""
+    """Mean over ``classes`` of the AUCs that exist, i.e. of the classes with both labels in the
+    split (NaN if none does). With the schema's ``reported_classes``: a site's mean AUC."""
     values = [aucs[c] for c in classes if c in aucs and not np.isnan(aucs[c])]
     return float(np.mean(values)) if values else float("nan")
 

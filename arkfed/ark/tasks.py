@@ -14,9 +14,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-import torch
-
-from arkfed.ark.updates import NonFiniteError  # a site sends its category (issue 8), never the values
+from arkfed.ark.updates import NonFiniteError, check_finite  # a site sends its category (issue 8), never the values
 
 if TYPE_CHECKING:
     from arkfed.ark.pair import ArkPair
@@ -24,13 +22,6 @@ if TYPE_CHECKING:
     from arkfed.config import TrainSettings, VisitPlan
     from arkfed.site.config import ComputeSettings
     from arkfed.site.load import Site
-
-
-def check_finite(module: torch.nn.Module, what: str, site: str) -> None:
-    """Refuse to hand on weights with NaN/Inf (they would poison the teacher and the checkpoint)."""
-    for name, tensor in module.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(f"the {what} has non-finite values in {name!r} after training", site=site)
 
 
 def train_visit(pair: "ArkPair", site: "Site", settings: "TrainSettings", plan: "VisitPlan",

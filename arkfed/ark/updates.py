@@ -20,6 +20,7 @@ from arkfed.errors import ArkfedError
 
 if TYPE_CHECKING:
     from torch import Tensor
+    from torch.nn import Module
 
     from arkfed.ark.tasks import SiteHeads
     from arkfed.ark.visit import VisitResult
@@ -41,11 +42,14 @@ def non_finite_keys(state: Mapping[str, Tensor]) -> list[str]:
     return [key for key, value in state.items() if value.dtype.is_floating_point and not bool(torch.isfinite(value).all())]
 
 
-def check_finite(state: Mapping[str, Tensor], what: str) -> None:
-    """Raise :class:`NonFiniteError` when any tensor of ``state`` is not finite."""
+def check_finite(weights: Mapping[str, Tensor] | Module, what: str, site: str | None = None) -> None:
+    """Refuse to hand on weights with NaN/Inf (they would poison the teacher and the checkpoint):
+    raise :class:`NonFiniteError` naming ``what`` and the first bad tensor of ``weights`` (a
+    state dict or a module), never the values."""
+    state = weights.state_dict() if hasattr(weights, "state_dict") else weights
     bad = non_finite_keys(state)
     if bad:
-        raise NonFiniteError(f"{what} has non-finite values in {len(bad)} tensor(s), first {bad[0]!r}")
+        raise NonFiniteError(f"the {what} has non-finite values in {len(bad)} tensor(s), first {bad[0]!r}", site=site)
 
 
 def max_examples(split_size: int, settings: TrainSettings) -> int:

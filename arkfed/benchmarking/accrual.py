@@ -29,7 +29,7 @@ Outputs in ``--out``: ``results.json`` (every number, per seed), ``results.md`` 
 the same ``--out`` skips what is there, so an interrupted run resumes and partial results are
 readable), ``runs/`` (the cyclic runs' folders).
 
-Budgets (``--budget``): ``default`` is sized for 2 CPU cores (timm's test_resnet at 64 px on
+Budgets (``--budget``, :mod:`arkfed.benchmarking.budget`): ``default`` is sized for 2 CPU cores (timm's test_resnet at 64 px on
 the 128 px demo images, E = 2 epochs, 3 seeds, 10-shot probes, 2 fine-tuning epochs; measured
 15.9 CPU-minutes with one torch thread, 2026-12-01); ``smoke`` checks the pipeline in seconds and
 its numbers mean nothing; ``gpu`` is resnet18 at 128 px on a 4x larger demo federation, E = 6,
@@ -62,52 +62,19 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from arkfed.benchmarking.arms import finetune_auc, own_scores, train_arm, transfer
+from arkfed.benchmarking.budget import Budget, torch_device
 from arkfed.benchmarking.plan import curve_subsets, run_key
 from arkfed.errors import ArkfedError
 
 Log = Callable[[str], None]
 
-
-@dataclass(frozen=True)
-class Budget:
-    """Everything that sets the cost of a benchmark run (written into results.json)."""
-
-    model: str = "test_resnet"
-    img_size: int = 64
-    demo_size: int = 128
-    demo_counts: dict | None = None  # images per demo site (None: the generator's defaults)
-    epochs: int = 2  # E: epochs of each site's own data, alone and as a member (= rounds)
-    batch_size: int = 16
-    lr: float = 3e-3
-    projector_dim: int = 256
-    crop_scale: tuple[float, float] = (0.7, 1.0)
-    ema: str = "iteration"
-    max_steps_per_visit: int | None = None  # smoke only: caps a visit (then it is not a full epoch)
-    shots: tuple[int, ...] = (10,)
-    finetune_epochs: int = 2
-    finetune_lr: float = 3e-3
-    finetune_max_steps: int | None = None
-    seeds: tuple[int, ...] = (0, 1, 2)
-    orderings: int = 3  # rotations of the source sites for the accrual curve (at most N-1)
-    device: str = "cpu"
-    num_workers: int = 0
-
-
-BUDGETS: dict[str, Budget] = {
-    "default": Budget(),
-    "smoke": Budget(img_size=32, demo_size=32, epochs=1, batch_size=8, projector_dim=32, max_steps_per_visit=2,
-                    shots=(2,), finetune_epochs=1, finetune_max_steps=2, seeds=(0,), orderings=2,
-                    demo_counts={"demo-nih": 48, "demo-chexpert": 48, "demo-shenzhen": 40, "demo-vindr": 48}),
-    "gpu": Budget(model="resnet18", img_size=128, epochs=6, batch_size=64, lr=1e-3, crop_scale=(0.5, 1.0),
-                  shots=(10, 50), finetune_epochs=5, finetune_lr=1e-3, seeds=(0, 1, 2, 3, 4), device="auto", num_workers=8,
-                  demo_counts={"demo-nih": 4800, "demo-chexpert": 4000, "demo-shenzhen": 2400, "demo-vindr": 3200}),
-}
 
 DEMO_BENCHMARK_SITES = ("demo-nih", "demo-chexpert", "demo-shenzhen", "demo-vindr")
 DEMO_HELD_OUT = "demo-vindr"
@@ -116,19 +83,13 @@ DEMO_HELD_OUT = "demo-vindr"
 # --- sites ---------------------------------------------------------------------------------------
 
 
-def load_sites(refs: Sequence[str] | None, budget: Budget, work: Path) -> dict:
-    """The benchmark's sites: YAML paths / names, or (none given) the demo federation with demo-vindr."""
-    from arkfed.site.config import resolve_site_path
-    from arkfed.site.load import load_site
+def benchmark_sites(refs: Sequence[str] | None, budget: Budget, work: Path) -> dict:
+    """The benchmark's sites: YAML paths / names (:func:`arkfed.site.load.load_sites`), or (none
+    given) the demo federation with demo-vindr."""
+    from arkfed.site.load import load_site, load_sites
 
     if refs:
-        sites = {}
-        for ref in refs:
-            site = load_site(resolve_site_path(ref).resolve())
-            if site.name in sites:
-                raise ArkfedError(f"site {site.name!r} given twice (--sites {','.join(refs)})")
-            sites[site.name] = site
-        return sites
+        return load_sites(refs)
     from arkfed.demo.generate import ensure_demo_federation
 
     tag = "default" if budget.demo_counts is None else "x".join(str(v) for v in budget.demo_counts.values())
@@ -169,146 +130,6 @@ def cache_images(sites: Mapping, size: int, log: Log) -> dict:
         out[name] = dataclasses.replace(site, splits=splits)
     log(f"images decoded once into memory at {size} px ({total / 1024**2:.0f} MiB) in {time.perf_counter() - start:.0f}s")
     return out
-
-
-# --- training arms -------------------------------------------------------------------------------
-
-
-def train_config(names: Sequence[str], budget: Budget, seed: int, max_consistency: float = 0.5, mode: str = "cyclic",
-                 weighting: str = "equal"):
-    """The Ark run of ``names`` at this budget: one visit = one epoch of a site, E rounds."""
-    from arkfed.config import TrainConfig, TrainSettings
-    from arkfed.spec import ModelSpec
-
-    return TrainConfig(
-        sites=list(names), rounds=budget.epochs, seed=seed, eval_split="test", mode=mode, weighting=weighting,
-        model=ModelSpec(model=budget.model, img_size=budget.img_size, projector_dim=budget.projector_dim),
-        settings=TrainSettings(
-            batch_size=budget.batch_size, lr=budget.lr, local_epochs=1, max_steps_per_visit=budget.max_steps_per_visit,
-            crop_scale=budget.crop_scale, ema=budget.ema, max_consistency=max_consistency,
-        ),
-    )
-
-
-def compute_settings(budget: Budget):
-    """Every site of the benchmark trains on this process's hardware."""
-    from arkfed.site.config import ComputeSettings
-
-    return ComputeSettings(device=budget.device, num_workers=budget.num_workers)
-
-
-@dataclass
-class Trained:
-    """One trained arm: the foundation model (teacher), the student and each site's head."""
-
-    teacher: object
-    student: object
-    heads: dict
-    seconds: float
-    steps: int
-    own: dict | None = None  # own test scores when the training loop already computed them
-
-
-def train_arm(arm: str, names: Sequence[str], sites: Mapping, budget: Budget, seed: int, work: Path,
-              weighting: str = "equal") -> Trained:
-    """Train one arm on ``names``: ``ark``, ``ark-c0`` (``max_consistency: 0``) and ``parallel``
-    (``mode: parallel``) are the one Ark loop with a run folder; ``pooled`` is
-    :func:`arkfed.benchmarking.baselines.train_pooled`."""
-    import shutil
-
-    chosen = {n: sites[n] for n in names}
-    compute = compute_settings(budget)
-    start = time.perf_counter()
-    if arm == "pooled":
-        from arkfed.benchmarking.baselines import train_pooled
-
-        state = train_pooled(train_config(names, budget, seed), chosen, compute)
-        steps = sum(epoch_steps(sites[n], budget) for n in names) * budget.epochs
-        return Trained(state.teacher, state.student, state.heads, time.perf_counter() - start, steps)
-    if arm not in ("ark", "ark-c0", "parallel"):
-        raise ValueError(f"unknown arm {arm!r}")
-    from arkfed.model.weights import load_ark_model, load_heads
-    from arkfed.run.folder import read_metrics
-    from arkfed.run.local import train_local
-
-    config = train_config(names, budget, seed, max_consistency=0.0 if arm == "ark-c0" else 0.5,
-                          mode="parallel" if arm == "parallel" else "cyclic", weighting=weighting)
-    out = work / "runs" / run_key(arm, names, seed).replace(":", "_")
-    shutil.rmtree(out, ignore_errors=True)
-    summary = train_local(config, out, sites=chosen, compute={n: compute for n in names})
-    steps = sum(r.get("steps", 0) for r in read_metrics(out) if r.get("kind") == "visit")
-    # the loop scored its last round on each site's test split (eval_split="test"), the teacher
-    # with the site's teacher head: reuse it
-    own = {name: {m: _auc(summary["sites"][name].get(m, {}).get("mean_auc")) for m in ("teacher", "student")} for name in names}
-    return Trained(load_ark_model(out, "teacher").eval(), load_ark_model(out, "student").eval(), load_heads(out / "heads"),
-                   time.perf_counter() - start, steps, own)
-
-
-def _auc(value) -> float:
-    """A mean AUC as a float (NaN, written ``null``, when no class of the split has both labels)."""
-    return float("nan") if value is None else float(value)
-
-
-def epoch_steps(site, budget: Budget) -> int:
-    """Batches in one visit of ``site`` (one epoch, drop-last, capped by the budget)."""
-    n = len(site.split("train"))
-    steps = max(1, n // min(budget.batch_size, n))
-    return min(steps, budget.max_steps_per_visit) if budget.max_steps_per_visit else steps
-
-
-# --- evaluation ----------------------------------------------------------------------------------
-
-
-def own_scores(trained: Trained, names: Sequence[str], sites: Mapping, budget: Budget) -> dict[str, dict[str, float]]:
-    """Each site's own test mean AUC with its own head, for teacher and student (as the loop scores)."""
-    from arkfed.ark.pair import ArkPair, SiteHeads
-    from arkfed.ark.tasks import evaluate_site_models
-    from arkfed.config import TrainSettings
-
-    settings = TrainSettings(batch_size=max(budget.batch_size, 64))
-    out = {}
-    for name in names:
-        head = trained.heads[name]
-        scored = evaluate_site_models(ArkPair(trained.student, trained.teacher, SiteHeads(head, head)), sites[name], settings, "test",
-                                      compute=compute_settings(budget))
-        out[name] = {label: _auc(r["mean_auc"]) for label, r in scored.items()}
-    return out
-
-
-def finetune_auc(model, site, budget: Budget, seed: int, init: str = "model") -> float:
-    """Test mean AUC after fine-tuning ``model``'s backbone (or a ``random`` one) on ``site``."""
-    from arkfed.evaluation.finetune import FineTuneSettings, finetune
-
-    settings = FineTuneSettings(epochs=budget.finetune_epochs, lr=budget.finetune_lr, batch_size=budget.batch_size,
-                                crop_scale=budget.crop_scale, seed=seed, max_steps_per_epoch=budget.finetune_max_steps,
-                                device=str(_device(budget)), min_positives=1, n_boot=0)
-    # min_positives=1: every class with both labels in the test split counts, as in the probes and
-    # the training loop's scores; no bootstrap: the benchmark's intervals are over seeds
-    train, val, test = site.split("train"), site.splits.get("val"), site.split("test")
-    return float(finetune(model, train, val, test, site.schema, init, settings)["test"]["mean_auc"])
-
-
-def transfer(model, target, budget: Budget, seed: int, init: str = "model") -> dict[str, float]:
-    """Held-out test mean AUC: linear probes on frozen backbone features (all labels, K-shot) and
-    fine-tuning. ``init="random"`` probes and fine-tunes a random model of the same architecture."""
-    from arkfed.evaluation.embeddings import embed_table
-    from arkfed.evaluation.linear_probe import probe_embeddings, random_model
-
-    frozen = random_model(model.spec, seed) if init == "random" else model
-    device = str(_device(budget))
-    train, test = (embed_table(frozen, target.split(s), target.schema, "backbone", 64, device) for s in ("train", "test"))
-    out = {}
-    for shots in (None, *budget.shots):
-        scored = probe_embeddings(train, test, target.schema, shots, seed=seed)
-        out["probe all" if shots is None else f"probe {shots}-shot"] = float(scored["mean_auc"])
-    out["finetune"] = finetune_auc(model, target, budget, seed, init)
-    return out
-
-
-def _device(budget: Budget):
-    from arkfed.devices import resolve_device
-
-    return resolve_device(budget.device)
 
 
 # --- the protocol --------------------------------------------------------------------------------
@@ -447,8 +268,8 @@ def environment(budget: Budget) -> dict:
     import torch
 
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "device": str(_device(budget)),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() and _device(budget).type == "cuda" else None,
+            "torch_threads": torch.get_num_threads(), "device": str(torch_device(budget)),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() and torch_device(budget).type == "cuda" else None,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "python": platform.python_version(), "torch": torch.__version__}
 
@@ -464,7 +285,7 @@ def benchmark_accrual(site_refs: Sequence[str] | None, held_out: str | None, bud
         raise ArkfedError(f"--imagenet {imagenet}: no such weights file (a local timm {budget.model} checkpoint)")
     if weighting not in ("equal", "samples"):
         raise ArkfedError(f"--weighting must be equal or samples, got {weighting!r}")
-    sites = load_sites(site_refs, budget, out)
+    sites = benchmark_sites(site_refs, budget, out)
     if not report_only:
         sites = cache_images(sites, budget.img_size, log)
     held_out = held_out or (DEMO_HELD_OUT if not site_refs else list(sites)[-1])
@@ -478,22 +299,3 @@ def benchmark_accrual(site_refs: Sequence[str] | None, held_out: str | None, bud
     write_outputs(results, out)
     log(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'accrual.png'}")
     return results
-
-
-def budget_with(name: str, seeds: str | None = None, epochs: int | None = None, ema: str | None = None,
-                device: str | None = None, num_workers: int | None = None) -> Budget:
-    """A named budget with command-line overrides."""
-    if name not in BUDGETS:
-        raise ArkfedError(f"unknown budget {name!r}; choose one of {sorted(BUDGETS)}")
-    budget = BUDGETS[name]
-    changes: dict = {}
-    if seeds:
-        try:
-            changes["seeds"] = tuple(int(s) for s in seeds.split(","))
-        except ValueError:
-            raise ArkfedError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
-    for key, value in (("epochs", epochs), ("ema", ema), ("device", device), ("num_workers", num_workers)):
-        if value is not None:
-            changes[key] = value
-    return replace(budget, **changes)
-

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from arkfed.benchmarking.stats import TEST_NAME, mean_ci, paired
+from arkfed.evaluation.stats import PAIRED_DIFFERENCE_TEST, mean_ci, paired_difference
 
 HELD_OUT_ORDER = ("probe all", "finetune")
 
@@ -43,68 +43,112 @@ def held_out_metrics(records: Sequence[dict]) -> list[str]:
     return sorted(names, key=lambda k: (k != "probe all", k == "finetune", k))
 
 
-def summarise(plan, records: Sequence[dict], minutes: float) -> dict:
-    """Join vs alone per site, the accrual curve and the baselines, each with per-seed values."""
-    from arkfed.benchmarking.plan import OWN_METRICS, curve_subsets, run_key
+class _Series:
+    """Per-seed values of one quantity of one arm, read from the records (NaN where missing)."""
 
-    idx = _index(records)
-    seeds = list(plan.budget.seeds)
-    every = tuple(plan.sites)
+    def __init__(self, records: Sequence[dict], seeds: Sequence[int]):
+        self.idx = _index(records)
+        self.seeds = list(seeds)
 
-    def series(arm: str, names: Sequence[str], *path: str) -> list[float]:
-        runs = idx.get((arm, tuple(names)), {})
-        return [_value(runs.get(s), *path) for s in seeds]
+    def __call__(self, arm: str, names: Sequence[str], *path: str) -> list[float]:
+        runs = self.idx.get((arm, tuple(names)), {})
+        return [_value(runs.get(s), *path) for s in self.seeds]
 
-    join = {}
+    def has(self, arm: str, names: tuple[str, ...]) -> bool:
+        return (arm, names) in self.idx
+
+
+def _seed_means(columns: Sequence[Sequence[float]]) -> list[float]:
+    """The mean of each row of per-seed values (NaN where a row has none)."""
+    return [float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for v in np.asarray(columns, dtype=float)]
+
+
+def _join_vs_alone(plan, series: _Series) -> dict:
+    """Per site and own metric: alone, joined (all sites) and the paired joined - alone."""
+    from arkfed.benchmarking.plan import OWN_METRICS
+
+    join: dict = {}
     for site in plan.sites:
         join[site] = {}
         for metric in OWN_METRICS:
-            alone, joined = series("ark", (site,), "own", site, metric), series("ark", every, "own", site, metric)
+            alone, joined = series("ark", (site,), "own", site, metric), series("ark", tuple(plan.sites), "own", site, metric)
             join[site][metric] = {"alone": {**mean_ci(alone), "values": alone}, "joined": {**mean_ci(joined), "values": joined},
-                                  "joined_minus_alone": paired(joined, alone)}
+                                  "joined_minus_alone": paired_difference(joined, alone)}
+    return join
 
-    metrics = held_out_metrics(records)
+
+def _curve_point(feds: Sequence[tuple[str, ...]], metrics: Sequence[str], series: _Series) -> dict:
+    """One k of the curve: per held-out metric, each federation's per-seed values and their mean."""
+    point: dict = {"federations": [list(f) for f in feds]}
+    for metric in metrics:
+        per_fed = {"+".join(f): series("ark", f, "held_out", metric) for f in feds}
+        per_seed = _seed_means(np.array(list(per_fed.values())).T) if per_fed else []
+        point[metric] = {**mean_ci(per_seed), "values": per_seed, "per_federation": per_fed}
+    return point
+
+
+def _accrual_curve(plan, metrics: Sequence[str], series: _Series) -> dict:
+    """The held-out site's scores after Ark on k of the sources, and the rise from k = 1 to the top."""
+    from arkfed.benchmarking.plan import curve_subsets
+
     subsets = curve_subsets(plan.sources, plan.budget.orderings)
     curve: dict = {"held_out": plan.held_out, "orderings": [list(o) for o in _orderings(plan)], "points": {}}
     for k, feds in subsets.items():
-        point = {"federations": [list(f) for f in feds]}
-        for metric in metrics:
-            per_fed = {"+".join(f): series("ark", f, "held_out", metric) for f in feds}
-            per_seed = [float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-                        for v in np.array(list(per_fed.values())).T] if per_fed else []
-            point[metric] = {**mean_ci(per_seed), "values": per_seed, "per_federation": per_fed}
-        curve["points"][k] = point
+        curve["points"][k] = _curve_point(feds, metrics, series)
     top = max(subsets)
-    curve["rise"] = {m: paired(curve["points"][top][m]["values"], curve["points"][1][m]["values"]) for m in metrics} if top > 1 else {}
+    points = curve["points"]
+    curve["rise"] = {m: paired_difference(points[top][m]["values"], points[1][m]["values"]) for m in metrics} if top > 1 else {}
+    return curve
 
+
+def _baseline_arms(plan) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(label, arm, sites) of every baseline row, in table order."""
     sources = tuple(plan.sources)
     arms = [(f"single {s}", "ark", (s,)) for s in plan.sources]
     arms += [("Ark (cyclic)", "ark", sources), ("Ark, c = 0", "ark-c0", sources), ("pooled multi-task", "pooled", sources),
              (f"parallel ({plan.weighting})", "parallel", sources), ("random init", "random", ()),
              ("ImageNet init", "imagenet", ())]
+    return arms
+
+
+def _baselines(plan, metrics: Sequence[str], series: _Series) -> dict:
+    """Each arm that ran: its held-out scores, Ark minus it (paired), and its own sites' teacher AUC."""
+    reference = {m: series("ark", tuple(plan.sources), "held_out", m) for m in metrics}
     baselines: dict = {}
-    reference = {m: series("ark", sources, "held_out", m) for m in metrics}
-    for label, arm, names in arms:
-        if (arm, names) not in idx:
+    for label, arm, names in _baseline_arms(plan):
+        if not series.has(arm, names):
             continue
         row: dict = {"arm": arm, "sites": list(names)}
         for m in metrics:
             values = series(arm, names, "held_out", m)
-            row[m] = {**mean_ci(values), "values": values, "ark_minus_this": paired(reference[m], values)}
+            row[m] = {**mean_ci(values), "values": values, "ark_minus_this": paired_difference(reference[m], values)}
         if names:
-            own = [[_value(idx[(arm, names)].get(s), "own", n, "teacher") for n in names] for s in seeds]
-            own_mean = [float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for v in own]
+            own_mean = _seed_means(np.array([series(arm, names, "own", n, "teacher") for n in names]).T)
             row["own_teacher"] = {**mean_ci(own_mean), "values": own_mean}
         baselines[label] = row
+    return baselines
+
+
+def _complete_seeds(plan, records: Sequence[dict], seeds: Sequence[int]) -> list[int]:
+    """The seeds for which every planned job has a record."""
+    from arkfed.benchmarking.plan import run_key
 
     expected = [run_key(arm, names, 0).rsplit(":", 1)[0] for arm, names in plan.jobs]
     keys = {r["key"] for r in records}
-    complete = [s for s in seeds if all(f"{k}:s{s}" in keys for k in expected)]
+    return [s for s in seeds if all(f"{k}:s{s}" in keys for k in expected)]
+
+
+def summarise(plan, records: Sequence[dict], minutes: float) -> dict:
+    """Join vs alone per site, the accrual curve and the baselines, each with per-seed values."""
+    seeds = list(plan.budget.seeds)
+    series = _Series(records, seeds)
+    metrics = held_out_metrics(records)
     job_minutes = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in records) / 60
     return {"sites": list(plan.sites), "held_out": plan.held_out, "sources": list(plan.sources), "seeds": seeds,
-            "complete_seeds": complete, "job_minutes": job_minutes,
-            "weighting": plan.weighting, "imagenet": str(plan.imagenet) if plan.imagenet else None, "test": TEST_NAME,
-            "minutes": minutes, "records": len(records), "join_vs_alone": join, "accrual": curve, "baselines": baselines,
+            "complete_seeds": _complete_seeds(plan, records, seeds), "job_minutes": job_minutes,
+            "weighting": plan.weighting, "imagenet": str(plan.imagenet) if plan.imagenet else None, "test": PAIRED_DIFFERENCE_TEST,
+            "minutes": minutes, "records": len(records), "join_vs_alone": _join_vs_alone(plan, series),
+            "accrual": _accrual_curve(plan, metrics, series), "baselines": _baselines(plan, metrics, series),
             "held_out_metrics": metrics}
 
 
@@ -146,11 +190,15 @@ def _load(env: dict) -> str:
     return "?" if not load else "/".join(f"{x:.1f}" for x in load)
 
 
-def markdown(results: dict) -> str:
+def _md_header(results: dict) -> list[str]:
+    """Title, setup (sites, budget, time, machine) and how to read the tables."""
     b = results.get("budget", {})
     env = results.get("environment", {})
     n = len(results["seeds"])
-    lines = [
+    partial = [] if len(results.get("complete_seeds", [])) == n else [
+        "", f"**PARTIAL**: all arms finished for seeds {results.get('complete_seeds')} of {results['seeds']}; "
+        "the other seeds count only where their arm finished (paired statistics use complete pairs)."]
+    return [
         "# Does joining pay? (`arkfed benchmark accrual`)",
         "",
         f"Sites {', '.join(results['sites'])}; held out for the curve: **{results['held_out']}**. Budget "
@@ -162,38 +210,54 @@ def markdown(results: dict) -> str:
         "",
         f"Test mean AUC, mean over seeds [95% t-interval]; differences are paired by seed, {results['test']}; "
         "**resolved** = the interval excludes 0.",
-        *([] if len(results.get("complete_seeds", [])) == n else [
-            "", f"**PARTIAL**: all arms finished for seeds {results.get('complete_seeds')} of {results['seeds']}; "
-            "the other seeds count only where their arm finished (paired statistics use complete pairs)."]),
-        "",
-        "## 1. Join vs alone: each site's own test AUC",
-        "",
-        "| site | model | alone | joined (all sites) | joined − alone |",
-        "| --- | --- | --- | --- | --- |",
+        *partial,
     ]
+
+
+def _md_join(results: dict) -> list[str]:
+    """Table 1: each site alone vs joined."""
+    lines = ["", "## 1. Join vs alone: each site's own test AUC", "",
+             "| site | model | alone | joined (all sites) | joined − alone |", "| --- | --- | --- | --- | --- |"]
     for site, entry in results["join_vs_alone"].items():
         for metric, label in (("teacher", "teacher, own head"), ("student", "student, own head"), ("finetune", "fine-tuned teacher")):
             e = entry[metric]
             lines.append(f"| {site} | {label} | {_fmt(e['alone'])} | {_fmt(e['joined'])} | {_fmt_diff(e['joined_minus_alone'])} |")
+    return lines
+
+
+def _md_curve(results: dict) -> list[str]:
+    """Table 2: the accrual curve on the held-out site, and its rise."""
     curve = results["accrual"]
     metrics = results["held_out_metrics"]
-    lines += ["", f"## 2. The accrual curve on {results['held_out']} (Ark on k of the other sites)", "",
-              f"Orderings: {'; '.join(' → '.join(o) for o in curve['orderings'])}.", "",
-              "| k | federations | " + " | ".join(metrics) + " |", "| --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
+    lines = ["", f"## 2. The accrual curve on {results['held_out']} (Ark on k of the other sites)", "",
+             f"Orderings: {'; '.join(' → '.join(o) for o in curve['orderings'])}.", "",
+             "| k | federations | " + " | ".join(metrics) + " |", "| --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
     for k, point in curve["points"].items():
         feds = ", ".join("+".join(f) for f in point["federations"])
         lines.append(f"| {k} | {feds} | " + " | ".join(_fmt(point.get(m, {})) for m in metrics) + " |")
     if curve.get("rise"):
         top = max(int(k) for k in curve["points"])
         lines += ["", f"Rise (k = {top} − mean of k = 1): " + "; ".join(f"{m} {_fmt_diff(v)}" for m, v in curve["rise"].items())]
-    lines += ["", f"## 3. Baselines on the sources ({', '.join(results['sources'])}), same budget", "",
-              "| arm | own sites' teacher AUC | " + " | ".join(f"held-out {m}" for m in metrics)
-              + " | Ark − arm, " + " | Ark − arm, ".join(HELD_OUT_ORDER) + " |",
-              "| --- | --- | " + " | ".join("---" for _ in metrics) + " | " + " | ".join("---" for _ in HELD_OUT_ORDER) + " |"]
+    return lines
+
+
+def _md_baselines(results: dict) -> list[str]:
+    """Table 3: the baselines on the sources, and Ark minus each."""
+    metrics = results["held_out_metrics"]
+    lines = ["", f"## 3. Baselines on the sources ({', '.join(results['sources'])}), same budget", "",
+             "| arm | own sites' teacher AUC | " + " | ".join(f"held-out {m}" for m in metrics)
+             + " | Ark − arm, " + " | Ark − arm, ".join(HELD_OUT_ORDER) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in metrics) + " | " + " | ".join("---" for _ in HELD_OUT_ORDER) + " |"]
     for label, row in results["baselines"].items():
         own = _fmt(row["own_teacher"]) if "own_teacher" in row else "–"
         diffs = [_fmt_diff(row[m]["ark_minus_this"]) if m in row and label != "Ark (cyclic)" else "–" for m in HELD_OUT_ORDER]
         lines.append(f"| {label} | {own} | " + " | ".join(_fmt(row.get(m, {})) for m in metrics) + " | " + " | ".join(diffs) + " |")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    """``results.md``: the setup, then the three tables."""
+    lines = [*_md_header(results), *_md_join(results), *_md_curve(results), *_md_baselines(results)]
     return "\n".join(lines) + "\n"
 
 

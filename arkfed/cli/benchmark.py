@@ -38,7 +38,8 @@ def accrual(
     paired by seed. Writes results.json, results.md and accrual.png."""
     from rich.console import Console
 
-    from arkfed.benchmarking.accrual import benchmark_accrual, budget_with
+    from arkfed.benchmarking.accrual import benchmark_accrual
+    from arkfed.benchmarking.budget import budget_with
 
     chosen = budget_with(budget, seeds=seeds, epochs=epochs, ema=ema, device=device, num_workers=num_workers)
     refs = [s.strip() for s in sites.split(",") if s.strip()] if sites else None

@@ -72,7 +72,7 @@ def export(
 
 # -- evaluate ---------------------------------------------------------------------------------
 MinPosOpt = typer.Option(10, "--min-positives", min=1,
-                         help="classes with fewer positive test images are reported but marked and left out of means and stars")
+                         help="classes with fewer positive test images are marked and left out of mean_auc_min_positives and of bias tests")
 
 
 def evaluate(

@@ -124,8 +124,9 @@ def _run(config, run_dir: Path, refs: list[str], resume: bool, federated: bool, 
         from arkfed.federation.loopback import train_federated
 
         return train_federated(config, run_dir, refs, resume=resume, quiet=quiet, log=log)
-    from arkfed.run.local import load_sites, train_local
+    from arkfed.run.local import train_local
     from arkfed.run.progress import make_progress
+    from arkfed.site.load import load_sites
 
     sites = load_sites(refs, config.sites, plugins_dirs)
     compute = {name: site.config.compute.override(device=device, num_workers=num_workers, gpus=gpus) for name, site in sites.items()}

@@ -65,6 +65,13 @@ def subset_rows(pool: int, size: int | None, seed: int) -> np.ndarray:
     return np.sort(order[:size])
 
 
+def _mean_and_ci(scores: list[float]) -> tuple[float, list[float] | None]:
+    """A curve point: the mean over seeds and its 95% t-interval within [0, 1] (None with fewer
+    than two seeds)."""
+    stat = mean_ci(scores, bounds=(0.0, 1.0))
+    return stat["mean"], stat["ci95"] if stat["n"] >= 2 else None
+
+
 def summarise_curves(records: list[dict], sizes: list[int | None], metric: str, per_case: dict | None = None,
                      correction: Correction = "holm", alpha: float = 0.05, unit: str = "training images") -> dict:
     """Means, CIs and the paired, corrected comparisons of a curve.
@@ -91,7 +98,7 @@ def summarise_curves(records: list[dict], sizes: list[int | None], metric: str, 
 def _curve_point(records: list[dict], init: str, label: str) -> dict:
     """One initialisation at one size: the mean over seeds with its Student-t CI, and the values by seed."""
     rows = sorted((r for r in records if r["init"] == init and r["size"] == label), key=lambda r: r["seed"])
-    mean, ci = mean_ci([r["score"] for r in rows])
+    mean, ci = _mean_and_ci([r["score"] for r in rows])
     return {"mean": mean, "ci": ci, "seeds": [r["seed"] for r in rows], "values": [r["score"] for r in rows],
             "train_size": rows[0]["train_size"] if rows else None}
 

@@ -10,10 +10,12 @@ them; otherwise with the student's heads, and the result says so.
 The CIs come from a bootstrap over patients when the split records patient ids (all images of a
 resampled patient come along, so a patient with many images does not narrow the interval), over
 images otherwise; the unit is stated in the result. The same resampled rows serve every class,
-so the mean AUC's interval accounts for the classes' correlation. Classes with fewer than
-``min_positives`` positive test images are reported, marked "too few positives", and left out
-of the headline mean (``mean_auc``); ``mean_auc_all_classes`` is the training-time mean over
-every scorable reported class, the number ``metrics.jsonl`` holds.
+so the mean AUC's interval accounts for the classes' correlation.
+
+``mean_auc`` is the one site mean AUC of arkfed (:func:`arkfed.ark.metrics.mean_auc`: every
+reported class with both labels in the split), the number ``metrics.jsonl`` holds. Classes with
+fewer than ``min_positives`` positive test images are reported and marked "too few positives";
+``mean_auc_min_positives`` is the mean over the other classes (``mean_auc_min_positives_classes``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from arkfed.ark.metrics import Predictions, class_auc, score_predictions, scores_from_logits
+from arkfed.ark.metrics import Predictions, class_auc, mean_auc, score_predictions, scores_from_logits
 from arkfed.data.schema import LabelSchema
 
 if TYPE_CHECKING:
@@ -74,15 +76,22 @@ def positives(pred: Predictions, schema: LabelSchema) -> dict[str, int]:
     return {c: int(((pred.mask[:, k] > 0) & (pred.targets[:, k] > 0.5)).sum()) for k, c in enumerate(schema.classes)}
 
 
+def _replicate_means(aucs: np.ndarray, schema: LabelSchema, classes: list[str], n_boot: int) -> np.ndarray:
+    """Each replicate's mean AUC over ``classes`` (those it can score, as :func:`mean_auc` does)."""
+    in_mean = [schema.classes.index(c) for c in classes]
+    with warnings.catch_warnings():  # a replicate where no class of the mean has both labels
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(aucs[:, in_mean], axis=1) if in_mean else np.full(n_boot, np.nan)
+
+
 def bootstrap_intervals(pred: Predictions, schema: LabelSchema, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                        groups: np.ndarray | None = None, mean_classes: list[str] | None = None) -> dict:
-    """Percentile intervals of each class AUC, of the mean AUC over ``mean_classes`` (default:
-    the reported classes) and, for multiclass, of the accuracy."""
+                        groups: np.ndarray | None = None, min_positives_classes: list[str] | None = None) -> dict:
+    """Percentile intervals of each class AUC, of the mean AUC (``mean_auc_ci``), with
+    ``min_positives_classes`` of the mean over those (``mean_auc_min_positives_ci``) and, for
+    multiclass, of the accuracy."""
     scores = scores_from_logits(pred.logits, schema.task)
     n = len(scores)
     groups = np.arange(n) if groups is None else groups
-    mean_classes = list(schema.reported_classes) if mean_classes is None else mean_classes
-    in_mean = [schema.classes.index(c) for c in mean_classes]
     aucs, accuracy = [], []
     correct = (pred.logits.argmax(1) == pred.targets.argmax(1)).astype(np.float64) if schema.task == "multiclass" else None
     for w in bootstrap_weights(groups, n_boot, seed):
@@ -92,13 +101,13 @@ def bootstrap_intervals(pred: Predictions, schema: LabelSchema, n_boot: int = 10
             with np.errstate(invalid="ignore", divide="ignore"):
                 accuracy.append((counted * correct).sum(1) / counted.sum(1))
     aucs = np.concatenate(aucs)
-    with warnings.catch_warnings():  # a replicate where no class of the mean has both labels
-        warnings.simplefilter("ignore", RuntimeWarning)
-        means = np.nanmean(aucs[:, in_mean], axis=1) if in_mean else np.full(n_boot, np.nan)
     out = {
         "auc_ci": {c: percentile_interval(aucs[:, k], n_boot, level) for k, c in enumerate(schema.classes)},
-        "mean_auc_ci": percentile_interval(means, n_boot, level),
+        "mean_auc_ci": percentile_interval(_replicate_means(aucs, schema, list(schema.reported_classes), n_boot), n_boot, level),
     }
+    if min_positives_classes is not None:
+        means = _replicate_means(aucs, schema, min_positives_classes, n_boot)
+        out["mean_auc_min_positives_ci"] = percentile_interval(means, n_boot, level)
     if correct is not None:
         out["accuracy_ci"] = percentile_interval(np.concatenate(accuracy), n_boot, level)
     return out
@@ -106,20 +115,20 @@ def bootstrap_intervals(pred: Predictions, schema: LabelSchema, n_boot: int = 10
 
 def evaluate_predictions(pred: Predictions, schema: LabelSchema, n_boot: int = 1000, seed: int = 0,
                          table: "DatasetTable | None" = None, min_positives: int = MIN_POSITIVES) -> dict:
-    """Point metrics (loss, per-class AUC, accuracy), the mean AUC over classes with at least
-    ``min_positives`` positives (and over all, as in training), with bootstrap CIs."""
+    """Point metrics (loss, per-class AUC, the mean AUC as in training, accuracy), the mean AUC
+    over the classes with at least ``min_positives`` positives (``mean_auc_min_positives``),
+    with bootstrap CIs."""
     result = score_predictions(pred, schema)
     count = positives(pred, schema)
     enough = [c for c in schema.reported_classes if count[c] >= min_positives and np.isfinite(result["auc"][c])]
-    result["mean_auc_all_classes"] = result["mean_auc"]
-    result["mean_auc"] = float(np.mean([result["auc"][c] for c in enough])) if enough else float("nan")
-    result["mean_auc_classes"] = enough
+    result["mean_auc_min_positives"] = mean_auc(result["auc"], enough)
+    result["mean_auc_min_positives_classes"] = enough
     result["positives"] = count
     result["too_few_positives"] = [c for c in schema.classes if count[c] < min_positives]
     result["min_positives"] = min_positives
     if n_boot > 0:
         groups, unit = bootstrap_groups(table, len(pred.logits))
-        result.update(bootstrap_intervals(pred, schema, n_boot, seed, groups=groups, mean_classes=enough))
+        result.update(bootstrap_intervals(pred, schema, n_boot, seed, groups=groups, min_positives_classes=enough))
         result["bootstrap"] = {"resamples": n_boot, "unit": unit, "level": 0.95, "method": "percentile"}
     return result
 

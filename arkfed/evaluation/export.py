@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arkfed.errors import ArkfedError
-from arkfed.evaluation.runinfo import RunInfo, read_run
+from arkfed.evaluation.recorded_run import RecordedRun, read_run
 from arkfed.evaluation.sources import load_models, model_heads, source_kind
 from arkfed.io import atomic_write
 from arkfed.model.ark import ArkModel, SiteHead
@@ -119,7 +119,7 @@ def _fmt(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
 
 
-def model_card(config: dict, heads: dict[str, SiteHead], run: RunInfo | None) -> str:
+def model_card(config: dict, heads: dict[str, SiteHead], run: RecordedRun | None) -> str:
     """The export's README.md: what the model is, how to load it, what it was trained on, how it did."""
     arch = config["architecture"]
     spec = config["arkfed"]["spec"]

@@ -12,7 +12,8 @@ both). ``fraction=F``: a random F of the training split. Each seed draws its own
 :func:`probe_curve` runs the label-efficiency curve (:mod:`arkfed.evaluation.curves`): shots per
 class at several sizes, for the model, a random init and any compared models, with the same
 few-shot draw per seed for every model, compared by a paired t-test over seeds (Holm-corrected).
-The mean AUC leaves out classes with too few positives in the test split.
+The score is the site mean AUC of training (:func:`arkfed.ark.metrics.mean_auc`); classes with
+too few positives in the test split are listed (``too_few_positives``).
 """
 
 from __future__ import annotations
@@ -154,8 +155,9 @@ def probe_embeddings(train: Embeddings, test: Embeddings, schema: LabelSchema, s
                      fraction: float | None = None, seed: int = 0, c: float = 1.0, min_positives: int | None = None,
                      n_boot: int = 0) -> dict:
     """One probe on precomputed embeddings: the few-shot draw of ``seed``, fitted and scored.
-    With ``min_positives`` the mean AUC leaves out classes with fewer test positives (see
-    :func:`arkfed.evaluation.evaluate.evaluate_predictions`); ``n_boot`` adds bootstrap CIs."""
+    With ``min_positives`` the classes with fewer test positives are listed and
+    ``mean_auc_min_positives`` leaves them out (see :func:`arkfed.evaluation.evaluate.evaluate_predictions`;
+    ``mean_auc`` is the same either way); ``n_boot`` adds bootstrap CIs."""
     from arkfed.evaluation.evaluate import evaluate_predictions
 
     rows = few_shot_rows(train.targets, train.mask, schema, shots, fraction, seed)
@@ -165,7 +167,7 @@ def probe_embeddings(train: Embeddings, test: Embeddings, schema: LabelSchema, s
         scored = score_predictions(pred, schema)
     else:
         scored = evaluate_predictions(pred, schema, n_boot, seed, None, min_positives)
-    keep = ("mean_auc", "auc", "loss", "accuracy", "too_few_positives", "mean_auc_ci", "auc_ci")
+    keep = ("mean_auc", "auc", "loss", "accuracy", "too_few_positives", "mean_auc_min_positives", "mean_auc_ci", "auc_ci")
     return {"seed": seed, "train_size": int(len(rows)), **{k: scored[k] for k in keep if k in scored}}
 
 

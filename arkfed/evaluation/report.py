@@ -1,7 +1,7 @@
 """``arkfed report``: plots of a run and a small HTML page that shows them with a summary table.
 
 Reads only the run folder's ``metrics.jsonl`` (and config/summary through
-:mod:`arkfed.evaluation.runinfo`), so it works on a finished run, an interrupted one, or one
+:mod:`arkfed.evaluation.recorded_run`), so it works on a finished run, an interrupted one, or one
 still training. Plots:
 
 - ``auc_over_rounds.png``: per-site validation mean AUC by round, teacher (solid) vs student (dashed);
@@ -18,7 +18,7 @@ import numpy as np
 
 from arkfed.errors import ArkfedError
 from arkfed.evaluation.plots import as_floats, try_figure
-from arkfed.evaluation.runinfo import RunInfo, read_run
+from arkfed.evaluation.recorded_run import RecordedRun, read_run
 from arkfed.io import atomic_write
 
 MODEL_STYLES = {"teacher": "-", "student": "--"}
@@ -38,7 +38,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_auc_over_rounds(run: RunInfo, path: Path) -> Path:
+def plot_auc_over_rounds(run: RecordedRun, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +62,7 @@ def plot_auc_over_rounds(run: RunInfo, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_losses(run: RunInfo, path: Path) -> Path:
+def plot_losses(run: RecordedRun, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +98,7 @@ def plot_losses(run: RunInfo, path: Path) -> Path:
     return _save(fig, path)
 
 
-def summary_rows(run: RunInfo) -> list[dict]:
+def summary_rows(run: RecordedRun) -> list[dict]:
     """Per site: final teacher and student mean AUC, the teacher's best round, the visits made."""
     final = run.final_metrics()
     rows = []
@@ -122,7 +122,7 @@ def _cell(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
 
 
-def html_page(run: RunInfo, rows: list[dict], images: list[str]) -> str:
+def html_page(run: RecordedRun, rows: list[dict], images: list[str]) -> str:
     cfg = run.config
     model = (cfg.get("model") or {}).get("model", "n/a")
     header = "".join(f"<th>{html.escape(k.replace('_', ' '))}</th>" for k in rows[0]) if rows else ""

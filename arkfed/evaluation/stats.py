@@ -1,14 +1,21 @@
-"""The statistics every evaluation table uses: multiple-comparison corrections, intervals over
-seeds, and the paired tests of the label-efficiency curves.
+"""The statistics every evaluation table and the benchmarks use: multiple-comparison
+corrections, intervals over seeds, and the paired tests of the label-efficiency curves and of the
+benchmark's arms.
 
 Kept in one place so that every command names its test and its correction the same way, and
 a reviewer finds them in one file. SciPy only (no statsmodels).
+
+Seeds pair the arms: every arm of a seed shares that seed's initialisation, data order, few-shot
+draws and fine-tuning seed, so the spread of the per-seed difference is the noise that matters,
+not the spread of each arm on its own. With n seeds an interval uses Student's t with n - 1
+degrees of freedom; fewer than 2 seeds give NaN, never a claim.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -18,6 +25,7 @@ Correction = Literal["holm", "bh"]
 CORRECTION_NAMES = {"holm": "Holm (family-wise error)", "bh": "Benjamini-Hochberg (false discovery rate)"}
 PAIRED_T = "paired t-test over seeds (each seed draws the same training subset for every initialisation)"
 WILCOXON = "Wilcoxon signed-rank test over test images (per-image Dice averaged over seeds)"
+PAIRED_DIFFERENCE_TEST = "two-sided paired t-test over seeds (scipy.stats.ttest_rel)"
 
 
 def adjust_pvalues(pvalues, method: Correction = "holm") -> np.ndarray:
@@ -45,20 +53,47 @@ def adjust_pvalues(pvalues, method: Correction = "holm") -> np.ndarray:
     return out
 
 
-def mean_ci(values, level: float = 0.95, bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[float, list[float] | None]:
-    """Mean over seeds and its Student-t interval, clipped to the score's range ``bounds`` (AUC
-    and Dice live in [0, 1]); None with fewer than two finite values."""
+def mean_ci(values: Sequence[float | None], bounds: tuple[float, float] | None = None) -> dict:
+    """Mean over seeds, its sd and its Student-t 95% interval: ``{"mean", "sd", "ci95", "n"}``.
+
+    None and non-finite entries are dropped. With fewer than two values ``sd`` and both ends of
+    ``ci95`` are NaN: no interval, never a claim. ``bounds`` clips the interval to the score's
+    range (AUC and Dice live in [0, 1]); differences are left unclipped (the default)."""
     from scipy.stats import t
 
-    v = np.asarray(values, dtype=float)
+    v = np.asarray([np.nan if x is None else x for x in values], dtype=float)
     v = v[np.isfinite(v)]
-    if not len(v):
-        return float("nan"), None
-    mean = float(v.mean())
-    if len(v) < 2:
-        return mean, None
-    half = float(t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
-    return mean, [max(bounds[0], mean - half), min(bounds[1], mean + half)]
+    n = len(v)
+    mean = float(v.mean()) if n else float("nan")
+    if n < 2:
+        return {"mean": mean, "sd": float("nan"), "ci95": [float("nan")] * 2, "n": n}
+    sd = float(v.std(ddof=1))
+    half = float(t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(bounds[0], low), min(bounds[1], high)
+    return {"mean": mean, "sd": sd, "ci95": [low, high], "n": n}
+
+
+def paired_difference(a: Sequence[float | None], b: Sequence[float | None]) -> dict:
+    """The per-seed differences ``a - b`` (the benchmark's arms share each seed's initialisation,
+    data order and draws): :func:`mean_ci` of them, the two-sided paired t-test p-value, and
+    whether the interval excludes 0 ("resolved"). Pairs where either side is NaN are dropped
+    together; identical differences give p = 1 when they are all 0, else p = 0."""
+    from scipy.stats import ttest_rel
+
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+    diff = mean_ci([x - y for x, y in pairs])
+    p = float("nan")
+    if len(pairs) >= 2:
+        xs, ys = zip(*pairs)
+        if np.ptp(np.subtract(xs, ys)) > 0:
+            p = float(ttest_rel(xs, ys).pvalue)
+        else:  # identical differences: t is infinite (or undefined when they are all 0)
+            p = 1.0 if xs[0] == ys[0] else 0.0
+    low, high = diff["ci95"]
+    resolved = bool(diff["n"] >= 2 and (low > 0 or high < 0))
+    return {**diff, "p": p, "test": PAIRED_DIFFERENCE_TEST, "resolved": resolved}
 
 
 def paired_t(a, b) -> float:

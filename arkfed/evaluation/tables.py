@@ -86,7 +86,8 @@ def evaluate_caption(result: dict, first: dict, min_positives: int) -> str:
         b = first["bootstrap"]
         parts.append(f"95% CIs: percentile bootstrap over {b['unit']}s ({b['resamples']} resamples)")
     if first["too_few_positives"]:
-        parts.append(f"classes with fewer than {min_positives} positives are marked '{TOO_FEW}' and left out of the mean AUC")
+        parts.append(f"classes with fewer than {min_positives} positives are marked '{TOO_FEW}'; mean AUC without them: "
+                     + ", ".join(f"{n} {fmt(m.get('mean_auc_min_positives'))}" for n, m in result["models"].items()))
     heads = ", ".join(f"{n}: {h}/" for n, h in result.get("heads", {}).items())
     if heads:
         parts.append(f"heads {heads}")
@@ -141,7 +142,7 @@ def curve_table(curve: dict, title: str, extra_caption: str = "") -> Table:
 
 
 def _left_out(few: list[str], min_positives: int) -> str:
-    return f"classes with fewer than {min_positives} test positives left out of the mean: {', '.join(few)}" if few else ""
+    return f"classes with fewer than {min_positives} test positives: {', '.join(few)}" if few else ""
 
 
 def linear_probe_table(result: dict) -> Table:
@@ -258,7 +259,7 @@ def _compare_caption(result: dict) -> str:
         caption.append(BOOT_NOTE)
     if result["probe"]["too_few_positives"]:
         few = ", ".join(result["probe"]["too_few_positives"])
-        caption.append(f"classes with fewer than {protocol['min_positives']} test positives left out of every mean: {few}")
+        caption.append(f"classes with fewer than {protocol['min_positives']} test positives: {few}")
     if "skipped" in result.get("bias", {}):
         caption.append(f"bias skipped: {result['bias']['skipped']}")
     caption += result["notes"]

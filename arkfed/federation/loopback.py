@@ -15,9 +15,10 @@ from typing import Iterable, Sequence
 from arkfed.errors import ArkfedError
 from arkfed.federation.certs import init_certificates
 from arkfed.federation.coordinator.launcher import Coordinator, prepare_run
-from arkfed.federation.processes import free_port, stop_all
+from arkfed.federation.processes import stop_all
 from arkfed.federation.protocol import FederationSettings
 from arkfed.federation.site.node import SiteNode
+from arkfed.ports import free_port
 
 
 class LoopbackFederation:

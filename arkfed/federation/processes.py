@@ -56,13 +56,6 @@ def flower_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str
     return env
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free at this moment on ``host`` (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def _die_with_parent() -> None:  # runs in the child before exec
     try:
         import ctypes

@@ -16,7 +16,7 @@ from arkfed.run.callbacks import CallbackList, LoopCallback
 from arkfed.run.folder import RunFolder, RunState
 from arkfed.run.loop import ArkLoop, SiteFailure, SiteInfo, VisitReply
 from arkfed.site.config import ComputeSettings
-from arkfed.site.load import Site
+from arkfed.site.load import Site, load_sites
 
 
 # -- in-process sites -----------------------------------------------------------------------------
@@ -72,22 +72,6 @@ class InProcessSites:
             name: evaluate_site_models(self._pair(state, name), site, self.settings, split, state.clock.pending(name), self.compute[name])
             for name, site in self.sites.items() if name in state.heads
         }
-
-
-def load_sites(refs: Sequence[str | Path], names: Sequence[str] | None = None, plugins_dirs=()) -> dict[str, Site]:
-    """Sites from their YAMLs, keyed by name (in the order of ``names`` when given)."""
-    from arkfed.site.load import load_site
-
-    sites = {}
-    for ref in refs:
-        site = load_site(ref, plugins_dirs)
-        sites[site.name] = site
-    if names is None:
-        return sites
-    missing = [name for name in names if name not in sites]
-    if missing:
-        raise ArkfedError(f"no site config for {missing} (configs given: {[str(r) for r in refs]})")
-    return {name: sites[name] for name in names}
 
 
 def train_local(

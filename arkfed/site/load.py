@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from arkfed.data.cache import CacheStatus
 from arkfed.data.schema import LabelSchema
 from arkfed.data.tables import SPLITS, DatasetTable
 from arkfed.datasets._plugin import DatasetPlugin, get_plugin
 from arkfed.errors import ArkfedError
-from arkfed.site.config import SiteConfig, load_site_config
+from arkfed.site.config import SiteConfig, load_site_config, resolve_site_path
 
 
 @dataclass
@@ -78,3 +78,21 @@ def load_site(config: SiteConfig | str | Path, plugins_dirs: Iterable[str | Path
 
         site = attach_cache(site)
     return site
+
+
+def load_sites(refs: Sequence[str | Path], names: Sequence[str] | None = None, plugins_dirs: Iterable[str | Path] = ()) -> dict[str, Site]:
+    """Sites from their YAMLs (paths, or names meaning ``sites/NAME.yaml``), keyed by site name:
+    in the order of ``names`` when given (each must be there), else in the order of ``refs``.
+    A site given twice is an error."""
+    sites: dict[str, Site] = {}
+    for ref in refs:
+        site = load_site(resolve_site_path(ref).resolve(), plugins_dirs)
+        if site.name in sites:
+            raise ArkfedError(f"site {site.name!r} given twice (site configs: {', '.join(str(r) for r in refs)})")
+        sites[site.name] = site
+    if names is None:
+        return sites
+    missing = [name for name in names if name not in sites]
+    if missing:
+        raise ArkfedError(f"no site config for {missing} (configs given: {[str(r) for r in refs]})")
+    return {name: sites[name] for name in names}

@@ -10,12 +10,14 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from arkfed.benchmarking.accrual import BUDGETS, Plan, train_config
+from arkfed.benchmarking.accrual import Plan
+from arkfed.benchmarking.arms import train_config
 from arkfed.benchmarking.baselines import pooled_schedule, train_pooled
+from arkfed.benchmarking.budget import BUDGETS
 from arkfed.benchmarking.plan import curve_subsets, orderings
-from arkfed.benchmarking.stats import mean_ci, paired
 from arkfed.demo.generate import ALL_DEMO_SITES, generate_demo_federation
 from arkfed.errors import ArkfedError
+from arkfed.evaluation.stats import mean_ci, paired_difference
 from arkfed.site.load import load_site
 
 SMOKE = BUDGETS["smoke"]
@@ -37,13 +39,13 @@ def tiny_yamls(tiny):
 
 def test_paired_statistics_match_the_t_distribution():
     # differences 1, 1, 2: mean 4/3, sd 1/sqrt(3), t = 4 with 2 d.o.f. -> p = 0.0572, half-width 4.303 / 3
-    result = paired([1.0, 2.0, 3.0], [0.0, 1.0, 1.0])
+    result = paired_difference([1.0, 2.0, 3.0], [0.0, 1.0, 1.0])
     assert result["mean"] == pytest.approx(4 / 3)
     assert result["p"] == pytest.approx(0.05719, abs=1e-4)
     assert result["ci95"][0] == pytest.approx(4 / 3 - 4.3027 / 3, abs=1e-3)
     assert not result["resolved"]  # the interval still contains 0
-    assert paired([1.0, 2.0, 3.0, 4.0], [0.0, 1.1, 1.9, 3.0])["resolved"]
-    nan_pair = paired([1.0, float("nan"), 3.0], [0.0, 1.0, 1.0])  # a missing seed drops its pair
+    assert paired_difference([1.0, 2.0, 3.0, 4.0], [0.0, 1.1, 1.9, 3.0])["resolved"]
+    nan_pair = paired_difference([1.0, float("nan"), 3.0], [0.0, 1.0, 1.0])  # a missing seed drops its pair
     assert nan_pair["n"] == 2 and nan_pair["mean"] == pytest.approx(1.5)
     assert np.isnan(mean_ci([0.7])["ci95"][0])  # one seed: no interval, never a claim
 

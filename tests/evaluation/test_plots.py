@@ -132,8 +132,8 @@ def write_metrics(folder):
 
 
 def test_run_report_plots_with_nans(tmp_path):
+    from arkfed.evaluation.recorded_run import read_run
     from arkfed.evaluation.report import plot_auc_over_rounds, plot_losses, summary_rows
-    from arkfed.evaluation.runinfo import read_run
 
     run = read_run(write_metrics(tmp_path / "run"))
     assert_png(plot_auc_over_rounds(run, tmp_path / "auc.png"))

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from arkfed.cli import app
 from arkfed.errors import ArkfedError
-from arkfed.evaluation.runinfo import read_run
+from arkfed.evaluation.recorded_run import read_run
 from arkfed.run.folder import read_metrics
 from eval_fixtures import schemas, tiny_spec, write_site
 

@@ -30,9 +30,10 @@ from arkfed.federation.certs import add_site, init_certificates, make_site_key
 from arkfed.federation.coordinator.launcher import Coordinator, prepare_run
 from arkfed.federation.coordinator.status import read_status
 from arkfed.federation.flower_app import CONNECTION, write_connection, write_flower_app
-from arkfed.federation.processes import flower_env, flower_executable, free_port, stop_all
+from arkfed.federation.processes import flower_env, flower_executable, stop_all
 from arkfed.federation.site.heads import read_outbox
 from arkfed.federation.site.node import SiteNode
+from arkfed.ports import free_port
 from arkfed.site.config import load_site_config
 from federation_fixtures import fast_settings, make_sites, site_name, tiny_config
 

@@ -13,8 +13,8 @@ import pytest
 
 from arkfed.federation.certs import add_site, init_certificates, make_site_key
 from arkfed.federation.coordinator.launcher import Coordinator, prepare_run
-from arkfed.federation.processes import free_port
 from arkfed.federation.site.node import SiteNode
+from arkfed.ports import free_port
 from federation_fixtures import fast_settings, make_sites, site_name, tiny_config
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)

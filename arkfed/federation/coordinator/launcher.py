@@ -35,12 +35,12 @@ from arkfed.federation.processes import (
     ManagedProcess,
     flower_env,
     flower_executable,
-    free_port,
     run_flower_cli,
     stop_all,
     wait_for_port,
 )
 from arkfed.federation.protocol import FederationSettings
+from arkfed.ports import free_port
 
 START_TIMEOUT = 60.0
 

@@ -172,7 +172,8 @@ def _train_size(site) -> int:
 def visit(msg: Message, context: Context) -> Message:
     """One Ark site visit on the received student/teacher (:func:`arkfed.ark.tasks.visit_site`,
     exactly as in local mode), within the site's policy; the heads stay here, versioned by visit."""
-    from arkfed.ark.tasks import check_finite, visit_site
+    from arkfed.ark.tasks import visit_site
+    from arkfed.ark.updates import check_finite
     from arkfed.site.policy import apply_memory_limit
 
     config = node_site_config(context)

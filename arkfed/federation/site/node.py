@@ -19,7 +19,8 @@ from typing import Iterable
 
 from arkfed.errors import ArkfedError
 from arkfed.federation.certs import site_public_key_from_private
-from arkfed.federation.processes import ManagedProcess, flower_env, flower_executable, free_port, stop_all
+from arkfed.federation.processes import ManagedProcess, flower_env, flower_executable, stop_all
+from arkfed.ports import free_port
 
 CONNECT_TIMEOUT = 60.0
 

@@ -19,7 +19,10 @@ from arkfed.run.folder import read_metrics
 
 
 @dataclass
-class RunInfo:
+class RecordedRun:
+    """What a run folder records (read after the fact; the loop's callbacks get
+    :class:`arkfed.run.callbacks.RunInfo` while it runs)."""
+
     folder: Path
     config: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
@@ -67,7 +70,7 @@ class RunInfo:
         return out
 
 
-def read_run(folder: str | Path) -> RunInfo:
+def read_run(folder: str | Path) -> RecordedRun:
     folder = Path(folder)
     if not folder.is_dir():
         raise ArkfedError(f"run folder not found: {folder}")
@@ -83,4 +86,4 @@ def read_run(folder: str | Path) -> RunInfo:
             summary = json.loads((folder / "summary.json").read_text())
         except json.JSONDecodeError:
             raise ArkfedError(f"{folder / 'summary.json'}: not valid JSON") from None
-    return RunInfo(folder=folder, config=config, summary=summary, records=read_metrics(folder))
+    return RecordedRun(folder=folder, config=config, summary=summary, records=read_metrics(folder))
