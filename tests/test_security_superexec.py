@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -31,9 +32,11 @@ from pathlib import Path
 
 import pytest
 
+from arkfed.errors import ArkfedError
 from arkfed.federation.loopback import LoopbackFederation
-from arkfed.federation.processes import LOOPBACK, wait_for_port
+from arkfed.federation.processes import LOOPBACK, free_port, wait_for_port
 from arkfed.federation.site_state import read_outbox
+from arkfed.federation.superexec import check_listener, listener_uids
 from arkfed.runs import RunFolder
 from federation_fixtures import fast_settings, make_sites, tiny_config
 
@@ -221,3 +224,28 @@ def test_the_secret_files_are_0600_private_and_on_no_command_line(attacked_run):
     assert {"flower-supernode", "arkfed.federation.site_executor"} <= observer.path_users["site"]
     assert {"flower-superlink", "arkfed.federation.superexec"} <= observer.path_users["coordinator"]
     assert stat.S_IMODE(attacked_run["state_dir"].stat().st_mode) == 0o700
+
+
+def test_the_launcher_is_not_handed_to_a_port_another_account_listens_on():
+    """Another account that binds the runtime API's port first never gets the launcher's requests."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to listen as nobody")
+    port = free_port()
+    listen = ("import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); "
+              "print('ok', flush=True); time.sleep(60)")
+    squatter = subprocess.Popen(as_nobody([sys.executable, "-c", listen, str(port)]), stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert squatter.stdout.readline().strip() == "ok"
+        assert listener_uids(port) == {65534}
+        with pytest.raises(ArkfedError, match="another local account may hold the port"):
+            check_listener(port, "the runtime API")
+    finally:
+        squatter.kill()
+        squatter.wait(timeout=10)
+    mine = socket.socket()
+    mine.bind((LOOPBACK, port))
+    mine.listen()
+    try:
+        check_listener(port, "the runtime API")  # this account's own listener passes
+    finally:
+        mine.close()

@@ -45,7 +45,7 @@ from arkfed.federation.processes import (
 )
 from arkfed.federation.protocol import FederationSettings
 from arkfed.federation.status import FederationStatus, read_status
-from arkfed.federation.superexec import SECRET_OPTION, new_secret, private_folder, remove_secret
+from arkfed.federation.superexec import SECRET_OPTION, check_listener, new_secret, private_folder, remove_secret
 
 START_TIMEOUT = 60.0
 
@@ -136,6 +136,7 @@ class Coordinator:
         self.superlink = ManagedProcess.start("SuperLink", argv, self.env, self.logs / "superlink.log")
         self.gateway = ManagedProcess.start("Fleet gateway", gateway, self.env, self.logs / "gateway.log")
         wait_for_port(LOOPBACK, self.superlink_port, self.superlink, START_TIMEOUT)
+        check_listener(self.superlink_port, "the SuperLink's loopback port")
         self.launcher = ManagedProcess.start("ServerApp launcher", [*launcher, "--parent-pid", str(self.superlink.pid)],
                                              self.env, self.logs / "superexec.log")
         wait_for_port(self.host, self.port, self.gateway, START_TIMEOUT)

@@ -24,7 +24,14 @@ from typing import Iterable
 from arkfed.errors import ArkfedError
 from arkfed.federation.certs import site_public_key_from_private
 from arkfed.federation.processes import ManagedProcess, flower_env, flower_executable, free_port, stop_all
-from arkfed.federation.superexec import SECRET_OPTION, new_secret, private_folder, refused_requests, remove_secret
+from arkfed.federation.superexec import (
+    SECRET_OPTION,
+    check_listener,
+    new_secret,
+    private_folder,
+    refused_requests,
+    remove_secret,
+)
 
 CONNECT_TIMEOUT = 60.0
 
@@ -135,6 +142,7 @@ class SiteNode:
         if self.process is None or not self.process.alive() or "SuperNode ID:" not in self.process.log_text(self.log_start):
             return False
         if self.executor is None:
+            check_listener(self.runtime_port, f"the runtime API of site {self.name!r}'s SuperNode")
             self._start_executor()
         return True
 

@@ -90,6 +90,36 @@ def refused_launcher_requests(log: str) -> list[str]:
     return [line for line in refused_requests(log) if "SuperExec authentication failed" in line]
 
 
+def listener_uids(port: int) -> set[int] | None:
+    """The accounts (uids) with a socket listening on TCP ``port`` at 127.0.0.1 or any address, from
+    ``/proc/net/tcp`` and ``tcp6`` (None where there is no such table: not Linux)."""
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not tables[0].is_file():
+        return None
+    suffix = f":{port:04X}"
+    local = {"0100007F", "00000000", "00000000000000000000000000000000", "0000000000000000FFFF00000100007F"}
+    uids = set()
+    for table in tables:
+        try:
+            lines = table.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()  # sl, local, remote, state, queues, timer, retransmits, uid, ...
+            if len(fields) > 7 and fields[3] == "0A" and fields[1].endswith(suffix) and fields[1][: -len(suffix)] in local:
+                uids.add(int(fields[7]))
+    return uids
+
+
+def check_listener(port: int, what: str) -> None:
+    """Refuse to hand the task launcher (and its signed requests) to ``127.0.0.1:port`` unless only
+    this account listens there: another local account could have bound the port first."""
+    uids = listener_uids(port)
+    if uids is not None and uids != {os.getuid()}:
+        raise ArkfedError(f"127.0.0.1:{port}, {what}, is listened on by account(s) {sorted(uids) or 'none'}, not (only) "
+                          f"this one ({os.getuid()}): another local account may hold the port; not starting the task launcher")
+
+
 class ServerAppExecutor:
     """Flower SuperExec executor for the coordinator: ``flwr-serverapp`` for ServerApp tasks only
     (other task types are never acquired), its task token passed through an in-memory file."""
