@@ -12,6 +12,7 @@ Who runs what:
 - on one machine (``arkfed train --federated``): :mod:`.loopback`.
 
 What travels (:mod:`.messages`): model arrays and scalar metrics, plus a site's name and label
-schema when it joins. Security (:mod:`.certs`): TLS and registered site keys, on by default.
+schema when it joins. Security (:mod:`.certs`): TLS and registered site keys, on by default; only
+arkfed's own task launchers can claim Flower's tasks on either machine (:mod:`.superexec`).
 Flower is imported by these modules, so import them lazily from the CLI.
 """
