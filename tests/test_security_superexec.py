@@ -155,6 +155,15 @@ def attacked_run():
             result[name] = json.loads(out)
             print(f"\n{name} attacker (uid {result[name]['uid']}): " + json.dumps(result[name], indent=1)[:3000])
         result["refused_logged"] = getattr(site, "refused_since_last", lambda: [])()
+        if hasattr(site, "refused_since_last"):  # what `arkfed site` prints of them
+            from rich.console import Console
+
+            from arkfed.cli.federation import _show_refused_requests
+
+            console = Console(record=True, width=1000, highlight=False)
+            site.refused_seen = site.log_start
+            _show_refused_requests(site, console)
+            result["site_console"] = console.export_text()
         result["outbox"] = read_outbox(site.state_dir)
         result["visits"] = [r for r in RunFolder(federation.out).read_metrics() if r["kind"] == "visit"]
         result["config"] = config
@@ -201,6 +210,7 @@ def test_a_local_account_cannot_claim_the_sites_tasks_and_the_run_finishes(attac
     assert len(refused) >= 2 * run["site"]["polls"], len(refused)
     assert all("[ApiError:1008]" in line for line in refused)
     assert any("SuperExec authentication failed for /flwr.proto.Runtime/AcquireTask" in line for line in refused)
+    assert f"the SuperNode refused {len(refused)} runtime request(s)" in run["site_console"], run["site_console"]
 
 
 def test_a_local_account_cannot_claim_the_coordinators_serverapp_task(attacked_run):

@@ -182,11 +182,13 @@ def _show_refused_requests(node, console) -> None:
     token: another local account trying to claim the site's tasks), as Flower logged them."""
     import time
 
+    from rich.markup import escape
+
     refused = node.refused_since_last()
     if refused:
         console.print(f"[bold red]{time.strftime('%Y-%m-%d %H:%M:%S')} site {node.name!r}: the SuperNode refused {len(refused)} "
                       f"runtime request(s) from a process without the task launcher's secret or a task token (another local "
-                      f"account?); Flower logged each in {node.process.log_path}; last: {refused[-1]}[/]")
+                      f"account?); Flower logged each in {escape(str(node.process.log_path))}; last: {escape(refused[-1])}[/]")
 
 
 def _show_pending_runs(node, console, shown: set[str]) -> None:
