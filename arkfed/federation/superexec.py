@@ -85,11 +85,6 @@ def refused_requests(log: str) -> list[str]:
     return [match.group(0) for match in REFUSED.finditer(log)]
 
 
-def refused_launcher_requests(log: str) -> list[str]:
-    """Of those, the calls of launcher methods (``acquire-task``) without a valid SuperExec signature."""
-    return [line for line in refused_requests(log) if "SuperExec authentication failed" in line]
-
-
 def listener_uids(port: int) -> set[int] | None:
     """The accounts (uids) with a socket listening on TCP ``port`` at 127.0.0.1 or any address, from
     ``/proc/net/tcp`` and ``tcp6`` (None where there is no such table: not Linux)."""
