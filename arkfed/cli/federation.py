@@ -160,6 +160,7 @@ def _serve(node, console, connect_timeout: float) -> None:
             while True:
                 node.check()
                 _show_pending_runs(node, console, shown)
+                _show_refused_requests(node, console)
                 time.sleep(1.0)
         except SiteNotAdmitted as exc:
             # a coordinator that is still starting may not have registered the key yet
@@ -174,6 +175,20 @@ def _serve(node, console, connect_timeout: float) -> None:
             node.stop()
             time.sleep(backoff)
             backoff = min(backoff * 2, 60.0)
+
+
+def _show_refused_requests(node, console) -> None:
+    """Requests the SuperNode's runtime API refused (without this start's SuperExec secret or a task
+    token: another local account trying to claim the site's tasks), as Flower logged them."""
+    import time
+
+    from rich.markup import escape
+
+    refused = node.refused_since_last()
+    if refused:
+        console.print(f"[bold red]{time.strftime('%Y-%m-%d %H:%M:%S')} site {node.name!r}: the SuperNode refused {len(refused)} "
+                      f"runtime request(s) from a process without the task launcher's secret or a task token (another local "
+                      f"account?); Flower logged each in {escape(str(node.process.log_path))}; last: {escape(refused[-1])}[/]")
 
 
 def _show_pending_runs(node, console, shown: set[str]) -> None:

@@ -14,6 +14,7 @@ Who runs what:
 May import :mod:`arkfed.run` and below. Both sides import the modules here, never each other: :mod:`.messages` (what travels),
 :mod:`.protocol`, :mod:`.signing`, :mod:`.certs`, :mod:`.processes`, :mod:`.flower_app`.
 What travels (:mod:`.messages`): model arrays and scalar metrics, plus a site's name and label
-schema when it joins. Security (:mod:`.certs`): TLS and registered site keys, on by default.
+schema when it joins. Security (:mod:`.certs`): TLS and registered site keys, on by default; only
+arkfed's own task launchers can claim Flower's tasks on either machine (:mod:`.superexec`).
 Flower is imported by these modules, so import them lazily from the CLI.
 """

@@ -18,6 +18,7 @@ from arkfed.federation.coordinator.launcher import Coordinator, prepare_run
 from arkfed.federation.processes import stop_all
 from arkfed.federation.protocol import FederationSettings
 from arkfed.federation.site.node import SiteNode
+from arkfed.federation.superexec import remove_secret
 from arkfed.ports import free_port
 
 
@@ -85,6 +86,8 @@ class LoopbackFederation:
     def stop(self) -> None:
         """Sites first (they leave the SuperLink cleanly), then the coordinator."""
         stop_all([proc for node in self.sites.values() for proc in (node.executor, node.process)])
+        for node in self.sites.values():
+            remove_secret(node.secret)
         self.coordinator.stop()
 
     def __enter__(self) -> "LoopbackFederation":

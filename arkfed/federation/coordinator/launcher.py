@@ -4,15 +4,19 @@
 with a certificate folder, or ``--insecure``) and, on the public ``--address``, the Fleet-only
 gateway (:mod:`arkfed.federation.coordinator.gateway`): Flower's Control and ServerApp APIs share the
 SuperLink's port and are unauthenticated in open-source Flower, so they must never face the
-network. It registers each site's public key under the site's name through the loopback Control
-API, submits the generated Flower app (signed, :mod:`arkfed.federation.signing`) with ``flwr
-run --stream`` and follows the ServerApp through the status file it writes. Layout at the
-coordinator::
+network. The SuperLink runs with ``--isolation process`` and a fresh SuperExec secret per start,
+shared with arkfed's ServerApp launcher only (:mod:`arkfed.federation.superexec`), so no other
+local account can claim the ServerApp task through the loopback runtime API. It registers each
+site's public key under the site's name through the loopback Control API, submits the generated
+Flower app (signed, :mod:`arkfed.federation.signing`) with ``flwr run --stream`` and follows
+the ServerApp through the status file it writes. Layout at the coordinator (``RUN`` is made
+private to the coordinator's account, 0700)::
 
-    RUN/flower/            FLWR_HOME of the SuperLink and the flwr CLI (config.toml, installed app)
+    RUN/flower/            FLWR_HOME of the SuperLink and the flwr CLI (config.toml, installed app),
+                           superexec.secret while the coordinator runs
     RUN/flower/app/        the generated Flower app (pyproject.toml only)
     RUN/logs/              superlink.log, gateway.log (every request from outside, refused ones too),
-                           serverapp.log (the ServerApp's output),
+                           superexec.log (the ServerApp launcher), serverapp.log (the ServerApp's output),
                            inbox.jsonl (what every site message carried), registered-sites.log
 
 Sites are started by :mod:`arkfed.federation.site.node`; both together on one machine by
@@ -40,6 +44,7 @@ from arkfed.federation.processes import (
     wait_for_port,
 )
 from arkfed.federation.protocol import FederationSettings
+from arkfed.federation.superexec import SECRET_OPTION, check_listener, new_secret, private_folder, remove_secret
 from arkfed.ports import free_port
 
 START_TIMEOUT = 60.0
@@ -56,7 +61,7 @@ def prepare_run(out: Path, config, fed: FederationSettings, resume: bool):
         return run.read_config(), FederationSettings.read(run.path)
     if run.has_run():
         raise ArkfedError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
-    run.path.mkdir(parents=True, exist_ok=True)
+    private_folder(run.path)  # the coordinator's account only (0700)
     run.write_config(config)
     fed.write(run.path)
     return config, fed
@@ -82,7 +87,9 @@ class Coordinator:
         self.logs = self.run_dir / "logs"
         self.superlink: ManagedProcess | None = None
         self.gateway: ManagedProcess | None = None
+        self.launcher: ManagedProcess | None = None  # arkfed's SuperExec: launches the ServerApp tasks
         self.runner: ManagedProcess | None = None
+        self.secret: Path | None = None  # this start's SuperExec secret (0600), shared with the launcher only
         if certs is not None:
             certs.check_coordinator()
             missing = [s for s in self.sites if s not in certs.registered_sites()]
@@ -104,24 +111,34 @@ class Coordinator:
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def start(self) -> None:
-        """Start the SuperLink on loopback, the Fleet gateway on the public address and, with
-        authentication, register each site's public key by name (through the loopback Control API)."""
+        """Start the SuperLink on loopback with arkfed's ServerApp launcher, the Fleet gateway on the
+        public address and, with authentication, register each site's public key by name (through
+        the loopback Control API)."""
+        private_folder(self.run_dir)  # the run's model, logs and the secret: this account only
+        self.secret = new_secret(self.home)  # fresh at every start; its path only on command lines
         argv = [flower_executable("flower-superlink"), "--host", LOOPBACK, "--port", str(self.superlink_port),
-                "--disable-runtime-dependency-installation"]
+                "--disable-runtime-dependency-installation", "--isolation", "process", SECRET_OPTION, str(self.secret)]
         gateway = [sys.executable, "-m", "arkfed.federation.coordinator.gateway", "--listen", f"{self.host}:{self.port}",
                    "--upstream", f"{LOOPBACK}:{self.superlink_port}"]
+        launcher = [sys.executable, "-m", "arkfed.federation.superexec", "--runtime-api-address",
+                    f"{LOOPBACK}:{self.superlink_port}", SECRET_OPTION, str(self.secret)]
         if self.certs is None:
             argv.append("--insecure")
             gateway.append("--insecure")
+            launcher.append("--insecure")
         else:
             argv += ["--ssl-certfile", str(self.certs.coordinator_cert), "--ssl-keyfile", str(self.certs.coordinator_key),
                      "--ssl-ca-certfile", str(self.certs.ca_cert), "--enable-supernode-auth"]
             gateway += ["--certfile", str(self.certs.coordinator_cert), "--keyfile", str(self.certs.coordinator_key),
                         "--upstream-ca", str(self.certs.ca_cert), "--supernode-auth"]
+            launcher += ["--root-certificates", str(self.certs.ca_cert)]
         write_connection(self.home, self.superlink_port, self.certs.ca_cert if self.certs else None)
         self.superlink = ManagedProcess.start("SuperLink", argv, self.env, self.logs / "superlink.log")
         self.gateway = ManagedProcess.start("Fleet gateway", gateway, self.env, self.logs / "gateway.log")
         wait_for_port(LOOPBACK, self.superlink_port, self.superlink, START_TIMEOUT)
+        check_listener(self.superlink_port, "the SuperLink's loopback port")
+        self.launcher = ManagedProcess.start("ServerApp launcher", [*launcher, "--parent-pid", str(self.superlink.pid)],
+                                             self.env, self.logs / "superexec.log")
         wait_for_port(self.host, self.port, self.gateway, START_TIMEOUT)
         if self.certs is not None:
             self._register_sites()
@@ -147,7 +164,7 @@ class Coordinator:
         if self.runner is not None and self.runner.alive():
             raise ArkfedError(f"a run is still going on in {self.run_dir}")
         if run_dir is not None:
-            self.run_dir = Path(run_dir).resolve()
+            self.run_dir = private_folder(Path(run_dir).resolve())
         app_dir = write_flower_app(self.run_dir, self.certs)
         argv = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         self.runner = ManagedProcess.start("flwr run", argv, self.env, self.run_dir / "logs" / "serverapp.log")
@@ -167,7 +184,7 @@ class Coordinator:
             if status is not None and status.finished:
                 self._let_runner_end(30.0)
                 return status
-            for proc in (self.superlink, self.gateway):
+            for proc in (self.superlink, self.gateway, self.launcher):
                 if proc is not None and not proc.alive():
                     raise ArkfedError(f"the {proc.name} stopped (status {proc.returncode}); log {proc.log_path}:\n{proc.log_tail()}")
             if self.runner is not None and not self.runner.alive():
@@ -190,7 +207,8 @@ class Coordinator:
         self.runner.stop()
 
     def stop(self) -> None:
-        stop_all([self.runner, self.gateway, self.superlink])
+        stop_all([self.runner, self.launcher, self.gateway, self.superlink])
+        remove_secret(self.secret)
 
 
 def run_coordinator(config, out: Path, fed: FederationSettings, address: str, certs: CertificateFolder | None,

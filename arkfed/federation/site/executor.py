@@ -22,6 +22,10 @@ of the run (:mod:`arkfed.federation.signing`, against the federation CA the site
 ``SITE_REFUSED`` error reply, logged in the site's ``outbox.jsonl`` like every reply. This is done
 by replacing two names inside Flower's ``run_clientapp`` module for the task process
 (:func:`_install_gate`); ``pyproject.toml`` pins flwr 1.42 for that reason.
+
+Only this launcher can claim the SuperNode's tasks: it signs its runtime requests with the secret
+the site made for this start (``--superexec-auth-secret-file``, :mod:`arkfed.federation.superexec`),
+through Flower's own SuperExec signing; a forked task gets its token in memory, never on a command line.
 """
 
 from __future__ import annotations
@@ -229,7 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--federation-ca", default=None,
                         help="the federation's ca.crt: runs must be signed by a coordinator certificate it issued")
+    parser.add_argument("--superexec-auth-secret-file", dest="secret_file", required=True,
+                        help="the secret the SuperNode was started with (only this launcher may claim its tasks)")
     args = parser.parse_args(argv)
+    from arkfed.federation.superexec import read_secret
+
+    secret = read_secret(args.secret_file)
     global FEDERATION_CA
     FEDERATION_CA = args.federation_ca
     if FEDERATION_CA is None:
@@ -243,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         runtime_api_address=args.runtime_api_address,
         insecure=args.insecure,
         root_certificates_path=args.root_certificates,
+        superexec_auth_secret=secret,  # Flower signs every acquire-task with it (SuperExecAuthHttpInterceptor)
         parent_pid=args.parent_pid,
         runtime_dependency_install=False,
     )

@@ -4,9 +4,13 @@ The SuperNode runs with ``--isolation process``: its tasks are started by
 :mod:`arkfed.federation.site.executor`, which forks them from a process that imported torch and
 timm once, and which runs arkfed's own ClientApp only, for runs signed by the coordinator whose CA
 the site was given (``--root-certificates``). The node config names the site and its YAML, which
-the ClientApp reads. Layout at a
-site: ``<local_state_dir>/flower`` (FLWR_HOME), ``<local_state_dir>/logs/supernode.log`` and
-``executor.log`` (the ClientApp's output), plus what :mod:`arkfed.federation.site.heads` keeps.
+the ClientApp reads. Every start makes a fresh SuperExec secret that the SuperNode and that executor
+share, so no other local account can claim the site's tasks through the SuperNode's runtime API on
+127.0.0.1 (:mod:`arkfed.federation.superexec`); the SuperNode logs each request it refused. Layout at a
+site (``<local_state_dir>`` is made private to the site's account, 0700):
+``<local_state_dir>/flower`` (FLWR_HOME, and ``superexec.secret`` while the site runs),
+``<local_state_dir>/logs/supernode.log`` and ``executor.log`` (the ClientApp's output), plus what
+:mod:`arkfed.federation.site.heads` keeps.
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ from typing import Iterable
 from arkfed.errors import ArkfedError
 from arkfed.federation.certs import site_public_key_from_private
 from arkfed.federation.processes import ManagedProcess, flower_env, flower_executable, stop_all
+from arkfed.federation.superexec import (
+    SECRET_OPTION,
+    check_listener,
+    new_secret,
+    private_folder,
+    refused_requests,
+    remove_secret,
+)
 from arkfed.ports import free_port
 
 CONNECT_TIMEOUT = 60.0
@@ -80,6 +92,8 @@ class SiteNode:
         self.process: ManagedProcess | None = None
         self.executor: ManagedProcess | None = None
         self.log_start = 0
+        self.secret: Path | None = None  # this start's SuperExec secret (0600), shared with the executor only
+        self.refused_seen = 0  # how far refused_since_last() has read the SuperNode's log
 
     @property
     def name(self) -> str:
@@ -102,11 +116,15 @@ class SiteNode:
             argv += ["--root-certificates", str(self.root_certificates)]
         if self.key is not None:
             argv += ["--auth-supernode-private-key", str(self.key)]
+        private_folder(self.state_dir)  # heads, logs, outbox and the secret: this account only
+        self.secret = new_secret(self.state_dir / "flower")  # fresh at every start; its path only on command lines
+        argv += [SECRET_OPTION, str(self.secret)]
         self.env = flower_env(self.state_dir / "flower")
         self.runtime_port = port
         self.executor = None
         log = self.state_dir / "logs" / "supernode.log"
         self.log_start = log.stat().st_size if log.is_file() else 0  # a restart appends to the same log
+        self.refused_seen = self.log_start
         self.process = ManagedProcess.start(f"SuperNode of site {self.name!r}", argv, self.env, log)
 
     def _start_executor(self) -> None:
@@ -114,7 +132,8 @@ class SiteNode:
         import sys
 
         argv = [sys.executable, "-m", "arkfed.federation.site.executor", "--runtime-api-address",
-                f"127.0.0.1:{self.runtime_port}", "--insecure", "--parent-pid", str(self.process.pid)]
+                f"127.0.0.1:{self.runtime_port}", "--insecure", "--parent-pid", str(self.process.pid),
+                SECRET_OPTION, str(self.secret)]
         if self.root_certificates is not None:  # runs must be signed by a coordinator this CA certified
             argv += ["--federation-ca", str(self.root_certificates)]
         self.executor = ManagedProcess.start(f"task executor of site {self.name!r}", argv, self.env,
@@ -125,6 +144,7 @@ class SiteNode:
         if self.process is None or not self.process.alive() or "SuperNode ID:" not in self.process.log_text(self.log_start):
             return False
         if self.executor is None:
+            check_listener(self.runtime_port, f"the runtime API of site {self.name!r}'s SuperNode")
             self._start_executor()
         return True
 
@@ -147,6 +167,21 @@ class SiteNode:
                                   f"(log: {self.process.log_path})", site=self.name)
             time.sleep(0.2)
 
+    def refused_since_last(self) -> list[str]:
+        """The SuperNode's log lines for runtime requests it refused (a caller without this start's
+        secret or a valid task token: another local account) since the last call."""
+        if self.process is None:
+            return []
+        try:
+            with self.process.log_path.open("rb") as f:
+                f.seek(self.refused_seen)
+                data = f.read()
+        except OSError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
+        self.refused_seen += len(complete)
+        return refused_requests(complete.decode(errors="replace"))
+
     def kill(self, sig: int | None = None) -> None:
         """Kill the site (SIGKILL unless ``sig``): its SuperNode, its executor and any running task."""
         import signal
@@ -157,3 +192,4 @@ class SiteNode:
 
     def stop(self) -> None:
         stop_all([self.executor, self.process])
+        remove_secret(self.secret)
