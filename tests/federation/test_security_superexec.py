@@ -35,9 +35,10 @@ from arkfed.runs import RunFolder
 
 from arkfed.errors import ArkfedError
 from arkfed.federation.loopback import LoopbackFederation
-from arkfed.federation.processes import LOOPBACK, free_port, wait_for_port
+from arkfed.federation.processes import LOOPBACK, wait_for_port
 from arkfed.federation.site.heads import read_outbox
 from arkfed.federation.superexec import check_listener, listener_uids
+from arkfed.ports import free_port
 from federation_fixtures import fast_settings, make_sites, tiny_config
 
 pytestmark = pytest.mark.slow
