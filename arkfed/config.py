@@ -138,8 +138,9 @@ class TeacherClock(BaseModel):
     """The teacher EMA steps a run has taken, so that each site's teacher head can be caught up
     with the steps it missed (see :mod:`arkfed.ark.tasks`).
 
-    ``events``: (visit index after which the teacher moved, momentum); ``last``: per site, the
-    event that included its last accepted visit (its teacher head is current up to there).
+    ``events``: (visit index after which the teacher moved, momentum: with ``ema: iteration`` the
+    product of the visit's per-step momenta); ``last``: per site, the event that included its last
+    accepted visit (its teacher head is current up to there).
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -16,7 +16,8 @@ the EMA). With ``settings.ema == "visit"`` (Ark's default) the *caller* applies
 :func:`arkfed.schedules.ema_update` with ``plan.momentum`` after the visit; with ``"iteration"``
 the visit updates the teacher and the site's teacher head after every step
 (:meth:`~arkfed.ark.pair.ArkPair.ema_step`), the momentum following the cosine schedule at
-fractional visit positions.
+fractional visit positions, and reports the product of those momenta (``momentum_product``): the
+decay the other sites' teacher heads missed (see :mod:`arkfed.ark.pair`).
 
 Hardware (device, workers, precision) is the site's own :class:`arkfed.site.config.ComputeSettings`,
 never part of what the coordinator sends.
@@ -29,7 +30,7 @@ import time
 from typing import Callable
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from torch import nn
 
 from arkfed.ark.losses import ark_loss, consistency_loss, task_loss
@@ -64,6 +65,9 @@ class VisitResult(BaseModel):
     lr: float
     consistency: float
     momentum: float
+    momentum_product: float | None = Field(
+        default=None, ge=0, le=1,
+        description="product of the teacher EMA momenta of this visit: one per step with ema 'iteration', else the plan's momentum")
 
 
 def make_optimizer(student: nn.Module, head: nn.Module, settings: TrainSettings, lr: float) -> torch.optim.Optimizer:
@@ -113,6 +117,7 @@ def _run_visit(pair: ArkPair, site, settings, plan, device, compute, progress, r
     totals = torch.zeros(3, dtype=torch.float64)
     examples = 0
     start = time.perf_counter()
+    product = 1.0  # of the per-step teacher momenta (ema: iteration)
     for step, batch in enumerate(loader):
         if views is not None:  # the loader sent uint8 images + view parameters: make the views here
             batch = views.batch(batch, device)
@@ -140,7 +145,9 @@ def _run_visit(pair: ArkPair, site, settings, plan, device, compute, progress, r
         loss.backward()
         optimizer.step()
         if settings.ema == "iteration":
-            pair.ema_step(teacher_momentum(plan.visit + (step + 1) / steps, plan.total_visits, settings.momentum_teacher))
+            momentum = teacher_momentum(plan.visit + (step + 1) / steps, plan.total_visits, settings.momentum_teacher)
+            pair.ema_step(momentum)
+            product *= momentum
         n = len(xs)
         totals += parts * n
         examples += n
@@ -153,5 +160,5 @@ def _run_visit(pair: ArkPair, site, settings, plan, device, compute, progress, r
     return VisitResult(
         site=site.name, round=plan.round, visit=plan.visit, loss=mean[0], task_loss=mean[1], consistency_loss=mean[2],
         num_examples=examples, steps=steps, seconds=seconds, images_per_s=examples / seconds if seconds > 0 else 0.0,
-        lr=plan.lr, consistency=c, momentum=plan.momentum,
+        lr=plan.lr, consistency=c, momentum=plan.momentum, momentum_product=product if settings.ema == "iteration" else plan.momentum,
     )

@@ -228,6 +228,8 @@ class ArkLoop:
         momentum = group[0].momentum
         if not iteration:
             ema_update(state.teacher, state.student, momentum)
+        elif accepted[0][1].result.momentum_product is not None:  # one step per iteration: the heads missed their product
+            momentum = accepted[0][1].result.momentum_product  # (parallel mode: the first accepted visit's)
         state.clock.record(group[-1].visit, momentum, [plan.site for plan, _ in accepted])
         for plan, reply in accepted:
             self.sites.accept(state, plan, reply)

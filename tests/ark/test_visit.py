@@ -100,8 +100,10 @@ def test_per_iteration_ema_updates_teacher_after_each_step():
     teacher0 = copy.deepcopy(teacher)
     settings = SETTINGS.model_copy(update={"ema": "iteration", "max_steps_per_visit": 1})
     p = plan()
-    train_site_visit(pair_of(student, teacher, head), site, settings, p)
-    ema_update(teacher0, student, teacher_momentum(p.visit + 1, p.total_visits, settings.momentum_teacher))
+    result = train_site_visit(pair_of(student, teacher, head), site, settings, p)
+    momentum = teacher_momentum(p.visit + 1, p.total_visits, settings.momentum_teacher)
+    assert result.momentum_product == momentum  # what the other sites' teacher heads missed (one step)
+    ema_update(teacher0, student, momentum)
     for key, value in teacher.state_dict().items():
         assert torch.allclose(value.float(), teacher0.state_dict()[key].float(), atol=1e-6), key
     assert not same(states(teacher)[0], states(make_models()[1])[0])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from arkfed.config import TrainConfig, TrainSettings
+from arkfed.config import TeacherClock, TrainConfig, TrainSettings
 from arkfed.demo.generate import generate_demo_federation
 from arkfed.model.weights import load_ark_model, load_heads, read_safetensors
 from arkfed.run.callbacks import LoopCallback
@@ -152,14 +152,18 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path
     assert summary["sites"] == fresh["sites"]
 
 
-def test_teacher_heads_are_the_ema_of_every_head_after_every_visit(tmp_path):
-    """Ark EMAs the whole teacher, heads included, after every visit: head k moves towards the
-    student's head k even when another site was visited. Recompute that by hand from the
-    per-visit student heads and momenta, and compare with the run's teacher heads."""
+@pytest.mark.parametrize("ema", ["visit", "iteration"])
+def test_teacher_heads_are_the_ema_of_every_head_after_every_visit(tmp_path, ema):
+    """Ark EMAs the whole teacher, heads included, after every visit (``ema: iteration``: after every
+    iteration of every visit): head k moves towards the student's head k even when another site was
+    visited. Recompute that by hand from the per-visit student heads and the momenta of every EMA
+    step, and compare with the run's teacher heads."""
     from arkfed.model.weights import load_head
+    from arkfed.schedules import teacher_momentum
 
-    sites = {s.name: s for s in (synthetic_site("a", ("x", "y"), 0), synthetic_site("b", ("t",), 1))}
-    config = tiny_config(sites, rounds=2)
+    sites = {s.name: s for s in (synthetic_site("a", ("x", "y"), 0), synthetic_site("b", ("t",), 1),
+                                 synthetic_site("c", ("u", "v", "w"), 2))}
+    config = tiny_config(sites, rounds=2, ema=ema)
     initial = initial_state(config, {n: s.schema for n, s in sites.items()})
     student_heads = {n: {k: v.clone() for k, v in h.state_dict().items()} for n, h in initial.heads.items()}
     teacher_heads = {n: {k: v.clone() for k, v in h.state_dict().items()} for n, h in initial.heads.items()}
@@ -186,17 +190,31 @@ def test_teacher_heads_are_the_ema_of_every_head_after_every_visit(tmp_path):
     from arkfed.schedules import ema_update
 
     for (plan,) in plan_groups(config):
+        if ema == "iteration":  # the visit starts from the teacher head computed by hand (nothing to catch up)
+            state.teacher_heads[plan.site].load_state_dict(teacher_heads[plan.site])
+            state.clock = TeacherClock()
         reply = in_process.visit(state, [plan])[plan.site]
         state.student.load_state_dict(reply.student)
-        ema_update(state.teacher, state.student, plan.momentum)
         state.heads[plan.site] = reply.heads.student
         student_heads[plan.site] = {k: v.clone() for k, v in reply.heads.student.state_dict().items()}
-        for name in teacher_heads:  # every teacher head moves after every visit
-            for key in teacher_heads[name]:
-                teacher_heads[name][key] = plan.momentum * teacher_heads[name][key] + (1 - plan.momentum) * student_heads[name][key]
+        if ema == "visit":
+            ema_update(state.teacher, state.student, plan.momentum)
+            momenta = [plan.momentum]
+        else:  # one EMA step of the whole teacher, every head included, after every iteration
+            state.teacher.load_state_dict(reply.teacher)
+            steps = reply.result.steps
+            momenta = [teacher_momentum(plan.visit + (k + 1) / steps, plan.total_visits, config.settings.momentum_teacher)
+                       for k in range(steps)]
+        for name in teacher_heads:  # every teacher head moves after every EMA step
+            if ema == "iteration" and name == plan.site:  # its steps towards the student head of each iteration: the visit's
+                teacher_heads[name] = {k: v.clone() for k, v in reply.heads.teacher.state_dict().items()}
+                continue
+            for m in momenta:
+                for key in teacher_heads[name]:
+                    teacher_heads[name][key] = m * teacher_heads[name][key] + (1 - m) * student_heads[name][key]
         state.clock.record(plan.visit, plan.momentum, [plan.site])
         state.teacher_heads[plan.site] = reply.heads.teacher
-    assert [s for s, _ in seen] == ["a", "b", "a", "b"]
+    assert [s for s, _ in seen] == ["a", "b", "c"] * 2
     for name in sites:
         for key in final_teacher[name]:
             assert torch.allclose(student_heads[name][key], final_student[name][key], atol=1e-6)
