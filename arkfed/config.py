@@ -5,9 +5,12 @@ Everything here is plain pydantic data and arithmetic, so the local coordinator 
 ServerApp plan a run identically and can ship :class:`TrainSettings` and :class:`VisitPlan` as JSON.
 
 Learning rate: one global warm-up + cosine schedule indexed by *site visit* (timm's scheduler,
-evaluated at the visit index). Each visit builds a fresh optimizer with that visit's lr, because
-optimizer state (momentum, Adam moments) would otherwise be per-site data that has to travel
-with the model; the visit is then a pure function of (weights, settings, plan).
+evaluated at the visit index), or with ``lr_schedule="ark-as-run"`` the per-round lr Ark's code
+actually set (see the field's description; the loop fills it in from the validation losses). By
+default each visit builds a fresh optimizer with that visit's lr, because optimizer state
+(momentum, Adam moments) would otherwise be per-site data that has to travel with the model; the
+visit is then a pure function of (weights, settings, plan). ``optimizer_state="carry"`` (local
+runs only) keeps Ark's one optimizer instead.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ ViewsMode = Literal["ark", "ark+", "independent"]
 EmaMode = Literal["visit", "iteration"]
 OrderMode = Literal["fixed", "shuffle"]
 CropSource = Literal["original", "resized"]
+LrSchedule = Literal["cosine", "ark-as-run"]
+OptimizerState = Literal["reset", "carry"]
+MulticlassLoss = Literal["ce", "bce"]
 ConsistencySchedule = Literal["cosine", "momentum"]
 FederationMode = Literal["cyclic", "parallel"]
 Weighting = Literal["equal", "samples"]
@@ -49,6 +55,18 @@ class TrainSettings(BaseModel):
         default=0, ge=0, description="linear lr warm-up in rounds (Ark's warm-up epochs), added to warmup_visits"
     )
     warmup_lr: float | None = Field(default=None, ge=0, description="lr at the start of the warm-up (default lr / 100; Ark: 1e-6)")
+    lr_schedule: LrSchedule = Field(
+        default="cosine",
+        description="cosine: timm's warm-up + cosine, stepped per visit (Ark's README) | ark-as-run: the lr Ark's code sets, "
+        "per round: timm's CosineLRScheduler evaluated at epoch = the mean validation loss of the previous round, because "
+        "Ark_MICCAI2023/engine.py line 169 (Ark_Plus/Pretraining/engine.py line 176) calls lr_scheduler.step(val_loss), "
+        "whose first argument is the epoch: lr = warmup_lr + L * (lr - warmup_lr) / warmup_rounds while L < warmup_rounds "
+        "(L: the mean over sites of the student's task loss on eval_split after the previous round, as engine.py averages "
+        "its datasets' validation losses; the same in federated runs, from the losses the sites report with their "
+        "evaluation; sites that report none are left out, and with none at all the lr stays), the cosine "
+        "min_lr + (lr - min_lr) (1 + cos(pi L / rounds)) / 2 up to L = rounds, then min_lr; the first round, before any "
+        "validation loss, runs at warmup_lr (lr without a warm-up), where timm's scheduler starts",
+    )
     crop_scale: tuple[float, float] = Field(default=(0.08, 1.0), description="random-resized-crop area range MIN,MAX")
     crop_source: CropSource = Field(
         default="original",
@@ -81,6 +99,8 @@ class TrainSettings(BaseModel):
     def _check_schedules(self) -> "TrainSettings":
         if self.train_resize is not None and self.crop_source != "resized":
             raise ValueError("train_resize applies only with crop_source='resized'")
+        if self.lr_schedule == "ark-as-run" and self.warmup_visits:
+            raise ValueError("lr_schedule 'ark-as-run' warms up in rounds (Ark's epochs): use warmup_rounds, not warmup_visits")
         return self
 
 
