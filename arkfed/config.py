@@ -85,6 +85,12 @@ class TrainSettings(BaseModel):
         default="cosine",
         description="cosine: c rises 0 -> max_consistency (Ark) | momentum: c = (m - 0.9) * 5 from the teacher momentum m (Ark+)",
     )
+    multiclass_loss: MulticlassLoss = Field(
+        default="ce",
+        description="task loss of multiclass datasets (RSNA Pneumonia's 3 classes), in training and in the evaluation loss: "
+        "ce (softmax cross-entropy; Ark+'s code, Ark_Plus/Pretraining/engine.py line 161) | bce (BCE-with-logits on the "
+        "one-hot targets; Ark-6's code uses BCEWithLogitsLoss for every dataset, Ark_MICCAI2023/engine.py line 68)",
+    )
     max_steps_per_visit: int | None = Field(default=None, ge=1, description="cap on batches per visit (quick trials)")
 
     @field_validator("crop_scale")

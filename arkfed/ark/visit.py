@@ -132,7 +132,7 @@ def _run_visit(pair: ArkPair, site, settings, plan, device, compute, progress, r
                 xt = batch.teacher.to(device, non_blocking=True).contiguous(memory_format=fmt)
                 with torch.no_grad():
                     z_teacher = teacher(xt)
-        task = task_loss(logits.float(), targets, mask, site.schema.task)
+        task = task_loss(logits.float(), targets, mask, site.schema.task, settings.multiclass_loss)
         cons = consistency_loss(z_student.float(), z_teacher.float()) if z_teacher is not None else None
         loss = ark_loss(task, cons, c)
         zero = torch.zeros((), device=loss.device)
