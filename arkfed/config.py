@@ -75,6 +75,12 @@ class TrainSettings(BaseModel):
     train_resize: int | None = Field(
         default=None, ge=16, description="crop_source=resized: the square the image is squashed to first (default img_size; Ark+: 896)"
     )
+    dataset_resize: dict[str, int] = Field(
+        default_factory=dict,
+        description="per dataset plugin (the site YAML's dataset:), the square its training images are squashed to before the "
+        "crop, overriding crop_source for it; NAME=SIZE,NAME=SIZE (Ark-6's code: chestxray14=224,vindr_cxr=224, "
+        "Ark_MICCAI2023/dataloader.py lines 130 and 346; evaluation still reads the source image)",
+    )
     views: ViewsMode = Field(
         default="ark", description="ark (teacher: same crop, student: + jitter) | ark+ (teacher: whole image) | independent")
     jitter_p: float = Field(default=0.3, ge=0, le=1, description="probability of the student's intensity jitter")
@@ -99,6 +105,25 @@ class TrainSettings(BaseModel):
         low, high = value
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {value}")
+        return value
+
+    @field_validator("dataset_resize", mode="before")
+    @classmethod
+    def _parse_resize(cls, value: object) -> object:
+        """NAME=SIZE,NAME=SIZE (the command line) -> {NAME: SIZE}; an empty string is no resize."""
+        if not isinstance(value, str):
+            return value
+        pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"expected NAME=SIZE,NAME=SIZE, got {value!r}")
+        return {name.strip(): size.strip() for name, size in pairs}
+
+    @field_validator("dataset_resize")
+    @classmethod
+    def _check_resize(cls, value: dict[str, int]) -> dict[str, int]:
+        small = {name: size for name, size in value.items() if size < 16}
+        if small:
+            raise ValueError(f"resize sizes must be at least 16, got {small}")
         return value
 
     @model_validator(mode="after")

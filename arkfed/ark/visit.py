@@ -107,7 +107,7 @@ def _run_visit(pair: ArkPair, site, settings, plan, device, compute, progress, r
     fmt = memory_format(device)
     pair.to_train(device, fmt)
     student, teacher, head = pair.student, pair.teacher, pair.head
-    options = TrainLoaderOptions.for_visit(settings, plan, compute, rank.rank, rank.world_size)
+    options = TrainLoaderOptions.for_visit(settings, plan, compute, rank.rank, rank.world_size, site.config.dataset)
     loader = make_train_loader(site.split("train"), site.schema, student.spec, options)
     student_forward, head_forward = rank.wrap(student, device, compute.compile), rank.wrap(head, device)
     views = DeviceViews(student.spec.mean, student.spec.std) if compute.augment == "device" else None
