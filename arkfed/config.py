@@ -48,6 +48,15 @@ class TrainSettings(BaseModel):
         default="adamw",
         description="sgd (SGD with Nesterov momentum, Ark's --opt sgd) | momentum (classical SGD) | adamw (timm create_optimizer_v2)",
     )
+    optimizer_state: OptimizerState = Field(
+        default="reset",
+        description="reset: a fresh optimizer every visit (arkfed's default; nothing but weights travels) | carry: one "
+        "optimizer state over student and every head, carried from visit to visit and in the checkpoint, as Ark's code "
+        "keeps one optimizer for all datasets (Ark_MICCAI2023/engine.py line 100); a head's state moves only in its own "
+        "site's visits (Ark's one optimizer under torch >= 2.0, where zero_grad leaves other heads' gradients None). "
+        "Local cyclic runs on one GPU per visit only: federated runs use reset, because the momentum buffers are derived "
+        "from a site's gradients and would leave the site with the model",
+    )
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(default=0.05, ge=0, description="weight decay (not on biases and norms)")
     warmup_visits: int = Field(default=0, ge=0, description="linear lr warm-up, in visits")
@@ -179,6 +188,12 @@ class TrainConfig(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError(f"site names must be unique, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _carry_is_cyclic(self) -> "TrainConfig":
+        if self.settings.optimizer_state == "carry" and self.mode != "cyclic":
+            raise ValueError("optimizer_state 'carry' needs mode 'cyclic' (one optimizer stepping through one visit after another)")
+        return self
 
     @property
     def total_visits(self) -> int:

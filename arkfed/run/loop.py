@@ -276,6 +276,9 @@ class ArkLoop:
     def run_loop(self, resume: bool = False) -> dict:
         """Join, train every group, evaluate every round, write the summary."""
         started = time.perf_counter()
+        if self.config.settings.optimizer_state == "carry" and self.sites.mode != "local":
+            raise ArkfedError("optimizer_state 'carry' is for local runs: its momentum buffers are derived from a site's "
+                              "gradients and would leave the site; use optimizer_state 'reset'")
         try:
             infos = self.infos = self.sites.join(self.config)
             self.schemas = {name: info.schema for name, info in infos.items()}

@@ -251,3 +251,56 @@ def test_parallel_mode_averages_students_with_the_chosen_weights(tmp_path):
         got = runs[weighting].state_dict()
         assert all(torch.allclose(expected[k].float(), got[k].float(), atol=1e-6) for k in got), weighting
     assert not torch.allclose(runs["equal"].state_dict()["projector.weight"], runs["samples"].state_dict()["projector.weight"])
+
+
+def test_ark_as_run_lr_follows_the_mean_validation_loss_of_the_round_before(tmp_path):
+    """lr_schedule ark-as-run: round 0 at warmup_lr, round r + 1 at timm's warm-up ramp evaluated at the
+    mean over sites of the student's validation loss after round r (Ark's lr_scheduler.step(val_loss))."""
+    sites = {s.name: s for s in (synthetic_site("a", ("x", "y"), 0), synthetic_site("b", ("t",), 1))}
+    config = tiny_config(sites, rounds=3, lr_schedule="ark-as-run", lr=0.05, warmup_rounds=2, warmup_lr=1e-4)
+    train_local(config, tmp_path / "run", sites=sites)
+    records = RunFolder(tmp_path / "run").read_metrics()
+    lrs = {rnd: {r["lr"] for r in records if r["kind"] == "visit" and r["round"] == rnd} for rnd in range(3)}
+    assert lrs[0] == {1e-4}
+    for rnd in (1, 2):
+        losses = [r["loss"] for r in records if r["kind"] == "eval" and r["model"] == "student" and r["round"] == rnd - 1]
+        assert len(losses) == 2 and np.mean(losses) < 2  # inside the 2-round warm-up ramp
+        (lr,) = lrs[rnd]
+        assert lr == pytest.approx(1e-4 + np.mean(losses) * (0.05 - 1e-4) / 2, rel=1e-12), (rnd, losses)
+
+
+def test_resume_with_a_carried_optimizer_and_the_as_run_lr_matches_an_uninterrupted_run(tmp_path):
+    sites = {s.name: s for s in (synthetic_site("a", ("x", "y"), 0), synthetic_site("b", ("t",), 1))}
+    config = tiny_config(sites, rounds=2, optimizer="sgd", weight_decay=0.0, lr=0.05, optimizer_state="carry",
+                         lr_schedule="ark-as-run", warmup_rounds=1, warmup_lr=1e-3)
+    train_local(config, tmp_path / "full", sites=sites)
+    assert RunFolder(tmp_path / "full").load_checkpoint().optimizer  # the state is in the checkpoint
+
+    class StopBeforeFourth(LoopCallback):
+        def on_visit_start(self, plan):
+            if plan.visit == 3:
+                raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_local(config, tmp_path / "cut", sites=sites, callbacks=[StopBeforeFourth()])
+    train_local(config, tmp_path / "cut", resume=True, sites=sites)
+    reset = config.model_copy(update={"settings": config.settings.model_copy(update={"optimizer_state": "reset"})})
+    train_local(reset, tmp_path / "reset", sites=sites)
+    for name in ("student.safetensors", "heads/a.safetensors", "heads/b.safetensors"):
+        full, resumed, fresh = (weights(tmp_path / run / name) for run in ("full", "cut", "reset"))
+        assert all(torch.equal(full[k], resumed[k]) for k in full), name
+    assert not torch.allclose(full["weight"], fresh["weight"])  # carrying the momentum changes training
+
+
+def test_a_carried_optimizer_never_runs_with_remote_sites(tmp_path):
+    from arkfed.errors import ArkfedError
+    from arkfed.run.loop import ArkLoop
+
+    class Remote:
+        mode = "federated"
+
+    config = tiny_config(["a"], optimizer_state="carry")
+    with pytest.raises(ArkfedError, match="would leave the site"):
+        ArkLoop(config, RunFolder(tmp_path / "run"), Remote()).run_loop()
+    with pytest.raises(ValueError, match="cyclic"):
+        TrainConfig.model_validate(config.model_dump() | {"mode": "parallel"})
