@@ -5,9 +5,12 @@ Everything here is plain pydantic data and arithmetic, so the local coordinator 
 ServerApp plan a run identically and can ship :class:`TrainSettings` and :class:`VisitPlan` as JSON.
 
 Learning rate: one global warm-up + cosine schedule indexed by *site visit* (timm's scheduler,
-evaluated at the visit index). Each visit builds a fresh optimizer with that visit's lr, because
-optimizer state (momentum, Adam moments) would otherwise be per-site data that has to travel
-with the model; the visit is then a pure function of (weights, settings, plan).
+evaluated at the visit index), or with ``lr_schedule="ark-as-run"`` the per-round lr Ark's code
+actually set (see the field's description; the loop fills it in from the validation losses). By
+default each visit builds a fresh optimizer with that visit's lr, because optimizer state
+(momentum, Adam moments) would otherwise be per-site data that has to travel with the model; the
+visit is then a pure function of (weights, settings, plan). ``optimizer_state="carry"`` (local
+runs only) keeps Ark's one optimizer instead.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ ViewsMode = Literal["ark", "ark+", "independent"]
 EmaMode = Literal["visit", "iteration"]
 OrderMode = Literal["fixed", "shuffle"]
 CropSource = Literal["original", "resized"]
+LrSchedule = Literal["cosine", "ark-as-run"]
+OptimizerState = Literal["reset", "carry"]
+MulticlassLoss = Literal["ce", "bce"]
 ConsistencySchedule = Literal["cosine", "momentum"]
 FederationMode = Literal["cyclic", "parallel"]
 Weighting = Literal["equal", "samples"]
@@ -42,6 +48,15 @@ class TrainSettings(BaseModel):
         default="adamw",
         description="sgd (SGD with Nesterov momentum, Ark's --opt sgd) | momentum (classical SGD) | adamw (timm create_optimizer_v2)",
     )
+    optimizer_state: OptimizerState = Field(
+        default="reset",
+        description="reset: a fresh optimizer every visit (arkfed's default; nothing but weights travels) | carry: one "
+        "optimizer state over student and every head, carried from visit to visit and in the checkpoint, as Ark's code "
+        "keeps one optimizer for all datasets (Ark_MICCAI2023/engine.py line 100); a head's state moves only in its own "
+        "site's visits (Ark's one optimizer under torch >= 2.0, where zero_grad leaves other heads' gradients None). "
+        "Local cyclic runs on one GPU per visit only: federated runs use reset, because the momentum buffers are derived "
+        "from a site's gradients and would leave the site with the model",
+    )
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(default=0.05, ge=0, description="weight decay (not on biases and norms)")
     warmup_visits: int = Field(default=0, ge=0, description="linear lr warm-up, in visits")
@@ -49,6 +64,18 @@ class TrainSettings(BaseModel):
         default=0, ge=0, description="linear lr warm-up in rounds (Ark's warm-up epochs), added to warmup_visits"
     )
     warmup_lr: float | None = Field(default=None, ge=0, description="lr at the start of the warm-up (default lr / 100; Ark: 1e-6)")
+    lr_schedule: LrSchedule = Field(
+        default="cosine",
+        description="cosine: timm's warm-up + cosine, stepped per visit (Ark's README) | ark-as-run: the lr Ark's code sets, "
+        "per round: timm's CosineLRScheduler evaluated at epoch = the mean validation loss of the previous round, because "
+        "Ark_MICCAI2023/engine.py line 169 (Ark_Plus/Pretraining/engine.py line 176) calls lr_scheduler.step(val_loss), "
+        "whose first argument is the epoch: lr = warmup_lr + L * (lr - warmup_lr) / warmup_rounds while L < warmup_rounds "
+        "(L: the mean over sites of the student's task loss on eval_split after the previous round, as engine.py averages "
+        "its datasets' validation losses; the same in federated runs, from the losses the sites report with their "
+        "evaluation; sites that report none are left out, and with none at all the lr stays), the cosine "
+        "min_lr + (lr - min_lr) (1 + cos(pi L / rounds)) / 2 up to L = rounds, then min_lr; the first round, before any "
+        "validation loss, runs at warmup_lr (lr without a warm-up), where timm's scheduler starts",
+    )
     crop_scale: tuple[float, float] = Field(default=(0.08, 1.0), description="random-resized-crop area range MIN,MAX")
     crop_source: CropSource = Field(
         default="original",
@@ -56,6 +83,12 @@ class TrainSettings(BaseModel):
     )
     train_resize: int | None = Field(
         default=None, ge=16, description="crop_source=resized: the square the image is squashed to first (default img_size; Ark+: 896)"
+    )
+    dataset_resize: dict[str, int] = Field(
+        default_factory=dict,
+        description="per dataset plugin (the site YAML's dataset:), the square its training images are squashed to before the "
+        "crop, overriding crop_source for it; NAME=SIZE,NAME=SIZE (Ark-6's code: chestxray14=224,vindr_cxr=224, "
+        "Ark_MICCAI2023/dataloader.py lines 130 and 346; evaluation still reads the source image)",
     )
     views: ViewsMode = Field(
         default="ark", description="ark (teacher: same crop, student: + jitter) | ark+ (teacher: whole image) | independent")
@@ -67,6 +100,12 @@ class TrainSettings(BaseModel):
         default="cosine",
         description="cosine: c rises 0 -> max_consistency (Ark) | momentum: c = (m - 0.9) * 5 from the teacher momentum m (Ark+)",
     )
+    multiclass_loss: MulticlassLoss = Field(
+        default="ce",
+        description="task loss of multiclass datasets (RSNA Pneumonia's 3 classes), in training and in the evaluation loss: "
+        "ce (softmax cross-entropy; Ark+'s code, Ark_Plus/Pretraining/engine.py line 161) | bce (BCE-with-logits on the "
+        "one-hot targets; Ark-6's code uses BCEWithLogitsLoss for every dataset, Ark_MICCAI2023/engine.py line 68)",
+    )
     max_steps_per_visit: int | None = Field(default=None, ge=1, description="cap on batches per visit (quick trials)")
 
     @field_validator("crop_scale")
@@ -77,10 +116,31 @@ class TrainSettings(BaseModel):
             raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {value}")
         return value
 
+    @field_validator("dataset_resize", mode="before")
+    @classmethod
+    def _parse_resize(cls, value: object) -> object:
+        """NAME=SIZE,NAME=SIZE (the command line) -> {NAME: SIZE}; an empty string is no resize."""
+        if not isinstance(value, str):
+            return value
+        pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"expected NAME=SIZE,NAME=SIZE, got {value!r}")
+        return {name.strip(): size.strip() for name, size in pairs}
+
+    @field_validator("dataset_resize")
+    @classmethod
+    def _check_resize(cls, value: dict[str, int]) -> dict[str, int]:
+        small = {name: size for name, size in value.items() if size < 16}
+        if small:
+            raise ValueError(f"resize sizes must be at least 16, got {small}")
+        return value
+
     @model_validator(mode="after")
     def _check_schedules(self) -> "TrainSettings":
         if self.train_resize is not None and self.crop_source != "resized":
             raise ValueError("train_resize applies only with crop_source='resized'")
+        if self.lr_schedule == "ark-as-run" and self.warmup_visits:
+            raise ValueError("lr_schedule 'ark-as-run' warms up in rounds (Ark's epochs): use warmup_rounds, not warmup_visits")
         return self
 
 
@@ -129,6 +189,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"site names must be unique, got {value}")
         return value
 
+    @model_validator(mode="after")
+    def _carry_is_cyclic(self) -> "TrainConfig":
+        if self.settings.optimizer_state == "carry" and self.mode != "cyclic":
+            raise ValueError("optimizer_state 'carry' needs mode 'cyclic' (one optimizer stepping through one visit after another)")
+        return self
+
     @property
     def total_visits(self) -> int:
         return self.rounds * len(self.sites)
@@ -138,8 +204,9 @@ class TeacherClock(BaseModel):
     """The teacher EMA steps a run has taken, so that each site's teacher head can be caught up
     with the steps it missed (see :mod:`arkfed.ark.tasks`).
 
-    ``events``: (visit index after which the teacher moved, momentum); ``last``: per site, the
-    event that included its last accepted visit (its teacher head is current up to there).
+    ``events``: (visit index after which the teacher moved, momentum: with ``ema: iteration`` the
+    product of the visit's per-step momenta); ``last``: per site, the event that included its last
+    accepted visit (its teacher head is current up to there).
     """
 
     model_config = ConfigDict(extra="forbid")

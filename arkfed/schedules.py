@@ -102,6 +102,34 @@ def visit_lrs(settings: TrainSettings, total_visits: int, visits_per_round: int 
     return lrs
 
 
+def ark_as_run_lr(settings: TrainSettings, epoch: float, rounds: int) -> float:
+    """The lr Ark's code sets after ``lr_scheduler.step(epoch)``: timm's ``CosineLRScheduler`` (built by
+    ``create_scheduler(args, optimizer)``, Ark_MICCAI2023/engine.py line 101: ``--sched cosine``, ``--epochs``
+    = ``rounds``, ``--warmup-epochs`` = ``warmup_rounds`` W, ``--warmup-lr``, ``--min-lr``, no noise, one
+    cycle, warm-up not a prefix) evaluated at ``epoch``, which in Ark is the validation loss (engine.py
+    line 169). Written out: ``warmup_lr + epoch * (lr - warmup_lr) / W`` for ``epoch < W``, then
+    ``min_lr + (lr - min_lr) * (1 + cos(pi * epoch / rounds)) / 2`` for ``epoch < rounds``, then ``min_lr``.
+    Checked against timm's scheduler in the tests."""
+    warmup_lr = settings.lr * 0.01 if settings.warmup_lr is None else settings.warmup_lr
+    warmup = settings.warmup_rounds
+    if epoch < warmup:
+        return warmup_lr + epoch * (settings.lr - warmup_lr) / warmup
+    if epoch < rounds:  # timm: cycle i = epoch // rounds = 0, t_curr = epoch
+        return settings.min_lr + 0.5 * (settings.lr - settings.min_lr) * (1.0 + math.cos(math.pi * epoch / rounds))
+    return settings.min_lr  # past its one cycle
+
+
+def ark_as_run_round_lr(settings: TrainSettings, rounds: int, val_losses: dict[int, float], rnd: int) -> float:
+    """The lr of round ``rnd`` under ``lr_schedule="ark-as-run"``: before any validation loss timm's
+    initial lr (``warmup_lr`` with a warm-up, else ``lr``), then :func:`ark_as_run_lr` at the mean
+    validation loss of the last round before ``rnd`` that has one (``val_losses``: round -> loss)."""
+    lr = (settings.lr * 0.01 if settings.warmup_lr is None else settings.warmup_lr) if settings.warmup_rounds else settings.lr
+    for previous in range(rnd):
+        if previous in val_losses:
+            lr = ark_as_run_lr(settings, val_losses[previous], rounds)
+    return lr
+
+
 def schedule_values(settings: TrainSettings, step: float, total: int) -> tuple[float, float]:
     """(consistency weight c, teacher momentum) at ``step`` of ``total`` schedule steps: c from its
     own cosine (Ark) or tied to the momentum (Ark+, ``consistency_schedule="momentum"``)."""

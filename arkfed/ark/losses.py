@@ -30,9 +30,11 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
     return total / rows.sum().clamp(min=1)
 
 
-def task_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, task: TaskType) -> torch.Tensor:
-    """BCE-with-logits for multilabel/binary schemas, cross-entropy for multiclass."""
-    if task == "multiclass":
+def task_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, task: TaskType, multiclass_loss: str = "ce") -> torch.Tensor:
+    """BCE-with-logits for multilabel/binary schemas; for multiclass, cross-entropy (``multiclass_loss="ce"``)
+    or BCE-with-logits on the one-hot targets (``"bce"``, Ark-6's ``BCEWithLogitsLoss`` for every dataset:
+    a multiclass row counts in all its K entries or in none, so the mean is over rows x K as in torch)."""
+    if task == "multiclass" and multiclass_loss == "ce":
         return masked_cross_entropy(logits, targets, mask)
     return masked_bce_with_logits(logits, targets, mask)
 

@@ -101,10 +101,11 @@ def multiclass_accuracy(logits: np.ndarray, targets: np.ndarray, mask: np.ndarra
     return float((logits[rows].argmax(1) == targets[rows].argmax(1)).mean())
 
 
-def score_predictions(pred: Predictions, schema: LabelSchema) -> dict:
-    """``{"loss", "mean_auc", "auc": {class: value}, "num_examples"[, "accuracy"]}``."""
+def score_predictions(pred: Predictions, schema: LabelSchema, multiclass_loss: str = "ce") -> dict:
+    """``{"loss", "mean_auc", "auc": {class: value}, "num_examples"[, "accuracy"]}``; the loss is the
+    training's task loss (:func:`arkfed.ark.losses.task_loss`, ``multiclass_loss`` for multiclass schemas)."""
     logits = torch.as_tensor(pred.logits, dtype=torch.float32)
-    loss = float(task_loss(logits, torch.as_tensor(pred.targets), torch.as_tensor(pred.mask), schema.task))
+    loss = float(task_loss(logits, torch.as_tensor(pred.targets), torch.as_tensor(pred.mask), schema.task, multiclass_loss))
     aucs = class_aucs(scores_from_logits(pred.logits, schema.task), pred.targets, pred.mask, schema.classes)
     result = {
         "loss": loss,
@@ -256,6 +257,6 @@ def evaluate_site(
     device = resolve_device(compute.device if compute is not None else "cpu")
     workers = compute.workers() if compute is not None else 0
     pred, recalibrated = site_predictions(model, head, table, schema, device, settings.batch_size, workers, calibration, calibration_images)
-    result = score_predictions(pred, schema)
+    result = score_predictions(pred, schema, settings.multiclass_loss)
     result["bn_recalibrated"] = recalibrated
     return result

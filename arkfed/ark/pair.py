@@ -11,6 +11,16 @@ between two of its visits its student head does not change, and ``k`` EMA steps 
 ``m_1..m_k`` towards a constant target equal one step with momentum ``m_1 * ... * m_k`` (the
 coordinator sends that product as ``pending``). The result equals Ark's per-visit EMA of every head.
 
+With ``ema: iteration`` Ark's teacher, heads included, takes one EMA step after every iteration
+(``ema_update_teacher`` in trainer.py walks all of ``model.parameters()``, every dataset's head among
+them), so a visit is one missed step per iteration for the other sites' heads: the visit reports the
+product of its per-step momenta (``VisitResult.momentum_product``), the coordinator's
+:class:`~arkfed.config.TeacherClock` records that product for the visit, and ``pending`` is the
+product over every missed step. (In Ark's code the per-iteration schedule index restarts at
+``epoch * datasets + dataset`` in every dataset-epoch, because ``it`` is a local variable of
+``train_one_epoch``, so only the start of the schedule is used; arkfed follows the intended
+schedule, the momentum at fractional visit positions. Ark's published runs used the per-epoch EMA.)
+
 The teacher's own EMA step after a visit (``ema: visit``) is the coordinator's: it is taken
 after the returned students are checked (and, in parallel mode, averaged), on the run's state.
 """

@@ -15,28 +15,33 @@ import math
 from typing import TYPE_CHECKING
 
 from arkfed.ark.updates import NonFiniteError, check_finite  # a site sends its category (issue 8), never the values
+from arkfed.errors import ArkfedError
 
 if TYPE_CHECKING:
     from arkfed.ark.pair import ArkPair
-    from arkfed.ark.visit import VisitProgress, VisitResult
+    from arkfed.ark.visit import OptimizerState, VisitProgress, VisitResult
     from arkfed.config import TrainSettings, VisitPlan
     from arkfed.site.config import ComputeSettings
     from arkfed.site.load import Site
 
 
 def train_visit(pair: "ArkPair", site: "Site", settings: "TrainSettings", plan: "VisitPlan",
-                compute: "ComputeSettings | None" = None, progress: "VisitProgress | None" = None) -> "VisitResult":
+                compute: "ComputeSettings | None" = None, progress: "VisitProgress | None" = None,
+                optimizer_state: "OptimizerState | None" = None) -> "VisitResult":
     """One visit's training on the site's hardware: ``compute.gpus`` > 1 runs it in that many DDP
     processes (:func:`arkfed.ark.ddp.run_visit_on_gpus`), otherwise in this process
-    (:func:`arkfed.ark.visit.train_site_visit`). The one place where that is decided."""
+    (:func:`arkfed.ark.visit.train_site_visit`). The one place where that is decided. A carried
+    ``optimizer_state`` (see :mod:`arkfed.ark.visit`) needs one process."""
     compute = compute or site.config.compute
     if compute.gpus > 1:
+        if optimizer_state is not None:
+            raise ArkfedError("optimizer_state 'carry' trains each visit on one GPU; set compute.gpus to 1", site=site.name)
         from arkfed.ark.ddp import run_visit_on_gpus
 
         return run_visit_on_gpus(pair, site, settings, plan, compute, progress)
     from arkfed.ark.visit import train_site_visit
 
-    return train_site_visit(pair, site, settings, plan, compute, progress)
+    return train_site_visit(pair, site, settings, plan, compute, progress, optimizer_state=optimizer_state)
 
 
 def visit_site(
@@ -47,11 +52,13 @@ def visit_site(
     pending: float = 1.0,
     compute: "ComputeSettings | None" = None,
     progress: "VisitProgress | None" = None,
+    optimizer_state: "OptimizerState | None" = None,
 ) -> "VisitResult":
     """One visit at a site: catch the teacher head up, train student + head
-    (:func:`train_visit`), then the teacher head's EMA step for this visit."""
+    (:func:`train_visit`; ``optimizer_state``: the carried state, updated in place), then the
+    teacher head's EMA step for this visit."""
     pair.catch_up(pending)
-    result = train_visit(pair, site, settings, plan, compute, progress)
+    result = train_visit(pair, site, settings, plan, compute, progress, optimizer_state)
     if settings.ema == "visit":
         pair.head_ema_step(plan.momentum)
     check_finite(pair.student, "student", site.name)

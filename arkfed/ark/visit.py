@@ -6,9 +6,13 @@
 and is deterministic given (weights, settings, plan): data order, augmentation, label-smoothing
 draws and dropout are all seeded from ``plan.seed`` (the caller's global RNG is left untouched).
 
-Optimizer: a fresh timm optimizer per visit with ``plan.lr`` (the global warm-up + cosine lr at
-this visit). Optimizer state is therefore never carried between sites, so nothing but weights
-travels between visits and a resumed or federated run matches a local one exactly.
+Optimizer: a timm optimizer per visit with ``plan.lr`` (the run's lr at this visit). By default it
+starts fresh, so nothing but weights travels between visits and a resumed or federated run
+matches a local one exactly. With ``optimizer_state="carry"`` (local runs) the caller passes the
+run's :data:`OptimizerState`: it is loaded into the visit's optimizer for the student's and this
+site's head's parameters and updated in place afterwards, which equals one optimizer over the
+student and every head stepping through the visits one after another (Ark's), because a head
+outside the visit has no gradient and is not stepped.
 
 The networks come as one :class:`arkfed.ark.pair.ArkPair` (student, teacher, the site's two heads).
 The teacher gets no gradients and stays in eval mode (its BatchNorm statistics come only from
@@ -16,7 +20,8 @@ the EMA). With ``settings.ema == "visit"`` (Ark's default) the *caller* applies
 :func:`arkfed.schedules.ema_update` with ``plan.momentum`` after the visit; with ``"iteration"``
 the visit updates the teacher and the site's teacher head after every step
 (:meth:`~arkfed.ark.pair.ArkPair.ema_step`), the momentum following the cosine schedule at
-fractional visit positions.
+fractional visit positions, and reports the product of those momenta (``momentum_product``): the
+decay the other sites' teacher heads missed (see :mod:`arkfed.ark.pair`).
 
 Hardware (device, workers, precision) is the site's own :class:`arkfed.site.config.ComputeSettings`,
 never part of what the coordinator sends.
@@ -29,7 +34,7 @@ import time
 from typing import Callable
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from torch import nn
 
 from arkfed.ark.losses import ark_loss, consistency_loss, task_loss
@@ -46,6 +51,10 @@ from arkfed.site.load import Site
 
 VisitProgress = Callable[[int, int, float], None]
 """Called after every step with (step done, steps in this visit, loss of the step)."""
+
+OptimizerState = dict[str, torch.Tensor]
+"""A carried optimizer's state, flat: ``"<parameter>.<state key>"`` -> tensor (on the CPU), the
+parameters named ``student.<name>`` and ``heads.<site>.<name>`` (``optimizer_state="carry"``)."""
 
 
 class VisitResult(BaseModel):
@@ -64,6 +73,9 @@ class VisitResult(BaseModel):
     lr: float
     consistency: float
     momentum: float
+    momentum_product: float | None = Field(
+        default=None, ge=0, le=1,
+        description="product of the teacher EMA momenta of this visit: one per step with ema 'iteration', else the plan's momentum")
 
 
 def make_optimizer(student: nn.Module, head: nn.Module, settings: TrainSettings, lr: float) -> torch.optim.Optimizer:
@@ -77,6 +89,30 @@ def make_optimizer(student: nn.Module, head: nn.Module, settings: TrainSettings,
     )
 
 
+def carried_parameters(student: nn.Module, head: nn.Module, site: str) -> dict[str, nn.Parameter]:
+    """The visit's parameters under their :data:`OptimizerState` names."""
+    named = {f"student.{name}": p for name, p in student.named_parameters()}
+    return named | {f"heads.{site}.{name}": p for name, p in head.named_parameters()}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], carried: OptimizerState) -> None:
+    """Put the carried state of ``params`` (those it has) into ``optimizer``, copied to each parameter's device."""
+    fields: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in carried.items():
+        name, field = key.rsplit(".", 1)
+        if name in params:
+            fields.setdefault(name, {})[field] = value
+    for name, state in fields.items():
+        device = params[name].device
+        optimizer.state[params[name]] = {k: v.clone() if k == "step" else v.to(device, copy=True) for k, v in state.items()}
+
+
+def read_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> OptimizerState:
+    """The optimizer's tensor state of ``params``, on the CPU, under their :data:`OptimizerState` names."""
+    return {f"{name}.{field}": value.detach().cpu().clone()
+            for name, p in params.items() for field, value in optimizer.state.get(p, {}).items() if torch.is_tensor(value)}
+
+
 def train_site_visit(
     pair: ArkPair,
     site: Site,
@@ -85,10 +121,12 @@ def train_site_visit(
     compute: ComputeSettings | None = None,
     progress: VisitProgress | None = None,
     rank: RankContext | None = None,
+    optimizer_state: OptimizerState | None = None,
 ) -> VisitResult:
     """Train ``pair``'s student and head in place on ``site``'s training split for one visit, in this
     process (as one of ``rank.world_size`` DDP ranks when given). Whether a visit runs on several
-    GPUs is decided once, by :func:`arkfed.ark.tasks.train_visit`."""
+    GPUs is decided once, by :func:`arkfed.ark.tasks.train_visit`. ``optimizer_state`` (carried
+    optimizer state) is loaded into the visit's optimizer and updated in place with its state after."""
     pair.check_head(site)
     compute = compute or site.config.compute
     rank = rank or SINGLE
@@ -96,23 +134,27 @@ def train_site_visit(
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(plan.seed + rank.rank)  # dropout / drop-path draws (own stream per rank)
-        return _run_visit(pair, site, settings, plan, device, compute, progress, rank)
+        return _run_visit(pair, site, settings, plan, device, compute, progress, rank, optimizer_state)
 
 
-def _run_visit(pair: ArkPair, site, settings, plan, device, compute, progress, rank=SINGLE) -> VisitResult:
+def _run_visit(pair: ArkPair, site, settings, plan, device, compute, progress, rank=SINGLE, carried=None) -> VisitResult:
     fmt = memory_format(device)
     pair.to_train(device, fmt)
     student, teacher, head = pair.student, pair.teacher, pair.head
-    options = TrainLoaderOptions.for_visit(settings, plan, compute, rank.rank, rank.world_size)
+    options = TrainLoaderOptions.for_visit(settings, plan, compute, rank.rank, rank.world_size, site.config.dataset)
     loader = make_train_loader(site.split("train"), site.schema, student.spec, options)
     student_forward, head_forward = rank.wrap(student, device, compute.compile), rank.wrap(head, device)
     views = DeviceViews(student.spec.mean, student.spec.std) if compute.augment == "device" else None
     optimizer = make_optimizer(student, head, settings, plan.lr)
+    params = carried_parameters(student, head, site.name)
+    if carried is not None:
+        load_optimizer_state(optimizer, params, carried)
     c = plan.consistency
     steps = len(loader)
     totals = torch.zeros(3, dtype=torch.float64)
     examples = 0
     start = time.perf_counter()
+    product = 1.0  # of the per-step teacher momenta (ema: iteration)
     for step, batch in enumerate(loader):
         if views is not None:  # the loader sent uint8 images + view parameters: make the views here
             batch = views.batch(batch, device)
@@ -127,7 +169,7 @@ def _run_visit(pair: ArkPair, site, settings, plan, device, compute, progress, r
                 xt = batch.teacher.to(device, non_blocking=True).contiguous(memory_format=fmt)
                 with torch.no_grad():
                     z_teacher = teacher(xt)
-        task = task_loss(logits.float(), targets, mask, site.schema.task)
+        task = task_loss(logits.float(), targets, mask, site.schema.task, settings.multiclass_loss)
         cons = consistency_loss(z_student.float(), z_teacher.float()) if z_teacher is not None else None
         loss = ark_loss(task, cons, c)
         zero = torch.zeros((), device=loss.device)
@@ -140,18 +182,22 @@ def _run_visit(pair: ArkPair, site, settings, plan, device, compute, progress, r
         loss.backward()
         optimizer.step()
         if settings.ema == "iteration":
-            pair.ema_step(teacher_momentum(plan.visit + (step + 1) / steps, plan.total_visits, settings.momentum_teacher))
+            momentum = teacher_momentum(plan.visit + (step + 1) / steps, plan.total_visits, settings.momentum_teacher)
+            pair.ema_step(momentum)
+            product *= momentum
         n = len(xs)
         totals += parts * n
         examples += n
         if progress is not None:
             progress(step + 1, steps, value)
     seconds = time.perf_counter() - start
+    if carried is not None:
+        carried.update(read_optimizer_state(optimizer, params))
     summed = rank.sum(torch.cat([totals, torch.tensor([examples], dtype=torch.float64)]))  # over DDP ranks
     totals, examples = summed[:3], int(summed[3])
     mean = (totals / max(examples, 1)).tolist()
     return VisitResult(
         site=site.name, round=plan.round, visit=plan.visit, loss=mean[0], task_loss=mean[1], consistency_loss=mean[2],
         num_examples=examples, steps=steps, seconds=seconds, images_per_s=examples / seconds if seconds > 0 else 0.0,
-        lr=plan.lr, consistency=c, momentum=plan.momentum,
+        lr=plan.lr, consistency=c, momentum=plan.momentum, momentum_product=product if settings.ema == "iteration" else plan.momentum,
     )

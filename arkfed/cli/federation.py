@@ -73,7 +73,7 @@ def coordinator(
         return print_recipes()
     console = Console(highlight=False, soft_wrap=True)
     names = [s.strip() for s in (sites or "").split(",") if s.strip()]
-    train_config = None if resume is not None else resolve_run_config(names, run_overrides or {}, config, recipe, "base")
+    train_config = None if resume is not None else resolve_run_config(names, run_overrides or {}, config, recipe, "base", federated=True)
     if dry_run:
         if train_config is not None:
             typer.echo(config_text(train_config), nl=False)

@@ -114,9 +114,11 @@ def _set(data: dict, path: str, value: Any) -> None:
 
 
 def resolve_run_config(sites: list[str], overrides: dict[str, Any], config_file: Path | None = None,
-                       recipe: str | None = None, default_recipe: str = "base"):
+                       recipe: str | None = None, default_recipe: str = "base", federated: bool = False):
     """The run's TrainConfig: recipe < ``config_file`` < ``overrides``; sites from the command line
-    or else from the file. Errors are one line naming the setting."""
+    or else from the file. Errors are one line naming the setting. A ``federated`` run's
+    ``optimizer_state`` is ``reset`` unless the file or an option sets it (a recipe's ``carry`` is
+    for local runs: its momentum buffers come from a site's gradients and would leave the site)."""
     import yaml
 
     from arkfed.config import TrainConfig
@@ -136,6 +138,8 @@ def resolve_run_config(sites: list[str], overrides: dict[str, Any], config_file:
             (file_data.get("settings") or {}).pop(key, None)
     name = recipe or file_data.get("recipe") or default_recipe
     data = copy.deepcopy(deep_merge(get_recipe(name).overrides, file_data))  # never mutate the recipe
+    if federated and "settings.optimizer_state" not in overrides and "optimizer_state" not in (file_data.get("settings") or {}):
+        data.setdefault("settings", {})["optimizer_state"] = "reset"
     for path, value in overrides.items():
         _set(data, path, value)
     data["sites"] = list(sites) or list(file_data.get("sites") or [])
@@ -143,9 +147,13 @@ def resolve_run_config(sites: list[str], overrides: dict[str, Any], config_file:
     if not data["sites"]:
         raise ArkfedError("give --sites NAME,NAME (or a --config file that lists sites)")
     try:
-        return TrainConfig.model_validate(data)
+        config = TrainConfig.model_validate(data)
     except ValueError as exc:
         raise ArkfedError(f"invalid run configuration: {first_error(exc)}") from None
+    if federated and config.settings.optimizer_state == "carry":
+        raise ArkfedError("optimizer_state carry is for local runs: its momentum buffers are derived from a site's gradients "
+                          "and would leave the site; use --optimizer-state reset")
+    return config
 
 
 def first_error(exc: ValueError) -> str:

@@ -94,7 +94,7 @@ def train(
         paths = [str(resolve_site_path(ref).resolve()) for ref in refs]
         names = [load_site_config(p).name for p in paths]
         default_recipe = "base" if (sites or file_sites) else "demo"
-        train_config = resolve_run_config(names, run_overrides or {}, config, recipe, default_recipe)
+        train_config = resolve_run_config(names, run_overrides or {}, config, recipe, default_recipe, federated)
         refs, run_dir = paths, out or default_out("ark")
         if dry_run:
             typer.echo(config_text(train_config), nl=False)

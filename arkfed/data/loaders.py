@@ -10,7 +10,8 @@ reference (``Ark_MICCAI2023/dataloader.py``):
   ``img_size``) and the crop is cut from that. It is faster on huge images but a crop of a small
   square holds less detail (a 0.08-area crop of a 224 px square is 63 px upsampled 3.5x, where
   from a 2,500 px original it is 700 px downsampled). Ark itself does this for ChestX-ray14 and
-  VinDr (resized to 224 first) and Ark+ for every dataset (resized to 896 first);
+  VinDr (resized to 224 first: per dataset, ``dataset_resize``) and Ark+ for every dataset (resized
+  to 896 first);
 - evaluation: ``Resize(img_size / crop_pct)`` + ``CenterCrop(img_size)`` from the source image
   (Ark: 256 -> 224, ``crop_pct`` 0.875) or, with ``crop_pct=None``, the whole image squashed to
   ``img_size``; ten-crop (Ark's test protocol) takes ``TenCrop(img_size)`` of the same resize.
@@ -313,14 +314,19 @@ class TrainLoaderOptions:
 
     @classmethod
     def for_visit(cls, settings: TrainSettings, plan: VisitPlan, compute: ComputeSettings, rank: int = 0,
-                  world_size: int = 1) -> TrainLoaderOptions:
-        """A site visit's loader: the run's settings, the visit's seed, the site's hardware, this rank's share."""
+                  world_size: int = 1, dataset: str | None = None) -> TrainLoaderOptions:
+        """A site visit's loader: the run's settings, the visit's seed, the site's hardware, this rank's share.
+        ``dataset`` (the site's plugin name) listed in ``settings.dataset_resize`` squashes its images to that
+        square before the crop, whatever ``crop_source`` says (Ark-6: ChestX-ray14 and VinDr-CXR at 224)."""
         from arkfed.devices import resolve_device
 
+        crop_source, train_resize = settings.crop_source, settings.train_resize
+        if dataset in settings.dataset_resize:
+            crop_source, train_resize = "resized", settings.dataset_resize[dataset]
         return cls(
             batch_size=settings.batch_size, epochs=settings.local_epochs, seed=plan.seed, crop_scale=settings.crop_scale,
             views=settings.views, jitter_p=settings.jitter_p, max_steps=settings.max_steps_per_visit,
-            crop_source=settings.crop_source, train_resize=settings.train_resize, num_workers=compute.workers(),
+            crop_source=crop_source, train_resize=train_resize, num_workers=compute.workers(),
             pin_memory=resolve_device(compute.device).type == "cuda", augment=compute.augment, rank=rank, world_size=world_size,
         )
 

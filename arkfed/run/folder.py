@@ -4,7 +4,8 @@
 
     RUN/config.yaml               the resolved TrainConfig
     RUN/metrics.jsonl             one JSON object per visit ("kind": "visit") and per evaluation ("kind": "eval")
-    RUN/checkpoint.safetensors    student, teacher, every head and the visit counter, written atomically after every visit
+    RUN/checkpoint.safetensors    student, teacher, every head, the visit counter (and a carried optimizer state),
+                                  written atomically after every visit
     RUN/checkpoint.prev.safetensors  the checkpoint before it (read, with a warning, when the latest cannot be)
     RUN/teacher.safetensors       the teacher (backbone + projector): the foundation model
     RUN/student.safetensors
@@ -26,6 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from arkfed.ark.pair import SiteHeads
@@ -54,6 +56,7 @@ class RunState:
     teacher_heads: dict[str, SiteHead] = field(default_factory=dict)
     clock: TeacherClock = field(default_factory=TeacherClock)
     versions: dict[str, int] = field(default_factory=dict)  # per site, its last accepted visit
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)  # optimizer_state "carry": arkfed.ark.visit.OptimizerState
 
 
 def config_text(config: TrainConfig) -> str:
@@ -134,6 +137,7 @@ class RunFolder:
             tensors |= {f"heads.{site}.{k}": v for k, v in head.state_dict().items()}
         for site, head in state.teacher_heads.items():
             tensors |= {f"teacher_heads.{site}.{k}": v for k, v in head.state_dict().items()}
+        tensors |= {f"optimizer.{k}": v for k, v in state.optimizer.items()}
         meta = {
             "visits_done": state.visits_done,
             "spec": state.student.spec.model_dump(mode="json"),
@@ -185,7 +189,7 @@ class RunFolder:
                     store[site] = head
         clock = TeacherClock.model_validate(meta.get("clock", {}))
         versions = {str(k): int(v) for k, v in meta.get("versions", {}).items()}
-        return RunState(student, teacher, heads, int(meta["visits_done"]), teacher_heads, clock, versions)
+        return RunState(student, teacher, heads, int(meta["visits_done"]), teacher_heads, clock, versions, part("optimizer."))
 
     # -- weights and summary --------------------------------------------------------------
     def save_weights(self, state: RunState) -> None:

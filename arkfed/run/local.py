@@ -1,6 +1,10 @@
 """The in-process implementation of the loop's :class:`~arkfed.run.loop.Sites` interface: every
 site's data in this process, each visit and evaluation through :mod:`arkfed.ark.tasks` exactly as
-a Flower site runs them. :func:`train_local` is ``arkfed train`` without ``--federated``."""
+a Flower site runs them. :func:`train_local` is ``arkfed train`` without ``--federated``.
+
+With ``optimizer_state="carry"`` (local runs only) the run's optimizer state (``RunState.optimizer``)
+goes into every visit and the visit's state replaces it when the visit is accepted: one optimizer
+over the student and every head, as Ark's."""
 
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ class InProcessSites:
         self.compute = {name: (compute or {}).get(name) or site.config.compute for name, site in self.sites.items()}
         self.callbacks = callbacks or LoopCallback()
         self.settings = None
+        self.optimizer: dict = {}  # visit -> its carried optimizer state, kept if the visit is accepted
 
     def join(self, config: TrainConfig) -> dict[str, SiteInfo]:
         self.settings = config.settings
@@ -55,17 +60,23 @@ class InProcessSites:
 
     def visit(self, state: RunState, plans: Sequence[VisitPlan]) -> dict[str, VisitReply | SiteFailure]:
         replies: dict[str, VisitReply | SiteFailure] = {}
+        self.optimizer = {}
         for plan in plans:
             site = self.sites[plan.site]
             pair = copy.deepcopy(self._pair(state, plan.site))
+            carried = dict(state.optimizer) if self.settings.optimizer_state == "carry" else None
             result = visit_site(pair, site, self.settings, plan, state.clock.pending(plan.site), self.compute[plan.site],
-                                progress=self.callbacks.on_step)
+                                progress=self.callbacks.on_step, optimizer_state=carried)
+            if carried is not None:
+                self.optimizer[plan.visit] = carried
             teacher_state = pair.teacher.state_dict() if self.settings.ema == "iteration" else None
             replies[plan.site] = VisitReply(result, pair.student.state_dict(), teacher_state, heads=pair.heads)
         return replies
 
     def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None:
         state.heads[plan.site], state.teacher_heads[plan.site] = reply.heads.student, reply.heads.teacher
+        if plan.visit in self.optimizer:  # optimizer_state "carry": one optimizer through the accepted visits
+            state.optimizer = self.optimizer.pop(plan.visit)
 
     def evaluate(self, state: RunState, split: str) -> dict[str, dict[str, dict] | SiteFailure]:
         return {

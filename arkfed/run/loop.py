@@ -37,7 +37,7 @@ from arkfed.run.callbacks import CallbackList, LoopCallback, RunInfo
 from arkfed.run.folder import RunFolder, RunState
 from arkfed.run.plan import plan_groups
 from arkfed.run.records import MetricsLog, build_summary, eval_record, round_record, skip_record, trim_metrics, visit_record
-from arkfed.schedules import ema_update
+from arkfed.schedules import ark_as_run_round_lr, ema_update
 
 
 # -- what sites answer --------------------------------------------------------------------------
@@ -214,6 +214,8 @@ class ArkLoop:
         momentum = group[0].momentum
         if not iteration:
             ema_update(state.teacher, state.student, momentum)
+        elif accepted[0][1].result.momentum_product is not None:  # one step per iteration: the heads missed their product
+            momentum = accepted[0][1].result.momentum_product  # (parallel mode: the first accepted visit's)
         state.clock.record(group[-1].visit, momentum, [plan.site for plan, _ in accepted])
         for plan, reply in accepted:
             self.sites.accept(state, plan, reply)
@@ -232,6 +234,18 @@ class ArkLoop:
         state.visits_done = group[-1].visit + 1
         self.run.save_checkpoint(state)
 
+    def _with_lr(self, group: Sequence[VisitPlan]) -> Sequence[VisitPlan]:
+        """The group's plans, with ``lr_schedule="ark-as-run"`` at the lr Ark's code would set after the
+        validation losses recorded so far (:func:`arkfed.schedules.ark_as_run_round_lr`)."""
+        from arkfed.run.records import round_val_losses
+
+        settings = self.config.settings
+        if settings.lr_schedule != "ark-as-run":
+            return group
+        losses = round_val_losses(self.run.read_metrics(), self.config.eval_split)
+        lr = ark_as_run_round_lr(settings, self.config.rounds, losses, group[0].round)
+        return [plan.model_copy(update={"lr": lr}) for plan in group]
+
     def _evaluate(self, state: RunState, rnd: int, started: float) -> None:
         split = self.config.eval_split
         records = []
@@ -248,6 +262,9 @@ class ArkLoop:
     def run_loop(self, resume: bool = False) -> dict:
         """Join, train every group, evaluate every round, write the summary."""
         started = time.perf_counter()
+        if self.config.settings.optimizer_state == "carry" and self.sites.mode != "local":
+            raise ArkfedError("optimizer_state 'carry' is for local runs: its momentum buffers are derived from a site's "
+                              "gradients and would leave the site; use optimizer_state 'reset'")
         try:
             infos = self.infos = self.sites.join(self.config)
             self.schemas = {name: info.schema for name, info in infos.items()}
@@ -258,7 +275,7 @@ class ArkLoop:
             self.callbacks.on_run_start(RunInfo(self.config, self.run.path, self.config.total_visits, state.visits_done, self.sites.mode))
             for rnd in range(self.config.rounds):
                 for group in (g for g in groups if g[0].round == rnd and g[-1].visit >= state.visits_done):
-                    self._train_group(state, group)
+                    self._train_group(state, self._with_lr(group))
                 if rnd not in evaluated:
                     self._evaluate(state, rnd, started)
             self.run.save_weights(state)

@@ -52,6 +52,21 @@ def trim_metrics(records: list[dict], visits_done: int) -> tuple[list[dict], set
     return [r for r in records if covered(r)], complete
 
 
+def round_val_losses(records: list[dict], split: str) -> dict[int, float]:
+    """Per evaluated round, the mean over sites (equal weights, as Ark's engine.py averages its datasets'
+    validation losses) of the student's loss on ``split``; sites without a finite loss are left out,
+    rounds without any are absent. What ``lr_schedule="ark-as-run"`` steps its scheduler with."""
+    import math
+
+    losses: dict[int, list[float]] = {}
+    for r in records:
+        loss = r.get("loss")
+        if r.get("kind") == "eval" and r.get("model") == "student" and r.get("split") == split \
+                and isinstance(loss, (int, float)) and math.isfinite(loss):
+            losses.setdefault(int(r["round"]), []).append(float(loss))
+    return {rnd: sum(values) / len(values) for rnd, values in losses.items()}
+
+
 def build_summary(config: TrainConfig, records: list[dict], seconds: float, schemas: Mapping[str, LabelSchema]) -> dict:
     """Final (last evaluated round) metrics per site, skips, and the run's size and time."""
     evals = [r for r in records if r.get("kind") == "eval"]

@@ -100,8 +100,10 @@ def test_per_iteration_ema_updates_teacher_after_each_step():
     teacher0 = copy.deepcopy(teacher)
     settings = SETTINGS.model_copy(update={"ema": "iteration", "max_steps_per_visit": 1})
     p = plan()
-    train_site_visit(pair_of(student, teacher, head), site, settings, p)
-    ema_update(teacher0, student, teacher_momentum(p.visit + 1, p.total_visits, settings.momentum_teacher))
+    result = train_site_visit(pair_of(student, teacher, head), site, settings, p)
+    momentum = teacher_momentum(p.visit + 1, p.total_visits, settings.momentum_teacher)
+    assert result.momentum_product == momentum  # what the other sites' teacher heads missed (one step)
+    ema_update(teacher0, student, momentum)
     for key, value in teacher.state_dict().items():
         assert torch.allclose(value.float(), teacher0.state_dict()[key].float(), atol=1e-6), key
     assert not same(states(teacher)[0], states(make_models()[1])[0])
@@ -116,3 +118,87 @@ def test_progress_callback_and_wrong_head_error():
     wrong = SiteHead("s1", multilabel_schema(("a", "b")), SPEC.projector_dim)
     with pytest.raises(ArkfedError, match="s1"):
         train_site_visit(pair_of(student, teacher, wrong), site, SETTINGS, plan())
+
+
+def reference_visit(student, head, site, settings, p, optimizer):
+    """A visit by hand (c = 0, visit-wise EMA): set the lr as Ark's scheduler does, then step ``optimizer``
+    through the visit's batches."""
+    from arkfed.ark.losses import task_loss
+    from arkfed.data.loaders import TrainLoaderOptions, make_train_loader
+    from arkfed.site.config import ComputeSettings
+
+    for group in optimizer.param_groups:
+        group["lr"] = p.lr
+    loader = make_train_loader(site.split("train"), site.schema, SPEC, TrainLoaderOptions.for_visit(settings, p, ComputeSettings()))
+    student.train()
+    head.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(p.seed)
+        for batch in loader:
+            loss = task_loss(head(student(batch.student)), batch.targets, batch.mask, site.schema.task, settings.multiclass_loss)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+def test_carried_optimizer_state_equals_one_optimizer_stepping_through_both_visits():
+    """optimizer_state carry: two visits (two sites) in one process, the state carried between them,
+    equal one timm optimizer over the student and both heads stepping through both visits (Ark's)."""
+    from timm.optim import create_optimizer_v2
+
+    schema_b = multilabel_schema(("p", "q"))
+    site_a = make_site()
+    site_b = Site(SiteConfig(name="s2", dataset="synthetic", root="."), None, schema_b,
+                  {"train": synthetic_table(32, schema_b.classes, 32, seed=5)})
+    settings = SETTINGS.model_copy(update={"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0, "optimizer_state": "carry"})
+    plans = [plan(site="s1", visit=0, consistency=0.0, lr=0.05, seed=3), plan(site="s2", visit=1, consistency=0.0, lr=0.02, seed=4)]
+
+    def models():
+        student, teacher, head_a = make_models()
+        torch.manual_seed(1)
+        return student, teacher, head_a, SiteHead("s2", schema_b, SPEC.projector_dim)
+
+    finals = {}
+    for mode in ("carry", "reset"):
+        student, teacher, head_a, head_b = models()
+        carried = {} if mode == "carry" else None
+        for site, p, head in ((site_a, plans[0], head_a), (site_b, plans[1], head_b)):
+            train_site_visit(pair_of(student, teacher, head), site, settings, p, optimizer_state=carried)
+        finals[mode] = states(student, head_a, head_b)
+        if mode == "carry":
+            assert {k.rsplit(".", 1)[1] for k in carried} == {"momentum_buffer"}
+            assert any(k.startswith("heads.s1.") for k in carried) and any(k.startswith("heads.s2.") for k in carried)
+    student, _, head_a, head_b = models()
+    optimizer = create_optimizer_v2(torch.nn.ModuleDict({"student": student, "heads": torch.nn.ModuleDict({"s1": head_a, "s2": head_b})}),
+                                    opt="sgd", lr=0.05, weight_decay=0.0, momentum=0.9)
+    for site, p, head in ((site_a, plans[0], head_a), (site_b, plans[1], head_b)):
+        reference_visit(student, head, site, settings, p, optimizer)
+    reference = states(student, head_a, head_b)
+    for got, expected in zip(finals["carry"], reference):
+        for key in expected:
+            assert torch.allclose(got[key].float(), expected[key].float(), atol=1e-6), key
+    assert not torch.allclose(finals["reset"][0]["projector.weight"], reference[0]["projector.weight"], atol=1e-4)
+    assert same(finals["reset"][1], finals["carry"][1])  # the first visit is the same either way
+
+
+def test_multiclass_site_trains_with_bce_on_one_hot_targets_when_asked():
+    """multiclass_loss bce (Ark-6): the task loss of a multiclass site is BCE on the one-hot targets."""
+    from arkfed.data.loaders import TrainLoaderOptions, make_train_loader
+    from arkfed.data.schema import LabelSchema
+    from arkfed.site.config import ComputeSettings
+
+    schema = LabelSchema(task="multiclass", classes=("normal", "opacity", "other"))
+    site = Site(SiteConfig(name="s1", dataset="rsna_pneumonia", root="."), None, schema,
+                {"train": synthetic_table(24, schema.classes, 32, seed=2, multiclass=True)})
+    settings = SETTINGS.model_copy(update={"max_steps_per_visit": 1, "multiclass_loss": "bce"})
+    p = plan(consistency=0.0)
+    student, teacher, _ = make_models()
+    head = SiteHead("s1", schema, SPEC.projector_dim)
+    batch = next(iter(make_train_loader(site.split("train"), schema, SPEC, TrainLoaderOptions.for_visit(settings, p, ComputeSettings()))))
+    reference = copy.deepcopy(student).train(), copy.deepcopy(head).train()
+    with torch.no_grad():
+        logits = reference[1](reference[0](batch.student))
+    expected = torch.nn.BCEWithLogitsLoss()(logits, batch.targets)
+    result = train_site_visit(pair_of(student, teacher, head), site, settings, p)
+    assert result.task_loss == pytest.approx(float(expected), rel=1e-5)
+    assert result.task_loss != pytest.approx(float(torch.nn.functional.cross_entropy(logits, batch.targets.argmax(1))), rel=1e-3)

@@ -118,3 +118,21 @@ def test_both_commands_offer_every_run_setting():
     for flag in ("--optimizer", "--weight-decay", "--warmup-visits", "--views", "--ema", "--momentum-teacher",
                  "--projector", "--jitter-p", "--max-consistency", "--momentum", "--mode", "--weighting"):
         assert flag in wanted
+
+
+def test_recipe_list_records_the_as_run_options():
+    result = invoke("--recipe", "list")
+    assert result.exit_code == 0, result.output
+    for text in ("ark: Ark-6 as published", "ark-documented: ", "ark+-documented: ", "lr_schedule ark-as-run", "optimizer_state carry",
+                 "multiclass_loss bce", "dataset_resize chestxray14=224,vindr_cxr=224", "lr_schedule cosine", "optimizer_state reset"):
+        assert text in result.output, text
+
+
+def test_federated_runs_reset_the_optimizer_a_recipe_would_carry():
+    from arkfed.cli.options import resolve_run_config
+
+    assert resolve_run_config(["a"], {}, recipe="ark").settings.optimizer_state == "carry"
+    federated = resolve_run_config(["a"], {}, recipe="ark", federated=True)
+    assert federated.settings.optimizer_state == "reset" and federated.settings.lr_schedule == "ark-as-run"
+    with pytest.raises(ArkfedError, match="would leave the site"):
+        resolve_run_config(["a"], {"settings.optimizer_state": "carry"}, recipe="ark", federated=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from arkfed.config import TrainConfig, TrainSettings
+from arkfed.config import TeacherClock, TrainConfig, TrainSettings
 from arkfed.demo.generate import generate_demo_federation
 from arkfed.model.weights import load_ark_model, load_heads, read_safetensors
 from arkfed.run.callbacks import LoopCallback
@@ -152,14 +152,18 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path
     assert summary["sites"] == fresh["sites"]
 
 
-def test_teacher_heads_are_the_ema_of_every_head_after_every_visit(tmp_path):
-    """Ark EMAs the whole teacher, heads included, after every visit: head k moves towards the
-    student's head k even when another site was visited. Recompute that by hand from the
-    per-visit student heads and momenta, and compare with the run's teacher heads."""
+@pytest.mark.parametrize("ema", ["visit", "iteration"])
+def test_teacher_heads_are_the_ema_of_every_head_after_every_visit(tmp_path, ema):
+    """Ark EMAs the whole teacher, heads included, after every visit (``ema: iteration``: after every
+    iteration of every visit): head k moves towards the student's head k even when another site was
+    visited. Recompute that by hand from the per-visit student heads and the momenta of every EMA
+    step, and compare with the run's teacher heads."""
     from arkfed.model.weights import load_head
+    from arkfed.schedules import teacher_momentum
 
-    sites = {s.name: s for s in (synthetic_site("a", ("x", "y"), 0), synthetic_site("b", ("t",), 1))}
-    config = tiny_config(sites, rounds=2)
+    sites = {s.name: s for s in (synthetic_site("a", ("x", "y"), 0), synthetic_site("b", ("t",), 1),
+                                 synthetic_site("c", ("u", "v", "w"), 2))}
+    config = tiny_config(sites, rounds=2, ema=ema)
     initial = initial_state(config, {n: s.schema for n, s in sites.items()})
     student_heads = {n: {k: v.clone() for k, v in h.state_dict().items()} for n, h in initial.heads.items()}
     teacher_heads = {n: {k: v.clone() for k, v in h.state_dict().items()} for n, h in initial.heads.items()}
@@ -186,17 +190,31 @@ def test_teacher_heads_are_the_ema_of_every_head_after_every_visit(tmp_path):
     from arkfed.schedules import ema_update
 
     for (plan,) in plan_groups(config):
+        if ema == "iteration":  # the visit starts from the teacher head computed by hand (nothing to catch up)
+            state.teacher_heads[plan.site].load_state_dict(teacher_heads[plan.site])
+            state.clock = TeacherClock()
         reply = in_process.visit(state, [plan])[plan.site]
         state.student.load_state_dict(reply.student)
-        ema_update(state.teacher, state.student, plan.momentum)
         state.heads[plan.site] = reply.heads.student
         student_heads[plan.site] = {k: v.clone() for k, v in reply.heads.student.state_dict().items()}
-        for name in teacher_heads:  # every teacher head moves after every visit
-            for key in teacher_heads[name]:
-                teacher_heads[name][key] = plan.momentum * teacher_heads[name][key] + (1 - plan.momentum) * student_heads[name][key]
+        if ema == "visit":
+            ema_update(state.teacher, state.student, plan.momentum)
+            momenta = [plan.momentum]
+        else:  # one EMA step of the whole teacher, every head included, after every iteration
+            state.teacher.load_state_dict(reply.teacher)
+            steps = reply.result.steps
+            momenta = [teacher_momentum(plan.visit + (k + 1) / steps, plan.total_visits, config.settings.momentum_teacher)
+                       for k in range(steps)]
+        for name in teacher_heads:  # every teacher head moves after every EMA step
+            if ema == "iteration" and name == plan.site:  # its steps towards the student head of each iteration: the visit's
+                teacher_heads[name] = {k: v.clone() for k, v in reply.heads.teacher.state_dict().items()}
+                continue
+            for m in momenta:
+                for key in teacher_heads[name]:
+                    teacher_heads[name][key] = m * teacher_heads[name][key] + (1 - m) * student_heads[name][key]
         state.clock.record(plan.visit, plan.momentum, [plan.site])
         state.teacher_heads[plan.site] = reply.heads.teacher
-    assert [s for s, _ in seen] == ["a", "b", "a", "b"]
+    assert [s for s, _ in seen] == ["a", "b", "c"] * 2
     for name in sites:
         for key in final_teacher[name]:
             assert torch.allclose(student_heads[name][key], final_student[name][key], atol=1e-6)
@@ -233,3 +251,56 @@ def test_parallel_mode_averages_students_with_the_chosen_weights(tmp_path):
         got = runs[weighting].state_dict()
         assert all(torch.allclose(expected[k].float(), got[k].float(), atol=1e-6) for k in got), weighting
     assert not torch.allclose(runs["equal"].state_dict()["projector.weight"], runs["samples"].state_dict()["projector.weight"])
+
+
+def test_ark_as_run_lr_follows_the_mean_validation_loss_of_the_round_before(tmp_path):
+    """lr_schedule ark-as-run: round 0 at warmup_lr, round r + 1 at timm's warm-up ramp evaluated at the
+    mean over sites of the student's validation loss after round r (Ark's lr_scheduler.step(val_loss))."""
+    sites = {s.name: s for s in (synthetic_site("a", ("x", "y"), 0), synthetic_site("b", ("t",), 1))}
+    config = tiny_config(sites, rounds=3, lr_schedule="ark-as-run", lr=0.05, warmup_rounds=2, warmup_lr=1e-4)
+    train_local(config, tmp_path / "run", sites=sites)
+    records = RunFolder(tmp_path / "run").read_metrics()
+    lrs = {rnd: {r["lr"] for r in records if r["kind"] == "visit" and r["round"] == rnd} for rnd in range(3)}
+    assert lrs[0] == {1e-4}
+    for rnd in (1, 2):
+        losses = [r["loss"] for r in records if r["kind"] == "eval" and r["model"] == "student" and r["round"] == rnd - 1]
+        assert len(losses) == 2 and np.mean(losses) < 2  # inside the 2-round warm-up ramp
+        (lr,) = lrs[rnd]
+        assert lr == pytest.approx(1e-4 + np.mean(losses) * (0.05 - 1e-4) / 2, rel=1e-12), (rnd, losses)
+
+
+def test_resume_with_a_carried_optimizer_and_the_as_run_lr_matches_an_uninterrupted_run(tmp_path):
+    sites = {s.name: s for s in (synthetic_site("a", ("x", "y"), 0), synthetic_site("b", ("t",), 1))}
+    config = tiny_config(sites, rounds=2, optimizer="sgd", weight_decay=0.0, lr=0.05, optimizer_state="carry",
+                         lr_schedule="ark-as-run", warmup_rounds=1, warmup_lr=1e-3)
+    train_local(config, tmp_path / "full", sites=sites)
+    assert RunFolder(tmp_path / "full").load_checkpoint().optimizer  # the state is in the checkpoint
+
+    class StopBeforeFourth(LoopCallback):
+        def on_visit_start(self, plan):
+            if plan.visit == 3:
+                raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_local(config, tmp_path / "cut", sites=sites, callbacks=[StopBeforeFourth()])
+    train_local(config, tmp_path / "cut", resume=True, sites=sites)
+    reset = config.model_copy(update={"settings": config.settings.model_copy(update={"optimizer_state": "reset"})})
+    train_local(reset, tmp_path / "reset", sites=sites)
+    for name in ("student.safetensors", "heads/a.safetensors", "heads/b.safetensors"):
+        full, resumed, fresh = (weights(tmp_path / run / name) for run in ("full", "cut", "reset"))
+        assert all(torch.equal(full[k], resumed[k]) for k in full), name
+    assert not torch.allclose(full["weight"], fresh["weight"])  # carrying the momentum changes training
+
+
+def test_a_carried_optimizer_never_runs_with_remote_sites(tmp_path):
+    from arkfed.errors import ArkfedError
+    from arkfed.run.loop import ArkLoop
+
+    class Remote:
+        mode = "federated"
+
+    config = tiny_config(["a"], optimizer_state="carry")
+    with pytest.raises(ArkfedError, match="would leave the site"):
+        ArkLoop(config, RunFolder(tmp_path / "run"), Remote()).run_loop()
+    with pytest.raises(ValueError, match="cyclic"):
+        TrainConfig.model_validate(config.model_dump() | {"mode": "parallel"})
