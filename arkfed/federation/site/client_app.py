@@ -257,10 +257,10 @@ def _log_failure(state_dir: Path | None, msg: Message, text: str) -> None:
     if state_dir is None:
         print(text, flush=True)
         return
-    log = Path(state_dir) / "logs" / "site-errors.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as f:
-        f.write(f"--- {msg.metadata.message_type} (run {msg.metadata.run_id}, round {msg.metadata.group_id})\n{text}\n")
+    from arkfed.io import PRIVATE, append_text
+
+    append_text(Path(state_dir) / "logs" / "site-errors.log",
+                f"--- {msg.metadata.message_type} (run {msg.metadata.run_id}, round {msg.metadata.group_id})\n{text}\n", PRIVATE)
 
 
 def _error_reply(msg: Message, state_dir: Path | None, exc: BaseException) -> Message:
