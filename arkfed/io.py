@@ -9,6 +9,11 @@ A power loss or a full disk must never cost a finished run its checkpoint or its
   ending it, so the next record starts on its own line; :func:`read_jsonl` skips such a broken
   line and says how many it skipped instead of losing the records after it.
 
+Private files (a site's ``outbox.jsonl`` and ``site-errors.log``, the coordinator's
+``inbox.jsonl``, process logs) are opened for appending by :func:`open_append` with an exact
+``mode`` (0600: :data:`PRIVATE`): created with it, an existing file tightened to it on open, never
+written through a symlink. ``atomic_write`` makes its files 0600 unless told otherwise.
+
 No torch here: this is imported by light modules (status files, CLI).
 """
 
@@ -61,6 +66,42 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], mode: int | No
     fsync_dir(path.parent)
 
 
+PRIVATE = 0o600
+"""The mode of a file only its owner may read or write."""
+
+
+def open_append(path: str | Path, mode: int | None = None, binary: bool = False):
+    """``path`` opened for appending (text, or bytes with ``binary``); the one way arkfed appends.
+
+    With ``mode`` (e.g. :data:`PRIVATE`) the file is created with exactly that mode (umask-proof), an
+    existing one is chmod-ed to it on open, and a symlink at ``path`` is refused (``O_NOFOLLOW``),
+    never followed; without it the file is created as ``open(path, "a")`` would."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+    if mode is not None:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o666 if mode is None else mode)
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        return os.fdopen(fd, "ab" if binary else "a")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def append_text(path: str | Path, text: str, mode: int | None = None) -> None:
+    """Append ``text`` and fsync it (a new file's folder too); ``mode`` as :func:`open_append`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open_append(path, mode) as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    if new:
+        fsync_dir(path.parent)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -99,19 +140,14 @@ def _repair_tail(path: Path) -> None:
             os.fsync(f.fileno())
 
 
-def append_jsonl(path: str | Path, record: dict) -> None:
+def append_jsonl(path: str | Path, record: dict, mode: int | None = None) -> None:
     """Append one JSON line and fsync it (a killed process keeps every finished line); a partial
-    line left by an earlier crash is ended first."""
+    line left by an earlier crash is ended first. ``mode``: see :func:`open_append`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    if mode is not None and path.is_symlink():
+        raise OSError(f"{path} is a symbolic link; refusing to append to a private file through it")
     _repair_tail(path)
-    with path.open("a") as f:
-        f.write(json.dumps(record, allow_nan=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    if new:
-        fsync_dir(path.parent)
+    append_text(path, json.dumps(record, allow_nan=True) + "\n", mode)
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict], int]:

@@ -21,10 +21,15 @@ wrapped in DDP) on its share of every *global* batch:
 - Only rank 0 writes: its pair's weights and the :class:`~arkfed.ark.visit.VisitResult` (losses averaged
   over all ranks) go through a temporary file back to the calling process, which loads them into
   its own pair in place; it alone talks to Flower and writes run files.
+- Files between the processes hold tensors and JSON only: weights as a ``state_dict`` loaded with
+  ``torch.load(weights_only=True)`` (no pickled objects, so nothing in them can run code), settings,
+  plan, model spec and the result as JSON. The site (its tables) goes to the ranks as a process
+  argument, in memory.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import replace
@@ -34,14 +39,15 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from arkfed.ark.pair import PARTS
 from arkfed.ark.ranks import RankContext
-from arkfed.ark.visit import train_site_visit
+from arkfed.ark.visit import VisitResult, train_site_visit
 from arkfed.errors import ArkfedError
 from arkfed.ports import free_port  # the rendezvous of the ranks, on 127.0.0.1: never exposed
 
 if TYPE_CHECKING:
     from arkfed.ark.pair import ArkPair
-    from arkfed.ark.visit import VisitProgress, VisitResult
+    from arkfed.ark.visit import VisitProgress
     from arkfed.config import TrainSettings, VisitPlan
     from arkfed.site.config import ComputeSettings
     from arkfed.site.load import Site
@@ -52,12 +58,49 @@ def _portable_site(site: "Site") -> "Site":
     return replace(site, plugin=None)
 
 
-def _rank_main(rank: int, world_size: int, port: int, folder: str, threads: int) -> None:
+def _job(pair: "ArkPair", settings: "TrainSettings", plan: "VisitPlan", compute: "ComputeSettings", cuda: bool) -> dict:
+    """Everything a rank needs besides the site and the weights, as JSON."""
+    head = pair.head
+    return {"settings": settings.model_dump(mode="json"), "plan": plan.model_dump(mode="json"), "compute": compute.model_dump(mode="json"),
+            "cuda": cuda, "head": {"site": head.site, "schema": head.schema.model_dump(mode="json")},
+            "specs": {part: getattr(pair, part).spec.model_dump(mode="json") for part in ("student", "teacher")},
+            "frozen": {part: [name for name, p in getattr(pair, part).named_parameters() if not p.requires_grad] for part in PARTS}}
+
+
+def _rebuild_pair(job: dict, state: dict) -> "ArkPair":
+    """The caller's pair from the job's JSON and its weights (a ``state_dict`` per part)."""
+    from arkfed.ark.pair import ArkPair, SiteHeads
+    from arkfed.data.schema import LabelSchema
+    from arkfed.model.ark import ArkModel, SiteHead
+    from arkfed.spec import ModelSpec
+
+    models = {}
+    for part in ("student", "teacher"):
+        spec = ModelSpec.model_validate(job["specs"][part])
+        models[part] = ArkModel(spec)
+        models[part].spec = spec  # exactly the caller's (normalisation included)
+    schema = LabelSchema.model_validate(job["head"]["schema"])
+    embed_dim = models["student"].embed_dim
+    heads = SiteHeads(SiteHead(job["head"]["site"], schema, embed_dim), SiteHead(job["head"]["site"], schema, embed_dim))
+    pair = ArkPair(models["student"], models["teacher"], heads)
+    pair.load_state_dict(state)
+    for part in PARTS:
+        frozen = set(job["frozen"][part])
+        for name, parameter in getattr(pair, part).named_parameters():
+            parameter.requires_grad_(name not in frozen)
+    return pair
+
+
+def _rank_main(rank: int, world_size: int, port: int, folder: str, threads: int, site: "Site") -> None:
     import torch.distributed as dist
 
+    from arkfed.config import TrainSettings, VisitPlan
+    from arkfed.site.config import ComputeSettings
+
     torch.set_num_threads(threads)
-    job = torch.load(Path(folder) / "job.pt", map_location="cpu", weights_only=False)
-    compute: ComputeSettings = job["compute"]
+    job = json.loads((Path(folder) / "job.json").read_text())
+    state = torch.load(Path(folder) / "job.pt", map_location="cpu", weights_only=True)
+    compute = ComputeSettings.model_validate(job["compute"])
     cuda = job["cuda"]
     if cuda:
         torch.cuda.set_device(rank)
@@ -65,14 +108,16 @@ def _rank_main(rank: int, world_size: int, port: int, folder: str, threads: int)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world_size)
     try:
-        pair: ArkPair = job["pair"]
+        pair = _rebuild_pair(job, state)
         if cuda:
             pair.student = nn.SyncBatchNorm.convert_sync_batchnorm(pair.student)
         context = RankContext(rank, world_size)
         progress = _progress_to_file(Path(folder)) if rank == 0 else None
-        result = train_site_visit(pair, job["site"], job["settings"], job["plan"], compute=compute, progress=progress, rank=context)
+        settings, plan = TrainSettings.model_validate(job["settings"]), VisitPlan.model_validate(job["plan"])
+        result = train_site_visit(pair, site, settings, plan, compute=compute, progress=progress, rank=context)
         if rank == 0:
-            torch.save({"pair": pair.state_dict(), "result": result}, Path(folder) / "result.tmp")
+            (Path(folder) / "result.json").write_text(json.dumps(result.model_dump(), allow_nan=True))
+            torch.save(pair.state_dict(), Path(folder) / "result.tmp")
             os.replace(Path(folder) / "result.tmp", Path(folder) / "result.pt")
         dist.barrier()
     finally:
@@ -112,17 +157,18 @@ def run_visit_on_gpus(pair: "ArkPair", site: "Site", settings: "TrainSettings", 
                           f"{settings.batch_size}); lower --batch-size or --gpus", site=site.name)
     threads = max(1, torch.get_num_threads() // gpus)
     with tempfile.TemporaryDirectory(prefix="arkfed-ddp-") as folder:
-        job = {"pair": pair, "site": _portable_site(site), "settings": settings, "compute": compute.model_copy(update={"gpus": 1}),
-               "plan": plan, "cuda": cuda}
-        torch.save(job, Path(folder) / "job.pt")
+        job = _job(pair, settings, plan, compute.model_copy(update={"gpus": 1}), cuda)
+        (Path(folder) / "job.json").write_text(json.dumps(job))
+        torch.save(pair.state_dict(), Path(folder) / "job.pt")
         # CUDA cannot be forked; a CPU (gloo) run forks, which skips re-importing torch in each rank
         method = "spawn" if cuda or not hasattr(os, "fork") else "fork"
-        context = mp.start_processes(_rank_main, args=(gpus, free_port(), folder, threads), nprocs=gpus,
+        context = mp.start_processes(_rank_main, args=(gpus, free_port(), folder, threads, _portable_site(site)), nprocs=gpus,
                                      join=False, start_method=method)
         _wait(context, Path(folder), progress)
-        out = torch.load(Path(folder) / "result.pt", map_location="cpu", weights_only=False)
-    pair.load_state_dict(out["pair"])
-    return out["result"]
+        state = torch.load(Path(folder) / "result.pt", map_location="cpu", weights_only=True)
+        result = VisitResult.model_validate(json.loads((Path(folder) / "result.json").read_text()))
+    pair.load_state_dict(state)
+    return result
 
 
 def _wait(context, folder: Path, progress) -> None:

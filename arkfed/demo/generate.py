@@ -97,9 +97,11 @@ def _site_yaml(site: DemoSite, root: str) -> str:
 DEMO_POLICY = [
     "# Federated runs: synthetic images, nothing to protect, so small trial runs (a few dozen images,",
     "# --max-steps-per-visit 2) are accepted. A real site keeps the defaults (arkfed/policy.py).",
+    "# Metrics leave at 6 decimals, so a federated demo run reports what a local one does.",
     "policy:",
     "  min_batch_size: 2",
     "  min_steps_per_visit: 1",
+    "  metric_decimals: 6",
 ]
 
 

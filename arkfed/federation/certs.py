@@ -21,7 +21,9 @@ machine only (whoever holds a site's key can act as that site). The folder::
 
 Secrets are written 0600 through a new temporary file opened with ``O_EXCL | O_NOFOLLOW`` and
 renamed into place, so an existing file's mode never survives and a symlink planted at the path
-is refused, never followed (:func:`write_file`).
+is refused, never followed (:func:`write_file`). A private key that other accounts can read or
+write (group or others bits set) is refused where arkfed loads it (:func:`check_private_key`), as
+``ssh`` refuses one, with the ``chmod`` that fixes it.
 
 TLS authenticates the coordinator to the sites; Flower's SuperNode authentication (each site
 signs its requests with its key, the SuperLink admits only registered public keys) authenticates
@@ -73,6 +75,24 @@ class CertificateFolder:
                 f"`arkfed certs init {self.root} --coordinator-host HOST` (or pass --insecure to run "
                 "without encryption and site authentication)"
             )
+        check_private_key(self.coordinator_key)
+
+
+def check_private_key(path: str | Path) -> Path:
+    """``path``, refused with a one-line error when another account may read or write it."""
+    import stat
+
+    path = Path(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ArkfedError(f"private key {path} is accessible by other accounts (mode {mode:04o}); "
+                          f"run `chmod 600 {path}` (and keep it in a folder only its owner can enter)")
+    return path
+
+
+def read_private_key(path: str | Path) -> bytes:
+    """The bytes of a private key file, after :func:`check_private_key`."""
+    return check_private_key(path).read_bytes()
 
 
 def write_file(path: Path, data: bytes, mode: int = 0o600, overwrite: bool = True) -> Path:
@@ -299,7 +319,7 @@ def init_certificates(
 
     if folder.ca_cert.is_file() and folder.ca_key.is_file() and not overwrite:
         ca_cert = x509.load_pem_x509_certificate(folder.ca_cert.read_bytes())
-        ca_key = serialization.load_pem_private_key(folder.ca_key.read_bytes(), password=None)
+        ca_key = serialization.load_pem_private_key(read_private_key(folder.ca_key), password=None)
     else:
         ca_key, ca_cert = _make_ca(days)
         _write_private(folder.ca_key, _pem_key(ca_key))
@@ -353,4 +373,5 @@ def site_public_key_from_private(key_path: Path) -> bytes:
         raise ArkfedError(f"{key_path}: not an OpenSSH private key ({exc}); make site keys with `arkfed certs site-key`") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ArkfedError(f"{key_path}: site keys must be elliptic-curve (NIST) keys; make them with `arkfed certs site-key`")
+    check_private_key(key_path)  # a key, so a secret: only its owner may read it
     return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)

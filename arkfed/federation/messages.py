@@ -276,10 +276,10 @@ def visit_content(result: BaseModel, student: "nn.Module", teacher: "nn.Module |
     return content
 
 
-def evaluation_content(results: dict[str, dict], per_class: bool) -> RecordDict:
-    """An ``evaluate.round`` reply: per model label, its metrics (per-class AUCs only with ``per_class``)."""
-    return RecordDict({label: metrics_record(r if per_class else {k: v for k, v in r.items() if k != "auc"})
-                       for label, r in results.items()})
+def evaluation_content(results: dict[str, dict]) -> RecordDict:
+    """An ``evaluate.round`` reply: per model label, the metrics the site's policy released
+    (:func:`arkfed.site.disclosure.released_metrics`: rounded, per-class AUCs only where allowed)."""
+    return RecordDict({label: metrics_record(r) for label, r in results.items()})
 
 
 _ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:\\|/)[^\s'\"<>|:,;)]+")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from arkfed.errors import ArkfedError
+from arkfed.io import PRIVATE, open_append
 
 BIN_DIR = Path(sys.executable).parent
 LOOPBACK = "127.0.0.1"
@@ -78,7 +79,7 @@ class ManagedProcess:
     def start(cls, name: str, argv: Sequence[str], env: dict[str, str], log_path: Path, cwd: Path | None = None) -> "ManagedProcess":
         log_path = Path(log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as log:
+        with open_append(log_path, PRIVATE, binary=True) as log:  # 0600: a log can hold paths and ids
             popen = subprocess.Popen(
                 list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
                 start_new_session=True, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,

@@ -17,10 +17,12 @@ Defaults protect the site (a security review should not have to change anything)
   recipe itself (batch 16, about 60 steps per visit on the 1,200-image demo site) passes the
   defaults.
 - ``evaluate_splits: [val]``: the test split stays untouched until the site decides otherwise.
-- ``per_class_metrics: true``: an AUC per class is a rank statistic over the whole evaluation
-  split, not a per-image value; the coordinator already learns their mean, and Ark's report needs
-  them. A site whose validation split has only a handful of positives for some class can set it
-  to ``false``: then only the mean AUC and the loss leave the site.
+- ``per_class_metrics: false``: an evaluation reply carries the loss, the mean AUC (and accuracy)
+  and the number of examples, not an AUC per class: at full precision an AUC gives away its class's
+  positive count (:mod:`arkfed.site.disclosure`). With ``true``, a class's AUC leaves only when the
+  evaluated split has at least ``min_class_positives: 10`` positive and ``min_class_negatives: 10``
+  negative counted labels for it; ``metric_decimals: 2`` rounds every float metric of a reply (per
+  class or not). Keep ``min_class_positives * min_class_negatives >= 10 ** metric_decimals``.
 - ``max_image_size: 1024``, ``max_batch_size: 1024``, ``max_epochs_per_visit: 10``: the
   coordinator cannot make a site spend unbounded compute per visit; ``max_memory_gb`` (unset)
   caps the accelerator memory a task may allocate. Devices and data-loading workers are the
@@ -63,7 +65,10 @@ class SitePolicy(BaseModel):
     max_epochs_per_visit: int = Field(default=10, ge=1)
     max_memory_gb: float | None = Field(default=None, gt=0, description="accelerator memory a task may allocate")
     evaluate_splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["val"])
-    per_class_metrics: bool = True
+    per_class_metrics: bool = Field(default=False, description="send an AUC per class (those with the minimum counts)")
+    metric_decimals: int = Field(default=2, ge=0, le=15, description="decimals of every loss, AUC and accuracy sent")
+    min_class_positives: int = Field(default=10, ge=1, description="fewest positive labels a class needs for its AUC to leave")
+    min_class_negatives: int = Field(default=10, ge=1, description="fewest negative labels a class needs for its AUC to leave")
     approval: Literal["auto", "manual"] = "auto"
     approval_timeout: float = Field(default=3600.0, gt=0, description="seconds a task waits for the operator's approval")
 

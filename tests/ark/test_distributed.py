@@ -80,3 +80,35 @@ def test_two_process_visit_matches_one_process_visit_of_the_same_global_batch():
             moved = max(moved, float((sa[key] - s0[key]).abs().max()))
     assert moved > 1e-3  # the visits really trained (and the teacher and its head, EMA'd per step, moved too)
     assert np.isfinite(res.loss)
+
+
+def test_the_files_between_ranks_hold_tensors_and_json_and_load_with_weights_only(tmp_path):
+    import inspect
+    import json
+
+    from arkfed.ark import ddp
+    from arkfed.ark.pair import PARTS
+    from arkfed.ark.visit import VisitResult
+
+    site = _site()
+    student = ArkModel(ModelSpec(model="test_vit", img_size=32, projector_dim=16))
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    pair = ArkPair(student, teacher, SiteHeads.fresh(SiteHead(site.name, site.schema, student.embed_dim)))
+    settings = TrainSettings(batch_size=4, max_steps_per_visit=3)
+    plan = VisitPlan(round=0, visit=2, total_visits=6, site=site.name, consistency=0.3, momentum=0.9, lr=0.05, seed=11)
+    torch.save(pair.state_dict(), tmp_path / "job.pt")
+    job = json.loads(json.dumps(ddp._job(pair, settings, plan, ComputeSettings(device="cpu"), False)))
+    rebuilt = ddp._rebuild_pair(job, torch.load(tmp_path / "job.pt", map_location="cpu", weights_only=True))
+    for part in PARTS:
+        mine, theirs = getattr(pair, part), getattr(rebuilt, part)
+        assert type(mine) is type(theirs)
+        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
+        assert [p.requires_grad for p in mine.parameters()] == [p.requires_grad for p in theirs.parameters()]
+    assert rebuilt.student.spec == student.spec and rebuilt.head.schema == site.schema and rebuilt.head.site == site.name
+    result = VisitResult(site="ddp", round=0, visit=2, loss=float("nan"), task_loss=0.5, consistency_loss=0.1, num_examples=24, steps=3,
+                         seconds=1.0, images_per_s=24.0, lr=0.05, consistency=0.3, momentum=0.9)
+    back = VisitResult.model_validate(json.loads(json.dumps(result.model_dump(), allow_nan=True)))
+    assert np.isnan(back.loss) and back.model_dump(exclude={"loss"}) == result.model_dump(exclude={"loss"})
+    source = inspect.getsource(ddp)
+    loads = [line for line in source.splitlines() if "torch.load(" in line and not line.lstrip().startswith(("``", "-"))]
+    assert len(loads) == 2 and all("weights_only=True" in line for line in loads) and "weights_only=False" not in source

@@ -64,3 +64,25 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     bad.write_text("not a key")
     with pytest.raises(ArkfedError, match="not an OpenSSH private key"):
         site_public_key_from_private(bad)
+
+
+def test_a_private_key_other_accounts_can_read_is_refused_with_the_chmod_to_run(tmp_path):
+    from arkfed.federation.certs import make_site_key
+
+    folder = init_certificates(tmp_path / "certs", ["127.0.0.1"])
+    key, _ = make_site_key("nih", tmp_path / "keys")
+    site_public_key_from_private(key)  # 0600: fine
+    for mode in (0o644, 0o640, 0o604, 0o660):
+        key.chmod(mode)
+        with pytest.raises(ArkfedError) as refused:
+            site_public_key_from_private(key)
+        text = str(refused.value)
+        assert "\n" not in text and str(key) in text and f"chmod 600 {key}" in text and f"mode {mode:04o}" in text
+    folder.coordinator_key.chmod(0o644)
+    with pytest.raises(ArkfedError, match=rf"private key {folder.coordinator_key} is accessible by other accounts .*chmod 600"):
+        folder.check_coordinator()
+    folder.coordinator_key.chmod(0o600)
+    folder.check_coordinator()
+    folder.ca_key.chmod(0o640)  # adding a site later loads the CA's key
+    with pytest.raises(ArkfedError, match=r"ca.key is accessible by other accounts"):
+        init_certificates(tmp_path / "certs", ["127.0.0.1"], ["nih"])

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from flwr.app import Context, Message, Metadata, RecordDict
 
 from arkfed.ark.pair import ArkPair, SiteHeads
@@ -28,6 +29,9 @@ RUN_UID = "testrun0001"
 def site_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("fedclient")
     path = make_sites(root, images=12)[0]  # the ChestX-ray14-layout demo site
+    data = yaml.safe_load(path.read_text())  # evaluation parity with local mode, per-class AUCs included
+    data["policy"] |= {"per_class_metrics": True, "min_class_positives": 1, "min_class_negatives": 1}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     site = load_site(path)
     config = tiny_config([path], rounds=2)
     return path, site, config
@@ -126,6 +130,9 @@ def test_visits_match_local_mode_and_the_head_survives_a_supernode_restart(site_
         assert list(got) == list(expected) and got["num_examples"] == expected["num_examples"]
         assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6)
         assert got["mean_auc"] == pytest.approx(expected["mean_auc"], abs=1e-6, nan_ok=True)
+        sent = {name for name, auc in expected["auc"].items() if auc == auc}  # every class with an AUC (NaN never leaves)
+        assert set(got["auc"]) == sent and sent
+        assert all(got["auc"][name] == pytest.approx(expected["auc"][name], abs=1e-6) for name in sent)
 
 
 def test_a_head_version_the_site_never_stored_is_refused(site_setup):

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import signal
+import stat
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,11 @@ def test_parity_insecure_and_every_message_is_only_weights_and_metrics(sites, lo
     inbox = [json.loads(line) for line in (out / "logs" / "inbox.jsonl").read_text().splitlines()]
     _check_audit(inbox, expected, forbidden, "coordinator inbox")
     assert len(inbox) == len(sent_by_sites)  # everything the sites sent arrived, and nothing else
+    private = [out / "logs" / "inbox.jsonl"]  # audit logs and process logs: their owner's only
+    for path in own_sites:
+        state = load_site(path).config.local_state_dir
+        private += [state / "outbox.jsonl", state / "logs" / "supernode.log", state / "logs" / "executor.log"]
+    assert {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in private} == {str(p): "0o600" for p in private}
 
 
 def test_parity_with_tls_and_authentication_unknown_keys_refused_and_resume_after_a_killed_coordinator(

@@ -4,6 +4,8 @@ before it loads anything, the operator's approval, and per-class metrics kept at
 from __future__ import annotations
 
 import json
+import math
+import stat
 import threading
 
 import pytest
@@ -113,6 +115,8 @@ def test_the_clientapp_refuses_before_loading_anything(site_setup):
     assert sent[0]["error"]["reason"].startswith("policy_refused: min_batch_size")
     log = (site.config.local_state_dir / "logs" / "site-errors.log").read_text()
     assert "refused by the site's policy: policy_refused: max_image_size" in log
+    for private in ("outbox.jsonl", "logs/site-errors.log"):  # what the site logs is its own: 0600
+        assert stat.S_IMODE((site.config.local_state_dir / private).stat().st_mode) == 0o600, private
 
 
 def test_manual_approval_waits_for_the_operator(site_setup):
@@ -151,13 +155,19 @@ def test_arkfed_site_approve_records_the_fingerprint(site_setup):
 
 def test_per_class_metrics_stay_at_the_site_when_its_policy_says_so(site_setup):
     path, site, config, state = site_setup
-    for allowed in (True, False):
-        set_policy(path, {"min_batch_size": 2, "min_steps_per_visit": 1, "per_class_metrics": allowed})
+    small = {"min_class_positives": 1, "min_class_negatives": 1}  # the tiny val split (3 images) has both labels once
+    cases = [({}, False), ({"per_class_metrics": True} | small, True), ({"per_class_metrics": False} | small, False),
+             ({"per_class_metrics": True}, False)]  # on, but fewer than the default 10 positives and negatives
+    for extra, allowed in cases:
+        set_policy(path, {"min_batch_size": 2, "min_steps_per_visit": 1} | extra)
         reply = _call(path, site, request(site, state, config.settings, split="val"), m.EVALUATE)
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-        keys = set(reply.content[m.STUDENT].keys())
+        record = reply.content[m.STUDENT]
+        keys = set(record.keys())
         assert "mean_auc" in keys and "loss" in keys
-        assert any(k.startswith(m.AUC_PREFIX) for k in keys) == allowed
+        assert any(k.startswith(m.AUC_PREFIX) for k in keys) == allowed, extra
+        floats = [v for v in record.values() if isinstance(v, float) and math.isfinite(v)]
+        assert floats and all(round(v, 2) == v for v in floats)  # metric_decimals: 2
 
 
 def test_arkfed_site_shows_each_run_waiting_for_approval_once(tmp_path):

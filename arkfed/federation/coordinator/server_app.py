@@ -26,7 +26,7 @@ from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.coordinator.mailbox import exchange, online_nodes
 from arkfed.federation.protocol import FederationSettings
-from arkfed.io import append_jsonl
+from arkfed.io import PRIVATE, append_jsonl
 from arkfed.run.folder import RunFolder, RunState
 from arkfed.run.loop import ArkLoop, SiteFailure, SiteInfo, VisitReply
 
@@ -57,7 +57,7 @@ class FlowerSites:
             entry["error"] = {"code": reply.error.code, "reason": reply.error.reason}
         else:
             entry["content"] = m.describe_content(reply.content)
-        append_jsonl(self.run_dir / "logs" / "inbox.jsonl", entry)
+        append_jsonl(self.run_dir / "logs" / "inbox.jsonl", entry, PRIVATE)
 
     def _identify(self, node_ids: list[int], registered: dict[int, str]) -> None:
         """Ask new nodes who they are; record the listed sites among them."""

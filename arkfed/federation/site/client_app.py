@@ -201,9 +201,10 @@ def visit(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     """Student and teacher on this site's evaluation split with their heads, exactly as local
-    mode evaluates (:func:`arkfed.ark.tasks.evaluate_site_models`): metrics only (per-class AUCs
-    only where the site's policy allows them)."""
+    mode evaluates (:func:`arkfed.ark.tasks.evaluate_site_models`): metrics only, as the site's
+    policy releases them (:mod:`arkfed.site.disclosure`: rounded, per-class AUCs only where allowed)."""
     from arkfed.ark.tasks import evaluate_site_models
+    from arkfed.site.disclosure import class_counts, released_metrics
     from arkfed.site.policy import apply_memory_limit
 
     config = node_site_config(context)
@@ -221,7 +222,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         heads = _start_heads(stores, site, request, student.embed_dim)
         apply_memory_limit(config.policy, config.compute.device)
         results = evaluate_site_models(ArkPair(student, teacher, heads), site, settings, split, request.pending)
-    return Message(m.evaluation_content(results, config.policy.per_class_metrics), reply_to=msg)
+        counts = class_counts(table, site.schema)
+        results = {label: released_metrics(r, config.policy, counts) for label, r in results.items()}
+    return Message(m.evaluation_content(results), reply_to=msg)
 
 
 # -- what leaves the site when something fails ------------------------------------------------
@@ -257,10 +260,10 @@ def _log_failure(state_dir: Path | None, msg: Message, text: str) -> None:
     if state_dir is None:
         print(text, flush=True)
         return
-    log = Path(state_dir) / "logs" / "site-errors.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as f:
-        f.write(f"--- {msg.metadata.message_type} (run {msg.metadata.run_id}, round {msg.metadata.group_id})\n{text}\n")
+    from arkfed.io import PRIVATE, append_text
+
+    append_text(Path(state_dir) / "logs" / "site-errors.log",
+                f"--- {msg.metadata.message_type} (run {msg.metadata.run_id}, round {msg.metadata.group_id})\n{text}\n", PRIVATE)
 
 
 def _error_reply(msg: Message, state_dir: Path | None, exc: BaseException) -> Message:

@@ -7,7 +7,7 @@ messages of a run) and the site's ``local_state_dir`` (survives a SuperNode rest
     <local_state_dir>/runs/<run uid>/head.safetensors          the latest head (the site's result)
     <local_state_dir>/runs/<run uid>/teacher-head-v00007.safetensors, teacher-head.safetensors
                                                               the teacher's head (an EMA of the student's)
-    <local_state_dir>/outbox.jsonl                            audit log of every reply the site sent
+    <local_state_dir>/outbox.jsonl                            audit log of every reply the site sent (0600)
 
 Versions matter: the coordinator says which visit's head a visit starts from (the last visit it
 accepted). A retried visit, or a visit after the coordinator resumed from a checkpoint, therefore
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from arkfed.data.schema import LabelSchema
 from arkfed.errors import ArkfedError
-from arkfed.io import append_jsonl, read_jsonl
+from arkfed.io import PRIVATE, append_jsonl, read_jsonl
 
 if TYPE_CHECKING:
     from flwr.app import RecordDict
@@ -134,8 +134,8 @@ class HeadStore:
 
 
 def append_outbox(state_dir: Path, entry: dict) -> None:
-    """One line per message this site sent (what left the site, for its own audit)."""
-    append_jsonl(Path(state_dir) / "outbox.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry})
+    """One line per message this site sent (what left the site, for its own audit); the file is 0600."""
+    append_jsonl(Path(state_dir) / "outbox.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry}, PRIVATE)
 
 
 def read_outbox(state_dir: Path) -> list[dict]:
