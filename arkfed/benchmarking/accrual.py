@@ -17,7 +17,11 @@ one site alone, as joining does):
    by fine-tuning. k = 1 is each single site. Does the curve rise (k = N-1 vs the mean of k = 1,
    paired by seed)?
 3. **Baselines** on the same N-1 source sites and budget, scored on H and on the sources' own
-   test splits: each single site; multi-task pooled training (all sites' batches interleaved,
+   test splits: each single site (E epochs of its own data); each single site at Ark's cost
+   (``matched``: Ark on that site alone for as many steps, and images, as Ark on all the sources:
+   E visits, each as long as one Ark round, i.e. one epoch of every source; see
+   :func:`arkfed.benchmarking.arms.matched_visit`), which separates "more data" from "more
+   compute" in Ark - single; multi-task pooled training (all sites' batches interleaved,
    each with its own head, no teacher: Ark+'s "concurrent" ablation,
    :func:`arkfed.benchmarking.baselines.train_pooled`); Ark without the consistency term
    (``max_consistency: 0``); a parallel federation (one visit per site per round from the same
@@ -158,8 +162,9 @@ class Plan:
         jobs.append(("ark", tuple(self.sites)))  # joined
         jobs.append(("ark", sources))  # k = N-1
         jobs += [("pooled", sources), ("ark-c0", sources)]
-        if len(sources) > 1:  # with one source, parallel is that site alone
+        if len(sources) > 1:  # with one source, parallel and matched are that site alone
             jobs.append(("parallel", sources))
+            jobs += [("matched", (s,)) for s in sources]  # each source alone, as many steps as Ark on all
         for k, subsets in curve_subsets(sources, self.budget.orderings).items():
             jobs += [("ark", s) for s in subsets if 1 < k < len(sources)]
         self.jobs = list(dict.fromkeys(jobs))
@@ -174,9 +179,9 @@ def run_job(arm: str, names: tuple[str, ...], plan: Plan, sites: Mapping, seed: 
     joined runs; transfer to the held-out site when it was not trained on."""
     budget = plan.budget
     cpu = time.process_time()
-    trained = train_arm(arm, names, sites, budget, seed, work, plan.weighting)
+    trained = train_arm(arm, names, sites, budget, seed, work, plan.weighting, match=plan.sources)
     record = {"key": run_key(arm, names, seed), "arm": arm, "sites": list(names), "seed": seed,
-              "train_seconds": trained.seconds, "steps": trained.steps}
+              "train_seconds": trained.seconds, "steps": trained.steps, "images": trained.images}
     start = time.perf_counter()
     record["own"] = trained.own or own_scores(trained, names, sites, budget)
     if arm == "ark" and (len(names) == 1 or len(names) == len(plan.sites)):
@@ -186,7 +191,7 @@ def run_job(arm: str, names: tuple[str, ...], plan: Plan, sites: Mapping, seed: 
         record["held_out"] = transfer(trained.teacher, sites[plan.held_out], budget, seed)
     record["eval_seconds"] = time.perf_counter() - start
     record["cpu_seconds"] = time.process_time() - cpu  # all threads: what a busy shared machine cannot inflate
-    log(f"seed {seed}: {arm} on {'+'.join(names)}: {trained.steps} steps in {trained.seconds:.0f}s, "
+    log(f"seed {seed}: {arm} on {'+'.join(names)}: {trained.steps} steps ({trained.images} images) in {trained.seconds:.0f}s, "
         f"scored in {record['eval_seconds']:.0f}s ({record['cpu_seconds']:.0f} CPU-s); held-out {_short(record.get('held_out'))}")
     return record
 
