@@ -94,12 +94,17 @@ def benchmark_sites(refs: Sequence[str] | None, budget: Budget, work: Path) -> d
 
     if refs:
         return load_sites(refs)
+    return {site.name: site for site in (load_site(p) for p in demo_site_paths(budget, work))}
+
+
+def demo_site_paths(budget: Budget, work: Path) -> list[Path]:
+    """The demo federation with demo-vindr at the budget's image size and counts, drawn into
+    ``work`` unless already there: its site YAMLs."""
     from arkfed.demo.generate import ensure_demo_federation
 
     tag = "default" if budget.demo_counts is None else "x".join(str(v) for v in budget.demo_counts.values())
-    paths = ensure_demo_federation(work / f"demo-{budget.demo_size}-{tag}", seed=0, size=budget.demo_size,
-                                   counts=budget.demo_counts, sites=DEMO_BENCHMARK_SITES)
-    return {site.name: site for site in (load_site(p) for p in paths)}
+    return ensure_demo_federation(work / f"demo-{budget.demo_size}-{tag}", seed=0, size=budget.demo_size,
+                                  counts=budget.demo_counts, sites=DEMO_BENCHMARK_SITES)
 
 
 CACHE_LIMIT_BYTES = 2 * 1024**3
@@ -220,45 +225,36 @@ def _short(scores: dict | None) -> str:
     return "-" if not scores else ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
 
 
+def budget_setup(budget: Budget) -> dict:
+    """The budget as a setup key: without what only changes how many seeds run, or where."""
+    return {k: v for k, v in asdict(budget).items() if k not in ("seeds", "device", "num_workers")}
+
+
 def check_same_setup(plan: Plan, out: Path) -> None:
     """A rerun into the same folder resumes it, so it must be the same setup (budget without
     seeds, sites, held-out site, weighting): otherwise records of two setups would be mixed."""
-    setup = {"budget": {k: v for k, v in asdict(plan.budget).items() if k not in ("seeds", "device", "num_workers")},
-             "sites": plan.sites, "held_out": plan.held_out, "weighting": plan.weighting}
-    setup = json.loads(json.dumps(setup))
-    path = out / "setup.json"
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != setup:
-            changed = sorted(k for k in setup if previous.get(k) != setup[k])
-            raise ArkfedError(f"{out} holds results of another setup (differs in {', '.join(changed)}); "
-                              "choose another --out or delete that folder")
-    else:
-        path.write_text(json.dumps(setup, indent=2) + "\n")
+    from arkfed.benchmarking.resume import check_setup
+
+    check_setup({"budget": budget_setup(plan.budget), "sites": plan.sites, "held_out": plan.held_out, "weighting": plan.weighting}, out)
 
 
 def run_benchmark(plan: Plan, sites: Mapping, out: Path, log: Log, train: bool = True) -> dict:
     """Every job of every seed (skipping those already in ``out/records.jsonl``), then the summary.
     ``train=False`` only summarises the records there (a partial run's tables and figure)."""
-    from arkfed.io import append_jsonl, read_jsonl
+    from arkfed.benchmarking.resume import add_record, read_records
 
     out.mkdir(parents=True, exist_ok=True)
     check_same_setup(plan, out)
-    records_path = out / "records.jsonl"
-    done = {r["key"]: r for r in read_jsonl(records_path)[0]} if records_path.exists() else {}
+    done = read_records(out)
     start = time.perf_counter()
     for seed in plan.budget.seeds if train else ():
         inits = ["random"] + (["imagenet"] if plan.imagenet else [])
         for init in inits:
             if f"{init}:s{seed}" not in done:
-                record = init_job(init, plan, sites, seed, log)
-                append_jsonl(records_path, record)
-                done[record["key"]] = record
+                add_record(out, done, init_job(init, plan, sites, seed, log))
         for arm, names in plan.jobs:
             if run_key(arm, names, seed) not in done:
-                record = run_job(arm, names, plan, sites, seed, out, log)
-                append_jsonl(records_path, record)
-                done[record["key"]] = record
+                add_record(out, done, run_job(arm, names, plan, sites, seed, out, log))
     minutes = (time.perf_counter() - start) / 60
     from arkfed.benchmarking.report import summarise
 

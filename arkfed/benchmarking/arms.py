@@ -145,17 +145,23 @@ def own_scores(trained: Trained, names: Sequence[str], sites: Mapping, budget: B
     return out
 
 
-def finetune_auc(model, site, budget: Budget, seed: int, init: str = "model") -> float:
-    """Test mean AUC after fine-tuning ``model``'s backbone (or a ``random`` one) on ``site``."""
+def finetune_run(model, site, budget: Budget, seed: int, init: str = "model") -> dict:
+    """:func:`arkfed.evaluation.finetune.finetune` of ``model``'s backbone (or a ``random`` one) on
+    ``site`` at this budget: the best validation epoch's test metrics, without bootstrap (the
+    benchmarks' intervals are over seeds)."""
     from arkfed.evaluation.finetune import FineTuneSettings, finetune
 
     settings = FineTuneSettings(epochs=budget.finetune_epochs, lr=budget.finetune_lr, batch_size=budget.batch_size,
                                 crop_scale=budget.crop_scale, seed=seed, max_steps_per_epoch=budget.finetune_max_steps,
                                 device=str(torch_device(budget)), n_boot=0)
-    # mean_auc: every class with both labels in the test split, as everywhere (arkfed.ark.metrics);
-    # no bootstrap: the benchmark's intervals are over seeds
     train, val, test = site.split("train"), site.splits.get("val"), site.split("test")
-    return float(finetune(model, train, val, test, site.schema, init, settings)["test"]["mean_auc"])
+    return finetune(model, train, val, test, site.schema, init, settings)
+
+
+def finetune_auc(model, site, budget: Budget, seed: int, init: str = "model") -> float:
+    """Test mean AUC after fine-tuning ``model``'s backbone (or a ``random`` one) on ``site``:
+    every class with both labels in the test split, as everywhere (:mod:`arkfed.ark.metrics`)."""
+    return float(finetune_run(model, site, budget, seed, init)["test"]["mean_auc"])
 
 
 def transfer(model, target, budget: Budget, seed: int, init: str = "model") -> dict[str, float]:
