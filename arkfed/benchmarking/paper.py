@@ -102,11 +102,12 @@ def targets(sites: Mapping) -> list[tuple[Published, str | None]]:
 # --- the model -----------------------------------------------------------------------------------
 
 
-def given_model(model: Path, arch: str | None, budget: Budget):
-    """``--model`` (its teacher where it has one) and what it is."""
+def given_model(model: Path, arch: str | None, img_size: int | None):
+    """``--model`` (its teacher where it has one) and what it is; ``arch`` and ``img_size``
+    (default 224, the paper's) only for a plain backbone file, which carries neither."""
     from arkfed.evaluation.sources import load_source
 
-    loaded = load_source(model, "teacher", arch, budget.img_size).eval()
+    loaded = load_source(model, "teacher", arch, img_size or 224).eval()
     return loaded, {"source": str(model), "trained_here": False, "spec": loaded.spec.model_dump()}
 
 
@@ -185,8 +186,8 @@ def initial_models(model, imagenet: Path | None) -> dict:
 
 
 def benchmark_paper(site_refs: Sequence[str] | None, budget: Budget, out: Path, *, runs: int | None = None, protocol: str = "ark",
-                    model: Path | None = None, arch: str | None = None, imagenet: Path | None = None, budget_name: str = "custom",
-                    log: Log | None = None, report_only: bool = False) -> dict:
+                    model: Path | None = None, arch: str | None = None, img_size: int | None = None, imagenet: Path | None = None,
+                    budget_name: str = "custom", log: Log | None = None, report_only: bool = False) -> dict:
     """The whole command: sites, the model, every fine-tuning, ``results.json`` and ``results.md``."""
     from arkfed.benchmarking.accrual import budget_setup, cache_images, environment
     from arkfed.benchmarking.paper_report import summarise_paper, write_paper_outputs
@@ -201,8 +202,9 @@ def benchmark_paper(site_refs: Sequence[str] | None, budget: Budget, out: Path, 
     runs = runs or (2 if budget_name == "smoke" else PAPER_RUNS)
     budget = replace(budget, seeds=tuple(range(runs)))
     out.mkdir(parents=True, exist_ok=True)
-    check_setup({"command": "benchmark paper", "budget": budget_setup(budget), "sites": list(site_refs or ["demo"]), "protocol": protocol,
-                 "model": str(model) if model else None, "arch": arch, "imagenet": str(imagenet) if imagenet else None}, out)
+    setup = {"command": "benchmark paper", "budget": budget_setup(budget), "sites": list(site_refs or ["demo"]), "protocol": protocol,
+             "model": str(model) if model else None, "arch": arch, "img_size": img_size, "imagenet": str(imagenet) if imagenet else None}
+    check_setup(setup, out)
     read = load_paper_sites(site_refs, budget, out, protocol)
     rows = targets(read.sites)
     done = read_records(out)
@@ -210,7 +212,7 @@ def benchmark_paper(site_refs: Sequence[str] | None, budget: Budget, out: Path, 
     if report_only:
         about = {"source": str(model)} if model else trained_model(read.sites, budget, out, done, log, load=False)[1]
     else:
-        source, about = given_model(model, arch, budget) if model else (None, None)
+        source, about = given_model(model, arch, img_size) if model else (None, None)
         sites = cache_images(read.sites, source.spec.img_size if source else budget.img_size, log)
         if source is None:
             source, about = trained_model(sites, budget, out, done, log)

@@ -60,6 +60,7 @@ def paper(
     model: Optional[Path] = typer.Option(
         None, help="the model fine-tuned from: a run folder, an export or a weights file [none: Ark trained here on --sites]"),
     arch: Optional[str] = typer.Option(None, help="timm architecture of a plain backbone weights --model (e.g. the released Ark-6's)"),
+    img_size: Optional[int] = typer.Option(None, min=16, help="input size of a plain backbone weights --model [224, the paper's]"),
     imagenet: Optional[Path] = typer.Option(None, help="a local timm ImageNet weights file of the model's architecture (never downloaded)"),
     epochs: Optional[int] = typer.Option(None, min=1, help="E: rounds of Ark trained here without --model (default: the budget's)"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | auto (default: the budget's)"),
@@ -79,8 +80,8 @@ def paper(
     chosen = budget_with(budget, epochs=epochs, device=device, num_workers=num_workers)
     refs = [s.strip() for s in sites.split(",") if s.strip()] if sites else None
     folder = out or Path("runs") / "benchmark-paper" / budget
-    benchmark_paper(refs, chosen, folder, runs=runs, protocol=protocol, model=model, arch=arch, imagenet=imagenet, budget_name=budget,
-                    report_only=report_only)
+    benchmark_paper(refs, chosen, folder, runs=runs, protocol=protocol, model=model, arch=arch, img_size=img_size, imagenet=imagenet,
+                    budget_name=budget, report_only=report_only)
     Console(highlight=False, width=200).print((folder / "results.md").read_text())
 
 

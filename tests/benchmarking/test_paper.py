@@ -74,13 +74,14 @@ def test_paper_imagenet_column_from_a_local_file(tmp_path):
     weights = tmp_path / "in1k.safetensors"
     save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, weights)
     args = ["benchmark", "paper", "--sites", str(paths[0]), "--budget", "smoke", "--runs", "1", "--model", str(weights),
-            "--arch", "test_resnet", "--imagenet", str(weights), "--out", str(tmp_path / "paper")]
+            "--arch", "test_resnet", "--img-size", "32", "--imagenet", str(weights), "--out", str(tmp_path / "paper")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "paper" / "results.json").read_text())
     row = next(r for r in results["rows"] if r["target"] == "Shenzhen")
     assert not results["synthetic"] and results["reading"] == {"demo-shenzhen": "its plugin has no protocol option"}
     assert {row[i]["n"] for i in ("model", "imagenet", "random")} == {1} and results["model"]["source"].endswith("in1k.safetensors")
+    assert results["model"]["spec"]["img_size"] == 32
     assert all(r["status"] == "not present locally" for r in results["rows"] if r["target"] != "Shenzhen")
     missing = CliRunner().invoke(app, [*args[:-4], "--imagenet", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "p2")])
     assert isinstance(missing.exception, ArkfedError) and "nothing is downloaded" in str(missing.exception)
