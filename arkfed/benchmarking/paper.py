@@ -185,20 +185,37 @@ def initial_models(model, imagenet: Path | None) -> dict:
     return inits
 
 
-def benchmark_paper(site_refs: Sequence[str] | None, budget: Budget, out: Path, *, runs: int | None = None, protocol: str = "ark",
-                    model: Path | None = None, arch: str | None = None, img_size: int | None = None, imagenet: Path | None = None,
-                    budget_name: str = "custom", log: Log | None = None, report_only: bool = False) -> dict:
-    """The whole command: sites, the model, every fine-tuning, ``results.json`` and ``results.md``."""
-    from arkfed.benchmarking.accrual import budget_setup, cache_images, environment
-    from arkfed.benchmarking.paper_report import summarise_paper, write_paper_outputs
-    from arkfed.benchmarking.resume import check_setup, read_records
-
-    log = log or (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True))
+def check_arguments(protocol: str, model: Path | None, imagenet: Path | None) -> None:
     if protocol not in PROTOCOLS:
         raise ArkfedError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     for flag, path in (("--imagenet", imagenet), ("--model", model)):
         if path is not None and not Path(path).exists():
             raise ArkfedError(f"{flag} {path}: no such file or folder (local weights only; nothing is downloaded)")
+
+
+def measure(read: PaperSites, rows: list, budget: Budget, out: Path, done: dict, log: Log, model: Path | None, arch: str | None,
+            img_size: int | None, imagenet: Path | None) -> dict:
+    """Load (or train) the model, fine-tune every target not yet recorded; what the model is."""
+    from arkfed.benchmarking.accrual import cache_images
+
+    source, about = given_model(model, arch, img_size) if model else (None, None)
+    sites = cache_images(read.sites, source.spec.img_size if source else budget.img_size, log)
+    if source is None:
+        source, about = trained_model(sites, budget, out, done, log)
+    run_paper(initial_models(source, imagenet), rows, sites, budget, out, done, log)
+    return about
+
+
+def benchmark_paper(site_refs: Sequence[str] | None, budget: Budget, out: Path, *, runs: int | None = None, protocol: str = "ark",
+                    model: Path | None = None, arch: str | None = None, img_size: int | None = None, imagenet: Path | None = None,
+                    budget_name: str = "custom", log: Log | None = None, report_only: bool = False) -> dict:
+    """The whole command: sites, the model, every fine-tuning, ``results.json`` and ``results.md``."""
+    from arkfed.benchmarking.accrual import budget_setup, environment
+    from arkfed.benchmarking.paper_report import summarise_paper, write_paper_outputs
+    from arkfed.benchmarking.resume import check_setup, read_records
+
+    log = log or (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True))
+    check_arguments(protocol, model, imagenet)
     runs = runs or (2 if budget_name == "smoke" else PAPER_RUNS)
     budget = replace(budget, seeds=tuple(range(runs)))
     out.mkdir(parents=True, exist_ok=True)
@@ -212,14 +229,10 @@ def benchmark_paper(site_refs: Sequence[str] | None, budget: Budget, out: Path, 
     if report_only:
         about = {"source": str(model)} if model else trained_model(read.sites, budget, out, done, log, load=False)[1]
     else:
-        source, about = given_model(model, arch, img_size) if model else (None, None)
-        sites = cache_images(read.sites, source.spec.img_size if source else budget.img_size, log)
-        if source is None:
-            source, about = trained_model(sites, budget, out, done, log)
-        run_paper(initial_models(source, imagenet), rows, sites, budget, out, done, log)
+        about = measure(read, rows, budget, out, done, log, model, arch, img_size, imagenet)
     results = summarise_paper(rows, list(done.values()), budget.seeds, imagenet is not None)
     results.update({"budget_name": budget_name, "budget": asdict(budget), "environment": environment(budget), "protocol": protocol,
-                    "reading": read.reading, "synthetic": read.synthetic, "model": about, "imagenet": str(imagenet) if imagenet else None,
+                    "reading": read.reading, "synthetic": read.synthetic, "model": about, "imagenet": setup["imagenet"],
                     "runs": runs, "minutes": (time.perf_counter() - start) / 60,
                     "pretraining_only": [n for n, s in read.sites.items() if published_for(s.config.dataset) is None],
                     "site_sizes": {n: {k: len(v) for k, v in s.splits.items()} for n, s in read.sites.items()}})

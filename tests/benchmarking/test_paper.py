@@ -60,6 +60,9 @@ def test_paper_command_on_the_demo_writes_published_beside_measured_and_resumes(
 
     again = CliRunner().invoke(app, args)  # everything is recorded: nothing retrains
     assert again.exit_code == 0 and (out / "records.jsonl").read_text().splitlines() == records
+    report = CliRunner().invoke(app, [*args, "--report-only"])
+    assert report.exit_code == 0 and "89.14 (published)" in (out / "results.md").read_text()
+    assert json.loads((out / "results.json").read_text())["model"]["steps"] == results["model"]["steps"]
     other = CliRunner().invoke(app, [*args, "--protocol", "arkfed"])
     assert isinstance(other.exception, ArkfedError) and "another setup" in str(other.exception)
 
