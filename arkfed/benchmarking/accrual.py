@@ -48,7 +48,11 @@ demo-chexpert (both resolved), +0.035 demo-nih (not resolved), +0.015 demo-shenz
 alone); the curve rises (held-out probe 0.853 -> 0.887 -> 0.900 for k = 1, 2, 3; +0.046 resolved;
 fine-tune +0.053 not resolved); cyclic Ark beats parallel (+0.050 probe), pooled (+0.040, not
 resolved) and random init (+0.10), and equals Ark with c = 0. A joined site trains on more images
-in total; at equal steps on the three-site demo the best single site won (the old benchmark).
+in total; at equal steps on the three-site demo the best single site won (the old benchmark),
+and so it does here: each source alone for as many steps and images as Ark on the sources
+(the matched arm; 2026-12-06, ``benchmarks/results/accrual-matched/``) gave demo-nih 0.936 /
+0.906 (probe / fine-tune) vs Ark's 0.906 / 0.882, where demo-nih for E epochs gave 0.885 / 0.850:
+Ark's edge over one site is its extra steps.
 
 Why a per-iteration EMA teacher in every budget: with Ark's visit-wise EMA (momentum 0.9 rising
 to 1) a teacher after a handful of visits is still mostly its random initialisation, so a short
