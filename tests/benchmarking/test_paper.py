@@ -31,6 +31,7 @@ def test_protocol_is_set_where_the_plugin_has_the_option(tmp_path):
     assert under_protocol(shenzhen, "ark") is shenzhen  # no protocol option: read as its plugin reads
 
 
+@pytest.mark.slow  # trains and fine-tunes end to end (tests/conftest.py: `make test-fast` skips it)
 def test_paper_command_on_the_demo_writes_published_beside_measured_and_resumes(tmp_path):
     from arkfed.cli import app
 
@@ -67,6 +68,7 @@ def test_paper_command_on_the_demo_writes_published_beside_measured_and_resumes(
     assert isinstance(other.exception, ArkfedError) and "another setup" in str(other.exception)
 
 
+@pytest.mark.slow
 def test_paper_imagenet_column_from_a_local_file(tmp_path):
     """With --model and --imagenet (local files), a site's row has all three columns; a missing file is refused."""
     from arkfed.cli import app
