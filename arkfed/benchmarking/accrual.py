@@ -17,7 +17,11 @@ one site alone, as joining does):
    by fine-tuning. k = 1 is each single site. Does the curve rise (k = N-1 vs the mean of k = 1,
    paired by seed)?
 3. **Baselines** on the same N-1 source sites and budget, scored on H and on the sources' own
-   test splits: each single site; multi-task pooled training (all sites' batches interleaved,
+   test splits: each single site (E epochs of its own data); each single site at Ark's cost
+   (``matched``: Ark on that site alone for as many steps, and images, as Ark on all the sources:
+   E visits, each as long as one Ark round, i.e. one epoch of every source; see
+   :func:`arkfed.benchmarking.arms.matched_visit`), which separates "more data" from "more
+   compute" in Ark - single; multi-task pooled training (all sites' batches interleaved,
    each with its own head, no teacher: Ark+'s "concurrent" ablation,
    :func:`arkfed.benchmarking.baselines.train_pooled`); Ark without the consistency term
    (``max_consistency: 0``); a parallel federation (one visit per site per round from the same
@@ -44,7 +48,11 @@ demo-chexpert (both resolved), +0.035 demo-nih (not resolved), +0.015 demo-shenz
 alone); the curve rises (held-out probe 0.853 -> 0.887 -> 0.900 for k = 1, 2, 3; +0.046 resolved;
 fine-tune +0.053 not resolved); cyclic Ark beats parallel (+0.050 probe), pooled (+0.040, not
 resolved) and random init (+0.10), and equals Ark with c = 0. A joined site trains on more images
-in total; at equal steps on the three-site demo the best single site won (the old benchmark).
+in total; at equal steps on the three-site demo the best single site won (the old benchmark),
+and so it does here: each source alone for as many steps and images as Ark on the sources
+(the matched arm; 2026-12-06, ``benchmarks/results/accrual-matched/``) gave demo-nih 0.936 /
+0.906 (probe / fine-tune) vs Ark's 0.906 / 0.882, where demo-nih for E epochs gave 0.885 / 0.850:
+Ark's edge over one site is its extra steps.
 
 Why a per-iteration EMA teacher in every budget: with Ark's visit-wise EMA (momentum 0.9 rising
 to 1) a teacher after a handful of visits is still mostly its random initialisation, so a short
@@ -90,12 +98,17 @@ def benchmark_sites(refs: Sequence[str] | None, budget: Budget, work: Path) -> d
 
     if refs:
         return load_sites(refs)
+    return {site.name: site for site in (load_site(p) for p in demo_site_paths(budget, work))}
+
+
+def demo_site_paths(budget: Budget, work: Path) -> list[Path]:
+    """The demo federation with demo-vindr at the budget's image size and counts, drawn into
+    ``work`` unless already there: its site YAMLs."""
     from arkfed.demo.generate import ensure_demo_federation
 
     tag = "default" if budget.demo_counts is None else "x".join(str(v) for v in budget.demo_counts.values())
-    paths = ensure_demo_federation(work / f"demo-{budget.demo_size}-{tag}", seed=0, size=budget.demo_size,
-                                   counts=budget.demo_counts, sites=DEMO_BENCHMARK_SITES)
-    return {site.name: site for site in (load_site(p) for p in paths)}
+    return ensure_demo_federation(work / f"demo-{budget.demo_size}-{tag}", seed=0, size=budget.demo_size,
+                                  counts=budget.demo_counts, sites=DEMO_BENCHMARK_SITES)
 
 
 CACHE_LIMIT_BYTES = 2 * 1024**3
@@ -158,8 +171,9 @@ class Plan:
         jobs.append(("ark", tuple(self.sites)))  # joined
         jobs.append(("ark", sources))  # k = N-1
         jobs += [("pooled", sources), ("ark-c0", sources)]
-        if len(sources) > 1:  # with one source, parallel is that site alone
+        if len(sources) > 1:  # with one source, parallel and matched are that site alone
             jobs.append(("parallel", sources))
+            jobs += [("matched", (s,)) for s in sources]  # each source alone, as many steps as Ark on all
         for k, subsets in curve_subsets(sources, self.budget.orderings).items():
             jobs += [("ark", s) for s in subsets if 1 < k < len(sources)]
         self.jobs = list(dict.fromkeys(jobs))
@@ -174,9 +188,9 @@ def run_job(arm: str, names: tuple[str, ...], plan: Plan, sites: Mapping, seed: 
     joined runs; transfer to the held-out site when it was not trained on."""
     budget = plan.budget
     cpu = time.process_time()
-    trained = train_arm(arm, names, sites, budget, seed, work, plan.weighting)
+    trained = train_arm(arm, names, sites, budget, seed, work, plan.weighting, match=plan.sources)
     record = {"key": run_key(arm, names, seed), "arm": arm, "sites": list(names), "seed": seed,
-              "train_seconds": trained.seconds, "steps": trained.steps}
+              "train_seconds": trained.seconds, "steps": trained.steps, "images": trained.images}
     start = time.perf_counter()
     record["own"] = trained.own or own_scores(trained, names, sites, budget)
     if arm == "ark" and (len(names) == 1 or len(names) == len(plan.sites)):
@@ -186,7 +200,7 @@ def run_job(arm: str, names: tuple[str, ...], plan: Plan, sites: Mapping, seed: 
         record["held_out"] = transfer(trained.teacher, sites[plan.held_out], budget, seed)
     record["eval_seconds"] = time.perf_counter() - start
     record["cpu_seconds"] = time.process_time() - cpu  # all threads: what a busy shared machine cannot inflate
-    log(f"seed {seed}: {arm} on {'+'.join(names)}: {trained.steps} steps in {trained.seconds:.0f}s, "
+    log(f"seed {seed}: {arm} on {'+'.join(names)}: {trained.steps} steps ({trained.images} images) in {trained.seconds:.0f}s, "
         f"scored in {record['eval_seconds']:.0f}s ({record['cpu_seconds']:.0f} CPU-s); held-out {_short(record.get('held_out'))}")
     return record
 
@@ -215,45 +229,36 @@ def _short(scores: dict | None) -> str:
     return "-" if not scores else ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
 
 
+def budget_setup(budget: Budget) -> dict:
+    """The budget as a setup key: without what only changes how many seeds run, or where."""
+    return {k: v for k, v in asdict(budget).items() if k not in ("seeds", "device", "num_workers")}
+
+
 def check_same_setup(plan: Plan, out: Path) -> None:
     """A rerun into the same folder resumes it, so it must be the same setup (budget without
     seeds, sites, held-out site, weighting): otherwise records of two setups would be mixed."""
-    setup = {"budget": {k: v for k, v in asdict(plan.budget).items() if k not in ("seeds", "device", "num_workers")},
-             "sites": plan.sites, "held_out": plan.held_out, "weighting": plan.weighting}
-    setup = json.loads(json.dumps(setup))
-    path = out / "setup.json"
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != setup:
-            changed = sorted(k for k in setup if previous.get(k) != setup[k])
-            raise ArkfedError(f"{out} holds results of another setup (differs in {', '.join(changed)}); "
-                              "choose another --out or delete that folder")
-    else:
-        path.write_text(json.dumps(setup, indent=2) + "\n")
+    from arkfed.benchmarking.resume import check_setup
+
+    check_setup({"budget": budget_setup(plan.budget), "sites": plan.sites, "held_out": plan.held_out, "weighting": plan.weighting}, out)
 
 
 def run_benchmark(plan: Plan, sites: Mapping, out: Path, log: Log, train: bool = True) -> dict:
     """Every job of every seed (skipping those already in ``out/records.jsonl``), then the summary.
     ``train=False`` only summarises the records there (a partial run's tables and figure)."""
-    from arkfed.io import append_jsonl, read_jsonl
+    from arkfed.benchmarking.resume import add_record, read_records
 
     out.mkdir(parents=True, exist_ok=True)
     check_same_setup(plan, out)
-    records_path = out / "records.jsonl"
-    done = {r["key"]: r for r in read_jsonl(records_path)[0]} if records_path.exists() else {}
+    done = read_records(out)
     start = time.perf_counter()
     for seed in plan.budget.seeds if train else ():
         inits = ["random"] + (["imagenet"] if plan.imagenet else [])
         for init in inits:
             if f"{init}:s{seed}" not in done:
-                record = init_job(init, plan, sites, seed, log)
-                append_jsonl(records_path, record)
-                done[record["key"]] = record
+                add_record(out, done, init_job(init, plan, sites, seed, log))
         for arm, names in plan.jobs:
             if run_key(arm, names, seed) not in done:
-                record = run_job(arm, names, plan, sites, seed, out, log)
-                append_jsonl(records_path, record)
-                done[record["key"]] = record
+                add_record(out, done, run_job(arm, names, plan, sites, seed, out, log))
     minutes = (time.perf_counter() - start) / 60
     from arkfed.benchmarking.report import summarise
 

@@ -105,20 +105,28 @@ def _baseline_arms(plan) -> list[tuple[str, str, tuple[str, ...]]]:
     """(label, arm, sites) of every baseline row, in table order."""
     sources = tuple(plan.sources)
     arms = [(f"single {s}", "ark", (s,)) for s in plan.sources]
+    arms += [(matched_label(s), "matched", (s,)) for s in plan.sources]
     arms += [("Ark (cyclic)", "ark", sources), ("Ark, c = 0", "ark-c0", sources), ("pooled multi-task", "pooled", sources),
              (f"parallel ({plan.weighting})", "parallel", sources), ("random init", "random", ()),
              ("ImageNet init", "imagenet", ())]
     return arms
 
 
+def matched_label(site: str) -> str:
+    return f"single {site}, Ark's steps"
+
+
 def _baselines(plan, metrics: Sequence[str], series: _Series) -> dict:
-    """Each arm that ran: its held-out scores, Ark minus it (paired), and its own sites' teacher AUC."""
+    """Each arm that ran: its held-out scores, Ark minus it (paired), its own sites' teacher AUC,
+    and the training steps and images it took (mean over seeds)."""
     reference = {m: series("ark", tuple(plan.sources), "held_out", m) for m in metrics}
     baselines: dict = {}
     for label, arm, names in _baseline_arms(plan):
         if not series.has(arm, names):
             continue
         row: dict = {"arm": arm, "sites": list(names)}
+        for count in ("steps", "images"):
+            row[count] = mean_ci(series(arm, names, count))["mean"]
         for m in metrics:
             values = series(arm, names, "held_out", m)
             row[m] = {**mean_ci(values), "values": values, "ark_minus_this": paired_difference(reference[m], values)}
@@ -245,19 +253,46 @@ def _md_baselines(results: dict) -> list[str]:
     """Table 3: the baselines on the sources, and Ark minus each."""
     metrics = results["held_out_metrics"]
     lines = ["", f"## 3. Baselines on the sources ({', '.join(results['sources'])}), same budget", "",
-             "| arm | own sites' teacher AUC | " + " | ".join(f"held-out {m}" for m in metrics)
+             "| arm | training steps / images | own sites' teacher AUC | " + " | ".join(f"held-out {m}" for m in metrics)
              + " | Ark − arm, " + " | Ark − arm, ".join(HELD_OUT_ORDER) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in metrics) + " | " + " | ".join("---" for _ in HELD_OUT_ORDER) + " |"]
+             "| --- | --- | --- | " + " | ".join("---" for _ in metrics) + " | " + " | ".join("---" for _ in HELD_OUT_ORDER) + " |"]
     for label, row in results["baselines"].items():
         own = _fmt(row["own_teacher"]) if "own_teacher" in row else "–"
+        cost = f"{_count(row.get('steps'))} / {_count(row.get('images'))}" if row.get("sites") else "–"
         diffs = [_fmt_diff(row[m]["ark_minus_this"]) if m in row and label != "Ark (cyclic)" else "–" for m in HELD_OUT_ORDER]
-        lines.append(f"| {label} | {own} | " + " | ".join(_fmt(row.get(m, {})) for m in metrics) + " | " + " | ".join(diffs) + " |")
+        scores = " | ".join(_fmt(row.get(m, {})) for m in metrics)
+        lines.append(f"| {label} | {cost} | {own} | {scores} | " + " | ".join(diffs) + " |")
+    return lines
+
+
+def _count(value) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.0f}"
+
+
+def _md_same_cost(results: dict) -> list[str]:
+    """Table 3b: Ark on the sources vs each source alone, for E epochs and at Ark's cost."""
+    rows, ark = results["baselines"], results["baselines"].get("Ark (cyclic)")
+    if ark is None or not any(matched_label(s) in rows for s in results["sources"]):
+        return []
+    lines = ["", "## 3b. Is Ark better than one big site at the same cost?", "",
+             f"Each source alone for E epochs of its data (fewer steps than Ark) and for as many steps and images as Ark on all "
+             f"the sources ({_count(ark.get('steps'))} steps, {_count(ark.get('images'))} images); held-out {results['held_out']}.", "",
+             "| site | steps / images, E epochs | Ark − single (E epochs): " + ", ".join(HELD_OUT_ORDER)
+             + " | steps / images, Ark's cost | Ark − single (Ark's cost): " + ", ".join(HELD_OUT_ORDER) + " |",
+             "| --- | --- | --- | --- | --- |"]
+    for site in results["sources"]:
+        single, matched = rows.get(f"single {site}", {}), rows.get(matched_label(site), {})
+        cells = []
+        for row in (single, matched):
+            cells.append(f"{_count(row.get('steps'))} / {_count(row.get('images'))}")
+            cells.append("; ".join(_fmt_diff(row[m]["ark_minus_this"]) if m in row else "–" for m in HELD_OUT_ORDER))
+        lines.append(f"| {site} | " + " | ".join(cells) + " |")
     return lines
 
 
 def markdown(results: dict) -> str:
-    """``results.md``: the setup, then the three tables."""
-    lines = [*_md_header(results), *_md_join(results), *_md_curve(results), *_md_baselines(results)]
+    """``results.md``: the setup, then the tables."""
+    lines = [*_md_header(results), *_md_join(results), *_md_curve(results), *_md_baselines(results), *_md_same_cost(results)]
     return "\n".join(lines) + "\n"
 
 

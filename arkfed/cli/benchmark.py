@@ -1,7 +1,8 @@
 """``arkfed benchmark``: benchmarks that answer a user's question on their own sites.
 
-Thin typer layer over :mod:`arkfed.benchmarking`; ``benchmarks/accrual.py`` is a wrapper of the
-same command.
+Thin typer layer over :mod:`arkfed.benchmarking`: ``accrual`` (does joining pay?) and ``paper``
+(the paper's transfer table beside its published values); ``benchmarks/accrual.py`` is a wrapper of
+the accrual command.
 """
 
 from __future__ import annotations
@@ -46,6 +47,41 @@ def accrual(
     folder = out or Path("runs") / "benchmark-accrual" / budget
     benchmark_accrual(refs, held_out, chosen, folder, weighting=weighting, imagenet=imagenet, budget_name=budget,
                       report_only=report_only)
+    Console(highlight=False, width=200).print((folder / "results.md").read_text())
+
+
+@benchmark_app.command("paper")
+def paper(
+    sites: Optional[str] = typer.Option(
+        None, help="comma-separated site names (sites/NAME.yaml) or YAML paths; none = the synthetic demo (checks the pipeline only)"),
+    budget: str = typer.Option("default", help="default (CPU) | smoke (seconds, numbers mean nothing) | gpu (CUDA machine)"),
+    runs: Optional[int] = typer.Option(None, min=1, help="fine-tuning runs per target and init [the paper's count; smoke: 2]"),
+    protocol: str = typer.Option("ark", help="ark: read each site as Ark's reference code does, where its plugin can | arkfed"),
+    model: Optional[Path] = typer.Option(
+        None, help="the model fine-tuned from: a run folder, an export or a weights file [none: Ark trained here on --sites]"),
+    arch: Optional[str] = typer.Option(None, help="timm architecture of a plain backbone weights --model (e.g. the released Ark-6's)"),
+    img_size: Optional[int] = typer.Option(None, min=16, help="input size of a plain backbone weights --model [224, the paper's]"),
+    imagenet: Optional[Path] = typer.Option(None, help="a local timm ImageNet weights file of the model's architecture (never downloaded)"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="E: rounds of Ark trained here without --model (default: the budget's)"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | auto (default: the budget's)"),
+    num_workers: Optional[int] = typer.Option(None, min=0, help="DataLoader workers (default: the budget's)"),
+    out: Optional[Path] = typer.Option(None, help="results folder (default runs/benchmark-paper/BUDGET); rerunning resumes it"),
+    report_only: bool = typer.Option(False, "--report-only", help="train nothing: the table from the records in --out so far"),
+) -> None:
+    """The paper's table: Ark's transfer protocol on every paper target present locally (fine-tuned
+    from the model, from ImageNet (local file) and from random init), beside Ark-6's published
+    values, with the budget, hardware, protocol and runs it was measured under. Writes
+    results.json and results.md."""
+    from rich.console import Console
+
+    from arkfed.benchmarking.budget import budget_with
+    from arkfed.benchmarking.paper import benchmark_paper
+
+    chosen = budget_with(budget, epochs=epochs, device=device, num_workers=num_workers)
+    refs = [s.strip() for s in sites.split(",") if s.strip()] if sites else None
+    folder = out or Path("runs") / "benchmark-paper" / budget
+    benchmark_paper(refs, chosen, folder, runs=runs, protocol=protocol, model=model, arch=arch, img_size=img_size, imagenet=imagenet,
+                    budget_name=budget, report_only=report_only)
     Console(highlight=False, width=200).print((folder / "results.md").read_text())
 
 

@@ -57,8 +57,9 @@ def test_curve_uses_rotations_and_every_single_site():
     assert subsets[2] == [("a", "b"), ("b", "c")] and subsets[3] == [("a", "b", "c")]
     plan = Plan(["a", "b", "c", "h"], "h", BUDGETS["default"])
     assert ("ark", ("a", "b", "c", "h")) in plan.jobs and ("ark", ("h",)) in plan.jobs  # joined, alone
-    assert {arm for arm, _ in plan.jobs} == {"ark", "ark-c0", "pooled", "parallel"}
-    assert len(plan.jobs) == len(set(plan.jobs)) == 4 + 1 + 3 + 1 + 3
+    assert {arm for arm, _ in plan.jobs} == {"ark", "ark-c0", "pooled", "parallel", "matched"}
+    assert [names for arm, names in plan.jobs if arm == "matched"] == [("a",), ("b",), ("c",)]  # each source at Ark's cost
+    assert len(plan.jobs) == len(set(plan.jobs)) == 4 + 1 + 3 + 1 + 3 + 3
     with pytest.raises(ArkfedError, match="not one of the sites"):
         Plan(["a", "b"], "z", SMOKE)
 
@@ -100,7 +101,9 @@ def test_benchmark_command_writes_results_table_and_figure_and_resumes(tiny_yaml
     assert {"single demo-nih", "Ark (cyclic)", "Ark, c = 0", "pooled multi-task", "random init"} <= set(results["baselines"])
     assert "Join vs alone" in (out / "results.md").read_text() and (out / "accrual.png").stat().st_size > 10_000
     records = (out / "records.jsonl").read_text().splitlines()
-    assert len(records) == 1 + 3 + 1 + 1 + 3  # random init, 3 alone, joined, Ark on the sources (k = 2), c0, pooled, parallel
+    # random init, 3 alone, joined, Ark on the sources (k = 2), c0, pooled, parallel, 2 sources at Ark's cost
+    assert len(records) == 1 + 3 + 1 + 1 + 3 + 2
+    _check_matched_arm(results, [json.loads(r) for r in records], (out / "results.md").read_text())
 
     parallel = yaml.safe_load((out / "runs" / "parallel_demo-nih+demo-shenzhen_s0" / "config.yaml").read_text())
     assert (parallel["mode"], parallel["weighting"]) == ("parallel", "equal")  # the one loop, Ark+'s equal average
@@ -111,3 +114,18 @@ def test_benchmark_command_writes_results_table_and_figure_and_resumes(tiny_yaml
     assert again.exit_code == 0 and (out / "records.jsonl").read_text().splitlines() == records
     other = CliRunner().invoke(app, [*args, "--epochs", "2"])
     assert isinstance(other.exception, ArkfedError) and "another setup" in str(other.exception)
+
+
+def _check_matched_arm(results: dict, records: list[dict], md: str) -> None:
+    """Each source alone at Ark's cost: as many counted steps and images as Ark on the sources,
+    more than E epochs of that site alone, and Ark minus it reported beside Ark minus the single site."""
+    by_key = {r["key"]: r for r in records}
+    ark = by_key["ark:demo-nih+demo-shenzhen:s0"]
+    assert ark["steps"] == 2 * 2 and ark["images"] == ark["steps"] * SMOKE.batch_size  # E = 1 round, 2 capped visits
+    for site in ("demo-nih", "demo-shenzhen"):
+        matched, single = by_key[f"matched:{site}:s0"], by_key[f"ark:{site}:s0"]
+        assert (matched["steps"], matched["images"]) == (ark["steps"], ark["images"])
+        assert single["steps"] < matched["steps"] and matched["sites"] == [site]
+        row = results["baselines"][f"single {site}, Ark's steps"]
+        assert row["arm"] == "matched" and row["steps"] == ark["steps"] and "ark_minus_this" in row["finetune"]
+    assert "Is Ark better than one big site at the same cost?" in md and "Ark − single (Ark's cost)" in md
