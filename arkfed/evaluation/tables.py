@@ -30,7 +30,7 @@ def fmt_ci(ci) -> str:
 
 
 def protocol_caption(result: dict) -> list[str]:
-    """The reading protocol the site was read under (and its note), for every caption over a site."""
+    """The reading protocol the site was read under (and its note): the end of every caption over a site."""
     if "protocol" not in result:
         return []
     return [f"protocol {result['protocol']}", *([result["protocol_note"]] if result.get("protocol_note") else [])]
@@ -88,7 +88,7 @@ def evaluate_table(result: dict, schema: LabelSchema, min_positives: int) -> Tab
 
 def evaluate_caption(result: dict, first: dict, min_positives: int) -> str:
     """What the table's numbers are: the CI unit, the mean's classes, the heads and BatchNorm."""
-    parts = protocol_caption(result)
+    parts = []
     if "bootstrap" in first:
         b = first["bootstrap"]
         parts.append(f"95% CIs: percentile bootstrap over {b['unit']}s ({b['resamples']} resamples)")
@@ -100,7 +100,7 @@ def evaluate_caption(result: dict, first: dict, min_positives: int) -> str:
         parts.append(f"heads {heads}")
     if any(m.get("bn_recalibrated") for m in result["models"].values()):
         parts.append("BatchNorm statistics re-estimated on the site's training images (as in training)")
-    parts += result.get("notes", [])
+    parts += result.get("notes", []) + protocol_caption(result)
     return "; ".join(parts)
 
 
@@ -137,14 +137,14 @@ def curve_table(curve: dict, title: str, extra_caption: str = "", result: dict |
             c = curve["comparisons"][o][label]
             cells.append(delta(c["difference"], c))
         table.add_row(f"{label} ({n})" if label == "all" else label, *cells)
-    caption = [*protocol_caption(result or {}), curve["pretraining"]["sentence"],
+    caption = [curve["pretraining"]["sentence"],
                f"CIs: {curve['interval']}; p: {curve['test']}, {curve['correction_name']}-adjusted over {curve['tests_in_family']} tests; "
                f"* p adj < {curve['alpha']}"]
     if any_bootstrap(curve):
         caption.append(BOOT_NOTE)
     if extra_caption:
         caption.append(extra_caption)
-    table.caption = "; ".join(caption)
+    table.caption = "; ".join(caption + protocol_caption(result or {}))
     return table
 
 
@@ -186,8 +186,7 @@ def _bias_cells(e: dict, sex: str) -> list[str]:
 
 def _bias_caption(result: dict, unscored: list[str]) -> str:
     resamples = result["bootstrap"]["resamples"]
-    caption = [*protocol_caption(result),
-               f"* {result['correction_name']}-adjusted DeLong p < {result['alpha']} over {result['tests_in_family']} tests",
+    caption = [f"* {result['correction_name']}-adjusted DeLong p < {result['alpha']} over {result['tests_in_family']} tests",
                f"CIs: percentile bootstrap over {result['bootstrap']['unit']}s ({resamples} resamples)"
                if resamples else "no CIs (--bootstrap 0)"]
     if result["too_few_positives"]:
@@ -195,7 +194,7 @@ def _bias_caption(result: dict, unscored: list[str]) -> str:
                        f"({', '.join(result['too_few_positives'])}): not tested, not starred, left out of the means")
     if unscored:
         caption.append(f"not scorable on this test split (one label value): {', '.join(unscored)}")
-    return "; ".join(caption)
+    return "; ".join(caption + protocol_caption(result))
 
 
 def bias_table(result: dict) -> Table:
@@ -267,8 +266,7 @@ def _compare_caption(result: dict) -> str:
     settings = result["settings"]
     own_unit = (next(iter(result["own_head"].values()))["bootstrap"]["unit"] + "s" if result["own_head"] and settings["n_boot"]
                 else "test cases")
-    caption = [*protocol_caption(result),
-               f"probe CIs: {curve['interval']}; Δ: {curve['test']}, {curve['correction_name']}-adjusted; * p adj < {curve['alpha']}",
+    caption = [f"probe CIs: {curve['interval']}; Δ: {curve['test']}, {curve['correction_name']}-adjusted; * p adj < {curve['alpha']}",
                f"own head: BatchNorm recalibrated on the site's training images, bootstrap CI over {own_unit}"]
     if any_bootstrap(curve):
         caption.append(BOOT_NOTE)
@@ -278,7 +276,7 @@ def _compare_caption(result: dict) -> str:
     if "skipped" in result.get("bias", {}):
         caption.append(f"bias skipped: {result['bias']['skipped']}")
     caption += _zero_shot_caption(result.get("zero_shot", {}))
-    caption += result["notes"]
+    caption += result["notes"] + protocol_caption(result)
     return "; ".join(caption)
 
 
@@ -333,12 +331,12 @@ def zero_shot_table(result: dict) -> Table:
                       fmt_ci(scores.get("auc_ci", {}).get(name)))
     table.add_row("[b]mean AUC[/b]", f"over {', '.join(result['mean_auc_classes'])}", "", fmt(scores["mean_auc"]),
                   fmt_ci(scores.get("mean_auc_ci")))
-    caption = [*protocol_caption(result), f"several heads for one class: {result['combine']}"]
+    caption = [f"several heads for one class: {result['combine']}"]
     if "bootstrap" in scores:
         caption.append(f"95% CIs: percentile bootstrap over {scores['bootstrap']['unit']}s ({scores['bootstrap']['resamples']} resamples)")
     caption.append("BatchNorm statistics re-estimated on the site's training images (no labels)" if result["bn_recalibrated"]
                    else "the model's own BatchNorm statistics (no adaptation)")
-    table.caption = "; ".join(caption + result["notes"])
+    table.caption = "; ".join(caption + result["notes"] + protocol_caption(result))
     return table
 
 
