@@ -1,5 +1,8 @@
 """Reuse commands: ``export``, ``evaluate``, ``linear-probe``, ``finetune``, ``bias``, ``segment``,
-``predict``, ``report`` and ``compare``.
+``predict``, ``zero-shot``, ``report`` and ``compare``.
+
+The commands that read a site take ``--protocol arkfed|ark``: how the site's labels and test
+split are read (:func:`arkfed.site.load.load_site`); their results and tables record it.
 
 Every command takes MODEL as a run folder, an export folder or a weights file (a plain timm
 backbone file also needs ``--arch``), writes ``--out DIR/results.json`` and prints a rich table.
@@ -26,6 +29,12 @@ ImgSizeOpt = typer.Option(224, min=16, help="input size, only for a plain backbo
 DeviceOpt = typer.Option("cpu", help="cpu | cuda | auto")
 BatchOpt = typer.Option(64, min=1)
 PluginsOpt = typer.Option(None, "--plugins-dir", help="extra dataset plugin folder(s)")
+ProtocolOpt = typer.Option(
+    None, "--protocol",
+    help="arkfed | ark: read the site as arkfed does or as Ark's reference code does (MIMIC uncertain as positive, "
+    "CheXpert's full valid.csv, VinDr any-reader labels; Ark's split lists from the site's split_lists:); "
+    "default: as the site YAML says (arkfed unless its options set protocol)",
+)
 
 
 def _console():
@@ -90,6 +99,7 @@ def evaluate(
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     plugins_dir: Optional[List[Path]] = PluginsOpt,
+    protocol: Optional[str] = ProtocolOpt,
     out: Path = typer.Option(..., help="folder for results.json"),
 ) -> None:
     """Per-class AUC and mean AUC (accuracy for multiclass) of each model with its own head, BatchNorm
@@ -98,7 +108,7 @@ def evaluate(
     from arkfed.evaluation.tables import evaluate_table
 
     done = run_evaluate(model, site, out, plugins=plugins_dir or (), split=split, ten_crop=ten_crop, n_boot=bootstrap,
-                        batch_size=batch_size, device=_device(device), seed=seed, min_positives=min_positives)
+                        batch_size=batch_size, device=_device(device), seed=seed, min_positives=min_positives, protocol=protocol)
     _show(evaluate_table(done.result, done.site.schema, min_positives), done)
 
 
@@ -145,6 +155,7 @@ def linear_probe(
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     plugins_dir: Optional[List[Path]] = PluginsOpt,
+    protocol: Optional[str] = ProtocolOpt,
     out: Path = typer.Option(..., help="folder for results.json and linear-probe.png"),
 ) -> None:
     """Linear probes on frozen embeddings as a few-shot curve: the model, a random init and --compare models,
@@ -161,7 +172,7 @@ def linear_probe(
     settings = ProbeCurveSettings(train_sizes=sizes, seeds=_seeds(seeds), features=features, c=c,
                                   random_baseline=baseline, min_positives=min_positives, n_boot=bootstrap,
                                   correction=_correction(correction), batch_size=batch_size, device=_device(device))
-    done = run_linear_probe(ModelSource(model, which, arch, img_size), site, settings, out, compare or (), plugins_dir or ())
+    done = run_linear_probe(ModelSource(model, which, arch, img_size), site, settings, out, compare or (), plugins_dir or (), protocol)
     _show(linear_probe_table(done.result), done)
 
 
@@ -186,6 +197,7 @@ def finetune(
     img_size: int = ImgSizeOpt,
     device: str = DeviceOpt,
     plugins_dir: Optional[List[Path]] = PluginsOpt,
+    protocol: Optional[str] = ProtocolOpt,
     out: Path = typer.Option(..., help="folder for results.json and finetune.png"),
 ) -> None:
     """Full fine-tuning with a new head on the backbone at several training-set sizes; the best-val epoch is
@@ -208,7 +220,8 @@ def finetune(
                                 max_steps_per_epoch=max_steps_per_epoch,
                                 min_positives=min_positives, n_boot=bootstrap, device=_device(device))
     done = run_finetune(ModelSource(model, which, arch, img_size), site, settings, out, inits=inits, sizes=tuple(parse_sizes(train_sizes)),
-                        seeds=_seeds(seeds), correction=_correction(correction), compare=compare or (), plugins=plugins_dir or ())
+                        seeds=_seeds(seeds), correction=_correction(correction), compare=compare or (), plugins=plugins_dir or (),
+                        protocol=protocol)
     _show(finetune_table(done.result, epochs, min_positives), done)
 
 
@@ -229,6 +242,7 @@ def bias(
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     plugins_dir: Optional[List[Path]] = PluginsOpt,
+    protocol: Optional[str] = ProtocolOpt,
     out: Path = typer.Option(..., help="folder for results.json and bias.png"),
 ) -> None:
     """Gender bias (Ark protocol): probes on male-only / female-only training images, each tested on both sexes;
@@ -239,7 +253,7 @@ def bias(
 
     settings = BiasSettings(features=features, balance=balance, alpha=alpha, correction=_correction(correction),
                             min_positives=min_positives, n_boot=bootstrap, seed=seed, batch_size=batch_size, device=_device(device))
-    done = run_bias(ModelSource(model, which, arch, img_size), site, settings, out, plugins_dir or ())
+    done = run_bias(ModelSource(model, which, arch, img_size), site, settings, out, plugins_dir or (), protocol)
     _show(bias_table(done.result), done)
 
 
@@ -292,6 +306,7 @@ def compare(
     features: str = typer.Option("projector", help="projector | backbone (plain timm files have no projector: use backbone)"),
     finetune_epochs: int = typer.Option(0, min=0, help="fine-tune every model this many epochs on the full training split (0 = skip)"),
     bias: bool = typer.Option(True, help="run the gender-bias protocol when the site records sex"),
+    zero_shot: bool = typer.Option(True, help="also score each model's heads for other sites zero-shot (arkfed zero-shot)"),
     min_positives: int = MinPosOpt,
     correction: str = CorrectionOpt,
     bootstrap: int = typer.Option(1000, min=0, help="bootstrap resamples for single-run CIs"),
@@ -300,9 +315,10 @@ def compare(
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     plugins_dir: Optional[List[Path]] = PluginsOpt,
+    protocol: Optional[str] = ProtocolOpt,
     out: Path = typer.Option(..., help="folder for results.json and compare.png"),
 ) -> None:
-    """Several models on one site with one protocol (own head, few-shot probe curve, fine-tuning, bias): one table,
+    """Several models on one site with one protocol (own head, few-shot probe curve, fine-tuning, bias, zero-shot): one table,
     one figure, results.json."""
     from arkfed.evaluation.commands import run_compare
     from arkfed.evaluation.compare import CompareSettings
@@ -310,9 +326,10 @@ def compare(
     from arkfed.evaluation.tables import compare_table
 
     settings = CompareSettings(shots=tuple(parse_sizes(shots)), seeds=_seeds(seeds), features=features, finetune_epochs=finetune_epochs,
-                               bias=bias, min_positives=min_positives, n_boot=bootstrap, correction=_correction(correction),
+                               bias=bias, zero_shot=zero_shot, min_positives=min_positives,
+                               n_boot=bootstrap, correction=_correction(correction),
                                batch_size=batch_size, device=_device(device))
-    done = run_compare(models, site, settings, out, arch=arch, img_size=img_size, plugins=plugins_dir or ())
+    done = run_compare(models, site, settings, out, arch=arch, img_size=img_size, plugins=plugins_dir or (), protocol=protocol)
     _show(compare_table(done.result), done)
 
 
@@ -331,6 +348,36 @@ def predict(
 
     done = run_predict(model, images, out, which, batch_size, _device(device))
     _show(predict_table(done.result), done)
+
+
+# -- zero-shot --------------------------------------------------------------------------------
+def zero_shot(
+    model: Path = ModelArg,
+    site: str = SiteOpt,
+    split: str = typer.Option("test", help="train | val | test"),
+    ten_crop: Optional[bool] = typer.Option(
+        None, "--ten-crop/--single-crop", help="default: ten crops on the test split of models trained with --recipe ark/ark+"),
+    recalibrate_bn: bool = typer.Option(False, help="re-estimate BatchNorm on the site's training images (pixels only, no labels)"),
+    bootstrap: int = typer.Option(1000, min=0, help="bootstrap resamples for the 95% CIs (0 = none)"),
+    min_positives: int = MinPosOpt,
+    seed: int = typer.Option(0, min=0),
+    which: str = WhichOpt,
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    plugins_dir: Optional[List[Path]] = PluginsOpt,
+    protocol: Optional[str] = ProtocolOpt,
+    out: Path = typer.Option(..., help="folder for results.json"),
+) -> None:
+    """Score a site the model never trained on, without training: each class through the findings vocabulary to the
+    heads that know it (mean probability where several do), per-class AUC with bootstrap 95% CIs; unknown classes listed."""
+    from arkfed.evaluation.commands import run_zero_shot
+    from arkfed.evaluation.tables import zero_shot_table
+    from arkfed.evaluation.zero_shot import ZeroShotSettings
+
+    settings = ZeroShotSettings(split=split, ten_crop=ten_crop, recalibrate_bn=recalibrate_bn, n_boot=bootstrap, seed=seed,
+                                min_positives=min_positives, batch_size=batch_size, device=_device(device))
+    done = run_zero_shot(model, site, settings, out, which, plugins_dir or (), protocol)
+    _show(zero_shot_table(done.result), done)
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -355,5 +402,6 @@ def register(app: typer.Typer) -> None:
     app.command(name="bias")(bias)
     app.command(name="segment")(segment)
     app.command(name="predict")(predict)
+    app.command(name="zero-shot")(zero_shot)
     app.command(name="report")(report)
     app.command(name="compare")(compare)

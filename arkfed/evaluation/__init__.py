@@ -1,5 +1,7 @@
 """Reusing a trained foundation model: export to plain timm, evaluation, linear probes,
-fine-tuning, the gender-bias protocol, segmentation transfer, zero-shot prediction and run reports.
+fine-tuning, the gender-bias protocol, segmentation transfer, zero-shot prediction and scoring
+(:mod:`.predict`, :mod:`.zero_shot`) and run reports. Commands over a site read it under a reading
+protocol (``arkfed`` | ``ark``, :func:`arkfed.site.load.load_site`) and record it in their results.
 
 Each module is a set of plain functions over models, tensors and dataset tables. The ``arkfed``
 commands in :mod:`arkfed.cli.evaluation` are thin wrappers: each calls one entry function of

@@ -12,7 +12,14 @@ model goes through the same steps on the same splits with the same seeds:
    training split with the same schedule (:func:`arkfed.evaluation.finetune.finetune_curve`);
 4. **bias** (when the site records both sexes): the Ark gender-bias protocol, counted as the
    findings with a significant gap after Holm correction
-   (:func:`arkfed.evaluation.bias.bias_analysis`).
+   (:func:`arkfed.evaluation.bias.bias_analysis`);
+5. **zero-shot** (``zero_shot``, on by default; models with heads for other sites): the site's
+   classes scored by those heads through the findings vocabulary, with no training
+   (:func:`arkfed.evaluation.zero_shot.zero_shot`); its mean AUC is over the classes the heads
+   know, which the results name.
+
+The results record the settings (``settings``) and the reading protocol the site was read under
+(``protocol``: ``arkfed`` or ``ark``, :func:`arkfed.site.load.load_site`).
 
 The first model is the reference: each other model is compared with it by the curve's paired
 tests (Holm-corrected over the whole curve). Results: one table, one figure, results.json.
@@ -21,7 +28,7 @@ tests (Holm-corrected over the whole curve). Results: one table, one figure, res
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +46,7 @@ class CompareSettings:
     finetune_epochs: int = 0
     finetune_max_steps: int | None = 20
     bias: bool = True
+    zero_shot: bool = True
     min_positives: int = 10
     n_boot: int = 1000
     correction: str = "holm"
@@ -48,12 +56,14 @@ class CompareSettings:
 
 @dataclass
 class Entry:
-    """One model of the comparison: its display name, weights and (optional) head for the site."""
+    """One model of the comparison: its display name, weights, (optional) head for the site and
+    all its heads (for zero-shot)."""
 
     name: str
     model: ArkModel
     head: SiteHead | None = None
     note: str | None = None
+    heads: dict[str, SiteHead] = field(default_factory=dict)
 
 
 def compare_entries(paths: list[Path], site, arch: str | None = None, img_size: int = 224) -> list[Entry]:
@@ -70,7 +80,7 @@ def compare_entries(paths: list[Path], site, arch: str | None = None, img_size: 
         head = heads.get(site.name)
         if head is not None and head.schema.classes != site.schema.classes:
             head, note = None, f"{path}: head {site.name!r} predicts other classes; own-head AUC skipped"
-        entries.append(Entry(name, load_source(path, "teacher", arch, img_size), head, note))
+        entries.append(Entry(name, load_source(path, "teacher", arch, img_size), head, note, heads))
     return entries
 
 
@@ -91,7 +101,7 @@ def compare_models(entries: list[Entry], site, settings: CompareSettings) -> dic
     key = {e.name: (REFERENCE if i == 0 else e.name) for i, e in enumerate(entries)}  # curve keys
     train, test = site.split("train"), site.split("test")
     out: dict = {"site": site.name, "reference": names[0], "models": names, "notes": [e.note for e in entries if e.note],
-                 "own_head": {}, "protocol": dataclasses.asdict(settings)}
+                 "own_head": {}, "protocol": getattr(site, "protocol", "arkfed"), "settings": dataclasses.asdict(settings)}
     for e in entries:
         if e.head is not None:
             out["own_head"][e.name] = score_with_head(e.model, e.head, site, "test", False, settings.n_boot, settings.batch_size,
@@ -109,8 +119,27 @@ def compare_models(entries: list[Entry], site, settings: CompareSettings) -> dic
                                          ("model",), (None,), settings.seeds[:1], ft, settings.correction)
     if settings.bias:
         out["bias"] = _bias(entries, train, test, site.schema, settings)
+    if settings.zero_shot:
+        out["zero_shot"] = _zero_shot(entries, site, settings)
     out["curve_names"] = {v: k for k, v in key.items()}
     return out
+
+
+def _zero_shot(entries: list[Entry], site, settings: CompareSettings) -> dict:
+    """Per model with heads: :func:`arkfed.evaluation.zero_shot.zero_shot` on the test split (single
+    crop, as the own-head column), or ``{"skipped": why}`` when no class of the site maps."""
+    from arkfed.evaluation.zero_shot import ZeroShotSettings, zero_shot
+
+    zs = ZeroShotSettings(split="test", ten_crop=False, n_boot=settings.n_boot, min_positives=settings.min_positives,
+                          batch_size=settings.batch_size, device=settings.device)
+    result = {}
+    for e in entries:
+        if e.heads:
+            try:
+                result[e.name] = zero_shot(e.model, e.heads, site, zs)
+            except ArkfedError as exc:
+                result[e.name] = {"skipped": str(exc)}
+    return result
 
 
 def _bias(entries: list[Entry], train, test, schema, settings: CompareSettings) -> dict:
@@ -146,7 +175,7 @@ def plot_comparison(result: dict, path: Path, title: str) -> Path:
     draw_curves(left, result["probe"]["curve"], "test mean AUC", result["curve_names"])
     left.set_title("linear probes by shots per class", fontsize=10)
     rows = comparison_rows(result)
-    kinds = [k for k in ("probe (all labels)", "fine-tuned", "own head") if any(r.get(k) for r in rows)]
+    kinds = [k for k in ("probe (all labels)", "fine-tuned", "own head", "zero-shot") if any(r.get(k) for r in rows)]
     width = 0.8 / max(1, len(kinds))
     x = np.arange(len(rows))
     for j, kind in enumerate(kinds):
@@ -168,8 +197,8 @@ def plot_comparison(result: dict, path: Path, title: str) -> Path:
 
 
 def comparison_rows(result: dict) -> list[dict]:
-    """Per model: (mean, CI) of the probe on all labels (or the largest shots), fine-tuned and
-    own-head AUC, and the bias counts: what the table and the figure show."""
+    """Per model: (mean, CI) of the probe on all labels (or the largest shots), fine-tuned,
+    own-head and zero-shot AUC, and the bias counts: what the table and the figure show."""
     from arkfed.evaluation.curves import shown_ci
 
     curve = result["probe"]["curve"]
@@ -186,6 +215,9 @@ def comparison_rows(result: dict) -> list[dict]:
         own = result["own_head"].get(name)
         if own:
             row["own head"] = (own["mean_auc"], own.get("mean_auc_ci"))
+        zero = result.get("zero_shot", {}).get(name, {}).get("scores")
+        if zero:
+            row["zero-shot"] = (zero["mean_auc"], zero.get("mean_auc_ci"))
         bias = result.get("bias", {}).get(name)
         if bias:
             row["bias"] = bias

@@ -147,7 +147,8 @@ def evaluate_source(
     models = load_models(source)
     if ten_crop is None:
         ten_crop = split == "test" and all(m.spec.test_ten_crop for m in models.values())
-    out = {"source": str(source), "site": site.name, "split": split, "ten_crop": ten_crop, "n_boot": n_boot,
+    out = {"source": str(source), "site": site.name, "split": split, "protocol": getattr(site, "protocol", "arkfed"),
+           "ten_crop": ten_crop, "n_boot": n_boot,
            "reported_classes": list(site.schema.reported_classes), "models": {}, "heads": {}, "notes": []}
     for name, model in models.items():
         heads, note = model_heads(source, name)

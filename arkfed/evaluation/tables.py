@@ -29,6 +29,13 @@ def fmt_ci(ci) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a"
 
 
+def protocol_caption(result: dict) -> list[str]:
+    """The reading protocol the site was read under (and its note): the end of every caption over a site."""
+    if "protocol" not in result:
+        return []
+    return [f"protocol {result['protocol']}", *([result["protocol_note"]] if result.get("protocol_note") else [])]
+
+
 def new_table(title: str, *columns: str, numbers: bool = True) -> Table:
     """The first column left-aligned and unwrapped; the others right-aligned when they hold numbers."""
     table = Table(title=title)
@@ -93,7 +100,7 @@ def evaluate_caption(result: dict, first: dict, min_positives: int) -> str:
         parts.append(f"heads {heads}")
     if any(m.get("bn_recalibrated") for m in result["models"].values()):
         parts.append("BatchNorm statistics re-estimated on the site's training images (as in training)")
-    parts += result.get("notes", [])
+    parts += result.get("notes", []) + protocol_caption(result)
     return "; ".join(parts)
 
 
@@ -117,7 +124,7 @@ def delta(difference: float, c: dict) -> str:
     return f"{difference:+.3f}{'*' if c['significant'] else ''} ({fmt(c['p_adjusted'])})"
 
 
-def curve_table(curve: dict, title: str, extra_caption: str = "") -> Table:
+def curve_table(curve: dict, title: str, extra_caption: str = "", result: dict | None = None) -> Table:
     """Rows: training-set sizes; columns: each initialisation's mean [95% CI], then the model's
     difference to each other initialisation with its adjusted p-value."""
     inits = list(curve["inits"])
@@ -137,7 +144,7 @@ def curve_table(curve: dict, title: str, extra_caption: str = "") -> Table:
         caption.append(BOOT_NOTE)
     if extra_caption:
         caption.append(extra_caption)
-    table.caption = "; ".join(caption)
+    table.caption = "; ".join(caption + protocol_caption(result or {}))
     return table
 
 
@@ -148,14 +155,14 @@ def _left_out(few: list[str], min_positives: int) -> str:
 def linear_probe_table(result: dict) -> Table:
     """:func:`curve_table` of ``arkfed linear-probe``."""
     title = f"linear probe on {result['site']}: test mean AUC by shots per class ({result['features']} features)"
-    return curve_table(result["curve"], title, _left_out(result["too_few_positives"], result["min_positives"]))
+    return curve_table(result["curve"], title, _left_out(result["too_few_positives"], result["min_positives"]), result)
 
 
 def finetune_table(result: dict, epochs: int, min_positives: int) -> Table:
     """:func:`curve_table` of ``arkfed finetune``."""
     few = result["runs"][0]["test"].get("too_few_positives", [])
     return curve_table(result["curve"], f"fine-tuning on {result['site']} ({epochs} epochs): test mean AUC by training-set size",
-                       _left_out(few, min_positives))
+                       _left_out(few, min_positives), result)
 
 
 def segment_table(result: dict) -> Table:
@@ -187,7 +194,7 @@ def _bias_caption(result: dict, unscored: list[str]) -> str:
                        f"({', '.join(result['too_few_positives'])}): not tested, not starred, left out of the means")
     if unscored:
         caption.append(f"not scorable on this test split (one label value): {', '.join(unscored)}")
-    return "; ".join(caption)
+    return "; ".join(caption + protocol_caption(result))
 
 
 def bias_table(result: dict) -> Table:
@@ -223,6 +230,8 @@ def _compare_columns(result: dict, at: str, with_bias: bool) -> list[str]:
     curve = result["probe"]["curve"]
     columns = ["model", "own head AUC [95% CI]", *[f"probe {_shots_label(lab)} [95% CI]" for lab in curve["sizes"]],
                f"Δ vs {result['reference']} ({_shots_label(at)}; p adj)"]
+    if result.get("zero_shot"):
+        columns.append("zero-shot AUC [95% CI]")
     if "finetune" in result:
         columns.append("fine-tuned [95% CI]")
     if with_bias:
@@ -239,6 +248,10 @@ def _compare_cells(row: dict, result: dict, at: str, with_bias: bool) -> list[st
     cells += [curve_point(curve["inits"][key][lab]) for lab in curve["sizes"]]
     c = curve["comparisons"].get(key, {}).get(at)
     cells.append("reference" if key == "model" else delta(-c["difference"], c))
+    if result.get("zero_shot"):
+        z = row.get("zero-shot")
+        missing = "n/a (no class known)" if row["name"] in result["zero_shot"] else "n/a (no heads)"
+        cells.append(f"{fmt(z[0])} {fmt_ci(z[1])}" if z else missing)
     if "finetune" in result:
         f = row.get("fine-tuned")
         cells.append(f"{fmt(f[0])} {fmt_ci(f[1])}" if f else "n/a")
@@ -250,8 +263,8 @@ def _compare_cells(row: dict, result: dict, at: str, with_bias: bool) -> list[st
 
 def _compare_caption(result: dict) -> str:
     curve = result["probe"]["curve"]
-    protocol = result["protocol"]
-    own_unit = (next(iter(result["own_head"].values()))["bootstrap"]["unit"] + "s" if result["own_head"] and protocol["n_boot"]
+    settings = result["settings"]
+    own_unit = (next(iter(result["own_head"].values()))["bootstrap"]["unit"] + "s" if result["own_head"] and settings["n_boot"]
                 else "test cases")
     caption = [f"probe CIs: {curve['interval']}; Δ: {curve['test']}, {curve['correction_name']}-adjusted; * p adj < {curve['alpha']}",
                f"own head: BatchNorm recalibrated on the site's training images, bootstrap CI over {own_unit}"]
@@ -259,10 +272,11 @@ def _compare_caption(result: dict) -> str:
         caption.append(BOOT_NOTE)
     if result["probe"]["too_few_positives"]:
         few = ", ".join(result["probe"]["too_few_positives"])
-        caption.append(f"classes with fewer than {protocol['min_positives']} test positives: {few}")
+        caption.append(f"classes with fewer than {settings['min_positives']} test positives: {few}")
     if "skipped" in result.get("bias", {}):
         caption.append(f"bias skipped: {result['bias']['skipped']}")
-    caption += result["notes"]
+    caption += _zero_shot_caption(result.get("zero_shot", {}))
+    caption += result["notes"] + protocol_caption(result)
     return "; ".join(caption)
 
 
@@ -273,7 +287,7 @@ def compare_table(result: dict) -> Table:
 
     curve = result["probe"]["curve"]
     at = compared_size(curve)
-    with_bias = result["protocol"]["bias"] and "skipped" not in result.get("bias", {})
+    with_bias = result["settings"]["bias"] and "skipped" not in result.get("bias", {})
     columns = _compare_columns(result, at, with_bias)
     seeds = len(curve["inits"]["model"][curve["sizes"][0]]["seeds"])
     table = new_table(f"comparison on {result['site']} (test split, {seeds} seeds)", *columns)
@@ -283,6 +297,46 @@ def compare_table(result: dict) -> Table:
         table.add_row("random init", "", *[curve_point(curve["inits"]["random"][lab]) for lab in curve["sizes"]], "",
                       *([""] * (len(columns) - 3 - len(curve["sizes"]))))
     table.caption = _compare_caption(result)
+    return table
+
+
+def _zero_shot_caption(zero: dict) -> list[str]:
+    """What the zero-shot column scores, and per model the classes it could not."""
+    if not zero:
+        return []
+    caption = ["zero-shot: the model's heads for other sites, mapped through the findings vocabulary (mean probability where "
+               "several serve a class), own BatchNorm statistics, no training; mean AUC over the mapped classes only"]
+    for name, z in zero.items():
+        if "skipped" in z:
+            caption.append(f"zero-shot {name}: {z['skipped']}")
+        elif z["unknown_classes"]:
+            caption.append(f"zero-shot {name}: not scored (no head knows them): {', '.join(z['unknown_classes'])}")
+    return caption
+
+
+# -- zero-shot --------------------------------------------------------------------------------
+def zero_shot_table(result: dict) -> Table:
+    """Per class of the site: the canonical finding, the heads/classes that served it, positives,
+    AUC and 95% CI; classes no head knows are rows marked 'not scored'; then the mean AUC."""
+    scores = result["scores"]
+    table = new_table(f"zero-shot on {result['site']} / {result['split']} ({'ten-crop' if result['ten_crop'] else 'single crop'})",
+                      "class", "served by", "positives", "AUC", "95% CI")
+    for name, entry in result["classes"].items():
+        if not entry["from"]:
+            table.add_row(name, f"not scored: {result['unknown_reasons'][name]}", "", "", "")
+            continue
+        mark = f" ({TOO_FEW})" if name in scores["too_few_positives"] else ""
+        canonical = f"{entry['canonical']}: " if entry["canonical"] != name else ""
+        table.add_row(name + mark, canonical + ", ".join(entry["from"]), str(scores["positives"][name]), fmt(scores["auc"][name]),
+                      fmt_ci(scores.get("auc_ci", {}).get(name)))
+    table.add_row("[b]mean AUC[/b]", f"over {', '.join(result['mean_auc_classes'])}", "", fmt(scores["mean_auc"]),
+                  fmt_ci(scores.get("mean_auc_ci")))
+    caption = [f"several heads for one class: {result['combine']}"]
+    if "bootstrap" in scores:
+        caption.append(f"95% CIs: percentile bootstrap over {scores['bootstrap']['unit']}s ({scores['bootstrap']['resamples']} resamples)")
+    caption.append("BatchNorm statistics re-estimated on the site's training images (no labels)" if result["bn_recalibrated"]
+                   else "the model's own BatchNorm statistics (no adaptation)")
+    table.caption = "; ".join(caption + result["notes"] + protocol_caption(result))
     return table
 
 

@@ -7,10 +7,13 @@ the same data, a run folder says which code and which data produced it:
 - the git commit of the arkfed source tree (and whether it had uncommitted changes) when arkfed
   runs from a git checkout; nothing when it is an installed wheel or git is absent;
 - when, and by which command line;
-- per site a dataset fingerprint. In-process sites (:func:`dataset_fingerprint`): split sizes
-  and a SHA-256 of the label table (the N x K label matrix with its NaN pattern, and the order
-  of the image ids), never image data or paths: the hash changes when one label or the order
-  changes, and stays when only the data folder moves. Federated sites
+- per site a dataset fingerprint. In-process sites (:func:`dataset_fingerprint`): the reading
+  protocol the site was read under (``arkfed``, or ``ark`` when its YAML sets the plugin option
+  ``protocol: ark``; :mod:`arkfed.site.load`), split sizes and a SHA-256 of the label table
+  (the N x K label matrix with its NaN pattern, and the order of the image ids), never image
+  data or paths: the hash changes when one label or the order changes, and stays when only the
+  data folder moves. ``arkfed train`` has no protocol option: each site is read as its YAML says,
+  and ``--protocol ark`` of the evaluation commands applies at evaluation time. Federated sites
   (:func:`federated_fingerprint`): only what a site already sends in its hello reply (split
   sizes and label schema), because the coordinator must not learn more than the protocol gives.
 
@@ -147,6 +150,7 @@ def dataset_fingerprint(site: "Site") -> dict:
         whole.update(f"{name}:{digest}\n".encode())
     return {
         "dataset": site.config.dataset,
+        "protocol": site.protocol,
         "task": site.schema.task,
         "classes": list(site.schema.classes),
         "split_sizes": {name: entry["size"] for name, entry in splits.items()},

@@ -42,3 +42,11 @@ def test_compare_puts_an_ark_run_beside_an_export_and_a_plain_timm_file(tmp_path
     assert data["bias"]["ark"]["tests"] >= 1 and set(data["bias"]) == {"ark", "single-site", "model.safetensors"}
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "Holm" in result.output and "random init" in result.output
+    # zero-shot beside probe and fine-tuning: the single-site export's beta head serves alpha's Effusion and Cardiomegaly
+    assert data["protocol"] == "arkfed" and data["settings"]["zero_shot"] is True
+    zero = data["zero_shot"]
+    assert zero["single-site"]["classes"]["Effusion"]["from"] == ["beta/Pleural Effusion"]
+    assert zero["single-site"]["unknown_classes"] == ["Nodule"] and 0 <= zero["single-site"]["scores"]["mean_auc"] <= 1
+    assert "skipped" in zero["ark"]  # its only head is the site's own: that is the own-head column
+    assert "model.safetensors" not in zero  # a plain backbone file has no heads
+    assert "zero-shot AUC" in result.output and "protocol arkfed" in " ".join(result.output.split())
