@@ -17,7 +17,7 @@ Every fine-tuning is :func:`arkfed.evaluation.finetune.finetune` (a new linear h
 trained, the best validation epoch tested) at the budget's settings, scored with the paper's
 metric: mean AUC over the site's reported classes (CheXpert's five, as the paper), accuracy for
 RSNA Pneumonia. ``--protocol ark`` (default) reads each site as Ark's reference code does where
-its plugin has a ``protocol`` option (:func:`under_protocol`).
+its plugin has a ``protocol`` option (:func:`arkfed.site.load.with_protocol`).
 
 The measured numbers mean something only on the real datasets with a GPU, a budget like the
 paper's (:data:`~arkfed.benchmarking.published.PAPER_PROTOCOL`) and the released Ark-6 model or
@@ -46,17 +46,6 @@ PROTOCOLS = ("ark", "arkfed")
 # --- sites ---------------------------------------------------------------------------------------
 
 
-def under_protocol(config, protocol: str, plugins_dirs: Sequence[Path] = ()):
-    """The site config read under ``protocol`` (``ark`` | ``arkfed``): the plugin option
-    ``protocol`` set where the plugin's Options model has one (chexpert, mimic_cxr, vindr_cxr),
-    the config unchanged elsewhere. A stand-in for the library's own helper, to be swapped for it."""
-    from arkfed.datasets._plugin import get_plugin
-
-    if "protocol" not in get_plugin(config.dataset, plugins_dirs).Options.model_fields:
-        return config
-    return config.model_copy(update={"options": {**config.options, "protocol": protocol}})
-
-
 @dataclass
 class PaperSites:
     """The sites as read for the table, whether they are the synthetic demo, and how each was read."""
@@ -70,7 +59,7 @@ def load_paper_sites(refs: Sequence[str] | None, budget: Budget, work: Path, pro
     """The ``--sites`` (names or YAML paths), or the demo federation with demo-vindr, each read under ``protocol``."""
     from arkfed.benchmarking.accrual import demo_site_paths
     from arkfed.site.config import load_site_config, resolve_site_path
-    from arkfed.site.load import load_site
+    from arkfed.site.load import load_site, with_protocol
 
     paths = [resolve_site_path(r).resolve() for r in refs] if refs else demo_site_paths(budget, work)
     sites, reading = {}, {}
@@ -79,11 +68,11 @@ def load_paper_sites(refs: Sequence[str] | None, budget: Budget, work: Path, pro
         if not refs and config.dataset == "vindr_cxr" and protocol == "ark":
             # the demo's VinDr site reads all 28 labels (for the accrual benchmark); the table scores Ark's six
             config = config.model_copy(update={"options": {k: v for k, v in config.options.items() if k != "labels"}})
-        read = under_protocol(config, protocol)
+        read, note = with_protocol(config, protocol)
         if read.name in sites:
             raise ArkfedError(f"site {read.name!r} given twice")
         sites[read.name] = load_site(read)
-        reading[read.name] = f"protocol: {protocol}" if read is not config else "its plugin has no protocol option"
+        reading[read.name] = note or f"protocol: {protocol}"
     return PaperSites(sites, not refs, reading)
 
 

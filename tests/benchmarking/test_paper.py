@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from arkfed.benchmarking.paper import under_protocol
 from arkfed.benchmarking.published import PUBLISHED
 from arkfed.errors import ArkfedError
 from arkfed.site.config import SiteConfig
+from arkfed.site.load import with_protocol
 
 
 def test_published_values_and_their_sources():
@@ -26,9 +26,10 @@ def test_published_values_and_their_sources():
 
 def test_protocol_is_set_where_the_plugin_has_the_option(tmp_path):
     chexpert = SiteConfig(name="a", dataset="chexpert", root=tmp_path, options={"views": "all"})
-    assert under_protocol(chexpert, "ark").options == {"views": "all", "protocol": "ark"}
+    assert with_protocol(chexpert, "ark")[0].options == {"views": "all", "protocol": "ark"}
     shenzhen = SiteConfig(name="b", dataset="shenzhen", root=tmp_path)
-    assert under_protocol(shenzhen, "ark") is shenzhen  # no protocol option: read as its plugin reads
+    read, note = with_protocol(shenzhen, "ark")
+    assert read is shenzhen and "reads its dataset the same way" in note  # no protocol option: read as its plugin reads
 
 
 @pytest.mark.slow  # trains and fine-tunes end to end (tests/conftest.py: `make test-fast` skips it)
