@@ -15,7 +15,7 @@ private to the coordinator's account, 0700)::
     RUN/flower/            FLWR_HOME of the SuperLink and the flwr CLI (config.toml, installed app),
                            superexec.secret while the coordinator runs
     RUN/flower/app/        the generated Flower app (pyproject.toml only)
-    RUN/logs/              superlink.log, gateway.log (every request from outside, refused ones too),
+    RUN/logs/              superlink.log, gateway.log (every request from outside, refused ones too; rotated),
                            superexec.log (the ServerApp launcher), serverapp.log (the ServerApp's output),
                            inbox.jsonl (what every site message carried), registered-sites.log
 
@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 from arkfed.errors import ArkfedError
 from arkfed.federation.certs import CertificateFolder, public_key_fingerprint
+from arkfed.federation.coordinator.gateway import run_push_object_limit
 from arkfed.federation.coordinator.status import FederationStatus, read_status
 from arkfed.federation.flower_app import CONNECTION, split_address, write_connection, write_flower_app
 from arkfed.federation.processes import (
@@ -119,7 +120,8 @@ class Coordinator:
         argv = [flower_executable("flower-superlink"), "--host", LOOPBACK, "--port", str(self.superlink_port),
                 "--disable-runtime-dependency-installation", "--isolation", "process", SECRET_OPTION, str(self.secret)]
         gateway = [sys.executable, "-m", "arkfed.federation.coordinator.gateway", "--listen", f"{self.host}:{self.port}",
-                   "--upstream", f"{LOOPBACK}:{self.superlink_port}"]
+                   "--upstream", f"{LOOPBACK}:{self.superlink_port}", "--log-file", str(self.logs / "gateway.log"),
+                   "--max-push-object", str(run_push_object_limit(self.run_dir))]  # bodies sized from the run's model
         launcher = [sys.executable, "-m", "arkfed.federation.superexec", "--runtime-api-address",
                     f"{LOOPBACK}:{self.superlink_port}", SECRET_OPTION, str(self.secret)]
         if self.certs is None:
