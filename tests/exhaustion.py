@@ -140,13 +140,15 @@ def request(port: int, ca: Path, method: str, path: str, headers: str = "", sour
         sock.close()
 
 
-def closed(sock) -> bool:
-    """Whether the server has closed or reset a connection we hold (non-blocking check)."""
+def ended(sock) -> bool:
+    """Whether the server has closed, reset or answered a connection we hold (non-blocking check;
+    an answer to an unfinished request is a refusal, such as nginx's 429)."""
     try:
         readable, _, _ = select.select([sock], [], [], 0)
         if not readable and not sock.pending():
             return False
-        return sock.recv(1) == b""
+        sock.recv(1)
+        return True
     except (ssl.SSLWantReadError, BlockingIOError):
         return False
     except (OSError, ssl.SSLError, ValueError):
@@ -166,7 +168,7 @@ class IdleConnections(threading.Thread):
         self.seconds, self.max_opens, self.per_tick = seconds, max_opens, per_tick
         self.context = ssl.create_default_context(cafile=str(ca))
         self.held: list[tuple[object, float]] = []
-        self.lifetimes: list[float] = []  # seconds from our last byte to the server dropping a held connection
+        self.lifetimes: list[float] = []  # seconds from our last byte to the server ending a held connection
         self.opened = self.refused = self.peak = 0
         self.first_burst: tuple[int, int, float] | None = None  # held, refused, seconds
         self.done = threading.Event()
@@ -191,7 +193,7 @@ class IdleConnections(threading.Thread):
     def reap(self) -> None:
         now, alive = time.monotonic(), []
         for sock, since in self.held:
-            if closed(sock):
+            if ended(sock):
                 self.lifetimes.append(now - since)
                 sock.close()
             else:
@@ -210,6 +212,8 @@ class IdleConnections(threading.Thread):
             for _ in range(min(self.per_tick, self.target - len(self.held))):
                 self.open_one()
             self.peak = max(self.peak, len(self.held))
+            if not self.held and not self.per_tick:  # nothing left to watch, nothing to re-open
+                break
 
     def stop(self) -> dict:
         self.done.set()
