@@ -109,6 +109,29 @@ def test_the_gateway_refuses_oversized_bodies_before_reading_them():
     assert "server" not in replies["health"].headers and replies["health"].headers.get("date") != "Thu, 01 Jan 1970 00:00:00 GMT"
 
 
+def test_a_later_run_whose_model_needs_a_larger_limit_is_refused_at_submission(tmp_path):
+    """The gateway's limit comes from the first run's model; a bigger model submitted to the same
+    coordinator would have its arrays refused mid-run, so it is refused up front."""
+    from arkfed.config import TrainConfig
+    from arkfed.errors import ArkfedError
+    from arkfed.federation.coordinator.gateway import run_push_object_limit
+    from arkfed.federation.coordinator.launcher import Coordinator, prepare_run
+    from federation_fixtures import fast_settings
+
+    config = TrainConfig(sites=["a"], rounds=1, model=TINY)
+    prepare_run(tmp_path / "small", config, fast_settings(), resume=False)
+    prepare_run(tmp_path / "big", config.model_copy(update={"model": ModelSpec(model="resnet18", img_size=32)}),
+                fast_settings(), resume=False)
+    assert run_push_object_limit(tmp_path / "small") == push_object_limit(model_state_bytes(TINY))
+    assert run_push_object_limit(tmp_path / "big") == FLOWER_CHUNK_BYTES + OBJECT_MARGIN  # resnet18: 47 MB of state
+    assert run_push_object_limit(tmp_path / "nothing") == FLOWER_CHUNK_BYTES + OBJECT_MARGIN  # no run: the chunk bound
+    coordinator = Coordinator(tmp_path / "small", "127.0.0.1:9", None, [])
+    coordinator.push_object_limit = run_push_object_limit(tmp_path / "small")  # as start() sets it
+    with pytest.raises(ArkfedError, match="larger than the one this coordinator's gateway was started for"):
+        coordinator.submit(tmp_path / "big")
+    assert coordinator.runner is None and coordinator.run_dir == (tmp_path / "small").resolve()
+
+
 # -- real processes -------------------------------------------------------------------------------------
 
 
