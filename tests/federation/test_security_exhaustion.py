@@ -109,6 +109,35 @@ def test_the_gateway_refuses_oversized_bodies_before_reading_them():
     assert "server" not in replies["health"].headers and replies["health"].headers.get("date") != "Thu, 01 Jan 1970 00:00:00 GMT"
 
 
+def test_the_listener_resets_connections_over_the_per_address_cap_and_gives_slots_back():
+    import gc
+
+    from arkfed.federation.coordinator.connections import CappedListener, ConnectionLimits
+
+    listener = CappedListener(socket.AF_INET, ConnectionLimits(per_address=2, total=3))
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    clients.append(socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)))
+    try:
+        first, _ = listener.accept()
+        second, _ = listener.accept()
+        other, addr = listener.accept()  # the third from 127.0.0.1 was reset on the way
+        assert addr[0] == "127.0.0.2" and listener.open == {"127.0.0.1": 2, "127.0.0.2": 1} and listener.total == 3
+        with pytest.raises((ConnectionResetError, ConnectionAbortedError)):
+            clients[2].recv(1)
+        first.close()
+        del second  # never closed: its slot comes back when it is collected
+        gc.collect()
+        other.close()
+        assert listener.open == {} and listener.total == 0
+    finally:
+        for sock in clients:
+            sock.close()
+        listener.close()
+
+
 def test_a_later_run_whose_model_needs_a_larger_limit_is_refused_at_submission(tmp_path):
     """The gateway's limit comes from the first run's model; a bigger model submitted to the same
     coordinator would have its arrays refused mid-run, so it is refused up front."""

@@ -97,11 +97,18 @@ class CountedSocket(socket.socket):
         super().__init__(listener.family, listener.type, listener.proto, fileno=fd)
         self.release_slot = lambda: listener.release(host)
 
-    def close(self) -> None:
+    def give_back(self) -> None:
         release, self.release_slot = getattr(self, "release_slot", None), None
         if release is not None:
             release()
+
+    def close(self) -> None:
+        self.give_back()
         super().close()
+
+    def __del__(self) -> None:  # never closed (a transport that failed to start): its slot still comes back
+        self.give_back()
+        super().__del__()
 
 
 def reset(fd: int) -> None:
