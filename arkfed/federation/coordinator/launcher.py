@@ -15,7 +15,7 @@ private to the coordinator's account, 0700)::
     RUN/flower/            FLWR_HOME of the SuperLink and the flwr CLI (config.toml, installed app),
                            superexec.secret while the coordinator runs
     RUN/flower/app/        the generated Flower app (pyproject.toml only)
-    RUN/logs/              superlink.log, gateway.log (every request from outside, refused ones too),
+    RUN/logs/              superlink.log, gateway.log (every request from outside, refused ones too; rotated),
                            superexec.log (the ServerApp launcher), serverapp.log (the ServerApp's output),
                            inbox.jsonl (what every site message carried), registered-sites.log
 
@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 from arkfed.errors import ArkfedError
 from arkfed.federation.certs import CertificateFolder, public_key_fingerprint
+from arkfed.federation.coordinator.gateway import run_push_object_limit
 from arkfed.federation.coordinator.status import FederationStatus, read_status
 from arkfed.federation.flower_app import CONNECTION, split_address, write_connection, write_flower_app
 from arkfed.federation.processes import (
@@ -90,6 +91,7 @@ class Coordinator:
         self.launcher: ManagedProcess | None = None  # arkfed's SuperExec: launches the ServerApp tasks
         self.runner: ManagedProcess | None = None
         self.secret: Path | None = None  # this start's SuperExec secret (0600), shared with the launcher only
+        self.push_object_limit = 0  # the gateway's push-object body limit, from the run's model at start
         if certs is not None:
             certs.check_coordinator()
             missing = [s for s in self.sites if s not in certs.registered_sites()]
@@ -115,11 +117,13 @@ class Coordinator:
         public address and, with authentication, register each site's public key by name (through
         the loopback Control API)."""
         private_folder(self.run_dir)  # the run's model, logs and the secret: this account only
+        self.push_object_limit = run_push_object_limit(self.run_dir)
         self.secret = new_secret(self.home)  # fresh at every start; its path only on command lines
         argv = [flower_executable("flower-superlink"), "--host", LOOPBACK, "--port", str(self.superlink_port),
                 "--disable-runtime-dependency-installation", "--isolation", "process", SECRET_OPTION, str(self.secret)]
         gateway = [sys.executable, "-m", "arkfed.federation.coordinator.gateway", "--listen", f"{self.host}:{self.port}",
-                   "--upstream", f"{LOOPBACK}:{self.superlink_port}"]
+                   "--upstream", f"{LOOPBACK}:{self.superlink_port}", "--log-file", str(self.logs / "gateway.log"),
+                   "--max-push-object", str(self.push_object_limit)]  # bodies sized from the run's model
         launcher = [sys.executable, "-m", "arkfed.federation.superexec", "--runtime-api-address",
                     f"{LOOPBACK}:{self.superlink_port}", SECRET_OPTION, str(self.secret)]
         if self.certs is None:
@@ -164,6 +168,9 @@ class Coordinator:
         if self.runner is not None and self.runner.alive():
             raise ArkfedError(f"a run is still going on in {self.run_dir}")
         if run_dir is not None:
+            if run_push_object_limit(Path(run_dir)) > self.push_object_limit:  # the gateway would refuse its arrays
+                raise ArkfedError(f"{run_dir}: its model is larger than the one this coordinator's gateway was "
+                                  "started for; start a new coordinator for it")
             self.run_dir = private_folder(Path(run_dir).resolve())
         app_dir = write_flower_app(self.run_dir, self.certs)
         argv = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
