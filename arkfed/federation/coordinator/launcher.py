@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 from arkfed.errors import ArkfedError
 from arkfed.federation.certs import CertificateFolder, public_key_fingerprint
+from arkfed.federation.coordinator.signer import SigningService
 from arkfed.federation.coordinator.status import FederationStatus, read_status
 from arkfed.federation.flower_app import CONNECTION, split_address, write_connection, write_flower_app
 from arkfed.federation.processes import (
@@ -90,6 +91,7 @@ class Coordinator:
         self.launcher: ManagedProcess | None = None  # arkfed's SuperExec: launches the ServerApp tasks
         self.runner: ManagedProcess | None = None
         self.secret: Path | None = None  # this start's SuperExec secret (0600), shared with the launcher only
+        self.signer: SigningService | None = None  # holds coordinator.key; the ServerApp asks it for signatures
         if certs is not None:
             certs.check_coordinator()
             missing = [s for s in self.sites if s not in certs.registered_sites()]
@@ -116,12 +118,14 @@ class Coordinator:
         the loopback Control API)."""
         private_folder(self.run_dir)  # the run's model, logs and the secret: this account only
         self.secret = new_secret(self.home)  # fresh at every start; its path only on command lines
-        argv = [flower_executable("flower-superlink"), "--host", LOOPBACK, "--port", str(self.superlink_port),
+        self.signer = SigningService(self.home, self.certs).start()  # the key stays in this process
+        argv = [sys.executable, "-m", "arkfed.federation.coordinator.superlink", "--host", LOOPBACK, "--port", str(self.superlink_port),
                 "--disable-runtime-dependency-installation", "--isolation", "process", SECRET_OPTION, str(self.secret)]
         gateway = [sys.executable, "-m", "arkfed.federation.coordinator.gateway", "--listen", f"{self.host}:{self.port}",
                    "--upstream", f"{LOOPBACK}:{self.superlink_port}"]
         launcher = [sys.executable, "-m", "arkfed.federation.superexec", "--runtime-api-address",
-                    f"{LOOPBACK}:{self.superlink_port}", SECRET_OPTION, str(self.secret)]
+                    f"{LOOPBACK}:{self.superlink_port}", SECRET_OPTION, str(self.secret), "--signer", str(self.signer.path),
+                    "--tmp-dir", str(self.home / "tmp"), *(a for key in self._hidden_keys() for a in ("--hide", str(key)))]
         if self.certs is None:
             argv.append("--insecure")
             gateway.append("--insecure")
@@ -165,7 +169,10 @@ class Coordinator:
             raise ArkfedError(f"a run is still going on in {self.run_dir}")
         if run_dir is not None:
             self.run_dir = private_folder(Path(run_dir).resolve())
-        app_dir = write_flower_app(self.run_dir, self.certs)
+        if self.signer is None:
+            raise ArkfedError("start the coordinator before submitting a run")
+        lifetime = FederationSettings.read(self.run_dir).claim_lifetime
+        app_dir = write_flower_app(self.run_dir, entries=self.signer.submit(self.run_dir, lifetime))  # signed in this process
         argv = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         self.runner = ManagedProcess.start("flwr run", argv, self.env, self.run_dir / "logs" / "serverapp.log")
 
@@ -206,9 +213,24 @@ class Coordinator:
             time.sleep(0.2)
         self.runner.stop()
 
+    def _hidden_keys(self) -> list[Path]:
+        """The private keys the ServerApp must not read (:mod:`arkfed.federation.sandbox`): all but
+        those inside the run folder, which the ServerApp writes (``arkfed train --federated``'s
+        throwaway keys in ``RUN/flower/certs``: said so once)."""
+        if self.certs is None:
+            return []
+        keys = [self.certs.ca_key, self.certs.coordinator_key, *sorted(self.certs.sites_dir.glob("*.key"))]
+        inside = [k for k in keys if k.resolve().is_relative_to(self.run_dir)]
+        if inside:
+            print(f"note: {len(inside)} key file(s) in the run folder {self.run_dir} stay readable by its ServerApp "
+                  "(throwaway keys of a one-machine federation)", flush=True)
+        return [k for k in keys if k.is_file() and k not in inside]
+
     def stop(self) -> None:
         stop_all([self.runner, self.launcher, self.gateway, self.superlink])
         remove_secret(self.secret)
+        if self.signer is not None:
+            self.signer.stop()
 
 
 def run_coordinator(config, out: Path, fed: FederationSettings, address: str, certs: CertificateFolder | None,
