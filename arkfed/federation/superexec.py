@@ -13,9 +13,10 @@ a command line or in a log), start the SuperNode / SuperLink with it and give it
 task launcher, which signs its requests with Flower's own interceptor (``run_superexec(...,
 superexec_auth_secret=...)``, as ``flower-superexec --superexec-auth-secret-file`` does). A task's
 token then reaches the task process in memory only: the site's launcher forks it
-(:mod:`.site.executor`); the coordinator's (:class:`ServerAppExecutor`) gives ``flwr-serverapp``
-an anonymous in-memory file, where Flower's own launcher would put ``--token`` on a command line
-that every local account can read in ``/proc/PID/cmdline``.
+(:mod:`.site.executor`); the coordinator's (:class:`ServerAppExecutor`) gives its ServerApp task
+process (:mod:`arkfed.federation.coordinator.serverapp_task`: arkfed's own ServerApp, never a
+bundle's) an anonymous in-memory file, where Flower's own launcher would put ``--token`` on a
+command line that every local account can read in ``/proc/PID/cmdline``.
 
 Flower logs every refused request in the SuperNode's or SuperLink's own log
 (``[/v1/runtime/acquire-task][ApiError:1008] SuperExec authentication failed ...``);

@@ -1,19 +1,24 @@
 """The coordinator's processes: its Flower SuperLink and the submitted run (``arkfed coordinator``).
 
-:class:`Coordinator` starts ``flower-superlink`` on 127.0.0.1 only (TLS + SuperNode authentication
-with a certificate folder, or ``--insecure``) and, on the public ``--address``, the Fleet-only
-gateway (:mod:`arkfed.federation.coordinator.gateway`): Flower's Control and ServerApp APIs share the
-SuperLink's port and are unauthenticated in open-source Flower, so they must never face the
-network. The SuperLink runs with ``--isolation process`` and a fresh SuperExec secret per start,
-shared with arkfed's ServerApp launcher only (:mod:`arkfed.federation.superexec`), so no other
-local account can claim the ServerApp task through the loopback runtime API. It registers each
-site's public key under the site's name through the loopback Control API, submits the generated
-Flower app (signed, :mod:`arkfed.federation.signing`) with ``flwr run --stream`` and follows
-the ServerApp through the status file it writes. Layout at the coordinator (``RUN`` is made
-private to the coordinator's account, 0700)::
+:class:`Coordinator` starts Flower's SuperLink on 127.0.0.1 only (TLS + SuperNode authentication
+with a certificate folder, or ``--insecure``), behind a check that answers the coordinator's own
+account only (:mod:`arkfed.federation.coordinator.superlink`), and, on the public ``--address``,
+the Fleet-only gateway (:mod:`arkfed.federation.coordinator.gateway`): Flower's Control and
+ServerApp APIs share the SuperLink's port and are unauthenticated in open-source Flower, so they
+must never face the network nor another local account. The SuperLink runs with ``--isolation
+process`` and a fresh SuperExec secret per start, shared with arkfed's ServerApp launcher only
+(:mod:`arkfed.federation.superexec`), which runs arkfed's own ServerApp for the run this
+coordinator submitted and nothing else (:mod:`arkfed.federation.coordinator.serverapp_task`). The
+coordinator's key stays in this process, in its signing service
+(:mod:`arkfed.federation.coordinator.signer`), which signs each submission's claim and every
+request of its ServerApp. It registers each site's public key under the site's name through the
+loopback Control API, submits the generated Flower app (signed, :mod:`arkfed.federation.signing`)
+with ``flwr run --stream`` and follows the ServerApp through the status file it writes. Layout at
+the coordinator (``RUN`` is made private to the coordinator's account, 0700)::
 
     RUN/flower/            FLWR_HOME of the SuperLink and the flwr CLI (config.toml, installed app),
-                           superexec.secret while the coordinator runs
+                           superexec.secret and signer.sock (0600) while the coordinator runs,
+                           tmp/ (the ServerApp's TMPDIR)
     RUN/flower/app/        the generated Flower app (pyproject.toml only)
     RUN/logs/              superlink.log, gateway.log (every request from outside, refused ones too),
                            superexec.log (the ServerApp launcher), serverapp.log (the ServerApp's output),
