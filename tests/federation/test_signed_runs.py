@@ -309,3 +309,33 @@ def test_a_visit_abandoned_by_a_dead_task_process_can_be_served_again(tmp_path):
     with pytest.raises(RunRefused, match="replay"):
         with records.serve(claim, "visit-00001", {}):
             pass
+
+
+def test_the_superlink_guard_lets_other_accounts_call_the_public_fleet_routes_only():
+    """In process (the client address names no real connection, as for another account): only what
+    the public gateway forwards from anyone gets through to Flower."""
+    import asyncio
+
+    import httpx
+
+    from arkfed.federation.coordinator.superlink import SameAccountOnly, public_routes
+
+    reached = []
+
+    async def flower(scope, receive, send):
+        reached.append((scope["method"], scope["path"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def scenario():
+        app = SameAccountOnly(flower, public=public_routes(supernode_auth=True))
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://superlink") as client:
+            calls = [("POST", "/v1/fleet/pull-messages"), ("GET", "/health"), ("POST", "/v1/fleet/register-node"),
+                     ("GET", "/v1/fleet/pull-messages"), ("POST", "/v1/control/list-runs"), ("POST", "/v1/control/start-run"),
+                     ("POST", "/v1/runtime/acquire-task"), ("GET", "/docs")]
+            return {call: (await client.request(*call, headers={"x-forwarded-for": "127.0.0.1"})).status_code for call in calls}
+
+    codes = asyncio.run(scenario())
+    assert reached == [("POST", "/v1/fleet/pull-messages"), ("GET", "/health")]
+    assert {call for call, code in codes.items() if code == 403} == set(codes) - set(reached)

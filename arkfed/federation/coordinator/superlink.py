@@ -10,9 +10,12 @@ needs ``HOST:PORT`` too). On 127.0.0.1 every local account can connect.
 ``python -m arkfed.federation.coordinator.superlink ARGS`` therefore runs Flower's own
 ``flower-superlink ARGS`` with one ASGI layer in front of Flower's app (:class:`SameAccountOnly`):
 every HTTP request is answered only if the TCP connection it came on belongs to this process's
-own account. The kernel says whose a connection is: ``/proc/net/tcp`` lists every socket with
-the account that created it, so the client end of the connection (local address = the request's
-client address, remote = the SuperLink's) names its account; both ends must be established. A
+own account, except the Fleet routes the public gateway forwards from anyone anyway
+(:func:`public_routes`: a SuperNode's Fleet calls, which Flower authenticates with the site's key,
+and ``/health``), so that nginx's workers, another account, can forward them too. The kernel
+says whose a connection is: ``/proc/net/tcp`` lists every socket with the account that created it,
+so the client end of the connection (local address = the request's client address, remote = the
+SuperLink's) names its account; both ends must be established. A
 request from any other account is answered 403 (Flower's error format, code 1008) before Flower
 sees it, and counted in the SuperLink's log. uvicorn's proxy headers are off, so an
 ``X-Forwarded-For`` header (the Fleet gateway's, or anyone's) never stands in for the connection's
@@ -60,14 +63,16 @@ def connection_uid(client: tuple[str, int], server: tuple[str, int], table: Path
 
 
 class SameAccountOnly:
-    """ASGI layer: HTTP requests only from connections of this process's account (see module docstring)."""
+    """ASGI layer: HTTP requests only from connections of this process's account, except the public
+    routes ``public`` (``{(method, path)}``: what the Fleet gateway forwards from anyone), which any
+    account may call (see the module docstring)."""
 
-    def __init__(self, app, uid: int | None = None):
-        self.app, self.uid = app, os.getuid() if uid is None else uid
+    def __init__(self, app, uid: int | None = None, public: set[tuple[str, str]] = frozenset()):
+        self.app, self.uid, self.public = app, os.getuid() if uid is None else uid, set(public)
         self.refused, self.last_report = 0, 0.0
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] == "http" and (scope.get("method"), scope.get("path")) not in self.public:
             client, server = scope.get("client"), scope.get("server")
             try:
                 uid = connection_uid(tuple(client), tuple(server)) if client and server else None
@@ -89,6 +94,15 @@ class SameAccountOnly:
             print(f"arkfed: refused {path[:80]} from {who} (not the coordinator's); {self.refused} refused so far", flush=True)
 
 
+def public_routes(supernode_auth: bool) -> set[tuple[str, str]]:
+    """What any local account may call: exactly what the Fleet gateway forwards from the network
+    (the Fleet routes a SuperNode uses, POST, and ``GET /health``); a local account gets nothing a
+    network outsider does not get through the gateway, and nginx's workers (another account) reach them."""
+    from arkfed.federation.coordinator.gateway import HEALTH_PATH, fleet_paths
+
+    return {("POST", path) for path in fleet_paths(supernode_auth)} | {("GET", HEALTH_PATH)}
+
+
 def main(argv: list[str] | None = None) -> None:
     if not Path("/proc/net/tcp").is_file():
         sys.exit("arkfed: cannot tell which account a connection belongs to here (no /proc/net/tcp); "
@@ -104,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     create_app = flower_main.create_app
 
     def guarded_app(*args, **kwargs):
-        return SameAccountOnly(create_app(*args, **kwargs))
+        return SameAccountOnly(create_app(*args, **kwargs), public=public_routes("--enable-supernode-auth" in sys.argv))
 
     def run_without_proxy_headers(*args, **kwargs):
         # uvicorn would otherwise take the client address from X-Forwarded-For (which the Fleet
