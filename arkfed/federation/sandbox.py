@@ -123,6 +123,8 @@ def hide_files(paths: Iterable[str | Path]) -> int:
     abi = abi_version()
     if abi < 1:
         raise SandboxUnavailable("Landlock is not available (Linux 5.13+ with Landlock enabled is needed)")
+    if len(os.listdir("/proc/self/task")) > 1:  # threads already running would stay outside the sandbox
+        raise SandboxUnavailable("the process already runs several threads; hide files before starting any")
     hidden = []
     for path in paths:
         info = os.stat(path) if os.path.exists(path) else None
