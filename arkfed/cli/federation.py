@@ -191,6 +191,15 @@ def _show_refused_requests(node, console) -> None:
                       f"account?); Flower logged each in {escape(str(node.process.log_path))}; last: {escape(refused[-1])}[/]")
 
 
+def _signed_line(signed: dict | None) -> str:
+    """The signed run's plan, as the operator approves it (the fingerprint covers the whole claim)."""
+    if not signed:
+        return ""
+    return (f"  signed: sites {signed.get('sites')}, {signed.get('rounds')} round(s), {signed.get('mode')} ({signed.get('order')}), "
+            f"seed {signed.get('seed')}, init {signed.get('init')}, evaluates {signed.get('eval_split')}, "
+            f"recipe {signed.get('recipe')}; valid until {signed.get('expires_at')}\n")
+
+
 def _show_pending_runs(node, console, shown: set[str]) -> None:
     """Policy ``approval: manual``: each run waiting for approval, once, with what it asks."""
     from arkfed.site.policy import pending_runs
@@ -206,8 +215,8 @@ def _show_pending_runs(node, console, shown: set[str]) -> None:
             f"  model {model.get('model')} at {model.get('img_size')} px; batch {settings.get('batch_size')}, "
             f"epochs {settings.get('local_epochs')}, max steps per visit {settings.get('max_steps_per_visit')}, "
             f"lr {settings.get('lr')}, device {settings.get('device')}; first request: {entry.get('request')}"
-            + (f" on split {entry['split']}" if entry.get("split") else "") + "\n"
-            f"  approve: arkfed site --config {node.config_path} --approve {fingerprint}"
+            + (f" on split {entry['split']}" if entry.get("split") else "") + "\n" + _signed_line(entry.get("signed"))
+            + f"  approve: arkfed site --config {node.config_path} --approve {fingerprint}"
         )
 
 

@@ -63,15 +63,17 @@ def split_address(address: str, default_host: str = "0.0.0.0") -> tuple[str, int
     return host, number
 
 
-def write_flower_app(run_dir: Path, certs=None) -> Path:
-    """The Flower app folder for this run (the ServerApp finds the run folder through it); with a
-    :class:`~arkfed.federation.certs.CertificateFolder`, the run is signed with the coordinator's key."""
+def write_flower_app(run_dir: Path, certs=None, entries: dict[str, str] | None = None) -> Path:
+    """The Flower app folder for this run (the ServerApp finds the run folder through it), carrying
+    ``entries`` in its run config (the coordinator's signing service makes them: ticket and signed
+    claim); with a :class:`~arkfed.federation.certs.CertificateFolder` instead, the run is signed here
+    with the key file (tools and tests; ``arkfed coordinator`` signs in its signing service)."""
     from arkfed.io import write_text_atomic
 
     run_dir = Path(run_dir).resolve()
-    signature = ""
-    if certs is not None:
-        signature = "".join(f"{key} = {json.dumps(value)}\n" for key, value in sign_run_folder(run_dir, certs).items())
+    if entries is None and certs is not None:
+        entries = sign_run_folder(run_dir, certs)
+    signature = "".join(f"{key} = {json.dumps(value)}\n" for key, value in (entries or {}).items())
     app_dir = run_dir / "flower" / "app"
     app_dir.mkdir(parents=True, exist_ok=True)
     for stray in app_dir.iterdir():  # the bundle is pyproject.toml alone
@@ -85,12 +87,12 @@ def write_flower_app(run_dir: Path, certs=None) -> Path:
 def sign_run_folder(run_dir: Path, certs) -> dict[str, str]:
     """The signed claim (run config entries) for the run prepared in ``run_dir``."""
     from arkfed.federation.protocol import FederationSettings
-    from arkfed.federation.signing import make_claim, sign_claim
+    from arkfed.federation.signing import TICKET_KEY, make_claim, sign_claim
     from arkfed.run.folder import RunFolder
 
     fed = FederationSettings.read(run_dir)
-    claim = make_claim(RunFolder(run_dir).read_config(), fed.run_uid)
-    return sign_claim(claim, certs.coordinator_key, certs.coordinator_cert)
+    claim = make_claim(RunFolder(run_dir).read_config(), fed.run_uid, fed.claim_lifetime)
+    return {TICKET_KEY: claim["nonce"], **sign_claim(claim, certs.coordinator_key, certs.coordinator_cert)}
 
 
 def write_connection(home: Path, port: int, ca_cert: Path | None) -> None:
@@ -99,3 +101,28 @@ def write_connection(home: Path, port: int, ca_cert: Path | None) -> None:
     lines.append(f"root-certificates = {json.dumps(str(Path(ca_cert).resolve()))}" if ca_cert else "insecure = true")
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def inspect_bundle(content: bytes) -> str | None:
+    """Why this app bundle is refused (None: it is arkfed's own app, pyproject.toml only). Sites and
+    the coordinator read a bundle this way, in memory, and never unpack or import it."""
+    import io
+    import tomllib
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as bundle:
+            names = set(bundle.namelist())
+            extra = sorted(names - BUNDLE_FILES)
+            if extra:
+                return f"the run's app bundle holds files besides pyproject.toml ({', '.join(repr(n[:60]) for n in extra[:3])})"
+            if bundle.getinfo("pyproject.toml").file_size > 64 * 1024:
+                return "the run's app bundle's pyproject.toml is too large"
+            project = tomllib.loads(bundle.read("pyproject.toml").decode())
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError, OSError):
+        return "the run's app bundle is not a readable Flower app"
+    components = project.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
+    for kind, expected in COMPONENTS.items():
+        if components.get(kind) != expected:
+            return f"the run's app names {kind} {str(components.get(kind))[:80]!r}, not arkfed's {expected!r}"
+    return None

@@ -28,6 +28,7 @@ class FederationSettings(BaseModel):
     visit_timeout: float = Field(default=3600.0, gt=0, description="seconds one visit (or evaluation) may take")
     rejoin_wait: float = Field(default=30.0, ge=0, description="seconds a retry waits for a vanished site to come back")
     schemas: dict[str, dict] = Field(default_factory=dict, description="the run's record: each site's label schema")
+    claim_lifetime: float = Field(default=7 * 24 * 3600.0, gt=0, description="seconds a signed run stays valid at the sites")
     max_update_norm: float | None = Field(default=None, gt=0, description="reject a returned student farther than this from the one sent")
     log: list[str] = Field(default_factory=list, description="trackers the ServerApp logs to (tensorboard, mlflow)")
 

@@ -13,9 +13,10 @@ a command line or in a log), start the SuperNode / SuperLink with it and give it
 task launcher, which signs its requests with Flower's own interceptor (``run_superexec(...,
 superexec_auth_secret=...)``, as ``flower-superexec --superexec-auth-secret-file`` does). A task's
 token then reaches the task process in memory only: the site's launcher forks it
-(:mod:`.site.executor`); the coordinator's (:class:`ServerAppExecutor`) gives ``flwr-serverapp``
-an anonymous in-memory file, where Flower's own launcher would put ``--token`` on a command line
-that every local account can read in ``/proc/PID/cmdline``.
+(:mod:`.site.executor`); the coordinator's (:class:`ServerAppExecutor`) gives its ServerApp task
+process (:mod:`arkfed.federation.coordinator.serverapp_task`: arkfed's own ServerApp, never a
+bundle's) an anonymous in-memory file, where Flower's own launcher would put ``--token`` on a
+command line that every local account can read in ``/proc/PID/cmdline``.
 
 Flower logs every refused request in the SuperNode's or SuperLink's own log
 (``[/v1/runtime/acquire-task][ApiError:1008] SuperExec authentication failed ...``);
@@ -31,6 +32,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 from arkfed.errors import ArkfedError
@@ -116,11 +118,13 @@ def check_listener(port: int, what: str) -> None:
 
 
 class ServerAppExecutor:
-    """Flower SuperExec executor for the coordinator: ``flwr-serverapp`` for ServerApp tasks only
-    (other task types are never acquired), its task token passed through an in-memory file."""
+    """Flower SuperExec executor for the coordinator: arkfed's ServerApp task process
+    (:mod:`arkfed.federation.coordinator.serverapp_task`, never a bundle's ServerApp) for ServerApp
+    tasks only (other task types are never acquired), its task token passed through an in-memory file."""
 
-    def __init__(self) -> None:
+    def __init__(self, task_args: list[str] | None = None) -> None:
         self.children: dict[subprocess.Popen, str | None] = {}  # process -> its token file on disk, if any
+        self.task_args = list(task_args or [])  # --signer, --hide, --tmp-dir for the task process
 
     def get_eligible_capacity(self, supported_task_types, *, insecure: bool = False, root_certificates_path=None):
         from flwr.supercore.constant import TaskType
@@ -134,12 +138,11 @@ class ServerAppExecutor:
         from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec.executor.types import LaunchResult
 
-        from arkfed.federation.processes import flower_executable
-
         if spec.task_type != TaskType.SERVER_APP:
             return LaunchResult.failed(f"arkfed's coordinator runs ServerApp tasks only, not {spec.task_type}")
         fd, token_path, on_disk = _token_file(spec.token)
-        argv = [flower_executable("flwr-serverapp"), "--runtime-api-address", spec.runtime_api_address, "--token-file", token_path]
+        argv = [sys.executable, "-m", "arkfed.federation.coordinator.serverapp_task", "--runtime-api-address",
+                spec.runtime_api_address, "--token-file", token_path, *self.task_args]
         if spec.insecure:
             argv.append("--insecure")
         elif spec.root_certificates_path is not None:
@@ -205,13 +208,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root-certificates", default=None)
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument(SECRET_OPTION, dest="secret_file", required=True)
+    parser.add_argument("--signer", required=True, help="the coordinator's signing service (a Unix socket)")
+    parser.add_argument("--hide", action="append", default=[], help="a key file the ServerApp must not read")
+    parser.add_argument("--tmp-dir", default=None, help="TMPDIR for the ServerApp")
     args = parser.parse_args(argv)
     global TOKEN_FOLDER
     TOKEN_FOLDER = Path(args.secret_file).parent
     secret = read_secret(args.secret_file)
     from flwr.supercore.superexec import run_superexec as superexec
 
-    executor = ServerAppExecutor()
+    task_args = ["--signer", args.signer, *(a for path in args.hide for a in ("--hide", path))]
+    if args.tmp_dir:
+        task_args += ["--tmp-dir", args.tmp_dir]
+    executor = ServerAppExecutor(task_args)
     superexec.get_executor = lambda *a, **k: executor  # Flower's loop, our executor
     superexec.run_superexec(
         runtime_api_address=args.runtime_api_address,

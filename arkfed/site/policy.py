@@ -132,11 +132,25 @@ def check_request(
 # -- approval -------------------------------------------------------------------------------
 
 
-def run_fingerprint(run_uid: str, spec: ModelSpec, settings: TrainSettings) -> str:
-    """What the operator approves: the run's id, model and settings (16 hex digits of SHA-256)."""
-    text = json.dumps({"run": run_uid, "spec": spec.model_dump(mode="json"), "settings": settings.model_dump(mode="json")},
-                      sort_keys=True)
+def run_fingerprint(run_uid: str, spec: ModelSpec, settings: TrainSettings, claim: dict | None = None) -> str:
+    """What the operator approves (16 hex digits of SHA-256): the whole signed claim of the run
+    (its configuration, nonce and expiry) when it is signed; otherwise (an insecure trial) the
+    run's id, model and settings. A resubmitted or resumed run is a new claim: approved anew."""
+    if claim is not None:
+        text = json.dumps(claim, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    else:
+        text = json.dumps({"run": run_uid, "spec": spec.model_dump(mode="json"), "settings": settings.model_dump(mode="json")},
+                          sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def claim_details(claim: dict | None) -> dict:
+    """What the operator sees of a signed run besides model and settings, before approving it."""
+    if claim is None:
+        return {}
+    config = claim.get("config") or {}
+    shown = {key: config.get(key) for key in ("sites", "rounds", "mode", "order", "weighting", "seed", "init", "eval_split", "recipe")}
+    return {"signed": {**shown, "nonce": claim.get("nonce"), "signed_at": claim.get("signed_at"), "expires_at": claim.get("expires_at")}}
 
 
 def _check_fingerprint(fingerprint: str) -> str:

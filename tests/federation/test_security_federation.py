@@ -7,9 +7,17 @@ sites whose keys were made at the sites (`certs site-key`) and registered by the
 - an outsider holding ca.crt and a fresh key, pointed at the public address with the real `flwr`
   CLI and with raw HTTP, cannot list runs, submit a run, register or unregister a SuperNode, and
   the SuperLink's node and run lists are unchanged afterwards;
-- a run submitted straight to the loopback Control API with another app bundle (its ClientApp
-  would write a marker file) is refused by every site and none of its site code runs;
-- an arkfed run signed by another CA's coordinator is refused by every site;
+- a run submitted straight to the loopback Control API with another app bundle (its ServerApp and
+  ClientApp would write marker files) is refused by the coordinator's ServerApp launcher: none of
+  its code runs, no site hears of it;
+- an arkfed run signed by another CA's coordinator is refused by the coordinator too;
+- another local account (``nobody``) cannot use the SuperLink at all (Control, runtime or Fleet API:
+  403 before Flower), so cannot submit a bundle, and cannot read the coordinator's keys; the
+  ServerApp's own process cannot read them either (Landlock);
+- a signed claim means one run: a replayed claim (with changed rounds, seed and mode), claims whose
+  configuration the run does not follow (changed rounds, seed or mode), an expired claim, and visits
+  whose authorization was signed with another key are each refused by every site, and nothing is
+  trained or overwritten at the sites;
 - an unregistered site key is refused.
 """
 
@@ -17,8 +25,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +37,7 @@ import httpx
 import pytest
 
 from arkfed.errors import ArkfedError
+from arkfed.federation import messages as m
 from arkfed.federation.certs import add_site, init_certificates, make_site_key
 from arkfed.federation.coordinator.launcher import Coordinator, prepare_run
 from arkfed.federation.coordinator.status import read_status
@@ -96,13 +108,16 @@ class Federation:
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    fed = Federation(tmp_path_factory.mktemp("secure"))
+def federation():
+    root = Path(tempfile.mkdtemp(prefix="arkfed-secure-"))
+    root.chmod(0o755)  # every account can come this far: what protects the run is arkfed's own folders and modes
+    fed = Federation(root)
     try:
         fed.start()
         yield fed
     finally:
         fed.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _wait_for(condition, timeout: float, what: str):
@@ -203,9 +218,11 @@ report = {report}
 
 EVIL_SERVER = '''\
 import json
+from pathlib import Path
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import ServerApp
 
+Path({marker}).write_text("coordinator code ran at import")
 app = ServerApp()
 
 
@@ -236,42 +253,276 @@ def query(msg, context):
 '''
 
 
-def test_a_run_with_another_bundle_submitted_on_loopback_is_refused_by_every_site(federation, tmp_path):
-    federation.coordinator.wait(timeout=RUN_TIMEOUT)
-    marker, report = tmp_path / "marker.txt", tmp_path / "report.json"
-    app_dir = tmp_path / "evil"
+def _evil_app(folder: Path, markers: Path, report: Path) -> Path:
+    """Another Flower app: its ServerApp and ClientApp write marker files when imported or run."""
+    app_dir = folder / "evil"
     (app_dir / "evilapp").mkdir(parents=True)
     (app_dir / "pyproject.toml").write_text(EVIL_PYPROJECT.format(report=json.dumps(str(report))))
     (app_dir / "evilapp" / "__init__.py").write_text("")
-    (app_dir / "evilapp" / "server_app.py").write_text(EVIL_SERVER)
-    (app_dir / "evilapp" / "client_app.py").write_text(EVIL_CLIENT.format(marker=repr(str(marker))))
+    (app_dir / "evilapp" / "server_app.py").write_text(EVIL_SERVER.replace("{marker}", repr(str(markers / "server-marker.txt"))))
+    (app_dir / "evilapp" / "client_app.py").write_text(EVIL_CLIENT.replace("{marker}", repr(str(markers / "client-marker.txt"))))
+    return app_dir
+
+
+def _launcher_log(federation) -> str:
+    return federation.coordinator.launcher.log_text()
+
+
+def test_a_run_with_another_bundle_submitted_on_loopback_is_refused_by_the_coordinator(federation, tmp_path):
+    """Even the coordinator's own account: the ServerApp launcher runs arkfed's ServerApp or nothing."""
+    federation.coordinator.wait(timeout=RUN_TIMEOUT)
+    report = tmp_path / "report.json"
+    app_dir = _evil_app(tmp_path, tmp_path, report)
     errors_before = {name: len(federation.outbox_errors(name)) for name in federation.names}
+    runs_before, _ = federation.superlink_lists()
 
     done = federation.flwr("run", str(app_dir), CONNECTION)  # straight to the loopback Control API
-    assert done.returncode == 0, done.stdout + done.stderr
-    result = json.loads(_wait_for(lambda: report.is_file() and report.read_text(), 120, "the other app's ServerApp"))
-    assert len(result["nodes"]) == 2 and len(result["replies"]) == 2
-    for reply in result["replies"]:
-        assert reply["error"] and "refused" in reply["error"] and "evilapp" in reply["error"], reply
-    for name in federation.names:
-        new = federation.outbox_errors(name)[errors_before[name]:]
-        assert len(new) == 1 and "holds files besides pyproject.toml" in new[0], (name, new)
-    assert not marker.exists(), "the other bundle's ClientApp code ran at a site"
+    assert done.returncode == 0, done.stdout + done.stderr  # Flower accepts the submission ...
+    reason = "the run's app bundle holds files besides pyproject.toml"
+    _wait_for(lambda: reason in _launcher_log(federation), 120, "the launcher to refuse the bundle")  # ... arkfed does not run it
+    time.sleep(2)
+    runs, _ = federation.superlink_lists()
+    listed = json.loads(federation.flwr("ls", CONNECTION, "--format", "json").stdout)["runs"]
+    new = [r for r in listed if int(r["run-id"]) in runs - runs_before]
+    print(f"\nforeign bundle from the coordinator's account: {json.dumps(new)[:400]}")
+    assert len(new) == 1 and "failed" in json.dumps(new[0]).lower(), new
+    assert not (tmp_path / "server-marker.txt").exists(), "the other bundle's ServerApp code ran at the coordinator"
+    assert not (tmp_path / "client-marker.txt").exists() and not report.exists()
+    for name in federation.names:  # no site ever heard of it
+        assert len(federation.outbox_errors(name)) == errors_before[name]
 
 
-def test_an_arkfed_run_signed_by_another_coordinator_is_refused_by_every_site(federation, tmp_path):
+def test_an_arkfed_run_signed_by_another_coordinator_is_refused_by_the_coordinator(federation, tmp_path):
     federation.coordinator.wait(timeout=RUN_TIMEOUT)
     rogue = init_certificates(tmp_path / "rogue-certs", ["127.0.0.1"])  # another CA, another coordinator key
     out = tmp_path / "rogue-run"
     prepare_run(out, tiny_config(federation.site_yamls, rounds=1), fast_settings(join_timeout=60.0), resume=False)
     app_dir = write_flower_app(out, rogue)
+    errors_before = {name: len(federation.outbox_errors(name)) for name in federation.names}
     done = federation.flwr("run", str(app_dir), CONNECTION)
     assert done.returncode == 0, done.stdout + done.stderr
-    status = _wait_for(lambda: (s := read_status(out)) is not None and s.finished and s, 120, "the rogue run to end")
-    assert status.phase == "failed" and "not issued by this site's federation CA" in status.error, status.error
-    assert not (out / "checkpoint.safetensors").exists()
+    _wait_for(lambda: "unknown or outdated ticket" in _launcher_log(federation), 120, "the launcher to refuse the run")
+    assert read_status(out) is None and not (out / "checkpoint.safetensors").exists()  # its ServerApp never ran
     for name in federation.names:
-        assert any("not issued by this site's federation CA" in e for e in federation.outbox_errors(name))
+        assert len(federation.outbox_errors(name)) == errors_before[name]
+
+
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+
+RAW_HTTP = """
+import json, ssl, sys, httpx
+base, ca = sys.argv[1], sys.argv[2]
+codes = {}
+with httpx.Client(verify=ssl.create_default_context(cafile=ca), timeout=20) as client:
+    for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/acquire-task",
+                 "/v1/runtime/get-nodes", "/v1/fleet/activate-node", "/health"):
+        method = "GET" if path == "/health" else "POST"
+        reply = client.request(method, base + path, content=b"", headers={"content-type": "application/protobuf"})
+        codes[path] = reply.status_code
+print(json.dumps(codes))
+"""
+
+READ_FILES = """
+import json, os, sys
+readable, denied = [], []
+paths = [p for arg in sys.argv[1:] for p in ([arg] if not os.path.isdir(arg) else
+         [os.path.join(b, n) for b, _, files in os.walk(arg, onerror=lambda e: None) for n in files])]
+for path in paths:
+    try:
+        open(path, "rb").read(1)
+        readable.append(path)
+    except OSError as exc:
+        denied.append(f"{os.path.basename(path)}: errno {exc.errno}")
+print(json.dumps({"readable": readable, "denied": denied}))
+"""
+
+
+def test_another_local_account_cannot_submit_to_the_superlink_nor_read_the_keys(federation):
+    """As ``nobody``: the real ``flwr`` CLI against the coordinator's SuperLink, raw HTTP to every API,
+    and reading every file of the certificate and run folders."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run as nobody")
+    federation.coordinator.wait(timeout=RUN_TIMEOUT)
+    public = Path(tempfile.mkdtemp(prefix="arkfed-nobody-"))
+    try:
+        public.chmod(0o777)
+        shutil.copy(federation.certs.ca_cert, public / "ca.crt")  # public: every site holds it
+        (public / "ca.crt").chmod(0o644)
+        home = public / "flwr-home"
+        write_connection(home, federation.coordinator.superlink_port, public / "ca.crt")
+        app_dir = _evil_app(public, public, public / "report.json")
+        for path in [home, *home.rglob("*"), *public.rglob("*")]:
+            path.chmod(0o777 if path.is_dir() else 0o666)
+        runs_before, nodes_before = federation.superlink_lists()
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(public), "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+               "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+        _, pub = make_site_key("mallory", public / "keys")
+        (public / "keys").chmod(0o755)
+        pub.chmod(0o644)
+
+        def as_nobody(*argv: str) -> subprocess.CompletedProcess:
+            return subprocess.run([*NOBODY, *argv], env=env, capture_output=True, text=True, timeout=120, cwd="/", stdin=subprocess.DEVNULL)
+
+        flwr = flower_executable("flwr")
+        cli = {what: as_nobody(flwr, *args) for what, args in {
+            "submit a foreign bundle": ["run", str(app_dir), CONNECTION],
+            "list runs": ["ls", CONNECTION],
+            "register a SuperNode": ["supernode", "register", str(pub), CONNECTION, "--name", "mallory"],
+            "list SuperNodes": ["supernode", "ls", CONNECTION]}.items()}
+        superlink = f"https://127.0.0.1:{federation.coordinator.superlink_port}"
+        raw = as_nobody(sys.executable, "-c", RAW_HTTP, superlink, str(public / "ca.crt"))
+        codes = json.loads(raw.stdout)
+        keys = [str(federation.certs.ca_key), str(federation.certs.coordinator_key)]
+        files = json.loads(as_nobody(sys.executable, "-c", READ_FILES, str(federation.certs.root), str(federation.run_dir), *keys).stdout)
+        time.sleep(5)
+        print(f"\nnobody with the flwr CLI: {({k: v.returncode for k, v in cli.items()})}; raw HTTP: {codes}; "
+              f"files readable: {files['readable'][:5]}, unreadable: {files['denied'][:5]}")
+        for what, done in cli.items():
+            assert done.returncode != 0, f"nobody could {what}: {done.stdout[-300:]}"
+        guarded = {k: v for k, v in codes.items() if not k.startswith(("/v1/fleet/", "/health"))}
+        assert set(guarded.values()) == {403}, codes  # Control and runtime APIs, before Flower sees the request
+        # the Fleet routes the public gateway forwards reach Flower, which wants a registered site's signature
+        assert codes["/v1/fleet/activate-node"] == 401 and codes["/health"] == 200, codes
+        assert files["readable"] == [] and {"ca.key: errno 13", "coordinator.key: errno 13"} <= set(files["denied"])
+        assert not (public / "server-marker.txt").exists() and not (public / "client-marker.txt").exists()
+        assert federation.superlink_lists() == (runs_before, nodes_before)
+        assert "from account 65534 (not the coordinator's)" in federation.coordinator.superlink.log_text()
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
+def test_the_serverapp_runs_with_the_key_files_hidden(federation):
+    federation.coordinator.wait(timeout=RUN_TIMEOUT)
+    log = _launcher_log(federation)
+    assert "2 key file(s) hidden from this process (Landlock)" in log, log[-2000:]
+    argv = " ".join(federation.coordinator.launcher.argv)
+    assert f"--hide {federation.certs.ca_key}" in argv and f"--hide {federation.certs.coordinator_key}" in argv
+
+
+# -- a signed claim means one run -------------------------------------------------------------------
+
+
+def _signed_entries(federation) -> dict[str, str]:
+    """The run-config entries of the federation's first (finished) run, from its app."""
+    import tomllib
+
+    project = tomllib.loads((federation.run_dir / "flower" / "app" / "pyproject.toml").read_text())
+    return {k: v for k, v in project["tool"]["flwr"]["app"]["config"].items() if k.startswith("arkfed-")}
+
+
+def _entries_for(federation, claim: dict) -> dict[str, str]:
+    from arkfed.federation.signing import TICKET_KEY, sign_claim
+
+    return {TICKET_KEY: claim["nonce"], **sign_claim(claim, federation.certs.coordinator_key, federation.certs.coordinator_cert)}
+
+
+def _heads(federation) -> dict[str, float]:
+    state = [load_site_config(p).local_state_dir for p in federation.site_yamls]
+    return {str(p): p.stat().st_mtime for folder in state for p in (Path(folder) / "runs").rglob("*.safetensors")}
+
+
+def _hostile_run(federation, tmp_path, monkeypatch, name: str, config, entries: dict[str, str], run_uid: str):
+    """Submit ``config`` with ``entries`` (a claim and its ticket) as a coordinator whose own checks
+    are off (a compromised coordinator process, or a replayer who got an old claim into a run): the
+    signing service admits the run and signs whatever its ServerApp asks. What the sites answer."""
+    import arkfed.federation.coordinator.signer as signer_module
+    from arkfed.federation.signing import CLAIM_KEY, TICKET_KEY, claim_of
+
+    out = tmp_path / name
+    prepare_run(out, config, fast_settings(join_timeout=60.0, run_uid=run_uid), resume=False)
+    service = federation.coordinator.signer
+    monkeypatch.setattr(signer_module, "check_request", lambda claim, request: None)  # signs any plan
+    monkeypatch.setattr(service, "_start", lambda request: (setattr(service.current, "started", True), {"ok": True})[1])
+    service.current = signer_module.Submission(str(out.resolve()), entries[TICKET_KEY], claim_of(entries), entries.get(CLAIM_KEY))
+    return _run_and_collect(federation, out, write_flower_app(out, entries=entries))
+
+
+def _run_and_collect(federation, out: Path, app_dir: Path):
+    before = {n: len(read_outbox(load_site_config(federation.sites[n].config_path).local_state_dir)) for n in federation.names}
+    done = federation.flwr("run", str(app_dir), CONNECTION)
+    assert done.returncode == 0, done.stdout + done.stderr
+    status = _wait_for(lambda: (s := read_status(out)) is not None and s.finished and s, 240, f"the run in {out.name} to end")
+    answers = {}
+    for n in federation.names:
+        entries = read_outbox(load_site_config(federation.sites[n].config_path).local_state_dir)[before[n]:]
+        answers[n] = [(e["message_type"], e["error"]["reason"] if "error" in e else "ok") for e in entries]
+    print(f"\n{out.name}: run {status.phase}; sites answered {json.dumps(answers)[:1500]}")
+    return status, answers
+
+
+@pytest.mark.parametrize("change", [{"rounds": 2}, {"seed": 5}, {"mode": "parallel"}])
+def test_a_replayed_claim_is_refused_by_every_site_and_overwrites_nothing(federation, tmp_path, monkeypatch, change):
+    """The issue's replay: the first run's 1-round cyclic claim with seed 3, resubmitted to run
+    with more rounds, another seed or in parallel mode."""
+    from arkfed.federation.signing import claim_of
+
+    federation.coordinator.wait(timeout=RUN_TIMEOUT)
+    entries = _signed_entries(federation)
+    claim = claim_of(entries)
+    heads = _heads(federation)
+    config = tiny_config(federation.site_yamls, rounds=1).model_copy(update=change)
+    status, answers = _hostile_run(federation, tmp_path, monkeypatch, "replay", config, entries, claim["run_uid"])
+    assert status.phase == "failed"
+    for name, replies in answers.items():
+        assert replies and all(reason.startswith("refused: replay: this signed run") for _, reason in replies), (name, replies)
+    assert _heads(federation) == heads  # the first run's heads at the sites are untouched
+
+
+@pytest.mark.parametrize("change", [{"rounds": 2, "seed": 5}, {"mode": "parallel"}])
+def test_a_claim_the_run_does_not_follow_is_refused_where_it_differs(federation, tmp_path, monkeypatch, change):
+    """A fresh claim for a 1-round cyclic run with seed 3, and a run of another configuration: every
+    visit whose plan is not the signed one is refused (in parallel mode the first visit is the same
+    operation as the signed run's first visit, and is served as signed)."""
+    from arkfed.federation.signing import make_claim
+    from arkfed.run.plan import plan_groups
+
+    federation.coordinator.wait(timeout=RUN_TIMEOUT)
+    signed = tiny_config(federation.site_yamls, rounds=1)
+    name = "changed-" + "-".join(change)
+    claim = make_claim(signed, name, 3600)
+    config = signed.model_copy(update=change)
+    status, answers = _hostile_run(federation, tmp_path, monkeypatch, name, config, _entries_for(federation, claim), name)
+    signed_plans = {p.visit: p for group in plan_groups(signed) for p in group}
+    for site, replies in answers.items():
+        plans = [p for group in plan_groups(config) for p in group if p.site == site]
+        differing = sum(signed_plans.get(p.visit) != p for p in plans)
+        visits = [reason for kind, reason in replies if kind == m.VISIT]
+        refused = [r for r in visits if r != "ok"]
+        assert len(refused) == differing and len(visits) - len(refused) == len(plans) - differing, (site, replies)
+        assert all("differs from the signed run configuration" in r or "outside the signed run" in r for r in refused), refused
+    assert sum(len([1 for kind, r in replies if kind == m.VISIT and r != "ok"]) for replies in answers.values()) >= 1
+    if "seed" in change:  # every site refused every visit
+        assert all(all(r != "ok" for kind, r in replies if kind == m.VISIT) for replies in answers.values())
+
+
+def test_an_expired_claim_is_refused_by_every_site(federation, tmp_path, monkeypatch):
+    from arkfed.federation.signing import make_claim
+
+    federation.coordinator.wait(timeout=RUN_TIMEOUT)
+    config = tiny_config(federation.site_yamls, rounds=1)
+    claim = make_claim(config, "expired", lifetime=-60)
+    status, answers = _hostile_run(federation, tmp_path, monkeypatch, "expired", config, _entries_for(federation, claim), "expired")
+    assert status.phase == "failed"
+    for name, replies in answers.items():
+        assert replies and all("refused: the signed run expired at" in reason for _, reason in replies), (name, replies)
+
+
+def test_visits_authorized_with_another_key_are_refused_by_every_site(federation, tmp_path, monkeypatch):
+    """A properly signed run whose visit plans are signed with a key the CA never certified."""
+    from arkfed.federation.signing import load_signing_key
+
+    federation.coordinator.wait(timeout=RUN_TIMEOUT)
+    rogue = init_certificates(tmp_path / "rogue-certs", ["127.0.0.1"])
+    out = tmp_path / "bad-signature"
+    prepare_run(out, tiny_config(federation.site_yamls, rounds=1), fast_settings(join_timeout=60.0), resume=False)
+    service = federation.coordinator.signer
+    entries = service.submit(out, 3600)  # the real claim, signed with the real key
+    monkeypatch.setattr(service, "_key", load_signing_key(rogue.coordinator_key))  # ... and every visit with another
+    status, answers = _run_and_collect(federation, out, write_flower_app(out, entries=entries))
+    for name, replies in answers.items():
+        requests = [reason for kind, reason in replies if kind in (m.VISIT, m.EVALUATE)]
+        assert requests and all("authorization does not match its plan and weights" in r for r in requests), (name, replies)
+        assert any(kind == m.HELLO and reason == "ok" for kind, reason in replies)  # the claim itself was fine
 
 
 def test_an_unregistered_site_key_is_refused(federation, tmp_path):

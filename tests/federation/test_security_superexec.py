@@ -9,7 +9,8 @@ made-up tokens, hunts for tokens and secrets on every process's command line, an
 every file under the site's ``state_dir`` and the coordinator's run folder:
 
 - against the site's SuperNode (task type ``flwr-clientapp``);
-- against the coordinator's SuperLink (task type ``flwr-serverapp``).
+- against the coordinator's SuperLink (task type ``flwr-serverapp``), which since issue 21 answers only the
+  coordinator's own account: every call is refused 403 before Flower sees it.
 
 The run must finish with every visit trained by arkfed's own launchers, every attacker call
 refused by Flower, nothing of the run readable by ``nobody``; the SuperExec secret files are 0600
@@ -46,6 +47,7 @@ pytestmark = pytest.mark.slow
 RUN_TIMEOUT = 200.0
 ATTACKER = Path(__file__).resolve().parents[1] / "runtime_attacker.py"
 REFUSED = "refused:401:1008"  # Flower's RUNTIME_AUTHENTICATION_FAILED over HTTP
+GUARDED = "refused:403:1008"  # the coordinator's SuperLink answers only its own account (issue 21), before Flower
 
 
 def as_nobody(argv: list[str]) -> list[str]:
@@ -185,13 +187,13 @@ def attacked_run():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def check_attacker(report: dict) -> None:
+def check_attacker(report: dict, refused: str = REFUSED) -> None:
     assert report["uid"] == 65534 and report["polls"] > 20, report
     for what in ("acquire_unsigned", "acquire_guessed_secret"):
-        assert set(report[what]) == {REFUSED}, (what, report[what])  # every acquire-task refused by Flower
-        assert report[what][REFUSED] == report["polls"]
+        assert set(report[what]) == {refused}, (what, report[what])  # every acquire-task refused
+        assert report[what][refused] == report["polls"]
     assert report["claimed"] == [] and report["pulled"] == []
-    assert report["token_methods_made_up_token"] and all(k.endswith(REFUSED) for k in report["token_methods_made_up_token"])
+    assert report["token_methods_made_up_token"] and all(k.endswith(refused) for k in report["token_methods_made_up_token"])
     assert not any(k.endswith(": ok") for k in report["stolen_tokens"]), report["stolen_tokens"]  # no usable token on any command line
     assert report["secret_paths_seen"] and not any(report["secret_reads"].values())  # the path is public, the secret is not
     assert report["readable_files"] == [], report["readable_files"][:10]  # nothing of the run under readable_root
@@ -217,7 +219,7 @@ def test_a_local_account_cannot_claim_the_sites_tasks_and_the_run_finishes(attac
 def test_a_local_account_cannot_claim_the_coordinators_serverapp_task(attacked_run):
     run = attacked_run
     assert run["error"] is None, run["error"]
-    check_attacker(run["coordinator"])
+    check_attacker(run["coordinator"], GUARDED)
     superexec_log = next(text for path, text in run["logs"].items() if path.name == "superexec.log")
     assert b"Traceback" not in superexec_log
 
@@ -233,7 +235,7 @@ def test_the_secret_files_are_0600_private_and_on_no_command_line(attacked_run):
         assert not any(observer.contents[name] in text for text in attacked_run["logs"].values())  # nor in any log
         assert attacked_run["secrets_after_stop"][name] is False  # removed when the federation stops
     assert {"flower-supernode", "arkfed.federation.site.executor"} <= observer.path_users["site"]
-    assert {"flower-superlink", "arkfed.federation.superexec"} <= observer.path_users["coordinator"]
+    assert {"arkfed.federation.coordinator.superlink", "arkfed.federation.superexec"} <= observer.path_users["coordinator"]
     assert stat.S_IMODE(attacked_run["state_dir"].stat().st_mode) == 0o700
 
 

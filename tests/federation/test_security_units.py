@@ -44,8 +44,11 @@ def _config() -> TrainConfig:
 
 
 def _request(config: TrainConfig, run_uid: str = "run1", **overrides) -> ConfigRecord:
+    from arkfed.run.plan import plan_groups
+
+    plan = plan_groups(config)[0][0].model_dump(mode="json")
     values = {"run_uid": json.dumps(run_uid), "spec": config.model.model_copy(update={"num_features": 64}).model_dump_json(),
-              "settings": config.settings.model_dump_json(), "plan": json.dumps({"site": "a", "visit": 0})}
+              "settings": config.settings.model_dump_json(), "plan": json.dumps(plan)}
     values.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in overrides.items()})
     return ConfigRecord(values)
 
@@ -63,6 +66,8 @@ def test_a_signed_run_verifies_and_its_requests_must_match_it(certs):
         "visit settings differ": _request(config, settings=bigger.model_dump_json()),
         r"model \(img_size\) differs": _request(config, spec=config.model.model_copy(update={"img_size": 4096}).model_dump_json()),
         "names a site outside": _request(config, plan={"site": "mallory"}),
+        r"visit plan differs from the signed run configuration \(seed\)": _request(
+            config, plan=json.loads(_request(config)["plan"]) | {"seed": 5}),
         "invalid run id": _request(config, run_uid="../../x"),
     }
     for reason, request in cases.items():

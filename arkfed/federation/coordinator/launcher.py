@@ -1,19 +1,24 @@
 """The coordinator's processes: its Flower SuperLink and the submitted run (``arkfed coordinator``).
 
-:class:`Coordinator` starts ``flower-superlink`` on 127.0.0.1 only (TLS + SuperNode authentication
-with a certificate folder, or ``--insecure``) and, on the public ``--address``, the Fleet-only
-gateway (:mod:`arkfed.federation.coordinator.gateway`): Flower's Control and ServerApp APIs share the
-SuperLink's port and are unauthenticated in open-source Flower, so they must never face the
-network. The SuperLink runs with ``--isolation process`` and a fresh SuperExec secret per start,
-shared with arkfed's ServerApp launcher only (:mod:`arkfed.federation.superexec`), so no other
-local account can claim the ServerApp task through the loopback runtime API. It registers each
-site's public key under the site's name through the loopback Control API, submits the generated
-Flower app (signed, :mod:`arkfed.federation.signing`) with ``flwr run --stream`` and follows
-the ServerApp through the status file it writes. Layout at the coordinator (``RUN`` is made
-private to the coordinator's account, 0700)::
+:class:`Coordinator` starts Flower's SuperLink on 127.0.0.1 only (TLS + SuperNode authentication
+with a certificate folder, or ``--insecure``), behind a check that answers the coordinator's own
+account only (:mod:`arkfed.federation.coordinator.superlink`), and, on the public ``--address``,
+the Fleet-only gateway (:mod:`arkfed.federation.coordinator.gateway`): Flower's Control and
+ServerApp APIs share the SuperLink's port and are unauthenticated in open-source Flower, so they
+must never face the network nor another local account. The SuperLink runs with ``--isolation
+process`` and a fresh SuperExec secret per start, shared with arkfed's ServerApp launcher only
+(:mod:`arkfed.federation.superexec`), which runs arkfed's own ServerApp for the run this
+coordinator submitted and nothing else (:mod:`arkfed.federation.coordinator.serverapp_task`). The
+coordinator's key stays in this process, in its signing service
+(:mod:`arkfed.federation.coordinator.signer`), which signs each submission's claim and every
+request of its ServerApp. It registers each site's public key under the site's name through the
+loopback Control API, submits the generated Flower app (signed, :mod:`arkfed.federation.signing`)
+with ``flwr run --stream`` and follows the ServerApp through the status file it writes. Layout at
+the coordinator (``RUN`` is made private to the coordinator's account, 0700)::
 
     RUN/flower/            FLWR_HOME of the SuperLink and the flwr CLI (config.toml, installed app),
-                           superexec.secret while the coordinator runs
+                           superexec.secret and signer.sock (0600) while the coordinator runs,
+                           tmp/ (the ServerApp's TMPDIR)
     RUN/flower/app/        the generated Flower app (pyproject.toml only)
     RUN/logs/              superlink.log, gateway.log (every request from outside, refused ones too; rotated),
                            superexec.log (the ServerApp launcher), serverapp.log (the ServerApp's output),
@@ -33,6 +38,7 @@ from typing import Callable, Sequence
 from arkfed.errors import ArkfedError
 from arkfed.federation.certs import CertificateFolder, public_key_fingerprint
 from arkfed.federation.coordinator.gateway import run_push_object_limit
+from arkfed.federation.coordinator.signer import SigningService
 from arkfed.federation.coordinator.status import FederationStatus, read_status
 from arkfed.federation.flower_app import CONNECTION, split_address, write_connection, write_flower_app
 from arkfed.federation.processes import (
@@ -92,6 +98,7 @@ class Coordinator:
         self.runner: ManagedProcess | None = None
         self.secret: Path | None = None  # this start's SuperExec secret (0600), shared with the launcher only
         self.push_object_limit = 0  # the gateway's push-object body limit, from the run's model at start
+        self.signer: SigningService | None = None  # holds coordinator.key; the ServerApp asks it for signatures
         if certs is not None:
             certs.check_coordinator()
             missing = [s for s in self.sites if s not in certs.registered_sites()]
@@ -119,13 +126,15 @@ class Coordinator:
         private_folder(self.run_dir)  # the run's model, logs and the secret: this account only
         self.push_object_limit = run_push_object_limit(self.run_dir)
         self.secret = new_secret(self.home)  # fresh at every start; its path only on command lines
-        argv = [flower_executable("flower-superlink"), "--host", LOOPBACK, "--port", str(self.superlink_port),
+        self.signer = SigningService(self.home, self.certs).start()  # the key stays in this process
+        argv = [sys.executable, "-m", "arkfed.federation.coordinator.superlink", "--host", LOOPBACK, "--port", str(self.superlink_port),
                 "--disable-runtime-dependency-installation", "--isolation", "process", SECRET_OPTION, str(self.secret)]
         gateway = [sys.executable, "-m", "arkfed.federation.coordinator.gateway", "--listen", f"{self.host}:{self.port}",
                    "--upstream", f"{LOOPBACK}:{self.superlink_port}", "--log-file", str(self.logs / "gateway.log"),
                    "--max-push-object", str(self.push_object_limit)]  # bodies sized from the run's model
         launcher = [sys.executable, "-m", "arkfed.federation.superexec", "--runtime-api-address",
-                    f"{LOOPBACK}:{self.superlink_port}", SECRET_OPTION, str(self.secret)]
+                    f"{LOOPBACK}:{self.superlink_port}", SECRET_OPTION, str(self.secret), "--signer", str(self.signer.path),
+                    "--tmp-dir", str(self.home / "tmp"), *(a for key in self._hidden_keys() for a in ("--hide", str(key)))]
         if self.certs is None:
             argv.append("--insecure")
             gateway.append("--insecure")
@@ -172,7 +181,10 @@ class Coordinator:
                 raise ArkfedError(f"{run_dir}: its model is larger than the one this coordinator's gateway was "
                                   "started for; start a new coordinator for it")
             self.run_dir = private_folder(Path(run_dir).resolve())
-        app_dir = write_flower_app(self.run_dir, self.certs)
+        if self.signer is None:
+            raise ArkfedError("start the coordinator before submitting a run")
+        lifetime = FederationSettings.read(self.run_dir).claim_lifetime
+        app_dir = write_flower_app(self.run_dir, entries=self.signer.submit(self.run_dir, lifetime))  # signed in this process
         argv = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         self.runner = ManagedProcess.start("flwr run", argv, self.env, self.run_dir / "logs" / "serverapp.log")
 
@@ -213,9 +225,24 @@ class Coordinator:
             time.sleep(0.2)
         self.runner.stop()
 
+    def _hidden_keys(self) -> list[Path]:
+        """The private keys the ServerApp must not read (:mod:`arkfed.federation.sandbox`): all but
+        those inside the run folder, which the ServerApp writes (``arkfed train --federated``'s
+        throwaway keys in ``RUN/flower/certs``: said so once)."""
+        if self.certs is None:
+            return []
+        keys = [self.certs.ca_key, self.certs.coordinator_key, *sorted(self.certs.sites_dir.glob("*.key"))]
+        inside = [k for k in keys if k.resolve().is_relative_to(self.run_dir)]
+        if inside:
+            print(f"note: {len(inside)} key file(s) in the run folder {self.run_dir} stay readable by its ServerApp "
+                  "(throwaway keys of a one-machine federation)", flush=True)
+        return [k for k in keys if k.is_file() and k not in inside]
+
     def stop(self) -> None:
         stop_all([self.runner, self.launcher, self.gateway, self.superlink])
         remove_secret(self.secret)
+        if self.signer is not None:
+            self.signer.stop()
 
 
 def run_coordinator(config, out: Path, fed: FederationSettings, address: str, certs: CertificateFolder | None,

@@ -39,8 +39,9 @@ class FlowerSites:
 
     mode = "federated"
 
-    def __init__(self, grid: Grid, run_dir: Path, fed: FederationSettings, callbacks, poll: float = 0.25):
+    def __init__(self, grid: Grid, run_dir: Path, fed: FederationSettings, callbacks, poll: float = 0.25, authorizer=None):
         self.grid, self.run_dir, self.fed, self.callbacks, self.poll = grid, Path(run_dir), fed, callbacks, poll
+        self.authorizer = authorizer  # the coordinator's signing service signs each request (signer.RequestAuthorizer)
         self.nodes: dict[str, int] = {}
         self.known: set[int] = set()
         self.infos: dict[str, SiteInfo] = {}
@@ -163,7 +164,10 @@ class FlowerSites:
                 if node is None:
                     results[site] = SiteFailure("site is offline")
                     continue
-                content = self._content(state, site, **({"plan": item} if kind == m.VISIT else {"split": item}))
+                rnd = state.visits_done // len(self.config.sites) - 1  # evaluations follow their round's last visit
+                content = self._content(state, site, **({"plan": item} if kind == m.VISIT else {"split": item, "round": rnd}))
+                if self.authorizer is not None:
+                    self.authorizer.authorize(kind, content)
                 requests[site] = Message(content, node, kind, ttl=self.fed.visit_timeout, group_id=group)
                 self.sent_bytes[site] = sum(r.count_bytes() for r in content.array_records.values())
                 state_name = "training" if kind == m.VISIT else "evaluating"
@@ -224,7 +228,7 @@ class FlowerSites:
         return answers
 
 
-def run_federation(grid: Grid, run_dir: Path, flower_run_id: int | None = None) -> dict:
+def run_federation(grid: Grid, run_dir: Path, flower_run_id: int | None = None, authorizer=None) -> dict:
     """The federated run in ``run_dir`` (prepared by ``arkfed coordinator``): the one Ark loop over Flower sites."""
     from arkfed.federation.coordinator.status import StatusFile
     from arkfed.run.callbacks import CallbackList
@@ -234,7 +238,7 @@ def run_federation(grid: Grid, run_dir: Path, flower_run_id: int | None = None) 
     config, fed = run.read_config(), FederationSettings.read(run.path)
     status = StatusFile(run.path, config, flower_run_id)
     callbacks = [status, QuietProgress(per_visit=True), *_trackers(fed, run.path)]
-    sites = FlowerSites(grid, run.path, fed, CallbackList(callbacks))
+    sites = FlowerSites(grid, run.path, fed, CallbackList(callbacks), authorizer=authorizer)
     try:
         # `arkfed coordinator` wrote config.yaml: a checkpoint means resume, none means a fresh start
         return ArkLoop(config, run, sites, callbacks, max_update_norm=fed.max_update_norm).run_loop(resume=True)
@@ -255,5 +259,13 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Flower entry point: the run folder comes from the generated app's run config."""
-    run_federation(grid, Path(str(context.run_config[RUN_DIR_KEY])), flower_run_id=context.run_id)
+    """Flower entry point: the run folder comes from the generated app's run config; requests are
+    signed by the coordinator's signing service (its socket from the task process's environment)."""
+    import os
+
+    from arkfed.federation.coordinator.signer import SIGNER_ENV, RequestAuthorizer
+    from arkfed.federation.signing import TICKET_KEY
+
+    signer, ticket = os.environ.get(SIGNER_ENV), context.run_config.get(TICKET_KEY)
+    authorizer = RequestAuthorizer(signer, str(ticket)) if signer and ticket else None
+    run_federation(grid, Path(str(context.run_config[RUN_DIR_KEY])), flower_run_id=context.run_id, authorizer=authorizer)

@@ -42,6 +42,7 @@ from arkfed.ark.pair import ArkPair, SiteHeads
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.messages import SITE_CODES, SITE_FAILED, SITE_REFUSED
+from arkfed.federation.signing import claim_of
 from arkfed.federation.site.heads import HeadStore, append_outbox, schema_mismatch
 
 NODE_SITE = "site"
@@ -148,17 +149,18 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _enforce_policy(config, kind: str, request: m.SiteRequest, train_size: int | None = None) -> None:
+def _enforce_policy(config, kind: str, request: m.SiteRequest, train_size: int | None = None, claim: dict | None = None) -> None:
     """The site's policy decides before anything is loaded: :func:`arkfed.site.policy.check_request`,
-    then (``approval: manual``) the operator's approval of the run's fingerprint."""
-    from arkfed.site.policy import check_request, run_fingerprint, wait_for_approval
+    then (``approval: manual``) the operator's approval of the run's fingerprint (the whole signed
+    claim, verified by the site's gate, when the run is signed)."""
+    from arkfed.site.policy import check_request, claim_details, run_fingerprint, wait_for_approval
 
     policy, settings, spec, run_uid = config.policy, request.settings, request.spec, request.run_uid
     refusal = check_request(policy, kind, settings, plan=request.plan, split=request.split, spec=spec, train_size=train_size)
     if refusal is None and policy.approval == "manual" and train_size is not None:
-        fingerprint = run_fingerprint(run_uid, spec, settings)
+        fingerprint = run_fingerprint(run_uid, spec, settings, claim)
         details = {"site": config.name, "run_uid": run_uid, "request": kind, "split": request.split,
-                   "model": spec.model_dump(mode="json"), "settings": settings.model_dump(mode="json")}
+                   "model": spec.model_dump(mode="json"), "settings": settings.model_dump(mode="json"), **claim_details(claim)}
         refusal = wait_for_approval(config.local_state_dir, fingerprint, details, policy.approval_timeout)
     if refusal is not None:
         raise SiteRefusal(f"refused by the site's policy: {refusal}", site=config.name, public=str(refusal))
@@ -184,7 +186,7 @@ def visit(msg: Message, context: Context) -> Message:
                           public=f"wrong_site: visit {plan.visit} is planned for site {plan.site!r}")
     _enforce_policy(config, "visit", request)  # before reading any data
     site = load_node_site(context)
-    _enforce_policy(config, "visit", request, train_size=_train_size(site))
+    _enforce_policy(config, "visit", request, train_size=_train_size(site), claim=claim_of(context.run_config))
     _check_schema(site, request.schemas)
     stores = _head_stores(site, request.run_uid, context)
     student, teacher = request.models()
@@ -212,7 +214,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     settings, split = request.settings, request.split
     _enforce_policy(config, "evaluate", request)
     site = load_node_site(context)
-    _enforce_policy(config, "evaluate", request, train_size=_train_size(site))
+    _enforce_policy(config, "evaluate", request, train_size=_train_size(site), claim=claim_of(context.run_config))
     _check_schema(site, request.schemas)
     results = {}
     table = site.splits.get(split)

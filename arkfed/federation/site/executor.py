@@ -18,7 +18,10 @@ import path. Here the task process instead reads the bundle in memory without un
 ClientApp; the ClientApp is then :mod:`arkfed.federation.site.client_app`, imported from the installed
 arkfed, never from the bundle. Every message is also checked against the coordinator's signature
 of the run (:mod:`arkfed.federation.signing`, against the federation CA the site pinned with
-``--root-certificates``) and its ``run_uid`` validated. A refused message gets a one-line
+``--root-certificates``): the claim must be unexpired, the request must be the signed run's (its
+visit plan exactly the scheduled one, its evaluation the signed split) and, for a visit or an
+evaluation, carry the coordinator's authorization over its fields and weights; a run or visit
+served before is refused as a replay (:mod:`arkfed.federation.site.served`). A refused message gets a one-line
 ``SITE_REFUSED`` error reply, logged in the site's ``outbox.jsonl`` like every reply. This is done
 by replacing two names inside Flower's ``run_clientapp`` module for the task process
 (:func:`_install_gate`); ``pyproject.toml`` pins flwr 1.42 for that reason.
@@ -35,6 +38,8 @@ import os
 import sys
 import threading
 import traceback
+
+from arkfed.federation.flower_app import inspect_bundle  # shared with the coordinator, which checks bundles alike
 
 
 def preload() -> None:
@@ -98,39 +103,17 @@ class ForkExecutor:
 FEDERATION_CA: str | None = None  # the CA this site pinned at enrolment (None: insecure trial, runs unsigned)
 
 
-def inspect_bundle(content: bytes) -> str | None:
-    """Why this app bundle is refused (None: it is arkfed's own app, pyproject.toml only)."""
-    import io
-    import tomllib
-    import zipfile
-
-    from arkfed.federation.flower_app import BUNDLE_FILES, COMPONENTS
-
-    try:
-        with zipfile.ZipFile(io.BytesIO(content)) as bundle:
-            names = set(bundle.namelist())
-            extra = sorted(names - BUNDLE_FILES)
-            if extra:
-                return f"the run's app bundle holds files besides pyproject.toml ({', '.join(repr(n[:60]) for n in extra[:3])})"
-            project = tomllib.loads(bundle.read("pyproject.toml").decode())
-    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError, OSError):
-        return "the run's app bundle is not a readable Flower app"
-    components = project.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
-    for kind, expected in COMPONENTS.items():
-        if components.get(kind) != expected:
-            return f"the run's app names {kind} {str(components.get(kind))[:80]!r}, not arkfed's {expected!r}"
-    return None
-
-
 class GatedClientApp:
-    """arkfed's ClientApp behind the site's checks: the bundle verdict, the run signature, the run id."""
+    """arkfed's ClientApp behind the site's checks: the bundle verdict, the run signature and
+    expiry, the run id, the request against the signed run, its authorization, and replays."""
 
     def __init__(self, refusal: str | None):
         self.refusal = refusal
 
-    def check(self, message, context) -> None:
+    def check(self, message, context) -> dict | None:
+        """The verified claim (None in an insecure trial), or :class:`RunRefused`."""
         from arkfed.federation import messages as m
-        from arkfed.federation.signing import RunRefused, check_request, verify_run
+        from arkfed.federation.signing import RunRefused, check_request, verify_authorization, verify_run
 
         if self.refusal:
             raise RunRefused(self.refusal)
@@ -138,29 +121,55 @@ class GatedClientApp:
         if m.REQUEST not in message.content.config_records:
             raise RunRefused("the message carries no arkfed request")
         check_request(claim, message.content.config_records[m.REQUEST])
+        if claim is not None and message.metadata.message_type in (m.VISIT, m.EVALUATE):
+            verify_authorization(context.run_config, FEDERATION_CA, claim, message.metadata.message_type, message.content)
+        return claim
 
-    def __call__(self, message, context):
+    def _served(self, message, context, claim: dict):
+        """The site's records and this request's item (None for a hello); the run must not be a replay."""
+        from arkfed.federation import messages as m
+        from arkfed.federation.signing import request_fields
+        from arkfed.federation.site.client_app import node_site_config
+        from arkfed.federation.site.served import ServedRecords, served_item
+
+        records = ServedRecords(node_site_config(context).local_state_dir)
+        records.check_run(claim, message.metadata.run_id)
+        return records, served_item(message.metadata.message_type, request_fields(message.content.config_records[m.REQUEST]))
+
+    def _refuse(self, message, context, exc: Exception):
         from flwr.app import Error, Message
 
         from arkfed.federation.messages import SITE_REFUSED
-        from arkfed.federation.signing import RunRefused
-        from arkfed.federation.site.client_app import app, node_site_config
+        from arkfed.federation.site.client_app import node_site_config
         from arkfed.federation.site.heads import append_outbox
 
+        reason = f"refused: {exc}"
+        print(f"arkfed site: run {message.metadata.run_id}: {reason}", flush=True)
         try:
-            self.check(message, context)
+            state_dir = node_site_config(context).local_state_dir
+            append_outbox(state_dir, {"message_type": message.metadata.message_type, "run_id": message.metadata.run_id,
+                                      "group": message.metadata.group_id,
+                                      "error": {"code": SITE_REFUSED, "reason": reason}})
+        except Exception as log_exc:  # the refusal stands even if the audit log cannot be written
+            print(f"arkfed site: could not log the refusal: {log_exc}", flush=True)
+        return Message(Error(code=SITE_REFUSED, reason=reason), reply_to=message)
+
+    def __call__(self, message, context):
+        from arkfed.federation.signing import RunRefused
+        from arkfed.federation.site.client_app import app
+
+        try:
+            claim = self.check(message, context)
+            records, item = self._served(message, context, claim) if claim is not None else (None, None)
+            if item is None:
+                return app(message=message, context=context)
+            with records.serve(claim, item, {"flower_run": message.metadata.run_id}):
+                reply = app(message=message, context=context)
         except RunRefused as exc:
-            reason = f"refused: {exc}"
-            print(f"arkfed site: run {message.metadata.run_id}: {reason}", flush=True)
-            try:
-                state_dir = node_site_config(context).local_state_dir
-                append_outbox(state_dir, {"message_type": message.metadata.message_type, "run_id": message.metadata.run_id,
-                                          "group": message.metadata.group_id,
-                                          "error": {"code": SITE_REFUSED, "reason": reason}})
-            except Exception as log_exc:  # the refusal stands even if the audit log cannot be written
-                print(f"arkfed site: could not log the refusal: {log_exc}", flush=True)
-            return Message(Error(code=SITE_REFUSED, reason=reason), reply_to=message)
-        return app(message=message, context=context)
+            return self._refuse(message, context, exc)
+        if reply.has_error():  # a failed or refused request may be retried
+            records.release(claim, item)
+        return reply
 
 
 def _install_gate() -> None:
