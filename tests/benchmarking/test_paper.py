@@ -85,7 +85,8 @@ def test_paper_imagenet_column_from_a_local_file(tmp_path):
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "paper" / "results.json").read_text())
     row = next(r for r in results["rows"] if r["target"] == "Shenzhen")
-    assert not results["synthetic"] and results["reading"] == {"demo-shenzhen": "its plugin has no protocol option"}
+    assert not results["synthetic"] and list(results["reading"]) == ["demo-shenzhen"]
+    assert "reads its dataset the same way under protocols arkfed and ark" in results["reading"]["demo-shenzhen"]
     assert {row[i]["n"] for i in ("model", "imagenet", "random")} == {1} and results["model"]["source"].endswith("in1k.safetensors")
     assert results["model"]["spec"]["img_size"] == 32
     assert all(r["status"] == "not present locally" for r in results["rows"] if r["target"] != "Shenzhen")
