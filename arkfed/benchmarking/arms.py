@@ -19,12 +19,13 @@ from arkfed.benchmarking.plan import run_key
 
 def train_config(names: Sequence[str], budget: Budget, seed: int, max_consistency: float = 0.5, mode: str = "cyclic",
                  weighting: str = "equal"):
-    """The Ark run of ``names`` at this budget: one visit = one epoch of a site, E rounds."""
+    """The Ark run of ``names`` at this budget: one visit = one epoch of a site, E rounds (parallel
+    mode averages, as Ark+ and FedAvg do: the honest benchmark sites need no robust aggregation)."""
     from arkfed.config import TrainConfig, TrainSettings
     from arkfed.spec import ModelSpec
 
     return TrainConfig(
-        sites=list(names), rounds=budget.epochs, seed=seed, eval_split="test", mode=mode, weighting=weighting,
+        sites=list(names), rounds=budget.epochs, seed=seed, eval_split="test", mode=mode, weighting=weighting, aggregation="mean",
         model=ModelSpec(model=budget.model, img_size=budget.img_size, projector_dim=budget.projector_dim),
         settings=TrainSettings(
             batch_size=budget.batch_size, lr=budget.lr, local_epochs=1, max_steps_per_visit=budget.max_steps_per_visit,
