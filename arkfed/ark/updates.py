@@ -22,6 +22,15 @@ first visit, or a first round where every visit was refused) the bound is :data:
 times the norm of the model itself. With per-iteration EMA the returned teacher is a convex
 combination of the sent teacher and the visit's students, so it may move at most the student's
 bound plus the distance between the sent student and teacher.
+
+The direction check (``min_update_cosine`` = :data:`MIN_COSINE`): an update whose cosine with the
+mean direction of the accepted updates (the sum of their unit vectors: one model-sized vector and a
+dot product per visit) is below it is nearly the reverse of them and is refused. It catches a
+reversed update where honest visits continue a common direction (the test federation: cosines
+0.83-0.95, its reversed x 2.4 update -0.94); where BatchNorm statistics swing from site to site
+(the demo: honest cosines down to -0.42) a reversal cannot be told from honest visits by its
+direction, hence the low threshold, and the norm bound and the median aggregation are what remain.
+It starts with the first accepted update (and afresh on resume).
 """
 
 from __future__ import annotations
@@ -168,7 +177,7 @@ NORM_FACTOR = 4.0
 """Default ``update_norm_factor``: how many times the median accepted update a student may move."""
 WARMUP_FACTOR = 10.0
 """Before any update was accepted: how many times its own norm the model may move."""
-MIN_COSINE = -0.5
+MIN_COSINE = -0.8
 """Default ``min_update_cosine``: the lowest cosine an update may have with the accepted ones' mean direction."""
 
 

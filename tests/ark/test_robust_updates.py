@@ -64,7 +64,7 @@ def reply(sent, direction, scale: float, p: VisitPlan, teacher=None, **changes) 
 def test_the_defaults_are_documented_constants():
     config = TrainConfig(sites=["a"])
     assert (config.update_norm_factor, config.min_update_cosine, config.aggregation) == (NORM_FACTOR, MIN_COSINE, "median")
-    assert (NORM_FACTOR, WARMUP_FACTOR, MIN_COSINE) == (4.0, 10.0, -0.5)
+    assert (NORM_FACTOR, WARMUP_FACTOR, MIN_COSINE) == (4.0, 10.0, -0.8)
 
 
 def test_warm_up_bounds_the_first_update_by_the_models_own_norm(sent, direction):
