@@ -322,7 +322,7 @@ class ArkLoop:
         """A resumed run's adaptive bound starts from the updates it accepted before (their norms
         are in the visit records ``metrics.jsonl`` kept)."""
         for record in self.run.read_metrics():
-            if record.get("kind") == "visit" and isinstance(record.get("update_norm"), (int, float)):
+            if record.get("kind") == "visit" and isinstance(record.get("update_norm"), (int, float)) and record.get("site") in self.infos:
                 self.guard.remember(Accepted(float(record["update_norm"]), self._examples(record["site"]), float(record["lr"])))
 
     def _write_provenance(self, infos: Mapping[str, SiteInfo]) -> None:
