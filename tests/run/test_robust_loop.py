@@ -110,3 +110,25 @@ def test_a_parallel_run_refuses_one_bad_sites_replies_and_metrics_and_takes_the_
     teacher = run.load_checkpoint().teacher
     floats = [v for v in teacher.state_dict().values() if v.dtype.is_floating_point]
     assert all(bool(torch.isfinite(v).all()) and float(v.abs().max()) < 1e3 for v in floats)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_resumed_run_bounds_updates_with_the_norms_it_accepted_before(sites, tmp_path):
+    from arkfed.run.callbacks import LoopCallback
+
+    class StopAtFourth(LoopCallback):
+        def on_visit_start(self, plan):
+            if plan.visit == 3:
+                raise Interrupt
+
+    full = ArkLoop(config(sites), RunFolder(tmp_path / "full"), InProcessSites(sites))
+    full.run_loop()
+    with pytest.raises(Interrupt):
+        ArkLoop(config(sites), RunFolder(tmp_path / "cut"), InProcessSites(sites), [StopAtFourth()]).run_loop()
+    resumed = ArkLoop(config(sites), RunFolder(tmp_path / "cut"), InProcessSites(sites))
+    resumed.run_loop(resume=True)
+    assert len(full.guard.history) == len(resumed.guard.history) == 6
+    assert resumed.guard.history == full.guard.history  # norms from metrics.jsonl, then the same visits
