@@ -120,9 +120,9 @@ class TrainConfig(BaseModel):
     update_norm_factor: float = Field(default=4.0, ge=0, description=(
         "refuse a returned student that moved more than this many times the median of the updates accepted so far "
         "(scaled up for visits with more steps or a higher lr; before any, 10x the model's own norm); 0 = off"))
-    min_update_cosine: float = Field(default=-0.8, ge=-1, le=1, description=(
-        "refuse a returned student whose update points against the updates accepted so far: cosine with their mean "
-        "direction below this (a reversed update); -1 = off"))
+    min_update_cosine: float = Field(default=-0.5, ge=-1, le=1, description=(
+        "refuse a returned student whose update points against the same site's accepted updates: cosine with their "
+        "mean direction below this (a reversed update); -1 = off"))
     order: OrderMode = Field(default="fixed", description="site order per round: fixed | shuffle")
     seed: int = Field(default=0, ge=0, description="seed of initialisation, data order and augmentation")
     model: ModelSpec = Field(default_factory=ModelSpec)

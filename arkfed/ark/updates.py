@@ -23,14 +23,15 @@ times the norm of the model itself. With per-iteration EMA the returned teacher 
 combination of the sent teacher and the visit's students, so it may move at most the student's
 bound plus the distance between the sent student and teacher.
 
-The direction check (``min_update_cosine`` = :data:`MIN_COSINE`): an update whose cosine with the
-mean direction of the accepted updates (the sum of their unit vectors: one model-sized vector and a
-dot product per visit) is below it is nearly the reverse of them and is refused. It catches a
-reversed update where honest visits continue a common direction (the test federation: cosines
-0.83-0.95, its reversed x 2.4 update -0.94); where BatchNorm statistics swing from site to site
-(the demo: honest cosines down to -0.42) a reversal cannot be told from honest visits by its
-direction, hence the low threshold, and the norm bound and the median aggregation are what remain.
-It starts with the first accepted update (and afresh on resume).
+The direction check (``min_update_cosine`` = :data:`MIN_COSINE`), per site: a site's data are the
+same at every visit, so its honest updates keep pulling the model the same way (its gradients,
+and BatchNorm statistics towards its own images' statistics); an update whose cosine with the mean
+direction of that site's accepted updates (the sum of their unit vectors: one model-sized vector
+per site, one dot product per visit) is below the threshold is nearly their reverse and is
+refused. Against the mean of all sites' updates a reversal cannot be told from honest visits when
+the statistics swing from site to site (the demo's honest visits reach cosine -0.65 there). A
+site's first accepted update has nothing to be compared with (only the norm bound applies); the
+directions start afresh when a run is resumed.
 """
 
 from __future__ import annotations
@@ -177,8 +178,8 @@ NORM_FACTOR = 4.0
 """Default ``update_norm_factor``: how many times the median accepted update a student may move."""
 WARMUP_FACTOR = 10.0
 """Before any update was accepted: how many times its own norm the model may move."""
-MIN_COSINE = -0.8
-"""Default ``min_update_cosine``: the lowest cosine an update may have with the accepted ones' mean direction."""
+MIN_COSINE = -0.5
+"""Default ``min_update_cosine``: the lowest cosine an update may have with its site's accepted ones."""
 
 
 def state_norm(state: Mapping[str, Tensor]) -> float:
@@ -205,15 +206,15 @@ class UpdateGuard:
     :func:`check_reply` with the adaptive bound on the student's update (``factor`` x the median
     accepted update norm, :data:`WARMUP_FACTOR` x the model's norm before any; None or 0: off)
     and the absolute ``max_norm`` (None: none), then :func:`check_visit_metrics`, then the
-    direction check (an update whose cosine with the mean direction of the accepted updates is
-    below ``min_cosine`` is refused; None or -1: off). The caller records each accepted update
-    with :meth:`accept`."""
+    direction check (an update whose cosine with the mean direction of the same site's accepted
+    updates is below ``min_cosine`` is refused; None or -1: off). The caller records each
+    accepted update with :meth:`accept`."""
 
     def __init__(self, factor: float | None = NORM_FACTOR, max_norm: float | None = None, min_cosine: float | None = MIN_COSINE):
         self.factor, self.max_norm = factor or None, max_norm or None
         self.min_cosine = min_cosine if min_cosine is not None and min_cosine > -1 else None
         self.history: list[Accepted] = []
-        self.direction: dict[str, Tensor] | None = None  # the sum of the accepted updates' unit vectors (float32)
+        self.directions: dict[str, dict[str, Tensor]] = {}  # per site: the sum of its accepted updates' unit vectors
 
     def bound(self, examples: int, lr: float, sent: Mapping[str, Tensor]) -> float | None:
         """The most the student sent as ``sent`` may move at a visit that may see ``examples`` at ``lr``."""
@@ -227,12 +228,13 @@ class UpdateGuard:
                 bounds.append(WARMUP_FACTOR * state_norm(sent))
         return min(bounds) if bounds else None
 
-    def cosine(self, sent: Mapping[str, Tensor], returned: Mapping[str, Tensor]) -> float | None:
-        """cos(returned - sent, mean direction of the accepted updates); None before any."""
-        if self.direction is None:
+    def cosine(self, site: str, sent: Mapping[str, Tensor], returned: Mapping[str, Tensor]) -> float | None:
+        """cos(returned - sent, mean direction of ``site``'s accepted updates); None before its first."""
+        direction = self.directions.get(site)
+        if direction is None:
             return None
         dot = norm = reference = 0.0
-        for key, mean in self.direction.items():
+        for key, mean in direction.items():
             delta = returned[key].double() - sent[key].double()
             dot += float((delta * mean.double()).sum())
             norm += float(delta.pow(2).sum())
@@ -247,9 +249,9 @@ class UpdateGuard:
         teacher_bound = None if bound is None or reply.teacher is None else bound + update_norm(teacher, student)
         problem = check_reply(reply, student, teacher, examples, bound, teacher_bound) or check_visit_metrics(reply.result, plan)
         if problem is None and self.min_cosine is not None:
-            cosine = self.cosine(student, reply.student)
+            cosine = self.cosine(plan.site, student, reply.student)
             if cosine is not None and cosine < self.min_cosine:
-                return (f"returned student: its update points against the updates accepted so far (cosine {cosine:.3f} "
+                return (f"returned student: its update points against the site's accepted updates (cosine {cosine:.3f} "
                         f"with their mean direction, below {self.min_cosine:g})")
         return problem
 
@@ -259,7 +261,8 @@ class UpdateGuard:
         self.remember(Accepted(norm, examples or 0, plan.lr))
         if self.min_cosine is not None and norm > 0:
             unit = {k: ((reply.student[k].double() - v.double()) / norm).float() for k, v in student.items() if v.dtype.is_floating_point}
-            self.direction = unit if self.direction is None else {k: self.direction[k] + unit[k] for k in unit}
+            old = self.directions.get(plan.site)
+            self.directions[plan.site] = unit if old is None else {k: old[k] + unit[k] for k in unit}
         return norm
 
     def remember(self, accepted: Accepted) -> None:

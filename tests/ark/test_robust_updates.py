@@ -64,7 +64,7 @@ def reply(sent, direction, scale: float, p: VisitPlan, teacher=None, **changes) 
 def test_the_defaults_are_documented_constants():
     config = TrainConfig(sites=["a"])
     assert (config.update_norm_factor, config.min_update_cosine, config.aggregation) == (NORM_FACTOR, MIN_COSINE, "median")
-    assert (NORM_FACTOR, WARMUP_FACTOR, MIN_COSINE) == (4.0, 10.0, -0.8)
+    assert (NORM_FACTOR, WARMUP_FACTOR, MIN_COSINE) == (4.0, 10.0, -0.5)
 
 
 def test_warm_up_bounds_the_first_update_by_the_models_own_norm(sent, direction):
@@ -102,21 +102,26 @@ def test_the_bound_grows_for_visits_with_more_examples_or_a_higher_lr_and_never_
     assert guard.bound(2, 1e-4, sent) == pytest.approx(base)  # a smaller site, a decayed lr: not tighter
 
 
-def test_an_update_pointing_against_the_accepted_ones_is_refused(sent, direction):
+def test_an_update_pointing_against_its_sites_accepted_ones_is_refused(sent, direction):
     guard = UpdateGuard()
-    p = plan()
+    p = plan()  # site "a"
     for visit in range(3):
         honest = reply(sent, direction, 2.0, plan(visit))
         assert guard.check(honest, plan(visit), sent, sent, 8) is None
         assert guard.accept(honest, plan(visit), sent, 8) == pytest.approx(2.0)
-    assert guard.cosine(sent, moved(sent, direction, 1.0)) == pytest.approx(1.0)
+    assert guard.cosine("a", sent, moved(sent, direction, 1.0)) == pytest.approx(1.0)
     flipped = reply(sent, direction, -2.4 * 2.0, p)  # reversed x 2.4: within the norm bound (8), caught by direction
     assert update_norm(sent, flipped.student) < guard.bound(8, p.lr, sent)
     problem = guard.check(flipped, p, sent, sent, 8)
-    assert problem.startswith("returned student: its update points against the updates accepted so far (cosine -1.000")
+    assert problem.startswith("returned student: its update points against the site's accepted updates (cosine -1.000")
     orthogonal = {k: v.roll(1, 0) if v.ndim else v for k, v in direction.items()}  # unrelated to the accepted direction
-    assert abs(guard.cosine(sent, moved(sent, orthogonal, 1.0))) < 0.1
+    assert abs(guard.cosine("a", sent, moved(sent, orthogonal, 1.0))) < 0.1
     assert guard.check(reply(sent, orthogonal, 2.0, p), p, sent, sent, 8) is None
+    other = plan().model_copy(update={"site": "b"})  # another site: compared with its own updates only (none yet)
+    assert guard.cosine("b", sent, flipped.student) is None
+    assert guard.check(VisitReply(result(other), flipped.student), other, sent, sent, 8) is None
+    guard.accept(VisitReply(result(other), flipped.student), other, sent, 8)
+    assert guard.cosine("b", sent, flipped.student) == pytest.approx(1.0) and guard.cosine("a", sent, flipped.student) < -0.99
     assert UpdateGuard(min_cosine=-1).min_cosine is None  # off
 
 
