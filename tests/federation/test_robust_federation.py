@@ -71,7 +71,8 @@ def test_one_bad_site_is_refused_and_the_teacher_stays_close_to_the_honest_runs(
     assert "its update points against the site's accepted updates" in skipped["visit", 4]
     assert skipped["visit", 7].startswith("rejected reply: returned student: update norm") and "exceeds the bound" in skipped["visit", 7]
     assert "num_examples 1000000000 exceeds what the site declared (at most 1000000)" in skipped["visit", 10]
-    assert skipped["evaluation", 0] == "rejected reply: evaluation of the student: mean_auc 1000000000.0 is outside [0, 1]"
+    for rnd in (0, 1, 2):  # in round 3 the site no longer has the head of its one accepted visit (it keeps 3 versions)
+        assert skipped["evaluation", rnd] == "rejected reply: evaluation of the student: mean_auc 1000000000.0 is outside [0, 1]"
     fed = FederationSettings.read(out)
     assert fed.sizes[BAD]["train"] == fed.max_split_size == 1_000_000  # the hello's billion, capped at join
     status = read_status(out)
