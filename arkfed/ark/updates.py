@@ -28,8 +28,9 @@ same at every visit, so its honest updates keep pulling the model the same way (
 and BatchNorm statistics towards its own images' statistics); an update whose cosine with the mean
 direction of that site's accepted updates (the sum of their unit vectors: one model-sized vector
 per site, one dot product per visit) is below the threshold is nearly their reverse and is
-refused. Against the mean of all sites' updates a reversal cannot be told from honest visits when
-the statistics swing from site to site (the demo's honest visits reach cosine -0.65 there). A
+refused (the demo's honest visits: cosines -0.06 to 0.79 with their site's earlier updates).
+Against the mean of all sites' updates a reversal cannot be told from honest visits when the
+statistics swing from site to site (the demo's honest visits reach cosine -0.65 there). A
 site's first accepted update has nothing to be compared with (only the norm bound applies); the
 directions start afresh when a run is resumed.
 """
