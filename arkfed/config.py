@@ -32,6 +32,7 @@ MulticlassLoss = Literal["ce", "bce"]
 ConsistencySchedule = Literal["cosine", "momentum"]
 FederationMode = Literal["cyclic", "parallel"]
 Weighting = Literal["equal", "samples"]
+Aggregation = Literal["median", "trimmed-mean", "krum", "mean"]
 
 
 class TrainSettings(BaseModel):
@@ -170,7 +171,18 @@ class TrainConfig(BaseModel):
     mode: FederationMode = Field(default="cyclic", description=(
         "cyclic (Ark: one site after another, teacher EMA after each) | "
         "parallel (every site from the same student, averaged, one teacher EMA per round)"))
-    weighting: Weighting = Field(default="samples", description="parallel mode's average: samples (FedAvg) | equal (Ark+)")
+    weighting: Weighting = Field(default="samples", description="parallel mode's mean: samples (FedAvg) | equal (Ark+); "
+                                 "only --aggregation mean uses it")
+    aggregation: Aggregation = Field(default="median", description=(
+        "parallel mode's rule, Flower's own functions: median (coordinate-wise; the default: one bad site among three "
+        "or more cannot steer it) | trimmed-mean (20 percent cut at each end, so none below 5 sites) | krum (the one update "
+        "closest to the others) | mean (weighted by --weighting; one site can steer it)"))
+    update_norm_factor: float = Field(default=4.0, ge=0, description=(
+        "refuse a returned student that moved more than this many times the median of the updates accepted so far "
+        "(scaled up for visits with more steps or a higher lr; before any, 10x the model's own norm); 0 = off"))
+    min_update_cosine: float = Field(default=-0.5, ge=-1, le=1, description=(
+        "refuse a returned student whose update points against the same site's accepted updates: cosine with their "
+        "mean direction below this (a reversed update); -1 = off"))
     order: OrderMode = Field(default="fixed", description="site order per round: fixed | shuffle")
     seed: int = Field(default=0, ge=0, description="seed of initialisation, data order and augmentation")
     model: ModelSpec = Field(default_factory=ModelSpec)

@@ -1,15 +1,23 @@
-"""TEST ONLY: makes a site misbehave, loaded by the ClientApp through ARKFED_TEST_SITE_HOOK.
+"""TEST ONLY: makes a site misbehave, from the test's side: the production ClientApp has no hook.
 
-``ARKFED_TEST_FAULTS`` names a JSON file mapping ``"<site>:visit:<index>"`` or
-``"<site>:eval"`` (every evaluation) to a fault; the file is read at every message, so a test changes the
-faults between runs without restarting the sites. Faults tamper with the reply the honest site
-built (after its own checks), as a buggy or hostile site would.
+In a test process, :func:`faulty_app` is arkfed's site ClientApp with one more Flower mod
+(:func:`misbehave`) inside the audit mod, so a fault's reply or error is audited like a real one.
+For real site processes, :func:`use_faulty_executors` makes :class:`~arkfed.federation.site.node.SiteNode`
+start ``tests/faulty_site_executor.py`` instead of ``python -m arkfed.federation.site.executor``:
+that launcher installs :func:`faulty_app` as the site's ClientApp in its own process, then runs the
+executor's normal ``main`` (every task it forks inherits the installed app).
+
+``ARKFED_TEST_FAULTS`` names a JSON file mapping ``"<site>:visit:<index>"``, ``"<site>:eval"``
+(every evaluation) or ``"<site>:hello"`` to a fault; the file is read at every message, so a test
+changes the faults between runs without restarting the sites. Faults tamper with the reply the
+honest site built (after its own checks), as a buggy or hostile site would.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +26,10 @@ from flwr.app import Array, ArrayRecord
 from arkfed.federation import messages as m
 
 FAULTS_ENV = "ARKFED_TEST_FAULTS"
+LAUNCHER = Path(__file__).resolve().parent / "faulty_site_executor.py"
+EXECUTOR_MODULE = "arkfed.federation.site.executor"
 LEAKY_ERROR = r"cannot identify image file 'C:\Users\Jane Doe\MIMIC CXR\files\p10\p10000032\s50414267\02aa804e.jpg'"
+FLIP = -2.4  # "flip": the honest update reversed and scaled, as in issue 21
 
 
 def _fault(msg, context) -> str | None:
@@ -31,6 +42,8 @@ def _fault(msg, context) -> str | None:
         key = f"{site}:visit:{m.read_json(msg.content[m.REQUEST], 'plan')['visit']}"
     elif msg.metadata.message_type == m.EVALUATE:
         key = f"{site}:eval"
+    elif msg.metadata.message_type == m.HELLO:
+        key = f"{site}:hello"
     else:
         return None
     return faults.get(key)
@@ -43,17 +56,21 @@ def _replace_array(record: ArrayRecord, dtype: str, values: np.ndarray) -> Array
     return out
 
 
-def misbehave(msg, context, reply):
-    fault = _fault(msg, context)
-    if fault is None or reply.has_error():
-        return reply
+def tamper(msg, reply, fault: str):
+    """The reply to ``msg`` as a site with ``fault`` sends it."""
     content = reply.content
     if fault == "error":
         raise OSError(LEAKY_ERROR)
-    if fault == "nan":
-        values = content[m.STUDENT]["float32"].numpy().copy()
-        values[len(values) // 2] = np.nan
-        content[m.STUDENT] = _replace_array(content[m.STUDENT], "float32", values)
+    if fault in ("nan", "scale", "flip"):
+        values = content[m.STUDENT]["float32"].numpy().astype(np.float64)
+        if fault == "nan":
+            values[len(values) // 2] = np.nan
+        elif fault == "scale":  # the returned weights x 1e6
+            values *= 1e6
+        else:  # the honest update reversed and scaled: sent + FLIP * (returned - sent)
+            sent = msg.content[m.STUDENT]["float32"].numpy().astype(np.float64)
+            values = sent + FLIP * (values - sent)
+        content[m.STUDENT] = _replace_array(content[m.STUDENT], "float32", values.astype(np.float32))
     elif fault == "shape":
         values = content[m.STUDENT]["float32"].numpy()
         content[m.STUDENT] = _replace_array(content[m.STUDENT], "float32", np.append(values, np.float32(0)))
@@ -63,6 +80,60 @@ def misbehave(msg, context, reply):
         content[m.METRICS]["num_examples"] = 10**9
     elif fault == "site_metric":
         content[m.STUDENT]["site"] = 1.0
+    elif fault == "auc":  # an impossible AUC and a negative loss
+        content[m.STUDENT]["mean_auc"] = 1e9
+        content[m.TEACHER]["loss"] = -5.0
+    elif fault == "train_size":  # a hello claiming a billion training images
+        content[m.METRICS]["train_size"] = 10**9
     else:
         raise ValueError(f"unknown test fault {fault!r}")
     return reply
+
+
+def misbehave(msg, context, call_next):
+    """Flower mod: the honest reply, then the fault the test asked for."""
+    reply = call_next(msg, context)
+    fault = _fault(msg, context)
+    if fault is None or reply.has_error():
+        return reply
+    return tamper(msg, reply, fault)
+
+
+def faulty_app():
+    """arkfed's site ClientApp with :func:`misbehave` inside its audit mod (same handlers)."""
+    from arkfed.federation.site import client_app as site
+
+    app = site.SiteClientApp(mods=[site.audit_outgoing, misbehave])
+    app.query("hello")(site.hello)
+    app.train("visit")(site.visit)
+    app.evaluate("round")(site.evaluate)
+    return app
+
+
+def install() -> None:
+    """In a site's executor process: its tasks run :func:`faulty_app` (the executor's gate
+    imports ``client_app.app`` when a message arrives)."""
+    from arkfed.federation.site import client_app
+
+    client_app.app = faulty_app()
+
+
+def use_faulty_executors(monkeypatch) -> None:
+    """Sites started from now on (in this test process) run ``tests/faulty_site_executor.py``."""
+    from arkfed.federation.processes import ManagedProcess
+    from arkfed.federation.site import node
+
+    class FaultyLauncher(ManagedProcess):
+        @classmethod
+        def start(cls, name, argv, env, log_path, cwd=None):
+            argv = list(argv)
+            if argv[1:3] == ["-m", EXECUTOR_MODULE]:
+                argv[0:3] = [sys.executable, str(LAUNCHER)]
+            return ManagedProcess.start(name, argv, env, log_path, cwd)
+
+    monkeypatch.setattr(node, "ManagedProcess", FaultyLauncher)
+
+
+def faulty_executors(sites) -> bool:
+    """True when every site's executor runs the test launcher (checked by the tests that rely on it)."""
+    return all(node.executor is not None and str(LAUNCHER) in node.executor.argv for node in sites)

@@ -19,14 +19,15 @@ from arkfed.benchmarking.plan import run_key
 
 def train_config(names: Sequence[str], budget: Budget, seed: int, max_consistency: float = 0.5, mode: str = "cyclic",
                  weighting: str = "equal", visit: tuple[int, int] | None = None):
-    """The Ark run of ``names`` at this budget: one visit = one epoch of a site, E rounds.
+    """The Ark run of ``names`` at this budget: one visit = one epoch of a site, E rounds (parallel
+    mode averages, as Ark+ and FedAvg do: the honest benchmark sites need no robust aggregation).
     ``visit`` = (local epochs, steps): a visit of exactly that many steps instead (the matched arm)."""
     from arkfed.config import TrainConfig, TrainSettings
     from arkfed.spec import ModelSpec
 
     local_epochs, max_steps = visit or (1, budget.max_steps_per_visit)
     return TrainConfig(
-        sites=list(names), rounds=budget.epochs, seed=seed, eval_split="test", mode=mode, weighting=weighting,
+        sites=list(names), rounds=budget.epochs, seed=seed, eval_split="test", mode=mode, weighting=weighting, aggregation="mean",
         model=ModelSpec(model=budget.model, img_size=budget.img_size, projector_dim=budget.projector_dim),
         settings=TrainSettings(
             batch_size=budget.batch_size, lr=budget.lr, local_epochs=local_epochs, max_steps_per_visit=max_steps,

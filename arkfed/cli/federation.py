@@ -52,7 +52,10 @@ def coordinator(
     resume: Optional[Path] = typer.Option(None, help="continue RUN from its last finished visit"),
     join_timeout: float = typer.Option(600.0, help="seconds to wait for all sites to join"),
     visit_timeout: float = typer.Option(3600.0, help="seconds a visit may take before it is retried, then skipped"),
-    max_update_norm: Optional[float] = typer.Option(None, min=0.0, help="skip a returned student farther (L2) than this from the one sent"),
+    max_update_norm: Optional[float] = typer.Option(None, min=0.0, help="skip a returned student farther (L2) than this from the one "
+                                                    "sent, on top of the adaptive bound (--update-norm-factor)"),
+    max_split_size: int = typer.Option(1_000_000, min=1, help="cap on each split size a site declares when it joins (bounds the "
+                                       "examples it may claim); sizes are fixed at join"),
     log: str = typer.Option("", help="also log to trackers: tensorboard,mlflow (in the run folder)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="plain log lines instead of the live view"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config.yaml and stop"),
@@ -88,7 +91,7 @@ def coordinator(
     from arkfed.run.trackers import parse_log_option
 
     fed = FederationSettings(join_timeout=join_timeout, visit_timeout=visit_timeout, log=parse_log_option(log),
-                             max_update_norm=max_update_norm or None)
+                             max_update_norm=max_update_norm or None, max_split_size=max_split_size)
     folder = CertificateFolder(certs) if certs is not None and not insecure else None
     console.print(f"coordinator: Fleet API on {address} (SuperLink on 127.0.0.1 only); run folder {run_dir}")
     with FederationView(console, quiet=quiet) as view:

@@ -2,7 +2,8 @@
 
 What to train is the run's :class:`~arkfed.config.TrainConfig` (the same as in a local run);
 this file holds only what a federation adds: the run's identity, its time limits, the record of
-each site's label schema (checked when a site rejoins) and the trackers the ServerApp logs to.
+each site's label schema (checked when a site rejoins) and split sizes (fixed when it first joins,
+capped by ``max_split_size``), the bounds on returned updates and the trackers the ServerApp logs to.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ class FederationSettings(BaseModel):
     rejoin_wait: float = Field(default=30.0, ge=0, description="seconds a retry waits for a vanished site to come back")
     schemas: dict[str, dict] = Field(default_factory=dict, description="the run's record: each site's label schema")
     claim_lifetime: float = Field(default=7 * 24 * 3600.0, gt=0, description="seconds a signed run stays valid at the sites")
-    max_update_norm: float | None = Field(default=None, gt=0, description="reject a returned student farther than this from the one sent")
+    max_update_norm: float | None = Field(default=None, gt=0, description=(
+        "reject a returned student farther (L2) than this from the one sent, on top of the adaptive bound (update_norm_factor)"))
+    max_split_size: int = Field(default=1_000_000, ge=1, description=(
+        "cap on the split sizes a site declares when it joins (they bound its num_examples)"))
+    sizes: dict[str, dict[str, int]] = Field(default_factory=dict, description="the run's record: each site's split sizes, fixed at join")
     log: list[str] = Field(default_factory=list, description="trackers the ServerApp logs to (tensorboard, mlflow)")
 
     def write(self, run_dir: Path) -> None:

@@ -8,9 +8,14 @@ Either way a site runs :mod:`arkfed.ark.tasks` on the weights it is given.
 A run is a list of *groups* (:func:`arkfed.run.plan.plan_groups`): visits that start from the same
 student and end in one teacher update. Cyclic mode (Ark) has one visit per group; parallel mode
 (the federated variant of Ark+) has every site of a round in one group, whose returned students
-are averaged (equal or sample weights) before the teacher's EMA step. Every returned update, local
-or remote, is checked here and only here (:func:`arkfed.ark.updates.check_reply`) before it touches
-the student; a visit that fails or is refused is skipped and recorded, and the run goes on.
+are aggregated (:mod:`arkfed.run.aggregation`: the coordinate-wise median by default) before the
+teacher's EMA step. Every returned update, local or remote, is checked here and only here
+(:class:`arkfed.ark.updates.UpdateGuard`: shapes, finite values, declared sizes, the adaptive norm
+bound, the reported metrics) before it touches the student; a visit that fails or is refused is
+skipped and recorded, and the run goes on. Evaluation results are range-checked the same way.
+When two different sites report non-finite losses with no visit accepted in between, the model
+they were sent is unusable: the run stops with :class:`ModelUnusable` (no summary, never
+"finished"), naming the last accepted visit.
 
 After each group the checkpoint is written (visit counter, student, teacher, in-process heads and
 the teacher clock in one file); after each round every site evaluates student and teacher. Resume
@@ -28,16 +33,25 @@ from typing import Mapping, Protocol, Sequence
 import torch
 
 from arkfed.ark.pair import SiteHeads
-from arkfed.ark.updates import VisitReply, check_reply, max_examples
+from arkfed.ark.updates import Accepted, UpdateGuard, VisitReply, check_eval_metrics, max_examples
 from arkfed.config import TrainConfig, VisitPlan, derive_seed
 from arkfed.data.schema import LabelSchema
 from arkfed.errors import ArkfedError
 from arkfed.model.ark import ArkModel, SiteHead
+from arkfed.run.aggregation import aggregate_states
 from arkfed.run.callbacks import CallbackList, LoopCallback, RunInfo
 from arkfed.run.folder import RunFolder, RunState
 from arkfed.run.plan import plan_groups
 from arkfed.run.records import MetricsLog, build_summary, eval_record, round_record, skip_record, trim_metrics, visit_record
 from arkfed.schedules import ark_as_run_round_lr, ema_update
+
+
+class ModelUnusable(ArkfedError):
+    """The student and teacher the sites were sent give non-finite losses: the run stops, unfinished."""
+
+
+NON_FINITE = ("non_finite_loss", "non_finite_update")
+"""What a site answers when training on the model it was sent produced NaN/Inf."""
 
 
 # -- what sites answer --------------------------------------------------------------------------
@@ -158,15 +172,19 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
 # -- the loop -------------------------------------------------------------------------------------
 class ArkLoop:
     """One run of Ark over ``sites``, writing ``run`` (see the module docstring); ``max_update_norm``
-    bounds how far (L2) a returned student may be from the one sent (None: no bound)."""
+    bounds how far (L2) a returned student may be from the one sent (None: only the adaptive bound,
+    ``config.update_norm_factor``)."""
 
     def __init__(self, config: TrainConfig, run: RunFolder, sites: Sites, callbacks: Sequence[LoopCallback] = (),
                  max_update_norm: float | None = None):
         self.config, self.run, self.sites = config, run, sites
         self.max_update_norm = max_update_norm
+        self.guard = UpdateGuard(config.update_norm_factor, max_update_norm, config.min_update_cosine)
         self.callbacks = CallbackList([MetricsLog(run), *callbacks])
         self.schemas: dict[str, LabelSchema] = {}
         self.infos: dict[str, SiteInfo] = {}
+        self.non_finite: dict[str, int] = {}  # site -> visit: non-finite losses since the last accepted visit
+        self.last_accepted: VisitPlan | None = None
 
     def warn(self, text: str) -> None:
         self.callbacks.on_warning(text)
@@ -180,37 +198,62 @@ class ArkLoop:
         for plan in plans:
             reply = replies.get(plan.site) or SiteFailure("no answer")
             if not isinstance(reply, SiteFailure):
-                problem = self._update_problem(state, plan.site, reply)
+                problem = self._update_problem(state, plan, reply)
                 if problem is not None:
                     reply = SiteFailure(f"rejected reply: {problem}", refused=True)
             if isinstance(reply, SiteFailure):
                 self._skip("visit", plan.round, plan.visit, plan.site, reply.reason)
+                if reply.reason in NON_FINITE:
+                    self.non_finite[plan.site] = plan.visit
             else:
                 accepted.append((plan, reply))
+        if accepted:
+            self.non_finite.clear()
         return accepted
 
-    def _update_problem(self, state: RunState, site: str, reply: VisitReply) -> str | None:
-        """The one gate for every returned update, local or remote (:func:`arkfed.ark.updates.check_reply`):
+    def _examples(self, site: str) -> int:
+        """The most examples a visit to ``site`` can see, from the training split it declared at join."""
+        return max_examples(self.infos[site].sizes.get("train", 0), self.config.settings)
+
+    def _update_problem(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> str | None:
+        """The one gate for every returned update, local or remote (:class:`arkfed.ark.updates.UpdateGuard`):
         the model's keys, dtypes and shapes, finite values, ``num_examples`` within what the site's
-        declared training split allows (it weights the parallel-mode average), the update's norm."""
-        bound = max_examples(self.infos[site].sizes.get("train", 0), self.config.settings)
-        return check_reply(reply, state.student.state_dict(), state.teacher.state_dict(), bound, self.max_update_norm)
+        declared training split allows (it weights a parallel-mode mean), the update's norm (the
+        adaptive bound and ``max_update_norm``) and the visit's reported metrics."""
+        return self.guard.check(reply, plan, state.student.state_dict(), state.teacher.state_dict(), self._examples(plan.site))
+
+    def _check_usable(self) -> None:
+        """Stop when two different sites (the only site of a one-site run) could not train on the
+        model they were sent: one site alone cannot stop a run by claiming so."""
+        if len(self.non_finite) < min(2, len(self.config.sites)):
+            return
+        failed = ", ".join(f"{site!r} (visit {visit + 1})" for site, visit in self.non_finite.items())
+        last = self.last_accepted
+        since = f"the last accepted update, visit {last.visit + 1} from site {last.site!r}" if last else "its initial state"
+        raise ModelUnusable(f"stopped, not finished: the model became unusable: training on it gave non-finite losses at "
+                            f"sites {failed}, with no visit accepted in between; suspect {since}. The checkpoint holds "
+                            f"the model after it; resume from an earlier copy or with a lower lr")
 
     def _apply(self, state: RunState, group: Sequence[VisitPlan], accepted: list[tuple[VisitPlan, VisitReply]]) -> None:
         """The student (averaged in parallel mode), then the teacher's EMA step for the group."""
         if not accepted:
             return
         iteration = self.config.settings.ema == "iteration"
+        sent = state.student.state_dict()
+        for plan, reply in accepted:  # the adaptive bound's history, and each visit's record
+            reply.extra["update_norm"] = self.guard.accept(reply, plan, sent, self._examples(plan.site))
+        self.last_accepted = accepted[-1][0]
         if len(group) == 1:
             plan, reply = accepted[0]
             state.student.load_state_dict(reply.student)
             if iteration:
                 state.teacher.load_state_dict(reply.teacher)
         else:
+            rule = self.config.aggregation
             weights = [1.0 if self.config.weighting == "equal" else float(r.result.num_examples) for _, r in accepted]
-            state.student.load_state_dict(weighted_average([r.student for _, r in accepted], weights))
+            state.student.load_state_dict(aggregate_states([r.student for _, r in accepted], weights, rule))
             if iteration:
-                state.teacher.load_state_dict(weighted_average([r.teacher for _, r in accepted], weights))
+                state.teacher.load_state_dict(aggregate_states([r.teacher for _, r in accepted], weights, rule))
         momentum = group[0].momentum
         if not iteration:
             ema_update(state.teacher, state.student, momentum)
@@ -231,6 +274,7 @@ class ArkLoop:
         self._apply(state, group, accepted)
         for plan, reply in accepted:  # metrics before the checkpoint: resume trims what it lacks
             self.callbacks.on_visit_end(plan, visit_record(plan, reply.result, round_trip_s=seconds, **reply.extra))
+        self._check_usable()
         state.visits_done = group[-1].visit + 1
         self.run.save_checkpoint(state)
 
@@ -252,6 +296,10 @@ class ArkLoop:
         answers = self.sites.evaluate(state, split)
         for site in self.config.sites:  # the run's order, whatever order the answers came in
             answer = answers.get(site, SiteFailure("no answer"))
+            problem = None if isinstance(answer, SiteFailure) else next(
+                (f"evaluation of the {label}: {p}" for label, result in answer.items() if (p := check_eval_metrics(result))), None)
+            if problem is not None:
+                answer = SiteFailure(f"rejected reply: {problem}", refused=True)
             if isinstance(answer, SiteFailure):
                 self._skip("evaluation", rnd, state.visits_done, site, answer.reason)
                 continue
@@ -269,6 +317,7 @@ class ArkLoop:
             infos = self.infos = self.sites.join(self.config)
             self.schemas = {name: info.schema for name, info in infos.items()}
             state, evaluated, fresh = open_run(self.run, self.config, self.schemas, resume)
+            self._remember_accepted()
             self.sites.start(state, fresh)
             self._write_provenance(infos)
             groups = plan_groups(self.config)
@@ -285,6 +334,13 @@ class ArkLoop:
             return summary
         finally:
             self.callbacks.close()
+
+    def _remember_accepted(self) -> None:
+        """A resumed run's adaptive bound starts from the updates it accepted before (their norms
+        are in the visit records ``metrics.jsonl`` kept)."""
+        for record in self.run.read_metrics():
+            if record.get("kind") == "visit" and isinstance(record.get("update_norm"), (int, float)) and record.get("site") in self.infos:
+                self.guard.remember(Accepted(float(record["update_norm"]), self._examples(record["site"]), float(record["lr"])))
 
     def _write_provenance(self, infos: Mapping[str, SiteInfo]) -> None:
         from arkfed.run.provenance import write_provenance

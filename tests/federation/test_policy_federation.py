@@ -4,8 +4,9 @@
   site's limit is refused by that site with the policy key; the refusal is reported (not
   retried) and the run goes on with the other sites and finishes;
 - bad replies: sites that return NaN weights, a wrongly sized student, no student, an absurd
-  ``num_examples`` or a reserved metric name (faults injected at the site by the test-only hook
-  ``tests/site_hooks.py``) are skipped, the teacher stays finite, the run finishes;
+  ``num_examples`` or a reserved metric name (faults injected at the site from the test: the sites
+  run ``tests/faulty_site_executor.py``, see ``tests/site_hooks.py``) are skipped, the teacher stays
+  finite, the run finishes;
 - an error carrying a Windows path with spaces and a MIMIC-style ``p10000032\\s50414267`` id leaves
   the site as ``data_error`` only: not in the Flower reply the coordinator logged, the run folder,
   or the site's outbox; the site's own log keeps the full text.
@@ -22,16 +23,14 @@ import yaml
 
 from arkfed.federation import messages as m
 from arkfed.federation.loopback import LoopbackFederation
-from arkfed.federation.site.client_app import TEST_HOOK_ENV
 from arkfed.federation.site.heads import read_outbox
 from arkfed.model.weights import load_ark_model
 from arkfed.run.folder import RunFolder
 from arkfed.spec import ModelSpec
 from federation_fixtures import fast_settings, make_sites, tiny_config
-from site_hooks import FAULTS_ENV
+from site_hooks import FAULTS_ENV, faulty_executors, use_faulty_executors
 
 RUN_TIMEOUT = 300.0
-HOOK = Path(__file__).resolve().parents[1] / "site_hooks.py"
 NIH, CHEXPERT, SHENZHEN = "demo-nih", "demo-chexpert", "demo-shenzhen"
 PERMISSIVE = {"min_batch_size": 1, "min_steps_per_visit": 1, "evaluate_splits": ["val", "test"]}
 
@@ -57,7 +56,7 @@ def federation(tmp_path_factory):
     faults = root / "faults.json"
     faults.write_text("{}")
     with pytest.MonkeyPatch.context() as mp:  # the site processes inherit these
-        mp.setenv(TEST_HOOK_ENV, f"{HOOK}:misbehave")
+        use_faulty_executors(mp)
         mp.setenv(FAULTS_ENV, str(faults))
         by_name = {yaml.safe_load(p.read_text())["name"]: p for p in paths}
         _set_policies(by_name, {
@@ -71,6 +70,7 @@ def federation(tmp_path_factory):
         fed = LoopbackFederation(config, root / "run-policy", paths, fast_settings(), secure=False)
         try:
             fed.start()
+            assert faulty_executors(fed.sites.values())
             fed.paths, fed.faults = by_name, faults
             yield fed
         finally:

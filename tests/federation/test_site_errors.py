@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +15,13 @@ from flwr.app import Error, Message
 from arkfed.ark.updates import NonFiniteError
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
-from arkfed.federation.site.client_app import SITE_FAILED, SITE_REFUSED, TEST_HOOK_ENV, SiteRefusal, app, guard_task_replies, public_error
+from arkfed.federation.site.client_app import SITE_FAILED, SITE_REFUSED, SiteRefusal, app, guard_task_replies, public_error
 from arkfed.federation.site.heads import read_outbox
 from arkfed.run.loop import initial_state
 from arkfed.run.plan import plan_visits
 from arkfed.site.load import load_site
 from federation_fixtures import make_sites, tiny_config
-from site_hooks import FAULTS_ENV, LEAKY_ERROR
+from site_hooks import FAULTS_ENV, LEAKY_ERROR, faulty_app
 from site_messages import context, message, request
 
 LEAKS = ("Jane Doe", "p10000032", "s50414267", "C:\\", "02aa804e")
@@ -61,9 +60,8 @@ def test_an_error_with_a_windows_path_and_mimic_ids_leaves_as_a_category_only(si
     path, site, config, state = site_setup
     faults = tmp_path / "faults.json"
     faults.write_text(json.dumps({f"{site.name}:visit:0": "error"}))
-    monkeypatch.setenv(TEST_HOOK_ENV, f"{Path(__file__).resolve().parents[1] / 'site_hooks.py'}:misbehave")
     monkeypatch.setenv(FAULTS_ENV, str(faults))
-    reply = app(message(request(site, state, config.settings, plan=plan_visits(config)[0]), m.VISIT), context(path, site.name))
+    reply = faulty_app()(message(request(site, state, config.settings, plan=plan_visits(config)[0]), m.VISIT), context(path, site.name))
     assert reply.has_error() and (reply.error.code, reply.error.reason) == (SITE_FAILED, "data_error")
     sent = read_outbox(site.config.local_state_dir)[-1]
     assert sent["error"] == {"code": SITE_FAILED, "reason": "data_error"} and not _no_leaks(json.dumps(sent))

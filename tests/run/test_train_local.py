@@ -226,7 +226,8 @@ def test_parallel_mode_averages_students_with_the_chosen_weights(tmp_path):
     sites = {s.name: s for s in (synthetic_site("a", ("x", "y"), 0, n=48), synthetic_site("b", ("t",), 1, n=24))}
     runs = {}
     for weighting in ("equal", "samples"):
-        config = tiny_config(sites, rounds=1, max_steps_per_visit=None).model_copy(update={"mode": "parallel", "weighting": weighting})
+        config = tiny_config(sites, rounds=1, max_steps_per_visit=None).model_copy(
+            update={"mode": "parallel", "weighting": weighting, "aggregation": "mean"})  # weighting applies to the mean only
         summary = train_local(config, tmp_path / weighting, sites=sites)
         runs[weighting] = load_ark_model(tmp_path / weighting, "student")
         visits = [r for r in RunFolder(tmp_path / weighting).read_metrics() if r["kind"] == "visit"]

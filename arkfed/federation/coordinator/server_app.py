@@ -93,10 +93,24 @@ class FlowerSites:
             if old is not None and old != node_id and old in online_nodes(self.grid):
                 self.callbacks.on_warning(f"two SuperNodes serve site {name!r} ({old} and {node_id}); keeping {old}")
                 continue
+            sizes = self._fixed_sizes(name, sizes)
             self.nodes[name] = node_id
             self.infos[name] = SiteInfo(schema, sizes, federated_fingerprint(sizes, schema))
             self.callbacks.on_site_status(name, "joined", f"node {node_id}", **{f"{k}_size": float(v) for k, v in sizes.items()})
             print(f"site {name!r} joined (node {node_id})", flush=True)
+
+    def _fixed_sizes(self, name: str, declared: dict[str, int]) -> dict[str, int]:
+        """A site's split sizes bound the examples it may claim: capped by ``max_split_size`` and
+        fixed at its first join (a rejoin, or a resumed run, keeps the sizes recorded then)."""
+        recorded = self.infos[name].sizes if name in self.infos else self.fed.sizes.get(name)
+        if recorded is not None:
+            if declared != recorded:
+                self.callbacks.on_warning(f"site {name!r} now declares split sizes {declared}; it keeps those it joined with, {recorded}")
+            return dict(recorded)
+        capped = {split: min(size, self.fed.max_split_size) for split, size in declared.items()}
+        if capped != declared:
+            self.callbacks.on_warning(f"site {name!r} declared split sizes {declared}; capped at max_split_size {self.fed.max_split_size}")
+        return capped
 
     def _discover(self) -> None:
         nodes = list(self.grid.get_nodes())
@@ -115,8 +129,9 @@ class FlowerSites:
                 raise ArkfedError(f"sites {missing} did not join within {self.fed.join_timeout:.0f} s (joined: {joined})")
             self._discover()
             time.sleep(self.poll)
-        if not self.fed.schemas:
-            self.fed.schemas = {name: self.infos[name].schema.model_dump(mode="json") for name in config.sites}
+        if not self.fed.schemas or not self.fed.sizes:
+            self.fed.schemas = self.fed.schemas or {name: self.infos[name].schema.model_dump(mode="json") for name in config.sites}
+            self.fed.sizes = {name: dict(self.infos[name].sizes) for name in config.sites}
             self.fed.write(self.run_dir)
         return {name: self.infos[name] for name in config.sites}
 

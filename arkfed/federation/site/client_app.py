@@ -50,11 +50,6 @@ NODE_SITE_CONFIG = "site-config"
 NODE_PLUGINS = "plugins-dir"
 
 
-TEST_HOOK_ENV = "ARKFED_TEST_SITE_HOOK"
-"""TEST ONLY: ``/path/to/file.py:function`` called as ``function(msg, context, reply) -> reply`` on
-every successful reply, inside the error handling; tests make a site misbehave with it (bad
-weights, errors with paths). Whoever controls a site's environment can run code there anyway."""
-
 
 class SiteRefusal(ArkfedError):
     """The site refuses a request (it does not belong in this run as configured, or breaks the
@@ -285,26 +280,12 @@ def _audit(state_dir: Path | None, msg: Message, reply: Message) -> None:
     append_outbox(state_dir, entry)
 
 
-def _test_hook(msg: Message, context: Context, reply: Message) -> Message:
-    """TEST ONLY (:data:`TEST_HOOK_ENV`): let a test make this site misbehave."""
-    spec = os.environ.get(TEST_HOOK_ENV)
-    if not spec:
-        return reply
-    import importlib.util
-
-    path, _, name = spec.rpartition(":")
-    module_spec = importlib.util.spec_from_file_location("arkfed_test_site_hook", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return getattr(module, name)(msg, context, reply)
-
-
 def audit_outgoing(msg: Message, context: Context, call_next) -> Message:
     """Flower mod around every handler: failures become a code and a category (full text in the
     site's log), and every message the site sends gets an audit line in ``outbox.jsonl``."""
     state_dir = _state_dir(context)
     try:
-        reply = _test_hook(msg, context, call_next(msg, context))
+        reply = call_next(msg, context)
     except Exception as exc:  # every failure becomes a reply the coordinator can act on
         reply = _error_reply(msg, state_dir, exc)
     _audit(state_dir, msg, reply)
