@@ -108,7 +108,9 @@ def test_bad_replies_are_skipped_the_teacher_stays_finite_and_errors_leave_no_pa
         f"{NIH}:visit:0": "nan", f"{CHEXPERT}:visit:1": "shape", f"{NIH}:visit:3": "missing",
         f"{CHEXPERT}:visit:4": "examples", f"{SHENZHEN}:visit:5": "error", f"{NIH}:eval": "site_metric",
     }))
-    config = tiny_config(list(paths.values()), rounds=2).model_copy(update={"mode": "parallel"})
+    # the policy run's model: the coordinator's gateway limits bodies to what its first run's model needs
+    config = tiny_config(list(paths.values()), rounds=2).model_copy(
+        update={"mode": "parallel", "model": ModelSpec(model="test_vit", img_size=32, projector_dim=16)})
     out = tmp_path / "run-faults"
     federation.submit(config, out, fast_settings())
     summary = federation.wait(timeout=RUN_TIMEOUT)
