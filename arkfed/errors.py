@@ -21,3 +21,11 @@ class ArkfedError(Exception):
         if self.site is not None:
             return self
         return ArkfedError(str(self), site=site)
+
+
+class NonFiniteError(ArkfedError):
+    """A loss or a weight became NaN/Inf; ``category`` is what the site sends (never the values)."""
+
+    def __init__(self, message: str, *, site: str | None = None, category: str = "non_finite_update"):
+        super().__init__(message, site=site)
+        self.category = category

@@ -14,8 +14,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from arkfed.ark.updates import NonFiniteError, check_finite  # a site sends its category (issue 8), never the values
-from arkfed.errors import ArkfedError
+from arkfed.ark.updates import check_finite
+from arkfed.errors import (
+    ArkfedError,
+    NonFiniteError,  # a site sends its category (issue 8), never the values
+)
 
 if TYPE_CHECKING:
     from arkfed.ark.pair import ArkPair

@@ -43,23 +43,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from arkfed.errors import ArkfedError
+from arkfed.errors import NonFiniteError
 
 if TYPE_CHECKING:
     from torch import Tensor
     from torch.nn import Module
 
-    from arkfed.ark.tasks import SiteHeads
+    from arkfed.ark.pair import SiteHeads
     from arkfed.ark.visit import VisitResult
     from arkfed.config import TrainSettings, VisitPlan
-
-
-class NonFiniteError(ArkfedError):
-    """A loss or a weight became NaN/Inf; ``category`` is what the site sends (never the values)."""
-
-    def __init__(self, message: str, *, site: str | None = None, category: str = "non_finite_update"):
-        super().__init__(message, site=site)
-        self.category = category
 
 
 def non_finite_keys(state: Mapping[str, Tensor]) -> list[str]:

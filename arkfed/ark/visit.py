@@ -40,11 +40,11 @@ from torch import nn
 from arkfed.ark.losses import ark_loss, consistency_loss, task_loss
 from arkfed.ark.pair import ArkPair
 from arkfed.ark.ranks import SINGLE, RankContext
-from arkfed.ark.updates import NonFiniteError
 from arkfed.config import TrainSettings, VisitPlan
 from arkfed.data.device_views import DeviceViews
 from arkfed.data.loaders import TrainLoaderOptions, make_train_loader
 from arkfed.devices import autocast, memory_format, resolve_device
+from arkfed.errors import NonFiniteError
 from arkfed.schedules import teacher_momentum
 from arkfed.site.config import ComputeSettings
 from arkfed.site.load import Site
@@ -113,6 +113,22 @@ def read_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, nn.
             for name, p in params.items() for field, value in optimizer.state.get(p, {}).items() if torch.is_tensor(value)}
 
 
+def loader_options(settings: TrainSettings, plan: VisitPlan, compute: ComputeSettings, rank: int = 0,
+                   world_size: int = 1, dataset: str | None = None) -> TrainLoaderOptions:
+    """A site visit's loader: the run's settings, the visit's seed, the site's hardware, this rank's share.
+    ``dataset`` (the site's plugin name) listed in ``settings.dataset_resize`` squashes its images to that
+    square before the crop, whatever ``crop_source`` says (Ark-6: ChestX-ray14 and VinDr-CXR at 224)."""
+    crop_source, train_resize = settings.crop_source, settings.train_resize
+    if dataset in settings.dataset_resize:
+        crop_source, train_resize = "resized", settings.dataset_resize[dataset]
+    return TrainLoaderOptions(
+        batch_size=settings.batch_size, epochs=settings.local_epochs, seed=plan.seed, crop_scale=settings.crop_scale,
+        views=settings.views, jitter_p=settings.jitter_p, max_steps=settings.max_steps_per_visit,
+        crop_source=crop_source, train_resize=train_resize, num_workers=compute.workers(),
+        pin_memory=resolve_device(compute.device).type == "cuda", augment=compute.augment, rank=rank, world_size=world_size,
+    )
+
+
 def train_site_visit(
     pair: ArkPair,
     site: Site,
@@ -141,7 +157,7 @@ def _run_visit(pair: ArkPair, site, settings, plan, device, compute, progress, r
     fmt = memory_format(device)
     pair.to_train(device, fmt)
     student, teacher, head = pair.student, pair.teacher, pair.head
-    options = TrainLoaderOptions.for_visit(settings, plan, compute, rank.rank, rank.world_size, site.config.dataset)
+    options = loader_options(settings, plan, compute, rank.rank, rank.world_size, site.config.dataset)
     loader = make_train_loader(site.split("train"), site.schema, student.spec, options)
     student_forward, head_forward = rank.wrap(student, device, compute.compile), rank.wrap(head, device)
     views = DeviceViews(student.spec.mean, student.spec.std) if compute.augment == "device" else None

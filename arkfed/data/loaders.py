@@ -29,23 +29,20 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from arkfed.config import CropSource, TrainSettings, VisitPlan
+from arkfed.config import CropSource
 from arkfed.data.batches import EvalBatch, TrainBatch
 from arkfed.data.schema import LabelSchema, label_targets
 from arkfed.data.tables import DatasetTable
 from arkfed.data.transforms import ViewPair
 from arkfed.errors import ArkfedError
 from arkfed.spec import ModelSpec
-
-if TYPE_CHECKING:  # the site layer sits above this one; a visit passes its own settings in
-    from arkfed.site.config import ComputeSettings
 
 
 def evaluation_schema(schema: LabelSchema) -> LabelSchema:
@@ -311,24 +308,6 @@ class TrainLoaderOptions:
     augment: str = "cpu"
     rank: int = 0
     world_size: int = 1
-
-    @classmethod
-    def for_visit(cls, settings: TrainSettings, plan: VisitPlan, compute: ComputeSettings, rank: int = 0,
-                  world_size: int = 1, dataset: str | None = None) -> TrainLoaderOptions:
-        """A site visit's loader: the run's settings, the visit's seed, the site's hardware, this rank's share.
-        ``dataset`` (the site's plugin name) listed in ``settings.dataset_resize`` squashes its images to that
-        square before the crop, whatever ``crop_source`` says (Ark-6: ChestX-ray14 and VinDr-CXR at 224)."""
-        from arkfed.devices import resolve_device
-
-        crop_source, train_resize = settings.crop_source, settings.train_resize
-        if dataset in settings.dataset_resize:
-            crop_source, train_resize = "resized", settings.dataset_resize[dataset]
-        return cls(
-            batch_size=settings.batch_size, epochs=settings.local_epochs, seed=plan.seed, crop_scale=settings.crop_scale,
-            views=settings.views, jitter_p=settings.jitter_p, max_steps=settings.max_steps_per_visit,
-            crop_source=crop_source, train_resize=train_resize, num_workers=compute.workers(),
-            pin_memory=resolve_device(compute.device).type == "cuda", augment=compute.augment, rank=rank, world_size=world_size,
-        )
 
 
 def make_train_loader(table: DatasetTable, schema: LabelSchema, spec: ModelSpec, options: TrainLoaderOptions) -> DataLoader:

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -22,8 +22,16 @@ from arkfed.data.tables import SPLITS, DatasetTable, FileImages
 from arkfed.errors import ArkfedError
 from arkfed.site.config import SiteConfig
 
-if TYPE_CHECKING:
-    from arkfed.site.load import Site
+
+class LoadedSite(Protocol):
+    """What the cache needs of a loaded site (:class:`arkfed.site.load.Site`, which imports this module)."""
+
+    config: SiteConfig
+    splits: dict[str, DatasetTable]
+
+
+S = TypeVar("S", bound=LoadedSite)
+
 
 log = logging.getLogger("arkfed.site.cache")
 
@@ -72,7 +80,7 @@ def cache_status(config: SiteConfig, splits: dict[str, DatasetTable]) -> CacheSt
     return status
 
 
-def prepare_site(site: "Site", workers: int = 0, rebuild: bool = False, progress: ProgressCallback | None = None,
+def prepare_site(site: LoadedSite, workers: int = 0, rebuild: bool = False, progress: ProgressCallback | None = None,
                  shard_bytes: int = SHARD_BYTES) -> PrepareReport:
     """Prepare (or bring up to date) the cache of a loaded site, every split."""
     return prepare_cache(cache_folder(site.config), site_sources(site.config, site.splits), site.config.cache.size,
@@ -116,7 +124,7 @@ def open_cached(config: SiteConfig, splits: dict[str, DatasetTable]) -> tuple[di
     return out, status
 
 
-def attach_cache(site: "Site") -> "Site":
+def attach_cache(site: S) -> S:
     """Apply the site's ``cache:`` setting to a loaded site: prepare on first use, then read from it.
 
     ``auto`` turns a failure to write the cache into a warning; ``on`` makes it an error naming the site.

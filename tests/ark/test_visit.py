@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from arkfed.ark.pair import ArkPair, SiteHeads
-from arkfed.ark.visit import train_site_visit
+from arkfed.ark.visit import loader_options, train_site_visit
 from arkfed.config import TrainSettings, VisitPlan
 from arkfed.errors import ArkfedError
 from arkfed.model.ark import ArkModel, SiteHead
@@ -124,12 +124,12 @@ def reference_visit(student, head, site, settings, p, optimizer):
     """A visit by hand (c = 0, visit-wise EMA): set the lr as Ark's scheduler does, then step ``optimizer``
     through the visit's batches."""
     from arkfed.ark.losses import task_loss
-    from arkfed.data.loaders import TrainLoaderOptions, make_train_loader
+    from arkfed.data.loaders import make_train_loader
     from arkfed.site.config import ComputeSettings
 
     for group in optimizer.param_groups:
         group["lr"] = p.lr
-    loader = make_train_loader(site.split("train"), site.schema, SPEC, TrainLoaderOptions.for_visit(settings, p, ComputeSettings()))
+    loader = make_train_loader(site.split("train"), site.schema, SPEC, loader_options(settings, p, ComputeSettings()))
     student.train()
     head.train()
     with torch.random.fork_rng(devices=[]):
@@ -183,7 +183,7 @@ def test_carried_optimizer_state_equals_one_optimizer_stepping_through_both_visi
 
 def test_multiclass_site_trains_with_bce_on_one_hot_targets_when_asked():
     """multiclass_loss bce (Ark-6): the task loss of a multiclass site is BCE on the one-hot targets."""
-    from arkfed.data.loaders import TrainLoaderOptions, make_train_loader
+    from arkfed.data.loaders import make_train_loader
     from arkfed.data.schema import LabelSchema
     from arkfed.site.config import ComputeSettings
 
@@ -194,7 +194,7 @@ def test_multiclass_site_trains_with_bce_on_one_hot_targets_when_asked():
     p = plan(consistency=0.0)
     student, teacher, _ = make_models()
     head = SiteHead("s1", schema, SPEC.projector_dim)
-    batch = next(iter(make_train_loader(site.split("train"), schema, SPEC, TrainLoaderOptions.for_visit(settings, p, ComputeSettings()))))
+    batch = next(iter(make_train_loader(site.split("train"), schema, SPEC, loader_options(settings, p, ComputeSettings()))))
     reference = copy.deepcopy(student).train(), copy.deepcopy(head).train()
     with torch.no_grad():
         logits = reference[1](reference[0](batch.student))

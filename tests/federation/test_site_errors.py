@@ -12,8 +12,7 @@ import pytest
 import torch
 from flwr.app import Error, Message
 
-from arkfed.ark.updates import NonFiniteError
-from arkfed.errors import ArkfedError
+from arkfed.errors import ArkfedError, NonFiniteError
 from arkfed.federation import messages as m
 from arkfed.federation.site.client_app import SITE_FAILED, SITE_REFUSED, SiteRefusal, app, guard_task_replies, public_error
 from arkfed.federation.site.heads import read_outbox

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from arkfed.ark.visit import loader_options
 from arkfed.config import TrainConfig, TrainSettings
 from arkfed.datasets.chestxray14 import ChestXray14
 from arkfed.datasets.rsna_pneumonia import RsnaPneumonia
@@ -106,14 +107,13 @@ def test_rsna_trains_with_bce_under_ark_and_cross_entropy_under_ark_documented()
 
 def test_ark_squashes_chestxray14_and_vindr_to_224_before_the_crop():
     from arkfed.config import VisitPlan
-    from arkfed.data.loaders import TrainLoaderOptions
     from arkfed.site.config import ComputeSettings
 
     settings = TrainConfig.model_validate(apply_recipe("ark", BASE)).settings
     plan = VisitPlan(round=0, visit=0, total_visits=3, site="a", consistency=0.0, momentum=0.9, lr=0.1, seed=1)
     for dataset, expected in (("chestxray14", ("resized", 224)), ("vindr_cxr", ("resized", 224)),
                               ("chexpert", ("original", None)), ("rsna_pneumonia", ("original", None))):
-        options = TrainLoaderOptions.for_visit(settings, plan, ComputeSettings(), dataset=dataset)
+        options = loader_options(settings, plan, ComputeSettings(), dataset=dataset)
         assert (options.crop_source, options.train_resize) == expected, dataset
     parsed = TrainSettings(dataset_resize="chestxray14=224, vindr_cxr=256")  # the command line's NAME=SIZE,NAME=SIZE
     assert parsed.dataset_resize == {"chestxray14": 224, "vindr_cxr": 256} and TrainSettings(dataset_resize="").dataset_resize == {}

@@ -232,7 +232,7 @@ def public_error(exc: BaseException) -> tuple[int, str]:
     carry local paths, patient and study ids; it stays in the site's log."""
     import torch
 
-    from arkfed.ark.updates import NonFiniteError
+    from arkfed.errors import NonFiniteError
 
     if isinstance(exc, (SiteRefusal, m.BadRequest)):
         return SITE_REFUSED, " ".join(exc.public.split())[:2000]
