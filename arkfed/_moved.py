@@ -74,14 +74,18 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_loader(fullname, _MovedLoader(new))
 
 
-def moved_attribute(package: str, moved: dict[str, str], name: str):
-    """Module ``__getattr__`` of a package that replaced a flat module of the same name
-    (``arkfed.model``, ``arkfed.site``, ...): ``from arkfed.model import ArkModel`` keeps working."""
-    new = moved.get(name)
-    if new is None:
-        raise AttributeError(f"module {package!r} has no attribute {name!r}")
-    _warn(f"{package}.{name}", f"{new}.{name}", stacklevel=5)
-    return getattr(importlib.import_module(new), name)
+def package_getattr(package: str, moved: dict[str, str]):
+    """The module ``__getattr__`` of a package that replaced a flat module of the same name
+    (``arkfed.model``, ``arkfed.site``): ``from arkfed.model import ArkModel`` keeps working, warning."""
+
+    def __getattr__(name: str):
+        new = moved.get(name)
+        if new is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        _warn(f"{package}.{name}", f"{new}.{name}", stacklevel=4)
+        return getattr(importlib.import_module(new), name)
+
+    return __getattr__
 
 
 def install() -> None:

@@ -12,6 +12,4 @@ _MOVED = {
     "ModelSpec": "arkfed.spec",
 }
 
-
-def __getattr__(name: str):  # the flat module arkfed.model of arkfed <= 0.1
-    return _moved.moved_attribute(__name__, _MOVED, name)
+__getattr__ = _moved.package_getattr(__name__, _MOVED)  # the flat module arkfed.model of arkfed <= 0.1

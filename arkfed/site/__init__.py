@@ -14,6 +14,4 @@ _MOVED = {
     "site_schema": "arkfed.site.load",
 }
 
-
-def __getattr__(name: str):  # the flat module arkfed.site of arkfed <= 0.1
-    return _moved.moved_attribute(__name__, _MOVED, name)
+__getattr__ = _moved.package_getattr(__name__, _MOVED)  # the flat module arkfed.site of arkfed <= 0.1
