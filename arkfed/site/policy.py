@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 RequestKind = Literal["visit", "evaluate"]
 APPROVALS_FILE = "approvals.txt"
+REFUSALS_FILE = "refusals.txt"
 PENDING_DIR = "pending-runs"
 
 
@@ -162,22 +163,40 @@ def _check_fingerprint(fingerprint: str) -> str:
     return value
 
 
-def approve_run(state_dir: Path, fingerprint: str) -> Path:
-    """Record the operator's approval (``arkfed site --approve``) in ``<state_dir>/approvals.txt``."""
+def _record(state_dir: Path, name: str, fingerprint: str) -> Path:
     value = _check_fingerprint(fingerprint)
-    path = Path(state_dir) / APPROVALS_FILE
+    path = Path(state_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    if value not in approved_runs(state_dir):
+    if value not in _recorded(state_dir, name):
         with path.open("a") as f:
             f.write(value + "\n")
     return path
 
 
-def approved_runs(state_dir: Path) -> set[str]:
-    path = Path(state_dir) / APPROVALS_FILE
+def _recorded(state_dir: Path, name: str) -> set[str]:
+    path = Path(state_dir) / name
     if not path.is_file():
         return set()
     return {line.split("#")[0].strip().lower() for line in path.read_text().splitlines() if line.split("#")[0].strip()}
+
+
+def approve_run(state_dir: Path, fingerprint: str) -> Path:
+    """Record the operator's approval (``arkfed site --approve``) in ``<state_dir>/approvals.txt``."""
+    return _record(state_dir, APPROVALS_FILE, fingerprint)
+
+
+def approved_runs(state_dir: Path) -> set[str]:
+    return _recorded(state_dir, APPROVALS_FILE)
+
+
+def refuse_run(state_dir: Path, fingerprint: str) -> Path:
+    """Record the operator's refusal (the console's Refuse button) in ``<state_dir>/refusals.txt``: the
+    waiting task is refused at once instead of at ``approval_timeout``. An approval recorded later wins."""
+    return _record(state_dir, REFUSALS_FILE, fingerprint)
+
+
+def refused_runs(state_dir: Path) -> set[str]:
+    return _recorded(state_dir, REFUSALS_FILE) - approved_runs(state_dir)
 
 
 def pending_runs(state_dir: Path) -> list[dict]:
@@ -189,13 +208,13 @@ def pending_runs(state_dir: Path) -> list[dict]:
             entry = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if entry.get("fingerprint") not in approved_runs(state_dir):
+        if entry.get("fingerprint") not in approved_runs(state_dir) | refused_runs(state_dir):
             entries.append(entry)
     return entries
 
 
 def wait_for_approval(state_dir: Path, fingerprint: str, details: dict, timeout: float, poll: float = 0.5) -> Refusal | None:
-    """Block until the operator approves ``fingerprint`` (None) or ``timeout`` passes (a Refusal).
+    """Block until the operator approves ``fingerprint`` (None), refuses it or ``timeout`` passes (a Refusal).
 
     The request's settings go to ``<state_dir>/pending-runs/<fingerprint>.json`` for ``arkfed site``
     to show; they are the coordinator's own settings, nothing of the site's data."""
@@ -211,6 +230,9 @@ def wait_for_approval(state_dir: Path, fingerprint: str, details: dict, timeout:
         if fingerprint in approved_runs(state_dir):
             pending.unlink(missing_ok=True)
             return None
+        if fingerprint in refused_runs(state_dir):
+            pending.unlink(missing_ok=True)
+            return Refusal("approval", f"run {fingerprint} was refused by the site's operator")
         time.sleep(poll)
     return Refusal("approval", f"run {fingerprint} was not approved within {math.ceil(timeout)} s")
 
