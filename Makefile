@@ -2,11 +2,12 @@
 #   make demo   -> trains Ark on the built-in offline demo federation (synthetic data)
 #   make test   -> runs the test suite (what CI runs), the 15 slowest tests listed at the end
 #   make test-fast -> the unit tests only (-m "not slow": no training runs, no federation processes)
-# `make test` also installs the system packages tests need (nginx, for tests/federation/test_security_nginx.py)
-# with apt-get when it runs as root and they are missing (CI); otherwise those tests skip and say why.
+# `make test` also installs the system packages tests need (nginx, for tests/federation/test_security_nginx.py;
+# chromium and chromium-driver, for the console's browser tests in tests/console/) with apt-get when it runs as
+# root and they are missing (CI); otherwise those tests skip and say why (as root a missing one fails them).
 VENV ?= .venv
 PYTHON ?= python3
-SYSTEM_PACKAGES ?= nginx
+SYSTEM_PACKAGES ?= nginx chromium chromium-driver
 
 .PHONY: demo test test-fast bench system-packages
 
@@ -25,7 +26,7 @@ test: $(VENV)/.installed system-packages
 # quiet, and never fails the run: without root or apt-get the tests that need a package skip
 system-packages:
 	@missing=""; for pkg in $(SYSTEM_PACKAGES); do \
-		command -v $$pkg >/dev/null 2>&1 || test -x /usr/sbin/$$pkg || missing="$$missing $$pkg"; done; \
+		dpkg -s $$pkg >/dev/null 2>&1 || command -v $$pkg >/dev/null 2>&1 || test -x /usr/sbin/$$pkg || missing="$$missing $$pkg"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing$$missing (apt-get; tests need it)"; \

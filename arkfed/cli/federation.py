@@ -59,6 +59,8 @@ def coordinator(
     log: str = typer.Option("", help="also log to trackers: tensorboard,mlflow (in the run folder)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="plain log lines instead of the live view"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config.yaml and stop"),
+    console_address: Optional[str] = typer.Option(None, "--console", help="also serve the run's web console (`arkfed console`) on "
+                                                  "HOST:PORT; not 127.0.0.1 needs --certs (its TLS) and the printed login token"),
     run_overrides: dict | None = None,
 ) -> None:
     from rich.console import Console
@@ -94,9 +96,14 @@ def coordinator(
                              max_update_norm=max_update_norm or None, max_split_size=max_split_size)
     folder = CertificateFolder(certs) if certs is not None and not insecure else None
     console.print(f"coordinator: Fleet API on {address} (SuperLink on 127.0.0.1 only); run folder {run_dir}")
-    with FederationView(console, quiet=quiet) as view:
-        summary = run_coordinator(train_config, run_dir, fed, address, folder, resume=resume is not None, view=view,
-                                  superlink_port=superlink_port)
+    web = _start_console("run", Path(run_dir), console_address, certs if folder is not None else None, console.print)
+    try:
+        with FederationView(console, quiet=quiet) as view:
+            summary = run_coordinator(train_config, run_dir, fed, address, folder, resume=resume is not None, view=view,
+                                      superlink_port=superlink_port)
+    finally:
+        if web is not None:
+            web.stop()
     from arkfed.cli.train import print_summary
 
     print_summary(console, summary, run_dir)
@@ -111,6 +118,8 @@ def site(
     plugins_dir: Optional[list[Path]] = typer.Option(None, help="extra dataset plugin folder(s)"),
     connect_timeout: float = typer.Option(120.0, help="seconds to wait for the first connection"),
     approve: Optional[str] = typer.Option(None, "--approve", help="approve the waiting run FINGERPRINT, then exit"),
+    console_address: Optional[str] = typer.Option(None, "--console", help="also serve this site's web console (`arkfed console "
+                                                  "--site`: approvals, policy, outbox) on HOST:PORT, e.g. 127.0.0.1:8766"),
 ) -> None:
     from rich.console import Console
 
@@ -136,12 +145,29 @@ def site(
     node = SiteNode(resolve_site_path(config), coordinator_address, None if insecure else root_certificates,
                     None if insecure else key, plugins_dir or ())
     console.print(f"site {node.name!r}: data checked; connecting to {coordinator_address} (state in {node.state_dir})")
+    web = _start_console("site", resolve_site_path(config), console_address, None, console.print)
     try:
         _serve(node, console, connect_timeout)
     except KeyboardInterrupt:
         console.print(f"site {node.name!r}: leaving the federation")
     finally:
         node.stop()
+        if web is not None:
+            web.stop()
+
+
+def _start_console(kind: str, path: Path, address: str | None, certs: Path | None, print_line):
+    """``--console HOST:PORT``: the web console in this process (a thread), or None."""
+    if address is None:
+        return None
+    from rich.markup import escape
+
+    from arkfed.cli.console import console_settings
+    from arkfed.console.serve import announce, start_console
+
+    running = start_console(kind, path, console_settings(address, certs, None, None, False, None, 2.0))
+    announce(running, lambda text: print_line(escape(text)))
+    return running
 
 
 def _serve(node, console, connect_timeout: float) -> None:

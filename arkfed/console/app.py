@@ -62,7 +62,7 @@ def make_templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["num"] = _num
     templates.env.filters["size"] = _size
-    templates.env.filters["pretty"] = lambda value: json.dumps(value, indent=1, sort_keys=True, default=str)
+    templates.env.filters["compact"] = lambda value: value if isinstance(value, str) else json.dumps(value, default=str)
     return templates
 
 
@@ -211,5 +211,6 @@ def create_app(target: ConsoleTarget, guard: Guard | None = None) -> Starlette:
     guard = guard or Guard()
     templates = make_templates()
     routes = run_routes(guard, target, templates) if target.kind == "run" else site_routes(guard, target, templates)
-    routes = [*routes, *login_routes(guard, target, templates), Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")]
+    static = Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    routes = [*routes, *login_routes(guard, target, templates), static]
     return Starlette(routes=routes, middleware=[Middleware(GuardMiddleware, guard=guard, tls=target.tls)])

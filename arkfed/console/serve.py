@@ -92,7 +92,7 @@ def start_console(kind: str, path: Path, settings: ConsoleSettings, timeout: flo
     host, port = settings.check()
     guard = make_guard(settings, host)
     app = create_app(ConsoleTarget(kind, Path(path), settings.poll_seconds, settings.tls), guard)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off", ws="none",
                             ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
                             ssl_keyfile=str(settings.tls_key) if settings.tls_key else None)
     server = uvicorn.Server(config)

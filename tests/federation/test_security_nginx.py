@@ -1,11 +1,11 @@
 """deploy/nginx/arkfed-fleet.conf, run by a real nginx in front of a real coordinator: a site joins
 through it, nothing but the Fleet API gets through, and it holds the same limits as arkfed's
 gateway (bodies, timeouts, requests per address, TLS suites, no version). ``make test`` installs
-nginx when it runs as root with apt-get; elsewhere without nginx this module is skipped."""
+nginx when it runs as root with apt-get; elsewhere without nginx this module is skipped (as root a
+missing nginx fails it: CI never skips it)."""
 
 from __future__ import annotations
 
-import shutil
 import ssl
 import subprocess
 import time
@@ -21,11 +21,16 @@ from arkfed.federation.site.node import SiteNode
 from arkfed.ports import free_port
 from exhaustion import IdleConnections, PeakRss, oversized_request, request, tls_connect
 from federation_fixtures import fast_settings, make_sites, site_name, tiny_config
+from system_packages import find_program, require_programs
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
+NGINX = find_program("nginx", "/usr/sbin/nginx")
 CONF = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "arkfed-fleet.conf"
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    NGINX is None, reason="nginx is not installed (`make test` installs it when run as root; or apt-get install nginx)")]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _nginx_installed():
+    require_programs({"nginx": NGINX}, "nginx")
 PUSH_OBJECT_LIMIT = 6 << 20  # the file's client_max_body_size for push-object
 
 
