@@ -33,6 +33,7 @@ def label_files(shared_data: Path) -> Path:
 SLOW_MODULES = (
     "benchmarking/test_accrual.py",
     "cli/test_cli_train.py",
+    "console/test_console_browser.py",
     "evaluation/test_bias.py",
     "evaluation/test_compare.py",
     "evaluation/test_evaluate.py",

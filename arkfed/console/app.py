@@ -28,7 +28,7 @@ from arkfed.console.security import SESSION_COOKIE, Guard, security_headers
 HERE = Path(__file__).resolve().parent
 RUN_FILES = {"config.yaml": "text/plain; charset=utf-8", "provenance.json": "application/json", "summary.json": "application/json"}
 REPORT_TYPES = {".html": "text/html; charset=utf-8", ".png": "image/png", ".json": "application/json", ".csv": "text/csv"}
-PUBLIC_PATHS = ("/static/", "/login")
+PUBLIC_PATHS = ("/static/", "/login", "/favicon.ico")
 
 
 @dataclass
@@ -62,6 +62,7 @@ def make_templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["num"] = _num
     templates.env.filters["size"] = _size
+    templates.env.filters["value"] = lambda value: f"{value:.6g}" if isinstance(value, float) else value
     templates.env.filters["compact"] = lambda value: value if isinstance(value, str) else json.dumps(value, default=str)
     return templates
 
@@ -212,5 +213,6 @@ def create_app(target: ConsoleTarget, guard: Guard | None = None) -> Starlette:
     templates = make_templates()
     routes = run_routes(guard, target, templates) if target.kind == "run" else site_routes(guard, target, templates)
     static = Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    routes = [*routes, *login_routes(guard, target, templates), static]
+    icon = Route("/favicon.ico", lambda request: RedirectResponse("/static/favicon.svg", status_code=301))
+    routes = [*routes, *login_routes(guard, target, templates), static, icon]
     return Starlette(routes=routes, middleware=[Middleware(GuardMiddleware, guard=guard, tls=target.tls)])

@@ -12,7 +12,8 @@
 - **Host header.** Requests must name the address the console serves (or the loopback names), so a
   web page elsewhere cannot reach a console on 127.0.0.1 through DNS rebinding.
 - **Headers.** ``Content-Security-Policy: default-src 'self'`` (no inline script, nothing from
-  another host), no framing, no referrer, no sniffing, no caching of pages.
+  another host), no framing, no referrer sent to another site (a same-origin POST keeps its
+  ``Origin``, which the CSRF check reads), no sniffing, no caching of pages.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class Guard:
 
 def security_headers(tls: bool, report: bool = False) -> dict[str, str]:
     headers = {"Content-Security-Policy": REPORT_CSP if report else CSP, "X-Content-Type-Options": "nosniff",
-               "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer", "Cross-Origin-Opener-Policy": "same-origin",
+               "X-Frame-Options": "DENY", "Referrer-Policy": "same-origin", "Cross-Origin-Opener-Policy": "same-origin",
                "Cross-Origin-Resource-Policy": "same-origin", "Permissions-Policy": "camera=(), microphone=(), geolocation=()"}
     if tls:
         headers["Strict-Transport-Security"] = "max-age=31536000"
