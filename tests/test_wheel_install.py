@@ -39,6 +39,16 @@ print(json.dumps({
 }))
 """
 
+CONSOLE_PROBE = """
+import sys
+from pathlib import Path
+import arkfed.console.app as console
+from starlette.testclient import TestClient
+client = TestClient(console.create_app(console.ConsoleTarget("run", Path(sys.argv[1]))), base_url="http://127.0.0.1")
+paths = ("/", "/static/console.css", "/static/console.js", "/static/vendor/uplot/uPlot.iife.min.js", "/static/vendor/uplot/LICENSE")
+print(console.__file__, *(client.get(path).status_code for path in paths))
+"""
+
 CONTRIBUTOR_PLUGIN = """
 from arkfed.datasets._plugin import DatasetPlugin, register_dataset
 from arkfed.data.schema import LabelSchema
@@ -129,6 +139,12 @@ def test_the_wheel_installed_offline_lists_every_builtin_and_validates_a_site(tm
     assert sorted(found["entry_points"]) == sorted(BUILTIN), "each built-in declared once, by the installed wheel"
     assert {n: m for n, m in found["plugins"].items() if n in BUILTIN} == {n: f"arkfed.datasets.{n}" for n in BUILTIN}
     assert "wheel_contributor" in found["plugins"] and not found["failures"]
+
+    # the console's pages, style, script and vendored chart library (with its licence) ship in the wheel
+    console = run([venv / "bin" / "python", "-c", CONSOLE_PROBE, work / "no-run-yet"], work)
+    assert console.returncode == 0, console.stderr
+    module, *codes = console.stdout.split()
+    assert Path(module).resolve().is_relative_to(venv.resolve()) and codes == ["200"] * 5, console.stdout
 
     listed = run([venv / "bin" / "arkfed", "list-datasets"], work)
     assert listed.returncode == 0, listed.stderr

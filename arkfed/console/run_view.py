@@ -65,21 +65,27 @@ def _derived_state(site: str, records: list[dict], finished: bool) -> tuple[str,
     return "done", f"visit {int(last['visit']) + 1}"
 
 
+def _latest(visits: list[dict], entry) -> dict:
+    """A site's latest loss, throughput and (with differential privacy) ε spent and budget."""
+    latest = {k: _number(v) for k, v in (visits[-1] if visits else {}).items() if k in ("loss", "images_per_s")}
+    if entry is not None:
+        latest |= {k: _number(v) for k, v in entry.last_metrics.items() if k in PRIVACY_KEYS}
+    for r in visits:  # the visit records carry what each reply reported (epsilon_spent with DP)
+        latest |= {k: _number(r[k]) for k in PRIVACY_KEYS if k in r}
+    return latest
+
+
 def site_rows(sites: list[str], records: list[dict], status, finished: bool) -> list[dict]:
     """Per site: state and reason, visits, skips, latest metrics (privacy ones included when present)."""
     rows = []
     for site in sites:
         visits = [r for r in records if r.get("kind") == "visit" and r.get("site") == site]
-        skips = [r for r in records if r.get("kind") == "skip" and r.get("site") == site]
+        skips = sum(1 for r in records if r.get("kind") == "skip" and r.get("site") == site)
         entry = status.sites.get(site) if status is not None else None
         state, detail = (entry.state, entry.detail) if entry is not None else _derived_state(site, records, finished)
-        latest = {k: _number(v) for k, v in (visits[-1] if visits else {}).items() if k in ("loss", "images_per_s")}
-        if entry is not None:
-            latest |= {k: _number(v) for k, v in entry.last_metrics.items() if k in PRIVACY_KEYS}
-        for r in visits:  # the visit records carry what each reply reported (epsilon_spent with DP)
-            latest |= {k: _number(r[k]) for k in PRIVACY_KEYS if k in r}
+        latest = _latest(visits, entry)
         evals = {r["model"]: _number(r.get("mean_auc")) for r in records if r.get("kind") == "eval" and r.get("site") == site}
-        rows.append({"site": site, "state": state, "detail": detail, "visits": len(visits), "skips": len(skips),
+        rows.append({"site": site, "state": state, "detail": detail, "visits": len(visits), "skips": skips,
                      "student_auc": evals.get("student"), "teacher_auc": evals.get("teacher"),
                      "loss": latest.get("loss"), "images_per_s": latest.get("images_per_s"),
                      "epsilon_spent": latest.get("epsilon_spent"), "epsilon_budget": latest.get("epsilon_budget")})
@@ -112,7 +118,7 @@ def throughput(records: list[dict]) -> dict:
             "last_images_per_s": rates[-1] if rates else None}
 
 
-def _phase(status, records: list[dict], total: int, summary: bool) -> str:
+def _phase(status, records: list[dict], summary: bool) -> str:
     if status is not None:
         return status.phase
     if summary:
@@ -120,29 +126,40 @@ def _phase(status, records: list[dict], total: int, summary: bool) -> str:
     return "training" if records else "starting"
 
 
+def _shape(config: dict, status) -> dict:
+    """Sites, rounds and visits of the run (config.yaml first, the status file where it is missing)."""
+    sites = list(config.get("sites") or (status.sites if status is not None else []))
+    rounds = int(config.get("rounds") or (status.rounds if status is not None else 0))
+    total = status.total_visits if status is not None and status.total_visits else rounds * len(sites)
+    mode = config.get("mode") or (status.mode if status is not None else None)
+    return {"sites": sites, "rounds": rounds, "total_visits": total, "mode": mode}
+
+
+def _progress(records: list[dict], status, rounds: int) -> dict:
+    """Visits done (skipped visits count: the run moved past them) and the current round (1-based)."""
+    done = sum(1 for r in records if r.get("kind") == "visit" or (r.get("kind") == "skip" and r.get("stage") == "visit"))
+    if status is not None:
+        done, current = max(done, status.visits_done), status.round + 1
+    else:
+        current = max((int(r["round"]) for r in records if "round" in r), default=0) + 1
+    evaluated = len({int(r["round"]) for r in records if r.get("kind") == "round"})
+    return {"visits_done": done, "round": min(current, rounds) if rounds else current, "rounds_evaluated": evaluated}
+
+
 def run_view(run_dir: str | Path) -> dict:
     """Everything the coordinator page and ``/api/run`` show, as plain JSON values."""
     run_dir = Path(run_dir)
     config, records, status = _config(run_dir), read_metrics(run_dir), read_status(run_dir)
-    sites = list(config.get("sites") or (status.sites if status is not None else []))
-    rounds = int(config.get("rounds") or (status.rounds if status is not None else 0))
-    total = status.total_visits if status is not None and status.total_visits else rounds * len(sites)
-    visits_done = sum(1 for r in records if r.get("kind") == "visit" or (r.get("kind") == "skip" and r.get("stage") == "visit"))
-    if status is not None:
-        visits_done = max(visits_done, status.visits_done)
-    phase = _phase(status, records, total, (run_dir / "summary.json").is_file())
+    shape = _shape(config, status)
+    phase = _phase(status, records, (run_dir / "summary.json").is_file())
     finished = phase in ("finished", "failed")
-    evaluated = [int(r["round"]) for r in records if r.get("kind") == "round"]
-    current_round = status.round + 1 if status is not None else (max((int(r["round"]) for r in records if "round" in r), default=0) + 1)
+    status_fields = {"warnings": list(status.warnings), "error": status.error, "updated": status.updated} if status is not None \
+        else {"warnings": [], "error": None, "updated": None}
     return {
-        "run": run_dir.name, "exists": run_dir.is_dir(), "phase": phase, "finished": finished,
-        "mode": config.get("mode") or (status.mode if status is not None else None),
+        "run": run_dir.name, "exists": run_dir.is_dir(), "phase": phase, "finished": finished, **shape,
         "model": (config.get("model") or {}).get("model"), "recipe": config.get("recipe"),
-        "round": min(current_round, rounds) if rounds else current_round, "rounds": rounds,
-        "rounds_evaluated": len(set(evaluated)), "visits_done": visits_done, "total_visits": total,
-        "sites": site_rows(sites, records, status, finished), "auc": auc_series(records, sites),
-        "timeline": timeline(records, status), "throughput": throughput(records),
-        "warnings": list(status.warnings) if status is not None else [], "error": status.error if status is not None else None,
-        "federated": status is not None, "updated": status.updated if status is not None else None,
-        "links": {name: path for name, path in LINKS.items() if (run_dir / path).is_file()},
+        **_progress(records, status, shape["rounds"]),
+        "sites": site_rows(shape["sites"], records, status, finished), "auc": auc_series(records, shape["sites"]),
+        "timeline": timeline(records, status), "throughput": throughput(records), "federated": status is not None,
+        **status_fields, "links": {name: path for name, path in LINKS.items() if (run_dir / path).is_file()},
     }

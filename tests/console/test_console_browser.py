@@ -67,7 +67,8 @@ def requested_urls(driver) -> list[str]:
 
 def assert_only_own_host(driver, console_url: str) -> None:
     urls = requested_urls(driver)
-    assert urls and all(u.startswith(console_url) or u.startswith("data:") for u in urls), [u for u in urls if not u.startswith(console_url)]
+    bad = [u for u in urls if not (u.startswith(console_url) or u.startswith("data:"))]
+    assert urls and not bad, bad
 
 
 def screenshot(driver, path) -> None:

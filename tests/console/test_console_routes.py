@@ -114,7 +114,7 @@ def test_site_view_shows_pending_runs_policy_outbox_and_epsilon(site):
     assert waiting.fingerprint in text and 'action="/runs/approve"' in text and 'action="/runs/refuse"' in text
     assert "max_steps_per_visit" in text and "<td>12</td>" in text  # the full settings the fingerprint covers
     assert "<th>approval</th><td>manual</td>" in text  # the policy
-    assert "257 B" in text and "metrics.epsilon_spent=1.2500" in text and "ε 1.25 of 3.00" in text  # the outbox, ε
+    assert "257 B" in text and "metrics.epsilon_spent=1.25" in text and "ε 1.25 of 3.00" in text  # the outbox, ε
     state_json = c.get("/api/site").json()
     assert state_json["pending"][0]["fingerprint"] == waiting.fingerprint and state_json["bytes_sent"] == 257
     assert state_json["outbox"][0]["values"] == {"metrics.loss": 0.52, "metrics.epsilon_spent": 1.25, "metrics.epsilon_budget": 3.0}
