@@ -203,3 +203,20 @@ def test_tls_with_the_federations_certificates_and_a_password_file(run_dir, tmp_
             httpx.get(running.url.replace("https", "http"), timeout=3)
     finally:
         running.stop()
+
+
+def test_the_commands_serve_the_console_beside_a_coordinator_or_site_and_refuse_bad_addresses(run_dir, tmp_path):
+    from arkfed.cli import app as cli
+    from arkfed.cli.federation import _start_console
+
+    lines: list[str] = []
+    running = _start_console("run", run_dir, "127.0.0.1:0", None, lines.append)  # `coordinator --console 127.0.0.1:PORT`
+    try:
+        assert lines == [f"console: {running.url}"] and httpx.get(running.url + "api/run").json()["visits_done"] == 6
+    finally:
+        running.stop()
+    with pytest.raises(ArkfedError, match="needs TLS"):  # --insecure (no certificates) on a public address
+        _start_console("site", site_yaml(tmp_path), "0.0.0.0:0", None, lines.append)
+    for args, message in ((["console"], "give a run folder"), (["console", str(run_dir), "--address", "nowhere"], "HOST:PORT")):
+        result = CliRunner().invoke(cli, args)
+        assert isinstance(result.exception, ArkfedError) and message in str(result.exception), result.output
