@@ -109,6 +109,22 @@ def timeline(records: list[dict], status) -> list[dict]:
     return events
 
 
+def round_grid(records: list[dict], sites: list[str], rounds: int) -> dict[str, list[dict]]:
+    """Per site, per round: what happened to its visit (visited, skipped, refused, or not yet), with
+    the reason: the timeline at a glance."""
+    grid = {site: [{"state": "pending", "reason": ""} for _ in range(rounds)] for site in sites}
+    for r in records:
+        cells, rnd = grid.get(r.get("site")), int(r.get("round", -1))
+        if cells is None or not 0 <= rnd < rounds:
+            continue
+        if r.get("kind") == "visit":
+            cells[rnd] = {"state": "visited", "reason": f"visit {int(r['visit']) + 1}"}
+        elif r.get("kind") == "skip":
+            reason = str(r.get("reason", ""))
+            cells[rnd] = {"state": "refused" if "refused" in reason else "skipped", "reason": f"{r.get('stage')}: {reason}"}
+    return grid
+
+
 def throughput(records: list[dict]) -> dict:
     visits = [r for r in records if r.get("kind") == "visit"]
     rates = [v for v in (_number(r.get("images_per_s")) for r in visits) if v is not None]
@@ -160,6 +176,7 @@ def run_view(run_dir: str | Path) -> dict:
         "model": (config.get("model") or {}).get("model"), "recipe": config.get("recipe"),
         **_progress(records, status, shape["rounds"]),
         "sites": site_rows(shape["sites"], records, status, finished), "auc": auc_series(records, shape["sites"]),
-        "timeline": timeline(records, status), "throughput": throughput(records), "federated": status is not None,
+        "timeline": timeline(records, status), "grid": round_grid(records, shape["sites"], shape["rounds"]),
+        "throughput": throughput(records), "federated": status is not None,
         **status_fields, "links": {name: path for name, path in LINKS.items() if (run_dir / path).is_file()},
     }

@@ -29,7 +29,9 @@ Defaults protect the site (a security review should not have to change anything)
   site's own choice (``compute:`` in its YAML), never the coordinator's, so need no limit here.
 - ``approval: auto``; with ``manual`` a site serves a run only after its operator approved the
   run's fingerprint (``arkfed site --config SITE.yaml --approve FINGERPRINT``): ``arkfed site``
-  prints every new run's settings and fingerprint and the task waits (``approval_timeout``).
+  prints every new run's settings and fingerprint and the task waits (``approval_timeout``). The
+  site's web console (``arkfed console --site``) approves the same way, or refuses: a refusal
+  (``<state_dir>/refusals.txt``) ends the wait at once, for this and every later request of the run.
 """
 
 from __future__ import annotations

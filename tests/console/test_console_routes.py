@@ -59,6 +59,7 @@ def test_coordinator_view_shows_states_progress_auc_skips_privacy_and_links(run_
     assert "state-refused" in text and "policy_refused: min_batch_size: batch size 8 &lt; 16" in text  # escaped, with its reason
     assert "0.80 of 3.00" in text  # south's ε spent, of its budget
     assert text.count("event-refused") == 2  # the refusals timeline
+    assert text.count('class="cell cell-refused" title="visit: policy_refused: min_batch_size') == 2  # east, both rounds
     assert '<a href="/files/config.yaml">config</a>' in text
     state = c.get("/api/run").json()
     assert state["visits_done"] == 6 and state["rounds_evaluated"] == 1 and state["federated"]
@@ -66,6 +67,7 @@ def test_coordinator_view_shows_states_progress_auc_skips_privacy_and_links(run_
     assert state["auc"]["teacher"]["north"] == [0.66]
     rows = {row["site"]: row for row in state["sites"]}
     assert rows["east"]["state"] == "refused" and rows["east"]["skips"] == 2 and rows["south"]["epsilon_spent"] == 0.8
+    assert [c["state"] for c in state["grid"]["north"]] == ["visited", "visited"]
     assert state["throughput"]["images"] == 64 and state["throughput"]["images_per_s"] == pytest.approx(32.0)
     assert c.get("/files/config.yaml").text.startswith("sites:")
 
