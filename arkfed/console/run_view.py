@@ -34,13 +34,13 @@ def _config(run_dir: Path) -> dict:
 
 def auc_series(records: list[dict], sites: list[str]) -> dict:
     """Validation mean AUC per site over visits, for the student and the teacher: one x value (the
-    visits finished when the round was evaluated) per evaluated round, ``None`` where a site has none."""
-    visits_by_round: dict[int, int] = {}
-    count = 0
+    visits done, served or skipped, when the round was evaluated) per evaluated round, ``None``
+    where a site has none."""
+    visits_by_round: dict[int, int] = {}  # a skipped visit counts: the run moved past it (as the progress bar does)
     for r in records:
-        if r.get("kind") == "visit":
-            count += 1
-            visits_by_round[int(r["round"])] = count
+        if r.get("kind") == "visit" or (r.get("kind") == "skip" and r.get("stage") == "visit"):
+            rnd = int(r["round"])
+            visits_by_round[rnd] = max(visits_by_round.get(rnd, 0), int(r["visit"]) + 1)
     evals = [r for r in records if r.get("kind") == "eval"]
     rounds = sorted({int(r["round"]) for r in evals})
     x = [visits_by_round.get(rnd, 0) for rnd in rounds]

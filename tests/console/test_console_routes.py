@@ -63,7 +63,7 @@ def test_coordinator_view_shows_states_progress_auc_skips_privacy_and_links(run_
     assert '<a href="/files/config.yaml">config</a>' in text
     state = c.get("/api/run").json()
     assert state["visits_done"] == 6 and state["rounds_evaluated"] == 1 and state["federated"]
-    assert state["auc"]["x"] == [2] and state["auc"]["student"] == {"north": [0.61], "south": [0.61], "east": [None]}
+    assert state["auc"]["x"] == [3] and state["auc"]["student"] == {"north": [0.61], "south": [0.61], "east": [None]}
     assert state["auc"]["teacher"]["north"] == [0.66]
     rows = {row["site"]: row for row in state["sites"]}
     assert rows["east"]["state"] == "refused" and rows["east"]["skips"] == 2 and rows["south"]["epsilon_spent"] == 0.8
