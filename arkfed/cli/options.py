@@ -161,5 +161,7 @@ def first_error(exc: ValueError) -> str:
     if callable(errors):
         err = errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        return f"{where}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
+        text = err["msg"].removeprefix("Value error, ")  # a rule over several settings has no single place
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        return (f"{where}: " if where else "") + text + got
     return str(exc)
