@@ -218,6 +218,8 @@ class TrainConfig(BaseModel):
         """Secure aggregation hides single updates: parallel mode, the plain mean, the teacher's EMA at the coordinator."""
         if not self.secure_aggregation:
             return self
+        if len(self.sites) < 2:
+            raise ValueError("secure_aggregation needs at least two sites: the mean of one site's update is that update")
         if self.mode != "parallel":
             raise ValueError("secure_aggregation needs mode 'parallel': in cyclic mode the coordinator receives each site's "
                              "whole student, so no aggregation can hide a site's update (differential privacy can bound it)")

@@ -13,8 +13,9 @@ still be checked moves to the site, which checks its own update before it is mas
   :func:`arkfed.ark.updates.update_norm`) at most the run's ``max_update_norm``: a larger update
   is scaled down onto it (clipped, as DP-SGD and FedAvg-with-clipping do), not refused, so one
   large honest step costs only its length. The mean of clipped updates then moves the student at
-  most ``max_update_norm`` (a convex combination), and one site moves it at most its weight's
-  share of that.
+  most ``max_update_norm`` (a convex combination), and one site running this code moves it at most
+  its weight's share of that. A site that alters its code can put anything into the masked sum:
+  the coordinator's check of the unmasked mean (:func:`mean_update`) is then the only bound.
 
 The trade-off against robust aggregation: clipping bounds how far one site can pull the model, but
 a site (buggy or hostile) that sends a wrong but finite update within the bound, or a reversed

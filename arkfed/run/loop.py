@@ -77,7 +77,9 @@ class SiteInfo:
 
 class Sites(Protocol):
     """Where visits and evaluations happen. ``visit``/``evaluate`` never raise for one site's
-    failure: they answer a :class:`SiteFailure` for it."""
+    failure: they answer a :class:`SiteFailure` for it. Sites that support ``secure_aggregation``
+    (Flower's) also have ``secure_mean(state, accepted)``: the accepted visits' mean update as
+    arrays and the sites in it, or a :class:`SiteFailure`."""
 
     mode: str
 

@@ -89,5 +89,7 @@ def test_secure_aggregation_is_parallel_mode_with_the_mean():
     for rule in ("median", "trimmed-mean", "krum"):
         with pytest.raises(ValueError, match=f"cannot be combined with aggregation '{rule}': robust rules need every single update"):
             _config(mode="parallel", aggregation=rule)
+    with pytest.raises(ValueError, match="needs at least two sites"):
+        TrainConfig.model_validate({"sites": ["a"], "mode": "parallel", "secure_aggregation": True})
     with pytest.raises(ValueError, match="needs settings.ema 'visit'"):
         _config(mode="parallel", settings={"ema": "iteration"})

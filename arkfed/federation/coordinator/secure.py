@@ -128,7 +128,10 @@ def secure_mean(grid, nodes: Mapping[str, int], plans: Mapping[str, object], run
     workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=1.0, max_weight=float(max_weight),
                                   clipping_range=float(max_norm), quantization_range=QUANTIZATION, modulus_range=MODULUS,
                                   timeout=timeout)
-    workflow(signed, context)
+    try:
+        workflow(signed, context)
+    except Exception as exc:  # a site's malformed protocol reply skips the round's update, never the run
+        return SiteFailure(f"secure aggregation failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}", refused=True)
     if strategy.mean is None:
         failed = "; ".join(f"{site_of.get(node, node)}: {reason}" for node, reason in signed.failures.items())
         return SiteFailure(f"secure aggregation did not complete ({failed or 'a site left the protocol'})")
