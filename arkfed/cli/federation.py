@@ -64,7 +64,7 @@ def coordinator(
 ) -> None:
     from rich.console import Console
 
-    from arkfed.cli.options import resolve_run_config
+    from arkfed.cli.options import check_secure_aggregation, resolve_run_config
     from arkfed.cli.train import default_out, print_recipes
     from arkfed.errors import ArkfedError
     from arkfed.federation.certs import CertificateFolder
@@ -82,9 +82,7 @@ def coordinator(
         if train_config is not None:
             typer.echo(config_text(train_config), nl=False)
         return
-    if train_config is not None and train_config.secure_aggregation and not max_update_norm:
-        raise ArkfedError("--secure-aggregation needs --max-update-norm N: each site clips its own update to it before masking, "
-                          "as the coordinator can no longer check single updates")
+    check_secure_aggregation(train_config, max_update_norm)
     if certs is None and not insecure:
         raise ArkfedError("the coordinator needs --certs DIR (create it with `arkfed certs init DIR --coordinator-host HOST` "
                           "and register each site's key with `arkfed certs add-site`), or --insecure to run without "

@@ -81,7 +81,7 @@ def train(
 ) -> None:
     from rich.console import Console
 
-    from arkfed.cli.options import resolve_run_config
+    from arkfed.cli.options import check_secure_aggregation, resolve_run_config
     from arkfed.errors import ArkfedError
     from arkfed.run.folder import RunFolder, config_text
     from arkfed.site.config import load_site_config, resolve_site_path
@@ -105,12 +105,7 @@ def train(
             return
     if max_update_norm is not None and not federated:
         raise ArkfedError("--max-update-norm is for --federated runs (a local run's updates are checked by --update-norm-factor)")
-    if train_config.secure_aggregation and not federated:
-        raise ArkfedError("--secure-aggregation is for federated runs (add --federated, or use arkfed coordinator): in a local run "
-                          "every site's update is in this process anyway")
-    if train_config.secure_aggregation and not resume and not max_update_norm:
-        raise ArkfedError("--secure-aggregation needs --max-update-norm N: each site clips its own update to it before masking, "
-                          "as the coordinator can no longer check single updates")
+    check_secure_aggregation(None if resume is not None and federated else train_config, max_update_norm, federated)
     summary = _run(train_config, run_dir, refs, resume is not None, federated, quiet, log, device, num_workers, plugins_dir or (), gpus,
                    max_update_norm)
     print_summary(console, summary, run_dir)
