@@ -150,3 +150,21 @@ def test_the_gateway_lets_a_masked_vector_through(tmp_path):
     assert run_push_object_limit(tmp_path / "secure") > masked > run_push_object_limit(tmp_path / "plain")
     described = m.describe_content(RecordDict({CONFIGS: ConfigRecord({"masked": [b"abc", b"de"]})}))
     assert json.dumps(described) and described[CONFIGS]["values"]["masked"] == "<2 byte strings, 5 bytes>"
+
+
+def test_the_command_line_says_what_secure_aggregation_needs():
+    from typer.testing import CliRunner
+
+    from arkfed.cli import app
+
+    def error(*args: str) -> str:
+        result = CliRunner().invoke(app, ["coordinator", "--sites", "a,b", "--secure-aggregation", "--insecure", *args])
+        assert result.exit_code != 0 and isinstance(result.exception, ArkfedError)
+        return str(result.exception)
+
+    assert "needs mode 'parallel': in cyclic mode" in error("--dry-run")
+    assert "cannot be combined with aggregation 'median': robust rules need every single update" in error(
+        "--mode", "parallel", "--aggregation", "median", "--dry-run")
+    assert "needs --max-update-norm N: each site clips its own update" in error("--mode", "parallel")
+    shown = CliRunner().invoke(app, ["coordinator", "--sites", "a,b", "--secure-aggregation", "--mode", "parallel", "--dry-run"])
+    assert shown.exit_code == 0 and "secure_aggregation: true" in shown.output and "aggregation: mean" in shown.output
