@@ -183,6 +183,12 @@ class TrainConfig(BaseModel):
     min_update_cosine: float = Field(default=-0.5, ge=-1, le=1, description=(
         "refuse a returned student whose update points against the same site's accepted updates: cosine with their "
         "mean direction below this (a reversed update); -1 = off"))
+    secure_aggregation: bool = Field(default=False, description=(
+        "parallel mode, federated runs only: Flower's SecAgg+ masks every site's student update, so the coordinator "
+        "sees only the weighted mean of the round's updates, never one site's. Robust rules then cannot work (they "
+        "need single updates): aggregation is mean, and instead of the coordinator checking each update, each site "
+        "checks its own (finite) and clips it to --max-update-norm before masking; a site that sends a wrong but "
+        "finite update within that bound is not caught. Cyclic mode cannot hide a site's update (use differential privacy)"))
     order: OrderMode = Field(default="fixed", description="site order per round: fixed | shuffle")
     seed: int = Field(default=0, ge=0, description="seed of initialisation, data order and augmentation")
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -205,6 +211,27 @@ class TrainConfig(BaseModel):
     def _carry_is_cyclic(self) -> "TrainConfig":
         if self.settings.optimizer_state == "carry" and self.mode != "cyclic":
             raise ValueError("optimizer_state 'carry' needs mode 'cyclic' (one optimizer stepping through one visit after another)")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_is_parallel_mean(self) -> "TrainConfig":
+        """Secure aggregation hides single updates: parallel mode, the plain mean, the teacher's EMA at the coordinator."""
+        if not self.secure_aggregation:
+            return self
+        if len(self.sites) < 2:
+            raise ValueError("secure_aggregation needs at least two sites: the mean of one site's update is that update")
+        if self.mode != "parallel":
+            raise ValueError("secure_aggregation needs mode 'parallel': in cyclic mode the coordinator receives each site's "
+                             "whole student, so no aggregation can hide a site's update (differential privacy can bound it)")
+        if self.aggregation != "mean":
+            if "aggregation" in self.model_fields_set:
+                raise ValueError(f"secure_aggregation cannot be combined with aggregation {self.aggregation!r}: robust rules "
+                                 "need every single update, which secure aggregation hides from the coordinator; use "
+                                 "aggregation 'mean' (each site clips its own update to max_update_norm before masking)")
+            self.aggregation = "mean"  # the default (median) gives way; an explicit robust rule is refused above
+        if self.settings.ema != "visit":
+            raise ValueError("secure_aggregation needs settings.ema 'visit' (the teacher's EMA step at the coordinator from "
+                             "the aggregated student); with 'iteration' each site's teacher would have to travel too")
         return self
 
     @property

@@ -99,15 +99,30 @@ def misbehave(msg, context, call_next):
     return tamper(msg, reply, fault)
 
 
+KEPT_ENV = "ARKFED_TEST_KEPT_DIR"
+
+
+def record_kept(msg, context, call_next):
+    """Flower mod: with ``ARKFED_TEST_KEPT_DIR`` set, after a secure visit, save the update the site
+    kept for the secure aggregation (clipped, before any masking) as the test's reference:
+    ``<dir>/<site>-visit-<index>.npz`` (arrays in order, and ``weight``)."""
+    from arkfed.federation.site.secure import KEPT, UPDATE
+
+    reply = call_next(msg, context)
+    folder = os.environ.get(KEPT_ENV)
+    if folder and msg.metadata.message_type == m.VISIT and not reply.has_error() and UPDATE in context.state.array_records:
+        kept = context.state.config_records[KEPT]
+        arrays = {f"a{i:04d}": a.numpy() for i, a in enumerate(context.state.array_records[UPDATE].values())}
+        site = str(context.node_config.get("site"))
+        np.savez(Path(folder) / f"{site}-visit-{int(kept['visit'])}.npz", weight=np.int64(kept["weight"]), **arrays)
+    return reply
+
+
 def faulty_app():
     """arkfed's site ClientApp with :func:`misbehave` inside its audit mod (same handlers)."""
     from arkfed.federation.site import client_app as site
 
-    app = site.SiteClientApp(mods=[site.audit_outgoing, misbehave])
-    app.query("hello")(site.hello)
-    app.train("visit")(site.visit)
-    app.evaluate("round")(site.evaluate)
-    return app
+    return site.register_handlers(site.SiteClientApp(mods=[site.audit_outgoing, misbehave, record_kept]))
 
 
 def install() -> None:

@@ -53,7 +53,8 @@ def coordinator(
     join_timeout: float = typer.Option(600.0, help="seconds to wait for all sites to join"),
     visit_timeout: float = typer.Option(3600.0, help="seconds a visit may take before it is retried, then skipped"),
     max_update_norm: Optional[float] = typer.Option(None, min=0.0, help="skip a returned student farther (L2) than this from the one "
-                                                    "sent, on top of the adaptive bound (--update-norm-factor)"),
+                                                    "sent, on top of the adaptive bound (--update-norm-factor); with "
+                                                    "--secure-aggregation (required) each site clips its own update to it before masking"),
     max_split_size: int = typer.Option(1_000_000, min=1, help="cap on each split size a site declares when it joins (bounds the "
                                        "examples it may claim); sizes are fixed at join"),
     log: str = typer.Option("", help="also log to trackers: tensorboard,mlflow (in the run folder)"),
@@ -65,7 +66,7 @@ def coordinator(
 ) -> None:
     from rich.console import Console
 
-    from arkfed.cli.options import resolve_run_config
+    from arkfed.cli.options import check_secure_aggregation, resolve_run_config
     from arkfed.cli.train import default_out, print_recipes
     from arkfed.errors import ArkfedError
     from arkfed.federation.certs import CertificateFolder
@@ -83,6 +84,7 @@ def coordinator(
         if train_config is not None:
             typer.echo(config_text(train_config), nl=False)
         return
+    check_secure_aggregation(train_config, max_update_norm)
     if certs is None and not insecure:
         raise ArkfedError("the coordinator needs --certs DIR (create it with `arkfed certs init DIR --coordinator-host HOST` "
                           "and register each site's key with `arkfed certs add-site`), or --insecure to run without "

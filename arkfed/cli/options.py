@@ -161,5 +161,21 @@ def first_error(exc: ValueError) -> str:
     if callable(errors):
         err = errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        return f"{where}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
+        text = err["msg"].removeprefix("Value error, ")  # a rule over several settings has no single place
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        return (f"{where}: " if where else "") + text + got
     return str(exc)
+
+
+def check_secure_aggregation(config, max_update_norm: float | None, federated: bool = True) -> None:
+    """``--secure-aggregation`` needs a federated run and ``--max-update-norm`` (one line each, before anything starts)."""
+    from arkfed.errors import ArkfedError
+
+    if config is None or not config.secure_aggregation:
+        return
+    if not federated:
+        raise ArkfedError("--secure-aggregation is for federated runs (add --federated, or use arkfed coordinator): in a local run "
+                          "every site's update is in this process anyway")
+    if not max_update_norm:
+        raise ArkfedError("--secure-aggregation needs --max-update-norm N: each site clips its own update to it before masking, "
+                          "as the coordinator can no longer check single updates")

@@ -74,11 +74,15 @@ def train(
     demo_dir: Path = typer.Option(DEMO_DIR, help="where the demo federation lives (used without --sites)"),
     federated: bool = typer.Option(False, "--federated", help="run it as a Flower federation on this machine: one SuperLink + one "
                                  "SuperNode per site on 127.0.0.1 (TLS + site keys)"),
+    max_update_norm: Optional[float] = typer.Option(None, min=0.0, help="with --federated, as `arkfed coordinator --max-update-norm`: "
+                                                    "skip a returned student farther (L2) than this from the one sent; with "
+                                                    "--secure-aggregation (required) each site clips its own update to it before masking"),
     run_overrides: dict | None = None,
 ) -> None:
     from rich.console import Console
 
-    from arkfed.cli.options import resolve_run_config
+    from arkfed.cli.options import check_secure_aggregation, resolve_run_config
+    from arkfed.errors import ArkfedError
     from arkfed.run.folder import RunFolder, config_text
     from arkfed.site.config import load_site_config, resolve_site_path
 
@@ -99,7 +103,11 @@ def train(
         if dry_run:
             typer.echo(config_text(train_config), nl=False)
             return
-    summary = _run(train_config, run_dir, refs, resume is not None, federated, quiet, log, device, num_workers, plugins_dir or (), gpus)
+    if max_update_norm is not None and not federated:
+        raise ArkfedError("--max-update-norm is for --federated runs (a local run's updates are checked by --update-norm-factor)")
+    check_secure_aggregation(None if resume is not None and federated else train_config, max_update_norm, federated)
+    summary = _run(train_config, run_dir, refs, resume is not None, federated, quiet, log, device, num_workers, plugins_dir or (), gpus,
+                   max_update_norm)
     print_summary(console, summary, run_dir)
 
 
@@ -115,7 +123,8 @@ def _file_sites(config: Optional[Path]) -> list[str]:
 
 
 def _run(config, run_dir: Path, refs: list[str], resume: bool, federated: bool, quiet: bool, log: str,
-         device: Optional[str], num_workers: Optional[int], plugins_dirs, gpus: Optional[int] = None) -> dict:
+         device: Optional[str], num_workers: Optional[int], plugins_dirs, gpus: Optional[int] = None,
+         max_update_norm: Optional[float] = None) -> dict:
     from arkfed.errors import ArkfedError
 
     if federated:  # same run folder, visits at real Flower sites (arkfed.federation)
@@ -123,7 +132,7 @@ def _run(config, run_dir: Path, refs: list[str], resume: bool, federated: bool, 
             raise ArkfedError("with --federated each site's hardware comes from its YAML (compute:); drop --device/--num-workers/--gpus")
         from arkfed.federation.loopback import train_federated
 
-        return train_federated(config, run_dir, refs, resume=resume, quiet=quiet, log=log)
+        return train_federated(config, run_dir, refs, resume=resume, quiet=quiet, log=log, max_update_norm=max_update_norm)
     from arkfed.run.local import train_local
     from arkfed.run.progress import make_progress
     from arkfed.site.load import load_sites

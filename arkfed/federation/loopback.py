@@ -114,7 +114,7 @@ def run_loopback(config, out: Path, site_configs: Sequence[str | Path] = (), fed
 
 
 def train_federated(config, out: Path, site_configs: Sequence[str | Path] = (), resume: bool = False, quiet: bool = False,
-                    secure: bool = True, log: str = "") -> dict:
+                    secure: bool = True, log: str = "", max_update_norm: float | None = None) -> dict:
     """``arkfed train --federated``: :func:`run_loopback` with the live view; returns the summary."""
     from rich.console import Console
 
@@ -125,6 +125,6 @@ def train_federated(config, out: Path, site_configs: Sequence[str | Path] = (), 
     console.print(f"federated on this machine: one SuperLink and one SuperNode per site on 127.0.0.1, {mode}")
     from arkfed.run.trackers import parse_log_option
 
-    fed = FederationSettings(log=parse_log_option(log))
+    fed = FederationSettings(log=parse_log_option(log), max_update_norm=max_update_norm or None)
     with FederationView(console, quiet=quiet, title="arkfed train --federated") as view:
         return run_loopback(config, Path(out), site_configs, fed, secure=secure, resume=resume, view=view)

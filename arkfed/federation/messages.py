@@ -290,6 +290,15 @@ def redact_paths(text: str) -> str:
     return _ABSOLUTE_PATH.sub("<local path>", text)
 
 
+def _described(value: Any) -> Any:
+    """A config value for the audit logs: bytes (keys, ciphertexts, masked vectors) by their size."""
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, list) and any(isinstance(v, bytes) for v in value):
+        return f"<{len(value)} byte strings, {sum(len(v) for v in value if isinstance(v, bytes))} bytes>"
+    return value
+
+
 def describe_content(content: RecordDict) -> dict[str, dict]:
     """What a message carries, for the site's outbox audit log: per record its kind and, for
     arrays, keys/dtypes/shapes/bytes; for metrics and config records, every value."""
@@ -304,7 +313,7 @@ def describe_content(content: RecordDict) -> dict[str, dict]:
         elif isinstance(record, MetricRecord):
             out[name] = {"kind": "metrics", "values": {k: v for k, v in record.items()}}
         elif isinstance(record, ConfigRecord):
-            values = {k: (v if not isinstance(v, bytes) else f"<{len(v)} bytes>") for k, v in record.items()}
+            values = {k: _described(v) for k, v in record.items()}
             out[name] = {"kind": "config", "values": values}
         else:  # pragma: no cover - Flower has no other record types today
             out[name] = {"kind": type(record).__name__}
@@ -355,11 +364,13 @@ def _unpack(module, record: ArrayRecord, what: str) -> dict:
         raise BadReply(f"{what} arrays cannot be unpacked ({type(exc).__name__})") from None
 
 
-def read_visit_reply(content: RecordDict, plan, student: "nn.Module", teacher: "nn.Module", with_teacher: bool) -> VisitReply:
+def read_visit_reply(content: RecordDict, plan, student: "nn.Module", teacher: "nn.Module", with_teacher: bool,
+                     secure: bool = False) -> VisitReply:
     """The reply to ``plan``'s visit, decoded: metrics are exactly a VisitResult for this visit
     (finite), the student (and with per-iteration EMA the teacher) unpacks into a state shaped like
     ``student`` (``teacher``); raises :class:`BadReply`. The states are not checked here: the loop's
-    gate (:func:`arkfed.ark.updates.check_reply`) checks every visit's."""
+    gate (:func:`arkfed.ark.updates.check_reply`) checks every visit's. With ``secure`` (secure
+    aggregation) the reply carries metrics only, and its student is empty."""
     from pydantic import ValidationError
 
     from arkfed.ark.visit import VisitResult
@@ -379,6 +390,10 @@ def read_visit_reply(content: RecordDict, plan, student: "nn.Module", teacher: "
     bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise BadReply(f"visit reply: metric {bad[0]!r} is not finite")
+    if secure:
+        if set(content.keys()) != {METRICS}:
+            raise BadReply("visit reply under secure aggregation carries more than its metrics")
+        return VisitReply(result, {})
     returned = _unpack(student, _record(content, STUDENT, ArrayRecord, "visit reply"), f"returned {STUDENT}")
     if with_teacher:
         return VisitReply(result, returned, _unpack(teacher, _record(content, TEACHER, ArrayRecord, "visit reply"), f"returned {TEACHER}"))

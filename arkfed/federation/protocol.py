@@ -31,7 +31,8 @@ class FederationSettings(BaseModel):
     schemas: dict[str, dict] = Field(default_factory=dict, description="the run's record: each site's label schema")
     claim_lifetime: float = Field(default=7 * 24 * 3600.0, gt=0, description="seconds a signed run stays valid at the sites")
     max_update_norm: float | None = Field(default=None, gt=0, description=(
-        "reject a returned student farther (L2) than this from the one sent, on top of the adaptive bound (update_norm_factor)"))
+        "reject a returned student farther (L2) than this from the one sent, on top of the adaptive bound (update_norm_factor); "
+        "with secure_aggregation each site clips its own update to it before masking"))
     max_split_size: int = Field(default=1_000_000, ge=1, description=(
         "cap on the split sizes a site declares when it joins (they bound its num_examples)"))
     sizes: dict[str, dict[str, int]] = Field(default_factory=dict, description="the run's record: each site's split sizes, fixed at join")

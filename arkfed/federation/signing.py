@@ -295,8 +295,17 @@ def check_request(claim: Mapping | None, request: Mapping[str, Any]) -> None:
         raise RunRefused("the request's site list differs from the signed run configuration")
     if "plan" in request:
         check_plan(claim, _json_field(request, "plan"))
+        _check_secure(config, request)
     if "split" in request:
         _check_evaluation(claim, request)
+
+
+def _check_secure(config: Mapping[str, Any], request: Mapping[str, Any]) -> None:
+    """A visit of a run signed with ``secure_aggregation`` must ask for it: its update stays masked."""
+    from arkfed.federation.secagg import DIGEST_FIELD, SECURE_FIELD
+
+    if config.get("secure_aggregation") and SECURE_FIELD not in request and DIGEST_FIELD not in request:
+        raise RunRefused("the signed run aggregates securely, but the visit request does not ask for it (its update would leave unmasked)")
 
 
 # -- per-request authorization: the coordinator's signature over a request and its weights ------

@@ -9,7 +9,9 @@ A run is a list of *groups* (:func:`arkfed.run.plan.plan_groups`): visits that s
 student and end in one teacher update. Cyclic mode (Ark) has one visit per group; parallel mode
 (the federated variant of Ark+) has every site of a round in one group, whose returned students
 are aggregated (:mod:`arkfed.run.aggregation`: the coordinate-wise median by default) before the
-teacher's EMA step. Every returned update, local or remote, is checked here and only here
+teacher's EMA step; with ``secure_aggregation`` (federated only) the coordinator gets only their
+weighted mean (``sites.secure_mean``, Flower's SecAgg+: :mod:`arkfed.ark.secure` says what moves to
+the sites' own checks). Every returned update, local or remote, is checked here and only here
 (:class:`arkfed.ark.updates.UpdateGuard`: shapes, finite values, declared sizes, the adaptive norm
 bound, the reported metrics) before it touches the student; a visit that fails or is refused is
 skipped and recorded, and the run goes on. Evaluation results are range-checked the same way.
@@ -33,6 +35,7 @@ from typing import Mapping, Protocol, Sequence
 import torch
 
 from arkfed.ark.pair import SiteHeads
+from arkfed.ark.secure import apply_update, check_secure_reply, mean_update
 from arkfed.ark.updates import Accepted, UpdateGuard, VisitReply, check_eval_metrics, max_examples
 from arkfed.config import TrainConfig, VisitPlan, derive_seed
 from arkfed.data.schema import LabelSchema
@@ -74,7 +77,9 @@ class SiteInfo:
 
 class Sites(Protocol):
     """Where visits and evaluations happen. ``visit``/``evaluate`` never raise for one site's
-    failure: they answer a :class:`SiteFailure` for it."""
+    failure: they answer a :class:`SiteFailure` for it. Sites that support ``secure_aggregation``
+    (Flower's) also have ``secure_mean(state, accepted)``: the accepted visits' mean update as
+    arrays and the sites in it, or a :class:`SiteFailure`."""
 
     mode: str
 
@@ -220,6 +225,8 @@ class ArkLoop:
         the model's keys, dtypes and shapes, finite values, ``num_examples`` within what the site's
         declared training split allows (it weights a parallel-mode mean), the update's norm (the
         adaptive bound and ``max_update_norm``) and the visit's reported metrics."""
+        if self.config.secure_aggregation:  # the update stays masked: its site checked and clipped it (arkfed.ark.secure)
+            return check_secure_reply(reply.result, plan, self._examples(plan.site))
         return self.guard.check(reply, plan, state.student.state_dict(), state.teacher.state_dict(), self._examples(plan.site))
 
     def _check_usable(self) -> None:
@@ -234,16 +241,48 @@ class ArkLoop:
                             f"sites {failed}, with no visit accepted in between; suspect {since}. The checkpoint holds "
                             f"the model after it; resume from an earlier copy or with a lower lr")
 
-    def _apply(self, state: RunState, group: Sequence[VisitPlan], accepted: list[tuple[VisitPlan, VisitReply]]) -> None:
-        """The student (averaged in parallel mode), then the teacher's EMA step for the group."""
+    def _secure_mean(self, state: RunState, accepted: list[tuple[VisitPlan, VisitReply]]):
+        """Secure aggregation: the accepted visits whose updates are in the mean, and the student
+        moved by that mean (``sites.secure_mean``: Flower's SecAgg+; the coordinator never sees one
+        site's update). When it fails, or is not what clipped updates can give, the round's visits
+        are skipped."""
+        if not accepted:
+            return [], None
+        outcome = self.sites.secure_mean(state, accepted)
+        sent = state.student.state_dict()
+        if not isinstance(outcome, SiteFailure):
+            arrays, sites = outcome
+            try:
+                update, norm = mean_update(sent, arrays, self.max_update_norm)
+            except ValueError as exc:
+                outcome = SiteFailure(f"rejected secure aggregate: {exc}", refused=True)
+        if isinstance(outcome, SiteFailure):
+            for plan, _ in accepted:
+                self._skip("visit", plan.round, plan.visit, plan.site, outcome.reason)
+            return [], None
+        for plan, _ in accepted:
+            if plan.site not in sites:
+                self._skip("visit", plan.round, plan.visit, plan.site, "left the secure aggregation before its update was summed")
+        kept = [(plan, reply) for plan, reply in accepted if plan.site in sites]
+        for _, reply in kept:
+            reply.extra["secure_mean_norm"] = norm
+        return kept, apply_update(sent, update)
+
+    def _apply(self, state: RunState, group: Sequence[VisitPlan], accepted: list[tuple[VisitPlan, VisitReply]],
+               secure_student: dict | None = None) -> None:
+        """The student (averaged in parallel mode; with secure aggregation ``secure_student``), then
+        the teacher's EMA step for the group."""
         if not accepted:
             return
         iteration = self.config.settings.ema == "iteration"
         sent = state.student.state_dict()
-        for plan, reply in accepted:  # the adaptive bound's history, and each visit's record
-            reply.extra["update_norm"] = self.guard.accept(reply, plan, sent, self._examples(plan.site))
+        if secure_student is None:
+            for plan, reply in accepted:  # the adaptive bound's history, and each visit's record
+                reply.extra["update_norm"] = self.guard.accept(reply, plan, sent, self._examples(plan.site))
         self.last_accepted = accepted[-1][0]
-        if len(group) == 1:
+        if secure_student is not None:
+            state.student.load_state_dict(secure_student)
+        elif len(group) == 1:
             plan, reply = accepted[0]
             state.student.load_state_dict(reply.student)
             if iteration:
@@ -270,8 +309,10 @@ class ArkLoop:
         start = time.perf_counter()
         replies = self.sites.visit(state, group)
         seconds = time.perf_counter() - start
-        accepted = self._checked(state, group, replies)
-        self._apply(state, group, accepted)
+        accepted, secure_student = self._checked(state, group, replies), None
+        if self.config.secure_aggregation:
+            accepted, secure_student = self._secure_mean(state, accepted)
+        self._apply(state, group, accepted, secure_student)
         for plan, reply in accepted:  # metrics before the checkpoint: resume trims what it lacks
             self.callbacks.on_visit_end(plan, visit_record(plan, reply.result, round_trip_s=seconds, **reply.extra))
         self._check_usable()
@@ -313,6 +354,7 @@ class ArkLoop:
         if self.config.settings.optimizer_state == "carry" and self.sites.mode != "local":
             raise ArkfedError("optimizer_state 'carry' is for local runs: its momentum buffers are derived from a site's "
                               "gradients and would leave the site; use optimizer_state 'reset'")
+        self._check_secure()
         try:
             infos = self.infos = self.sites.join(self.config)
             self.schemas = {name: info.schema for name, info in infos.items()}
@@ -334,6 +376,16 @@ class ArkLoop:
             return summary
         finally:
             self.callbacks.close()
+
+    def _check_secure(self) -> None:
+        if not self.config.secure_aggregation:
+            return
+        if self.sites.mode == "local" or not hasattr(self.sites, "secure_mean"):
+            raise ArkfedError("secure_aggregation is for federated runs (arkfed coordinator, arkfed train --federated): in a "
+                              "local run every site's update is in this process anyway")
+        if not self.max_update_norm:
+            raise ArkfedError("secure_aggregation needs max_update_norm (arkfed coordinator --max-update-norm N): each site "
+                              "clips its own update to it before masking, as the coordinator cannot check single updates")
 
     def _remember_accepted(self) -> None:
         """A resumed run's adaptive bound starts from the updates it accepted before (their norms

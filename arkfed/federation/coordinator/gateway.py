@@ -35,7 +35,8 @@ checks who sent it, so the gateway is where size and time are bounded). Request 
 ``Content-Length`` over the route's limit is answered 413 before a byte of the body is read, and a
 chunked body is counted as it streams and cut off with 413 at the limit (:class:`BodyLimits`;
 ``push-object``, the one route that carries model arrays, gets :func:`push_object_limit`, sized
-from the run's model; every other route 1 MiB). ``/health`` with a body is a 400. Connections
+from the run's model, or with secure aggregation :func:`masked_vector_bytes`, a masked update's
+size; every other route 1 MiB). ``/health`` with a body is a 400. Connections
 (:mod:`arkfed.federation.coordinator.connections`): a cap per client address and in total,
 checked when a connection is accepted; TLS handshake, request-header, body-idle and keep-alive
 timeouts. TLS 1.2 with AEAD suites only, or 1.3; no ``Server`` header of its own or the
@@ -117,6 +118,20 @@ def model_state_bytes(spec) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+def masked_vector_bytes(spec) -> int:
+    """Bytes of one site's SecAgg+ masked vector for ``spec``: Flower's ``secaggplus_mod`` sends every
+    floating-point value of the update as an int64, one serialised array per tensor (plus the
+    weight), all in one config record, which Flower does not cut into chunks as it does arrays."""
+    import torch
+
+    from arkfed.model.ark import ArkModel
+
+    with torch.device("meta"):
+        model = ArkModel(spec)
+    floats = [t for t in model.state_dict().values() if t.dtype.is_floating_point]
+    return sum(8 * t.numel() + 128 for t in floats) + 256  # 128: a .npy header
+
+
 def run_push_object_limit(run_dir: Path) -> int:
     """:func:`push_object_limit` for the run in ``run_dir`` (its ``config.yaml``'s model); the chunk
     bound if the folder holds no run or the model cannot be built."""
@@ -124,7 +139,13 @@ def run_push_object_limit(run_dir: Path) -> int:
 
     try:
         run = RunFolder(Path(run_dir))
-        return push_object_limit(model_state_bytes(run.read_config().model) if run.has_run() else None)
+        if not run.has_run():
+            return push_object_limit(None)
+        config = run.read_config()
+        limit = push_object_limit(model_state_bytes(config.model))
+        if config.secure_aggregation:  # Flower's SecAgg+ sends a site's masked vector as one unchunked object
+            limit = max(limit, masked_vector_bytes(config.model) + OBJECT_MARGIN)
+        return limit
     except Exception as exc:  # noqa: BLE001 - the bound without the model is still a bound
         log.warning("model size of %s unknown (%s): Flower's chunk bound applies", run_dir, type(exc).__name__)
         return push_object_limit(None)

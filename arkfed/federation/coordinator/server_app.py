@@ -7,6 +7,10 @@ authentication is on), a visit or evaluation is a request to the site's SuperNod
 request is retried once (after waiting for a vanished site to come back) and then reported as a
 :class:`~arkfed.run.loop.SiteFailure`, which the loop records as a skip.
 
+With ``secure_aggregation`` a parallel round's visits reply with metrics only, and
+:meth:`FlowerSites.secure_mean` runs Flower's SecAgg+ workflow for the round's mean
+(:mod:`arkfed.federation.coordinator.secure`).
+
 Heads stay at the sites. The coordinator names the version a site starts from (the site's last
 accepted visit, kept in the checkpoint), so a retried visit, or one after a resume, starts from the
 same head as in an uninterrupted run.
@@ -168,6 +172,14 @@ class FlowerSites:
             arrays[m.HEAD] = m.model_record(self.initial_heads[site])
         return m.request_content(request, **arrays)
 
+    def _visit_fields(self, plan: VisitPlan) -> dict:
+        """A visit request's own fields: its plan, and with secure aggregation the bound the site clips to."""
+        from arkfed.federation.secagg import SECURE_FIELD
+
+        if not self.config.secure_aggregation:
+            return {"plan": plan}
+        return {"plan": plan, SECURE_FIELD: {"max_norm": self.fed.max_update_norm, "weighting": self.config.weighting}}
+
     def _send(self, state: RunState, kind: str, items: dict[str, object], group: str) -> dict[str, Message | SiteFailure]:
         """One request per site (visits: its plan; evaluations: the split), retried once."""
         results: dict[str, Message | SiteFailure] = {}
@@ -180,7 +192,7 @@ class FlowerSites:
                     results[site] = SiteFailure("site is offline")
                     continue
                 rnd = state.visits_done // len(self.config.sites) - 1  # evaluations follow their round's last visit
-                content = self._content(state, site, **({"plan": item} if kind == m.VISIT else {"split": item, "round": rnd}))
+                content = self._content(state, site, **(self._visit_fields(item) if kind == m.VISIT else {"split": item, "round": rnd}))
                 if self.authorizer is not None:
                     self.authorizer.authorize(kind, content)
                 requests[site] = Message(content, node, kind, ttl=self.fed.visit_timeout, group_id=group)
@@ -211,7 +223,7 @@ class FlowerSites:
                 continue
             try:  # issue 8: decoded here, checked by the loop's gate (arkfed.ark.updates.check_reply) like a local visit
                 iteration = self.config.settings.ema == "iteration"
-                decoded = m.read_visit_reply(reply.content, plan, state.student, state.teacher, iteration)
+                decoded = m.read_visit_reply(reply.content, plan, state.student, state.teacher, iteration, self.config.secure_aggregation)
             except m.BadReply as exc:
                 answers[plan.site] = SiteFailure(f"rejected reply: {exc}", refused=True)
                 continue
@@ -222,6 +234,19 @@ class FlowerSites:
             decoded.extra = {"bytes_sent": self.sent_bytes.get(plan.site, 0), "bytes_received": received}
             answers[plan.site] = decoded
         return answers
+
+    def secure_mean(self, state: RunState, accepted: Sequence[tuple[VisitPlan, VisitReply]]):
+        """The weighted mean of the accepted visits' updates by Flower's SecAgg+, and the sites it
+        includes, or a :class:`SiteFailure` (:mod:`arkfed.federation.coordinator.secure`)."""
+        from arkfed.federation.coordinator.secure import secure_mean
+        from arkfed.federation.secagg import weight_of
+
+        plans = {plan.site: plan for plan, _ in accepted}
+        weights = [weight_of(self.config.weighting, reply.result.num_examples) for _, reply in accepted]
+        for site in plans:
+            self.callbacks.on_site_status(site, "training", "secure aggregation")
+        return secure_mean(self.grid, {site: self.nodes[site] for site in plans}, plans, self.fed.run_uid, self.fed.max_update_norm,
+                           max(weights), self.fed.visit_timeout, self.poll, self.authorizer, self._log_inbox)
 
     def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None:
         self.callbacks.on_site_status(plan.site, "done", f"visit {plan.visit + 1}")

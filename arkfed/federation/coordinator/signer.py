@@ -12,7 +12,8 @@ this account):
   current submission only, its run folder and claim unchanged: a bundle someone else submitted,
   or the same one submitted twice, gets no ServerApp;
 - ``authorize`` (from arkfed's ServerApp, :class:`RequestAuthorizer`): the signature over one
-  visit or evaluation request and the hash of its weights, only for the current, started ticket
+  visit, evaluation or secure-aggregation (``train``, :mod:`arkfed.federation.secagg`) request
+  and the hash of its weights, only for the current, started ticket
   and only for a request of the signed run (:func:`arkfed.federation.signing.check_request`: the
   scheduled visit plan, the signed split).
 
@@ -204,9 +205,10 @@ class SigningService:
         if current.claim is None:
             return {"ok": True, "signature": None}  # insecure trial: nothing is signed
         fields, digest, kind = request.get("fields"), request.get("weights"), request.get("message_type")
-        if not isinstance(fields, dict) or not isinstance(digest, str) or kind not in ("train.visit", "evaluate.round"):
-            raise SignerRefused("an authorization needs a visit or evaluation request and its weights' hash")
-        if ("plan" in fields) != (kind == "train.visit") or ("split" in fields) != (kind == "evaluate.round"):
+        if not isinstance(fields, dict) or not isinstance(digest, str) or kind not in ("train.visit", "evaluate.round", "train"):
+            raise SignerRefused("an authorization needs a visit, evaluation or secure aggregation request and its weights' hash")
+        if (("plan" in fields) != (kind in ("train.visit", "train")) or ("split" in fields) != (kind == "evaluate.round")
+                or ("secagg" in fields) != (kind == "train")):
             raise SignerRefused("the request does not match its message type")
         try:
             check_request(current.claim, {k: json.dumps(v) for k, v in fields.items()})

@@ -6,7 +6,9 @@ Each handler is a thin shell around the functions local mode uses:
 
 - ``query.hello``: identify the site by name, check its label schema against the run's record;
 - ``train.visit``: :func:`arkfed.ark.tasks.visit_site`, unchanged, on the received weights;
-- ``evaluate.round``: :func:`arkfed.ark.tasks.evaluate_site_models`; metrics only.
+- ``evaluate.round``: :func:`arkfed.ark.tasks.evaluate_site_models`; metrics only;
+- ``train`` (secure aggregation, parallel mode): Flower's SecAgg+ mod over the update a secure
+  visit kept (:mod:`arkfed.federation.site.secure`).
 
 A visit or an evaluation reads as: decode the request (:func:`arkfed.federation.messages.read_site_request`),
 check it against the site's policy, run :mod:`arkfed.ark.tasks`, encode the reply.
@@ -171,6 +173,7 @@ def visit(msg: Message, context: Context) -> Message:
     exactly as in local mode), within the site's policy; the heads stay here, versioned by visit."""
     from arkfed.ark.tasks import visit_site
     from arkfed.ark.updates import check_finite
+    from arkfed.federation.site.secure import keep_update, metrics_reply, secure_settings
     from arkfed.site.policy import apply_memory_limit
 
     config = node_site_config(context)
@@ -187,12 +190,18 @@ def visit(msg: Message, context: Context) -> Message:
     student, teacher = request.models()
     heads = _start_heads(stores, site, request, student.embed_dim)
     apply_memory_limit(config.policy, config.compute.device)
+    secure = secure_settings(request)
+    sent = {key: value.detach().clone() for key, value in student.state_dict().items()} if secure else None
     result = visit_site(ArkPair(student, teacher, heads), site, settings, plan, request.pending)
     iteration = settings.ema == "iteration"  # the teacher moved during the visit: it goes back too
     if iteration:  # visit_site checked the student and its head
         check_finite(teacher, "teacher", site.name)
+    if secure:  # the update stays here, checked and clipped, until Flower's SecAgg+ masks it
+        keep_update(context, request, secure, sent, student.state_dict(), result.num_examples)
     stores[0].save(plan.visit, heads.student)
     stores[1].save(plan.visit, heads.teacher)
+    if secure:
+        return Message(metrics_reply(result), reply_to=msg)
     return Message(m.visit_content(result, student, teacher if iteration else None), reply_to=msg)
 
 
@@ -326,7 +335,18 @@ def guard_task_replies() -> None:
     runtime.push_message = push_message
 
 
-app = SiteClientApp(mods=[audit_outgoing])
-app.query("hello")(hello)
-app.train("visit")(visit)
-app.evaluate("round")(evaluate)
+def register_handlers(app: ClientApp) -> ClientApp:
+    """arkfed's handlers on ``app``: hello, visit, evaluation, and secure aggregation (Flower's
+    SecAgg+ mod around :func:`arkfed.federation.site.secure.masked_update`, behind its check)."""
+    from flwr.client.mod import secaggplus_mod
+
+    from arkfed.federation.site.secure import check_protocol, masked_update
+
+    app.query("hello")(hello)
+    app.train("visit")(visit)
+    app.evaluate("round")(evaluate)
+    app.train(mods=[check_protocol, secaggplus_mod])(masked_update)
+    return app
+
+
+app = register_handlers(SiteClientApp(mods=[audit_outgoing]))

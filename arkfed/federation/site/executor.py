@@ -20,7 +20,8 @@ arkfed, never from the bundle. Every message is also checked against the coordin
 of the run (:mod:`arkfed.federation.signing`, against the federation CA the site pinned with
 ``--root-certificates``): the claim must be unexpired, the request must be the signed run's (its
 visit plan exactly the scheduled one, its evaluation the signed split) and, for a visit or an
-evaluation, carry the coordinator's authorization over its fields and weights; a run or visit
+evaluation (or a secure aggregation's message, :mod:`arkfed.federation.secagg`), carry the
+coordinator's authorization over its fields and weights; a run or visit
 served before is refused as a replay (:mod:`arkfed.federation.site.served`). A refused message gets a one-line
 ``SITE_REFUSED`` error reply, logged in the site's ``outbox.jsonl`` like every reply. This is done
 by replacing two names inside Flower's ``run_clientapp`` module for the task process
@@ -113,6 +114,7 @@ class GatedClientApp:
     def check(self, message, context) -> dict | None:
         """The verified claim (None in an insecure trial), or :class:`RunRefused`."""
         from arkfed.federation import messages as m
+        from arkfed.federation.secagg import SECURE
         from arkfed.federation.signing import RunRefused, check_request, verify_authorization, verify_run
 
         if self.refusal:
@@ -121,7 +123,7 @@ class GatedClientApp:
         if m.REQUEST not in message.content.config_records:
             raise RunRefused("the message carries no arkfed request")
         check_request(claim, message.content.config_records[m.REQUEST])
-        if claim is not None and message.metadata.message_type in (m.VISIT, m.EVALUATE):
+        if claim is not None and message.metadata.message_type in (m.VISIT, m.EVALUATE, SECURE):
             verify_authorization(context.run_config, FEDERATION_CA, claim, message.metadata.message_type, message.content)
         return claim
 
