@@ -193,6 +193,12 @@ class TrainConfig(BaseModel):
     )
     eval_split: str = Field(default="val", description="the split every site evaluates after each round")
     settings: TrainSettings = Field(default_factory=TrainSettings)
+    restart_schedules: bool = Field(default=False, description=(
+        "with --from RELEASE: start the teacher's EMA momentum and the consistency weight c from their first values "
+        "instead of continuing them from where the release stopped"))
+    schedule_offset: int = Field(default=0, ge=0, description=(
+        "teacher schedule steps (visits; rounds in parallel mode) taken before this run: set from the release's "
+        "lineage by --from unless --restart-schedules; the momentum and c cosines then run over offset + this run's steps"))
 
     @field_validator("sites")
     @classmethod

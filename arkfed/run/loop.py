@@ -100,19 +100,22 @@ def _init_model(config: TrainConfig) -> ArkModel:
     return load_ark_model(config.init, "teacher", spec=config.model)
 
 
-def _init_heads(config: TrainConfig, schemas: Mapping[str, LabelSchema], embed_dim: int) -> dict[str, SiteHead]:
-    """Fresh heads, except that continual accrual reuses an earlier run's (or a released Ark
-    checkpoint's) head for a known site whose classes are unchanged."""
-    from arkfed.model.weights import load_init_heads
+def _init_heads(config: TrainConfig, schemas: Mapping[str, LabelSchema], embed_dim: int, teacher: bool = False) -> dict[str, SiteHead]:
+    """Fresh heads, except that continual accrual reuses an earlier run's, a release's (or a
+    released Ark checkpoint's) head for a known site whose classes are unchanged. ``teacher``: the
+    teacher's heads the source brings (a release's, a run's ``teacher-heads/``), only those."""
+    from arkfed.model.weights import load_init_heads, load_init_teacher_heads
 
-    previous = load_init_heads(config.init)
+    previous = load_init_teacher_heads(config.init) if teacher else load_init_heads(config.init)
     heads = {}
     for name in config.sites:
         head = SiteHead(name, schemas[name], embed_dim)
         old = previous.get(name)
         if old is not None and old.classes == head.classes and old.in_features == embed_dim:
             head.load_state_dict(old.state_dict())
-        heads[name] = head
+            heads[name] = head
+        elif not teacher:
+            heads[name] = head
     return heads
 
 
@@ -122,9 +125,12 @@ def initial_state(config: TrainConfig, schemas: Mapping[str, LabelSchema]) -> Ru
         torch.manual_seed(derive_seed(config.seed, "init"))
         student = _init_model(config)
         heads = _init_heads(config, schemas, student.embed_dim)
+        kept = _init_heads(config, schemas, student.embed_dim, teacher=True)  # an old site's teacher head continues
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
-    teacher_heads = {name: SiteHeads.fresh(head).teacher for name, head in heads.items()}
+    teacher_heads = {name: kept[name] if name in kept else SiteHeads.fresh(head).teacher for name, head in heads.items()}
+    for head in kept.values():
+        head.requires_grad_(False)
     return RunState(student, teacher, heads, 0, teacher_heads)
 
 

@@ -35,7 +35,7 @@ def plan_visits(config: TrainConfig) -> list[VisitPlan]:
     for rnd, names in enumerate(visit_order(config.sites, config.rounds, config.order, config.seed)):
         for name in names:
             v = len(plans)
-            c, momentum = schedule_values(settings, v, total)
+            c, momentum = schedule_values(settings, config.schedule_offset + v, config.schedule_offset + total)
             plans.append(VisitPlan(
                 round=rnd, visit=v, total_visits=total, site=name, consistency=c, momentum=momentum,
                 lr=lrs[v], seed=derive_seed(config.seed, "visit", v),
@@ -50,6 +50,10 @@ def plan_groups(config: TrainConfig) -> list[list[VisitPlan]]:
     Parallel mode (the federated variant of Ark+) indexes its schedules by round: all sites of a
     round share the round's lr, consistency weight and teacher momentum. Visit indices still count
     site visits (round * sites + position), so checkpoints, metrics and resume work alike.
+
+    A run continued from a release (``schedule_offset`` > 0) places its steps after the release's:
+    the teacher momentum and c continue from where the release stopped, along cosines stretched
+    over the whole lineage.
     """
     if config.mode == "cyclic":
         return [[plan] for plan in plan_visits(config)]
@@ -57,7 +61,7 @@ def plan_groups(config: TrainConfig) -> list[list[VisitPlan]]:
     lrs = visit_lrs(settings, rounds)
     groups = []
     for rnd, names in enumerate(visit_order(config.sites, rounds, config.order, config.seed)):
-        c, momentum = schedule_values(settings, rnd, rounds)
+        c, momentum = schedule_values(settings, config.schedule_offset + rnd, config.schedule_offset + rounds)
         groups.append([
             VisitPlan(
                 round=rnd, visit=rnd * n + i, total_visits=rounds * n, site=name, consistency=c, momentum=momentum,
