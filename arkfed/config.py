@@ -158,6 +158,7 @@ class VisitPlan(BaseModel):
     momentum: float = Field(ge=0, le=1, description="teacher EMA momentum for this visit")
     lr: float = Field(ge=0)
     seed: int = Field(ge=0)
+    schedule_offset: int = Field(default=0, ge=0, description="the run's TrainConfig.schedule_offset (per-step teacher EMA)")
 
 
 class TrainConfig(BaseModel):
