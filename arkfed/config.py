@@ -200,6 +200,9 @@ class TrainConfig(BaseModel):
     schedule_offset: int = Field(default=0, ge=0, description=(
         "teacher schedule steps (visits; rounds in parallel mode) taken before this run: set from the release's "
         "lineage by --from unless --restart-schedules; the momentum and c cosines then run over offset + this run's steps"))
+    admitted: dict[str, int] = Field(default_factory=dict, description=(
+        "sites admitted into the running federation by a signed membership change (`arkfed coordinator admit`): "
+        "site -> the first round it is visited (0-based); left out of earlier rounds"))
 
     @field_validator("sites")
     @classmethod
@@ -214,9 +217,20 @@ class TrainConfig(BaseModel):
             raise ValueError("optimizer_state 'carry' needs mode 'cyclic' (one optimizer stepping through one visit after another)")
         return self
 
+    @model_validator(mode="after")
+    def _admitted_are_sites(self) -> "TrainConfig":
+        strays = sorted(set(self.admitted) - set(self.sites))
+        if strays:
+            raise ValueError(f"admitted sites {strays} are not in sites")
+        return self
+
+    def round_sites(self, rnd: int) -> list[str]:
+        """The sites visited in round ``rnd`` (in listed order): all but those admitted later."""
+        return [s for s in self.sites if self.admitted.get(s, 0) <= rnd]
+
     @property
     def total_visits(self) -> int:
-        return self.rounds * len(self.sites)
+        return sum(len(self.round_sites(r)) for r in range(self.rounds))
 
 
 class TeacherClock(BaseModel):

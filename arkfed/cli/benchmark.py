@@ -57,7 +57,7 @@ def forgetting(
     new: Optional[str] = typer.Option(None, help="the site accrued into the release [demo: demo-vindr; else the last of --sites]"),
     budget: str = typer.Option("default", help="default (2 CPU cores) | smoke (seconds, numbers mean nothing) | gpu (CUDA machine)"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the budget's)"),
-    epochs: Optional[int] = typer.Option(None, min=1, help="E: rounds of the release's run, of the continued run and of the new site alone"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="E: rounds of the release's run, the continued run and the new site alone"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | auto (default: the budget's)"),
     out: Optional[Path] = typer.Option(None, help="results folder (default runs/benchmark-forgetting/BUDGET); rerunning resumes it"),
 ) -> None:

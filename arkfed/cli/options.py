@@ -20,7 +20,7 @@ import typer
 
 PANEL = "Run configuration: the recipe, then --config FILE, then these options (--dry-run shows the result)"
 SECTIONS = {"": "arkfed.config:TrainConfig", "model": "arkfed.spec:ModelSpec", "settings": "arkfed.config:TrainSettings"}
-NOT_OPTIONS = {"", "sites", "recipe", "model", "settings", "model.num_features", "model.mean", "model.std", "schedule_offset"}
+NOT_OPTIONS = {"", "sites", "recipe", "model", "settings", "model.num_features", "model.mean", "model.std", "schedule_offset", "admitted"}
 FROM_HELP = ("continue the foundation model of a release (`arkfed release`, or a released Ark .pth.tar): its teacher, the heads "
              "of its sites (teacher and student), and the teacher's schedules from where it stopped; sites not in it get new "
              "heads. Same as --init RELEASE")

@@ -99,6 +99,10 @@ def build_lineage(run: RecordedRun, heads: set[str], student_heads: set[str]) ->
     }
 
 
+def _fmt(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
+
 def lineage_card(lineage: dict) -> str:
     """The model card's lineage section."""
     parents = ", ".join(p.get("id") or p.get("file") or p.get("path", "?") for p in lineage["parents"]) or "none (trained from scratch)"
@@ -106,14 +110,14 @@ def lineage_card(lineage: dict) -> str:
              f"Release **{lineage['id']}**, version {lineage['version']}; parent: {parents}; teacher schedule steps so far: "
              f"{lineage['schedule']['steps']}. `lineage.json` holds the full record and is sealed by a content hash "
              "over it and every file here: a changed release is refused on load.", "",
-             "| site | dataset | labels sha256 | visits (this release) | visits (lineage) | val AUC teacher | val AUC student | head released |",
+             "| site | dataset | labels sha256 | visits (this release) | visits (lineage) | val AUC teacher | val AUC student "
+             "| head released |",
              "|---|---|---|---|---|---|---|---|"]
     for name, site in sorted(lineage["sites"].items()):
         fp, auc = site.get("fingerprint") or {}, site.get("val_auc") or {}
         digest = (fp.get("labels_sha256") or fp.get("schema_sha256") or "n/a")[:12]
-        fmt = (lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "n/a")
         lines.append(f"| {name} | {fp.get('dataset', 'n/a')} | {digest} | {site['visits']} | {site['visits_total']} | "
-                     f"{fmt(auc.get('teacher'))} | {fmt(auc.get('student'))} | {'yes' if site['head']['teacher'] else 'no'} |")
+                     f"{_fmt(auc.get('teacher'))} | {_fmt(auc.get('student'))} | {'yes' if site['head']['teacher'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

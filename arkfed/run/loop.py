@@ -329,6 +329,7 @@ class ArkLoop:
             groups = plan_groups(self.config)
             self.callbacks.on_run_start(RunInfo(self.config, self.run.path, self.config.total_visits, state.visits_done, self.sites.mode))
             for rnd in range(self.config.rounds):
+                groups = self._admit(state, rnd, groups)
                 for group in (g for g in groups if g[0].round == rnd and g[-1].visit >= state.visits_done):
                     self._train_group(state, self._with_lr(group))
                 if rnd not in evaluated:
@@ -340,6 +341,27 @@ class ArkLoop:
             return summary
         finally:
             self.callbacks.close()
+
+    def _admit(self, state: RunState, rnd: int, groups: list) -> list:
+        """Sites admitted into the run from round ``rnd`` (a federation's signed membership change,
+        if the sites implementation offers ``admit``): the run continues with the new configuration,
+        re-planned (every visit made keeps its index and plan) and written to ``config.yaml``."""
+        admit = getattr(self.sites, "admit", None)
+        config = admit(self.config, rnd) if admit is not None else None
+        if config is None:
+            return groups
+        new = [s for s in config.sites if s not in self.config.sites]
+        self.config = config
+        self.run.write_config(config)
+        self.infos = self.sites.join(config)
+        self.schemas = {name: info.schema for name, info in self.infos.items()}
+        self._write_provenance(self.infos)
+        if self.sites.mode == "local":  # in-process heads for the new sites, seeded exactly as at the start
+            fresh = initial_state(config, self.schemas)
+            for name in new:
+                state.heads[name], state.teacher_heads[name] = fresh.heads[name], fresh.teacher_heads[name]
+        self.warn(f"sites {new} admitted from round {rnd + 1}: {config.total_visits} visits planned in all")
+        return plan_groups(config)
 
     def _remember_accepted(self) -> None:
         """A resumed run's adaptive bound starts from the updates it accepted before (their norms

@@ -6,7 +6,7 @@ ServerApp plan a run identically (the schedules are :mod:`arkfed.schedules`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -14,12 +14,14 @@ from arkfed.config import OrderMode, TrainConfig, VisitPlan, derive_seed
 from arkfed.schedules import schedule_values, visit_lrs
 
 
-def visit_order(sites: Sequence[str], rounds: int, order: OrderMode, seed: int) -> list[list[str]]:
-    """The sites visited in each round: the given order, or a seeded shuffle per round."""
+def visit_order(sites: Sequence[str], rounds: int, order: OrderMode, seed: int,
+                admitted: Mapping[str, int] | None = None) -> list[list[str]]:
+    """The sites visited in each round: the given order, or a seeded shuffle per round. A site
+    ``admitted`` from round R is left out of earlier rounds (their order is as before it came)."""
     rng = np.random.default_rng(derive_seed(seed, "order"))
     rounds_order = []
-    for _ in range(rounds):
-        names = list(sites)
+    for rnd in range(rounds):
+        names = [s for s in sites if (admitted or {}).get(s, 0) <= rnd]
         if order == "shuffle":
             names = [names[i] for i in rng.permutation(len(names))]
         rounds_order.append(names)
@@ -30,9 +32,9 @@ def plan_visits(config: TrainConfig) -> list[VisitPlan]:
     """Every visit of a run, with its schedule values; identical in local and federated mode."""
     total = config.total_visits
     settings = config.settings
-    lrs = visit_lrs(settings, total, len(config.sites))
+    lrs = visit_lrs(settings, total, len(config.round_sites(0)))
     plans = []
-    for rnd, names in enumerate(visit_order(config.sites, config.rounds, config.order, config.seed)):
+    for rnd, names in enumerate(visit_order(config.sites, config.rounds, config.order, config.seed, config.admitted)):
         for name in names:
             v = len(plans)
             c, momentum = schedule_values(settings, config.schedule_offset + v, config.schedule_offset + total)
@@ -57,16 +59,28 @@ def plan_groups(config: TrainConfig) -> list[list[VisitPlan]]:
     """
     if config.mode == "cyclic":
         return [[plan] for plan in plan_visits(config)]
-    rounds, n, settings = config.rounds, len(config.sites), config.settings
+    rounds, settings, total = config.rounds, config.settings, config.total_visits
     lrs = visit_lrs(settings, rounds)
-    groups = []
-    for rnd, names in enumerate(visit_order(config.sites, rounds, config.order, config.seed)):
+    groups, first = [], 0
+    for rnd, names in enumerate(visit_order(config.sites, rounds, config.order, config.seed, config.admitted)):
         c, momentum = schedule_values(settings, config.schedule_offset + rnd, config.schedule_offset + rounds)
         groups.append([
             VisitPlan(
-                round=rnd, visit=rnd * n + i, total_visits=rounds * n, site=name, consistency=c, momentum=momentum,
-                lr=lrs[rnd], seed=derive_seed(config.seed, "visit", rnd * n + i), schedule_offset=config.schedule_offset,
+                round=rnd, visit=first + i, total_visits=total, site=name, consistency=c, momentum=momentum,
+                lr=lrs[rnd], seed=derive_seed(config.seed, "visit", first + i), schedule_offset=config.schedule_offset,
             )
             for i, name in enumerate(names)
         ])
+        first += len(names)
     return groups
+
+
+def round_of_visit(config: TrainConfig, visit: int) -> int:
+    """The round of visit index ``visit`` (-1 before the first), rounds having their own site counts
+    when sites were admitted during the run."""
+    done = 0
+    for rnd in range(config.rounds):
+        done += len(config.round_sites(rnd))
+        if visit < done:
+            return rnd if visit >= 0 else -1
+    return config.rounds - 1

@@ -20,7 +20,6 @@ from arkfed.run.local import train_local
 from arkfed.run.loop import initial_state
 from arkfed.run.plan import plan_visits
 from arkfed.schedules import schedule_values
-
 from run.test_train_local import synthetic_site, tiny_config
 
 
