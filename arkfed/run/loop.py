@@ -353,6 +353,7 @@ class ArkLoop:
         new = [s for s in config.sites if s not in self.config.sites]
         self.config = config
         self.run.write_config(config)
+        self.callbacks.on_sites_admitted(config)
         self.infos = self.sites.join(config)
         self.schemas = {name: info.schema for name, info in self.infos.items()}
         self._write_provenance(self.infos)

@@ -110,9 +110,9 @@ def test_a_change_signed_by_another_ca_altered_or_stretched_is_refused(setup):
 
 
 def test_the_loop_admits_a_site_at_the_start_of_its_round_and_keeps_the_visits_before(tmp_path):
+    from arkfed.run.folder import RunFolder
     from arkfed.run.local import InProcessSites, train_local
     from arkfed.run.loop import ArkLoop
-    from arkfed.run.folder import RunFolder
     from run.test_train_local import synthetic_site, tiny_config
 
     sites = {"a": synthetic_site("a", ("x", "y"), 0), "b": synthetic_site("b", ("t",), 1), "c": synthetic_site("c", ("u",), 2)}
