@@ -9,7 +9,9 @@ over seeds with a 95% t-interval and the paired difference (:mod:`arkfed.evaluat
 
 - each old site's own test mean AUC (teacher, its teacher head, BatchNorm re-estimated on its
   training images, as the loop scores) in the release and after accrual: forgetting = before -
-  after;
+  after; after accrual (old sites visited again in the continued run) and after a continued run
+  of the new site alone (the old sites not visited; scored with the release's heads, the teacher's
+  head caught up with the run's teacher steps): the second is forgetting without rehearsal;
 - the new site's own test AUC after accrual vs trained alone for the same E epochs of its data;
 - the new site's linear probe (all its training labels, on the frozen teacher backbone's
   features) before accrual (the release never saw the site: a held-out probe) and after.
@@ -55,6 +57,27 @@ def _probe(run_or_release: Path, site, budget: Budget, seed: int) -> float:
     return float(probe_embeddings(train, test, site.schema, None, seed=seed)["mean_auc"])
 
 
+def _release_head_scores(run_dir: Path, release: Path, names: Sequence[str], sites: Mapping, budget: Budget) -> dict[str, float]:
+    """Own test AUC (teacher) of sites a continued run did not visit, with the release's heads:
+    the teacher's head caught up with every teacher step the run took, as the loop would."""
+    from arkfed.ark.pair import ArkPair, SiteHeads
+    from arkfed.ark.tasks import evaluate_site_models
+    from arkfed.config import TrainSettings
+    from arkfed.model.lineage import STUDENT_HEADS_DIR
+    from arkfed.model.weights import load_heads
+    from arkfed.run.folder import RunFolder
+
+    state = RunFolder(run_dir).load_checkpoint()
+    students, teachers = load_heads(release / STUDENT_HEADS_DIR), load_heads(release / "heads")
+    settings = TrainSettings(batch_size=max(budget.batch_size, 64))
+    out = {}
+    for name in names:
+        pair = ArkPair(state.student, state.teacher, SiteHeads(students[name], teachers[name]))
+        scored = evaluate_site_models(pair, sites[name], settings, "test", state.clock.pending(name), compute_settings(budget))
+        out[name] = _auc(scored["teacher"]["mean_auc"])
+    return out
+
+
 def run_seed(old: Sequence[str], new: str, sites: Mapping, budget: Budget, seed: int, work: Path, log: Log) -> dict:
     """One seed: the release of the old sites, its continuation with ``new``, ``new`` alone."""
     import shutil
@@ -76,15 +99,19 @@ def run_seed(old: Sequence[str], new: str, sites: Mapping, budget: Budget, seed:
     lineage = write_release(folder / "base", folder / "release")
     release = folder / "release"
     continued = train([*old, new], folder / "continued", init=str(release), schedule_offset=schedule_steps(release))
+    only = train([new], folder / "only", init=str(release), schedule_offset=schedule_steps(release))  # old sites not visited
     alone = train([new], folder / "alone")
     record = {
         "seed": seed, "release": lineage["id"],
         "old_before": _teacher_aucs(base, old), "old_after": _teacher_aucs(continued, old),
+        "old_after_new_only": _release_head_scores(folder / "only", release, old, sites, budget),
+        "new_only": _teacher_aucs(only, [new])[new],
         "new_continued": _teacher_aucs(continued, [new])[new], "new_alone": _teacher_aucs(alone, [new])[new],
         "probe_before": _probe(release, sites[new], budget, seed), "probe_after": _probe(folder / "continued", sites[new], budget, seed),
         "seconds": time.perf_counter() - start,
     }
-    log(f"seed {seed}: release {lineage['id']}; old before {_fmt_map(record['old_before'])}, after {_fmt_map(record['old_after'])}; "
+    log(f"seed {seed}: release {lineage['id']}; old before {_fmt_map(record['old_before'])}, after {_fmt_map(record['old_after'])}, "
+        f"after the new site alone {_fmt_map(record['old_after_new_only'])}; "
         f"{new} continued {record['new_continued']:.3f} vs alone {record['new_alone']:.3f}; probe {record['probe_before']:.3f} -> "
         f"{record['probe_after']:.3f} ({record['seconds']:.0f}s)")
     return record
@@ -104,8 +131,12 @@ def summarise(records: Sequence[dict], old: Sequence[str], new: str) -> dict:
     out = {"seeds": [r["seed"] for r in records], "old": {}, "new": {}, "probe": {}}
     for name in old:
         out["old"][name] = rows([r["old_before"][name] for r in records], [r["old_after"][name] for r in records])
+        out["old_new_only"] = out.get("old_new_only", {})
+        out["old_new_only"][name] = rows([r["old_before"][name] for r in records], [r["old_after_new_only"][name] for r in records])
     out["new"] = {"alone": mean_ci([r["new_alone"] for r in records], (0, 1)),
                   "continued": mean_ci([r["new_continued"] for r in records], (0, 1)),
+                  "new_only": mean_ci([r["new_only"] for r in records], (0, 1)),
+                  "new_only_minus_alone": paired_difference([r["new_only"] for r in records], [r["new_alone"] for r in records]),
                   "continued_minus_alone": paired_difference([r["new_continued"] for r in records], [r["new_alone"] for r in records])}
     out["probe"] = rows([r["probe_before"] for r in records], [r["probe_after"] for r in records])
     out["new_site"] = new
@@ -130,9 +161,16 @@ def results_markdown(results: dict) -> str:
              "| old site (own test AUC, teacher) | release | after accrual | after - before (forgetting = -) |", "|---|---|---|---|"]
     for name, row in results["old"].items():
         lines.append(f"| {name} | {_ci(row['before'])} | {_ci(row['after'])} | {_diff(row['after_minus_before'])} |")
+    lines += ["", "| old site, after a continued run of the new site alone (release heads, not visited) | release | after | "
+              "after - before (forgetting = -) |", "|---|---|---|---|"]
+    for name, row in results["old_new_only"].items():
+        lines.append(f"| {name} | {_ci(row['before'])} | {_ci(row['after'])} | {_diff(row['after_minus_before'])} |")
     n = results["new"]
     lines += ["", f"| {new} (own test AUC, teacher) | alone | accrued into the release | accrued - alone |", "|---|---|---|---|",
-              f"| {new} | {_ci(n['alone'])} | {_ci(n['continued'])} | {_diff(n['continued_minus_alone'])} |", "",
+              f"| {new} | {_ci(n['alone'])} | {_ci(n['continued'])} | {_diff(n['continued_minus_alone'])} |",
+              f"| {new}, continued alone from the release | {_ci(n['alone'])} | {_ci(n['new_only'])} | "
+              f"{_diff(n['new_only_minus_alone'])} |",
+              "",
               f"| {new} linear probe, frozen teacher | release (held out) | after accrual | after - before |", "|---|---|---|---|",
               f"| probe all labels | {_ci(results['probe']['before'])} | {_ci(results['probe']['after'])} | "
               f"{_diff(results['probe']['after_minus_before'])} |", "",
