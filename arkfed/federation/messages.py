@@ -276,10 +276,39 @@ def visit_content(result: BaseModel, student: "nn.Module", teacher: "nn.Module |
     return content
 
 
-def evaluation_content(results: dict[str, dict]) -> RecordDict:
+RELEASED_HEADS = ("released_head", "released_teacher_head")  # evaluation reply: the site's heads, when its policy releases them
+
+
+def evaluation_content(results: dict[str, dict], heads: tuple["nn.Module", "nn.Module"] | None = None) -> RecordDict:
     """An ``evaluate.round`` reply: per model label, the metrics the site's policy released
-    (:func:`arkfed.site.disclosure.released_metrics`: rounded, per-class AUCs only where allowed)."""
-    return RecordDict({label: metrics_record(r) for label, r in results.items()})
+    (:func:`arkfed.site.disclosure.released_metrics`: rounded, per-class AUCs only where allowed);
+    with ``heads`` (the final evaluation of a site whose policy says ``release_head: true``) its
+    student and teacher heads too."""
+    content = RecordDict({label: metrics_record(r) for label, r in results.items()})
+    for key, head in zip(RELEASED_HEADS, heads or ()):
+        content[key] = model_record(head)
+    return content
+
+
+def read_released_heads(content: RecordDict, site: str, schema, embed_dim: int):
+    """The (student, teacher) heads an evaluation reply carries, checked against the site's schema
+    and the model's width; None when it carries none. :class:`BadReply` when they do not fit."""
+    from arkfed.model.ark import SiteHead
+
+    if not any(key in content for key in RELEASED_HEADS):
+        return None
+    heads = []
+    for key in RELEASED_HEADS:
+        head = SiteHead(site, schema, embed_dim)
+        head.load_state_dict(_unpack(head, _record(content, key, ArrayRecord, "evaluation reply"), key.replace("_", " ")))
+        heads.append(head)
+    import torch
+
+    if not all(torch.isfinite(v).all() for head in heads for v in head.state_dict().values()):
+        raise BadReply("evaluation reply: the released heads hold non-finite values")
+    student, teacher = heads
+    teacher.requires_grad_(False)
+    return student, teacher
 
 
 _ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:\\|/)[^\s'\"<>|:,;)]+")
@@ -390,6 +419,8 @@ def read_eval_reply(content: RecordDict, classes: tuple[str, ...], split_size: i
     numbers only, no reserved names, ``num_examples`` within the split's declared size."""
     results = {}
     for label in content.keys():
+        if label in RELEASED_HEADS:  # read by read_released_heads
+            continue
         if label not in (STUDENT, TEACHER):
             raise BadReply(f"evaluation reply: unexpected record {label!r}")
         values = _metric_values(_record(content, label, MetricRecord, "evaluation reply"), f"evaluation of the {label}")

@@ -188,7 +188,8 @@ class FlowerSites:
                     results[site] = SiteFailure("site is offline")
                     continue
                 rnd = round_of_visit(self.config, state.visits_done - 1)  # evaluations follow their round's last visit
-                content = self._content(state, site, **({"plan": item} if kind == m.VISIT else {"split": item, "round": rnd}))
+                final = {"final": True} if kind == m.EVALUATE and rnd == self.config.rounds - 1 else {}  # sites may release heads
+                content = self._content(state, site, **({"plan": item} if kind == m.VISIT else {"split": item, "round": rnd, **final}))
                 if self.authorizer is not None:
                     self.authorizer.authorize(kind, content)
                 requests[site] = Message(content, node, kind, ttl=self.fed.visit_timeout, group_id=group)
@@ -261,6 +262,10 @@ class FlowerSites:
             try:  # issue 8: a malformed evaluation reply is skipped, never a crash
                 info = self.infos[site]
                 answers[site] = m.read_eval_reply(reply.content, info.schema.classes, info.sizes.get(split))
+                released = m.read_released_heads(reply.content, site, info.schema, state.student.embed_dim)
+                if released is not None:  # the site's policy releases its heads: they go into RUN/heads, teacher-heads
+                    state.heads[site], state.teacher_heads[site] = released
+                    print(f"site {site!r} released its heads (policy release_head)", flush=True)
             except m.BadReply as exc:
                 answers[site] = SiteFailure(f"rejected reply: {exc}", refused=True)
                 continue

@@ -211,7 +211,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = load_node_site(context)
     _enforce_policy(config, "evaluate", request, train_size=_train_size(site), claim=claim_of(context.run_config))
     _check_schema(site, request.schemas)
-    results = {}
+    results, released = {}, None
     table = site.splits.get(split)
     if table is not None and len(table) > 0:
         stores = _head_stores(site, request.run_uid, context)
@@ -221,7 +221,21 @@ def evaluate(msg: Message, context: Context) -> Message:
         results = evaluate_site_models(ArkPair(student, teacher, heads), site, settings, split, request.pending)
         counts = class_counts(table, site.schema)
         results = {label: released_metrics(r, config.policy, counts) for label, r in results.items()}
-    return Message(m.evaluation_content(results), reply_to=msg)
+        if config.policy.release_head and _final_evaluation(msg.content[m.REQUEST], claim_of(context.run_config)):
+            released = (heads.student, heads.teacher)  # once, at the end, because the site's policy says so
+    return Message(m.evaluation_content(results, released), reply_to=msg)
+
+
+def _final_evaluation(request, claim: dict | None) -> bool:
+    """The evaluation after the run's last round (the coordinator marks it ``final``; a signed
+    run's round must also be its last)."""
+    try:
+        final, rnd = m.read_json(request, "final"), m.read_json(request, "round")
+    except (ArkfedError, KeyError, ValueError):
+        return False
+    if final is not True:
+        return False
+    return claim is None or rnd == int((claim.get("config") or {}).get("rounds", 0)) - 1
 
 
 # -- what leaves the site when something fails ------------------------------------------------
