@@ -48,6 +48,15 @@ def _fingerprints(folder: Path) -> dict[str, dict]:
         return {}
 
 
+def _federated_run_uid(folder: Path) -> str | None:
+    """A federated run's id (``federation.json``): its sites keep their heads under it."""
+    try:
+        uid = json.loads((folder / "federation.json").read_text()).get("run_uid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return uid if isinstance(uid, str) else None
+
+
 def _schedule_steps(config: dict, visits_done: int) -> int:
     """Teacher schedule steps of the lineage up to the end of this run (visits; rounds in parallel mode)."""
     sites = max(len(config.get("sites") or []), 1)
@@ -92,7 +101,8 @@ def build_lineage(run: RecordedRun, heads: set[str], student_heads: set[str]) ->
         "ancestors": ancestors,
         "run": {"folder": str(run.folder.resolve()), "sites": run.sites, "rounds": config.get("rounds"), "mode": config.get("mode"),
                 "seed": config.get("seed"), "recipe": config.get("recipe"), "init": init,
-                "eval_split": config.get("eval_split", "val"), "restart_schedules": bool(config.get("restart_schedules"))},
+                "eval_split": config.get("eval_split", "val"), "restart_schedules": bool(config.get("restart_schedules")),
+                "run_uid": _federated_run_uid(run.folder)},
         "sites": sites,
         "schedule": {"steps": _schedule_steps(config, visits_done)},
         "normalisation": {k: (config.get("model") or {}).get(k) for k in ("img_size", "mean", "std")},

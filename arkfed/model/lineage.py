@@ -117,3 +117,12 @@ def parent_record(source: str | Path) -> dict | None:
         kind = "ark-checkpoint" if path.name.endswith((".pth.tar", ".pth", ".pt")) else "weights"
         return {"kind": kind, "file": path.name, "sha256": file_sha256(path), "path": str(path.resolve())}
     return {"kind": "run" if (path / "config.yaml").is_file() else "folder", "path": str(path.resolve())}
+
+
+def release_run_uid(source: str | Path) -> str | None:
+    """The federated run id of the run a release was made from (its sites keep their heads under
+    it in their ``state_dir``); None for anything else."""
+    if not is_release(source):
+        return None
+    uid = (read_release(source).get("run") or {}).get("run_uid")
+    return uid if isinstance(uid, str) else None

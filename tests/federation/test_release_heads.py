@@ -41,3 +41,38 @@ def test_only_the_evaluation_after_the_last_signed_round_is_final():
     assert not _final_evaluation(m.json_record(round=1, final=True), claim)  # marked final, but not the signed last round
     assert not _final_evaluation(m.json_record(round=2), claim)
     assert _final_evaluation(m.json_record(round=0, final=True), None)  # an unsigned trial: the coordinator's word
+
+
+def test_a_site_continues_a_release_with_its_own_heads_from_its_state_dir(tmp_path):
+    """``--from RELEASE`` in a federation: the first request of the continued run names the parent
+    run; a site that kept heads from it starts from them (teacher and student), others from the head sent."""
+    from types import SimpleNamespace
+
+    from arkfed.config import TrainConfig, TrainSettings
+    from arkfed.federation.site.client_app import _start_heads
+    from arkfed.federation.site.heads import HeadStore
+    from arkfed.run.plan import plan_visits
+    from arkfed.spec import ModelSpec
+
+    config = TrainConfig(sites=["s"], model=ModelSpec(model="test_resnet", img_size=32, projector_dim=16), settings=TrainSettings())
+    kept = {kind: SiteHead("s", SCHEMA, 16) for kind in ("head", "teacher-head")}
+    for kind, head in kept.items():  # what the site stored in the parent run
+        HeadStore(tmp_path, "parent1", "s", SCHEMA, None, kind).save(7, head)
+    site = SimpleNamespace(name="s", schema=SCHEMA)
+    sent = SiteHead("s", SCHEMA, 16)
+
+    def start(run_uid: str, **extra):
+        record = m.json_record(run_uid=run_uid, spec=config.model, settings=config.settings, head_from=m.NO_HEAD, schemas={},
+                               pending=1.0, plan=plan_visits(config)[0], **extra)
+        model = torch.nn.Linear(2, 2)
+        request = m.read_site_request(m.request_content(record, student=m.model_record(model), teacher=m.model_record(model),
+                                                        head=m.model_record(sent)), m.VISIT)
+        stores = tuple(HeadStore(tmp_path, run_uid, "s", SCHEMA, None, kind) for kind in ("head", "teacher-head"))
+        return _start_heads(stores, site, request, 16)
+
+    heads = start("child1", parent_run="parent1")
+    assert torch.equal(heads.student.weight, kept["head"].weight) and torch.equal(heads.teacher.weight, kept["teacher-head"].weight)
+    again = start("child1", parent_run="parent1")  # a retried first visit starts from the same two heads
+    assert torch.equal(again.teacher.weight, kept["teacher-head"].weight)
+    fresh = start("child2", parent_run="never-ran-here")
+    assert torch.equal(fresh.student.weight, sent.weight) and torch.equal(fresh.teacher.weight, sent.weight)

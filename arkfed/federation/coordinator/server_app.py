@@ -162,7 +162,14 @@ class FlowerSites:
 
     # -- requests -------------------------------------------------------------------------------
     def _content(self, state: RunState, site: str, **extra) -> RecordDict:
+        from arkfed.model.lineage import release_run_uid
+
         version = state.versions.get(site, m.NO_HEAD)
+        if version == m.NO_HEAD and not hasattr(self, "parent_run"):
+            self.parent_run = release_run_uid(self.config.init)
+        parent = getattr(self, "parent_run", None) if version == m.NO_HEAD else None
+        if parent is not None:  # continued from a release: the site may hold its own heads from that run
+            extra["parent_run"] = parent
         request = m.json_record(
             run_uid=self.fed.run_uid, spec=state.student.spec, settings=self.config.settings, head_from=version,
             schemas={site: self.fed.schemas[site]}, pending=state.clock.pending(site), **extra, **self._membership(),

@@ -113,10 +113,16 @@ def _start_heads(stores: tuple[HeadStore, HeadStore], site, request: m.SiteReque
     if version == m.NO_HEAD:
         head = student_store.load(m.NO_HEAD)
         if head is None:
+            inherited = _parent_heads(site, request, student_store, embed_dim)
+            if inherited is not None:  # a run continued from a release: this site's own heads from the parent run
+                student_store.save(m.NO_HEAD, inherited.student)
+                teacher_store.save(m.NO_HEAD, inherited.teacher)
+                return inherited
             head = SiteHead(site.name, site.schema, embed_dim)
             request.initial_head(head, site.name)
             student_store.save(m.NO_HEAD, head)
-        return SiteHeads.fresh(head)
+        teacher = teacher_store.load(m.NO_HEAD)
+        return SiteHeads(head, teacher) if teacher is not None else SiteHeads.fresh(head)
     head, teacher = student_store.load(version), teacher_store.load(version)
     if head is None or teacher is None:
         raise SiteRefusal(
@@ -125,6 +131,22 @@ def _start_heads(stores: tuple[HeadStore, HeadStore], site, request: m.SiteReque
             public=f"head_missing: the site has no head from visit {version}; its local state was lost",
         )
     return SiteHeads(head, teacher)
+
+
+def _parent_heads(site, request: m.SiteRequest, store: HeadStore, embed_dim: int) -> SiteHeads | None:
+    """The heads this site kept from the run a continued run descends from (request field
+    ``parent_run``: the run id recorded in the release's lineage), when it has both, for the same
+    schema and width; None otherwise (the site then starts from the head sent along)."""
+    record = request.content[m.REQUEST]
+    if "parent_run" not in record:
+        return None
+    parent = m.read_json(record, "parent_run")
+    stores = [HeadStore(store.folder.parent.parent, parent, site.name, site.schema, None, kind) for kind in ("head", "teacher-head")]
+    student, teacher = (s.latest() for s in stores)
+    if student is None or teacher is None or student.in_features != embed_dim or teacher.in_features != embed_dim:
+        return None
+    teacher.requires_grad_(False)
+    return SiteHeads(student, teacher)
 
 
 def hello(msg: Message, context: Context) -> Message:
