@@ -110,11 +110,13 @@ def _from_release(release: str | None, init: str | None) -> dict:
     return {"init": release}
 
 
-def _continued_schedules(data: dict) -> None:
+def _continued_schedules(data: dict, overrides: dict) -> None:
     """A run started from a release continues the teacher's schedules after the release's steps
     (:attr:`arkfed.config.TrainConfig.schedule_offset`), unless ``restart_schedules``."""
     from arkfed.model.lineage import is_release, schedule_steps
 
+    if "init" in overrides or "restart_schedules" in overrides:  # a new start: its schedules follow the new source
+        data.pop("schedule_offset", None)
     init = data.get("init")
     if data.get("restart_schedules"):
         data["schedule_offset"] = 0
@@ -168,9 +170,7 @@ def resolve_run_config(sites: list[str], overrides: dict[str, Any], config_file:
         data.setdefault("settings", {})["optimizer_state"] = "reset"
     for path, value in overrides.items():
         _set(data, path, value)
-    if "init" in overrides or "restart_schedules" in overrides:  # a new start: its schedules follow the new source
-        data.pop("schedule_offset", None)
-    _continued_schedules(data)
+    _continued_schedules(data, overrides)
     data["sites"] = list(sites) or list(file_data.get("sites") or [])
     data["recipe"] = name
     if not data["sites"]:

@@ -280,10 +280,9 @@ RELEASED_HEADS = ("released_head", "released_teacher_head")  # evaluation reply:
 
 
 def evaluation_content(results: dict[str, dict], heads: tuple["nn.Module", "nn.Module"] | None = None) -> RecordDict:
-    """An ``evaluate.round`` reply: per model label, the metrics the site's policy released
-    (:func:`arkfed.site.disclosure.released_metrics`: rounded, per-class AUCs only where allowed);
-    with ``heads`` (the final evaluation of a site whose policy says ``release_head: true``) its
-    student and teacher heads too."""
+    """An ``evaluate.round`` reply: per model label, the metrics the site's policy released (rounded,
+    per-class AUCs only where allowed, :mod:`arkfed.site.disclosure`); with ``heads`` (the final
+    evaluation, policy ``release_head: true``) the site's student and teacher heads."""
     content = RecordDict({label: metrics_record(r) for label, r in results.items()})
     for key, head in zip(RELEASED_HEADS, heads or ()):
         content[key] = model_record(head)
@@ -291,23 +290,18 @@ def evaluation_content(results: dict[str, dict], heads: tuple["nn.Module", "nn.M
 
 
 def read_released_heads(content: RecordDict, site: str, schema, embed_dim: int):
-    """The (student, teacher) heads an evaluation reply carries, checked against the site's schema
-    and the model's width; None when it carries none. :class:`BadReply` when they do not fit."""
+    """The (student, teacher) heads an evaluation reply carries (None: none), checked: schema, width, finite."""
+    import torch
+
     from arkfed.model.ark import SiteHead
 
     if not any(key in content for key in RELEASED_HEADS):
         return None
-    heads = []
-    for key in RELEASED_HEADS:
-        head = SiteHead(site, schema, embed_dim)
+    student, teacher = heads = (SiteHead(site, schema, embed_dim), SiteHead(site, schema, embed_dim).requires_grad_(False))
+    for key, head in zip(RELEASED_HEADS, heads):
         head.load_state_dict(_unpack(head, _record(content, key, ArrayRecord, "evaluation reply"), key.replace("_", " ")))
-        heads.append(head)
-    import torch
-
     if not all(torch.isfinite(v).all() for head in heads for v in head.state_dict().values()):
         raise BadReply("evaluation reply: the released heads hold non-finite values")
-    student, teacher = heads
-    teacher.requires_grad_(False)
     return student, teacher
 
 
