@@ -45,6 +45,7 @@ class FlowerSites:
         self.grid, self.run_dir, self.fed, self.callbacks, self.poll = grid, Path(run_dir), fed, callbacks, poll
         self.claim = claim  # the signed claim this run was submitted with (membership changes extend it)
         self.membership: list[dict] = []  # the signed membership changes every request carries once applied
+        self.parent_run: str | None = None  # the run a release continued here was made from (its sites keep their heads)
         self.authorizer = authorizer  # the coordinator's signing service signs each request (signer.RequestAuthorizer)
         self.nodes: dict[str, int] = {}
         self.known: set[int] = set()
@@ -144,7 +145,10 @@ class FlowerSites:
         (a resumed run rebuilds them, seeded exactly as at the start)."""
         from arkfed.run.loop import initial_state
 
+        from arkfed.model.lineage import release_run_uid
+
         heads = state.heads if fresh else initial_state(self.config, {n: i.schema for n, i in self.infos.items()}).heads
+        self.parent_run = release_run_uid(self.config.init)
         self.initial_heads = dict(heads)
         state.heads, state.teacher_heads = {}, {}
 
@@ -162,14 +166,9 @@ class FlowerSites:
 
     # -- requests -------------------------------------------------------------------------------
     def _content(self, state: RunState, site: str, **extra) -> RecordDict:
-        from arkfed.model.lineage import release_run_uid
-
         version = state.versions.get(site, m.NO_HEAD)
-        if version == m.NO_HEAD and not hasattr(self, "parent_run"):
-            self.parent_run = release_run_uid(self.config.init)
-        parent = getattr(self, "parent_run", None) if version == m.NO_HEAD else None
-        if parent is not None:  # continued from a release: the site may hold its own heads from that run
-            extra["parent_run"] = parent
+        if version == m.NO_HEAD and self.parent_run is not None:  # continued from a release: the site may hold its own heads
+            extra["parent_run"] = self.parent_run
         request = m.json_record(
             run_uid=self.fed.run_uid, spec=state.student.spec, settings=self.config.settings, head_from=version,
             schemas={site: self.fed.schemas[site]}, pending=state.clock.pending(site), **extra, **self._membership(),
