@@ -143,9 +143,8 @@ class FlowerSites:
     def start(self, state: RunState, fresh: bool) -> None:
         """The initial heads go to the sites with their first request; the coordinator keeps none
         (a resumed run rebuilds them, seeded exactly as at the start)."""
-        from arkfed.run.loop import initial_state
-
         from arkfed.model.lineage import release_run_uid
+        from arkfed.run.loop import initial_state
 
         heads = state.heads if fresh else initial_state(self.config, {n: i.schema for n, i in self.infos.items()}).heads
         self.parent_run = release_run_uid(self.config.init)
