@@ -12,7 +12,7 @@ through ``FlowerSites.admit``) re-reads that file: when the changes admit sites 
 the run continues with the signed configuration (the loop re-plans; the new sites join; their
 heads start as they would have at the start, same seed) and every request from then on carries the
 chain of changes, which the signing service and each site verify. A change for a round that has
-already started is not applied (said once); admit the site again.
+already started is not applied (a warning at each round's start); admit the site again.
 """
 
 from __future__ import annotations
