@@ -158,6 +158,7 @@ class VisitPlan(BaseModel):
     momentum: float = Field(ge=0, le=1, description="teacher EMA momentum for this visit")
     lr: float = Field(ge=0)
     seed: int = Field(ge=0)
+    schedule_offset: int = Field(default=0, ge=0, description="the run's TrainConfig.schedule_offset (per-step teacher EMA)")
 
 
 class TrainConfig(BaseModel):
@@ -199,6 +200,15 @@ class TrainConfig(BaseModel):
     )
     eval_split: str = Field(default="val", description="the split every site evaluates after each round")
     settings: TrainSettings = Field(default_factory=TrainSettings)
+    restart_schedules: bool = Field(default=False, description=(
+        "with --from RELEASE: start the teacher's EMA momentum and the consistency weight c from their first values "
+        "instead of continuing them from where the release stopped"))
+    schedule_offset: int = Field(default=0, ge=0, description=(
+        "teacher schedule steps (visits; rounds in parallel mode) taken before this run: set from the release's "
+        "lineage by --from unless --restart-schedules; the momentum and c cosines then run over offset + this run's steps"))
+    admitted: dict[str, int] = Field(default_factory=dict, description=(
+        "sites admitted into the running federation by a signed membership change (`arkfed coordinator admit`): "
+        "site -> the first round it is visited (0-based); left out of earlier rounds"))
 
     @field_validator("sites")
     @classmethod
@@ -234,9 +244,20 @@ class TrainConfig(BaseModel):
                              "the aggregated student); with 'iteration' each site's teacher would have to travel too")
         return self
 
+    @model_validator(mode="after")
+    def _admitted_are_sites(self) -> "TrainConfig":
+        strays = sorted(set(self.admitted) - set(self.sites))
+        if strays:
+            raise ValueError(f"admitted sites {strays} are not in sites")
+        return self
+
+    def round_sites(self, rnd: int) -> list[str]:
+        """The sites visited in round ``rnd`` (in listed order): all but those admitted later."""
+        return [s for s in self.sites if self.admitted.get(s, 0) <= rnd]
+
     @property
     def total_visits(self) -> int:
-        return self.rounds * len(self.sites)
+        return sum(len(self.round_sites(r)) for r in range(self.rounds))
 
 
 class TeacherClock(BaseModel):

@@ -198,7 +198,8 @@ def _run_visit(pair: ArkPair, site, settings, plan, device, compute, progress, r
         loss.backward()
         optimizer.step()
         if settings.ema == "iteration":
-            momentum = teacher_momentum(plan.visit + (step + 1) / steps, plan.total_visits, settings.momentum_teacher)
+            offset = plan.schedule_offset  # a run continued from a release: after the release's steps
+            momentum = teacher_momentum(offset + plan.visit + (step + 1) / steps, offset + plan.total_visits, settings.momentum_teacher)
             pair.ema_step(momentum)
             product *= momentum
         n = len(xs)

@@ -50,6 +50,33 @@ def accrual(
     Console(highlight=False, width=200).print((folder / "results.md").read_text())
 
 
+@benchmark_app.command("forgetting")
+def forgetting(
+    sites: Optional[str] = typer.Option(
+        None, help="comma-separated site names (sites/NAME.yaml) or YAML paths; none = the demo federation + demo-vindr"),
+    new: Optional[str] = typer.Option(None, help="the site accrued into the release [demo: demo-vindr; else the last of --sites]"),
+    budget: str = typer.Option("default", help="default (2 CPU cores) | smoke (seconds, numbers mean nothing) | gpu (CUDA machine)"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the budget's)"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="E: rounds of the release's run, the continued run and the new site alone"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | auto (default: the budget's)"),
+    out: Optional[Path] = typer.Option(None, help="results folder (default runs/benchmark-forgetting/BUDGET); rerunning resumes it"),
+) -> None:
+    """Forgetting and gain: release Ark trained on the old sites, continue it with the new site
+    (--from RELEASE), and report per seed-paired differences: each old site's own test AUC before and
+    after (forgetting), the new site accrued vs trained alone, and its linear probe before (held out)
+    and after. Writes results.json and results.md."""
+    from rich.console import Console
+
+    from arkfed.benchmarking.budget import budget_with
+    from arkfed.benchmarking.forgetting import benchmark_forgetting
+
+    chosen = budget_with(budget, seeds=seeds, epochs=epochs, device=device)
+    refs = [s.strip() for s in sites.split(",") if s.strip()] if sites else None
+    folder = out or Path("runs") / "benchmark-forgetting" / budget
+    benchmark_forgetting(refs, new, chosen, folder, budget_name=budget)
+    Console(highlight=False, width=200).print((folder / "results.md").read_text())
+
+
 @benchmark_app.command("paper")
 def paper(
     sites: Optional[str] = typer.Option(

@@ -314,7 +314,31 @@ def certs_add_site(
         f"registered site {site}: {path}, fingerprint {public_key_fingerprint(path)} (check it with the site)")
 
 
+def admit(
+    run: Path = typer.Argument(..., help="the running federated run's folder", show_default=False),
+    site: str = typer.Argument(..., help="the site's name (as in its YAML)", show_default=False),
+    public_key: Path = typer.Argument(..., help="the SITE.pub the site sent", show_default=False),
+    certs: Path = typer.Option(..., "--certs", help="the coordinator's certificate folder (from `arkfed certs init`)"),
+    from_round: Optional[int] = typer.Option(None, "--round", min=1, help="first round the site is visited in [the next round "
+                                              "not yet started]"),
+) -> None:
+    """At the coordinator, while `arkfed coordinator` runs RUN: admit SITE into the federation from the next round. Registers
+    its key (as `certs add-site`, and with the running SuperLink), signs a membership change extending the run's signed
+    claim (the old configuration with SITE added) and records it in RUN/membership.jsonl; the coordinator applies it when
+    that round starts, and every site verifies it against its pinned CA before serving anything more of the run."""
+    from rich.console import Console
+
+    from arkfed.federation.certs import CertificateFolder
+    from arkfed.federation.coordinator.admission import admit_site
+
+    change = admit_site(run, site, public_key, CertificateFolder(certs), None if from_round is None else from_round - 1)
+    Console(highlight=False, soft_wrap=True).print(
+        f"site {site} admitted into run {change['run_uid']} from round {change['from_round'] + 1} (signed membership change "
+        f"{change['nonce'][:12]}, extends {change['parent']}); start the site with `arkfed site` to join")
+
+
 def register(app: typer.Typer) -> None:
     app.command(name="coordinator", help=COORDINATOR_HELP)(coordinator)
+    app.command(name="admit")(admit)
     app.command(name="site", help=SITE_HELP)(site)
     app.add_typer(certs_app, name="certs")

@@ -20,7 +20,10 @@ import typer
 
 PANEL = "Run configuration: the recipe, then --config FILE, then these options (--dry-run shows the result)"
 SECTIONS = {"": "arkfed.config:TrainConfig", "model": "arkfed.spec:ModelSpec", "settings": "arkfed.config:TrainSettings"}
-NOT_OPTIONS = {"", "sites", "recipe", "model", "settings", "model.num_features", "model.mean", "model.std"}
+NOT_OPTIONS = {"", "sites", "recipe", "model", "settings", "model.num_features", "model.mean", "model.std", "schedule_offset", "admitted"}
+FROM_HELP = ("continue the foundation model of a release (`arkfed release`, or a released Ark .pth.tar): its teacher, the heads "
+             "of its sites (teacher and student), and the teacher's schedules from where it stopped; sites not in it get new "
+             "heads. Same as --init RELEASE")
 
 
 @dataclass(frozen=True)
@@ -80,10 +83,11 @@ def with_run_options(command: Callable) -> Callable:
         inspect.Parameter(o.param, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[o.kind],
                           default=typer.Option(None, f"--{o.param.replace('_', '-')}", help=o.help, rich_help_panel=PANEL))
         for o in options
-    ]
+    ] + [inspect.Parameter("from_release", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                           default=typer.Option(None, "--from", metavar="RELEASE", help=FROM_HELP, rich_help_panel=PANEL))]
 
     def wrapper(**kwargs):
-        overrides = {}
+        overrides = _from_release(kwargs.pop("from_release"), kwargs.get("init"))
         for o in options:
             value = kwargs.pop(o.param)
             if value is not None:
@@ -94,6 +98,30 @@ def with_run_options(command: Callable) -> Callable:
     wrapper.__annotations__ = {p.name: p.annotation for p in own + generated}
     wrapper.__name__, wrapper.__doc__ = command.__name__, command.__doc__
     return wrapper
+
+
+def _from_release(release: str | None, init: str | None) -> dict:
+    from arkfed.errors import ArkfedError
+
+    if release is None:
+        return {}
+    if init is not None and init != release:
+        raise ArkfedError(f"--from {release} and --init {init}: give one (--from RELEASE is --init RELEASE)")
+    return {"init": release}
+
+
+def _continued_schedules(data: dict, overrides: dict) -> None:
+    """A run started from a release continues the teacher's schedules after the release's steps
+    (:attr:`arkfed.config.TrainConfig.schedule_offset`), unless ``restart_schedules``."""
+    from arkfed.model.lineage import is_release, schedule_steps
+
+    if "init" in overrides or "restart_schedules" in overrides:  # a new start: its schedules follow the new source
+        data.pop("schedule_offset", None)
+    init = data.get("init")
+    if data.get("restart_schedules"):
+        data["schedule_offset"] = 0
+    elif init and is_release(init) and "schedule_offset" not in data:
+        data["schedule_offset"] = schedule_steps(init)
 
 
 def _parse_pair(option: RunOption, text: str) -> list[float]:
@@ -142,6 +170,7 @@ def resolve_run_config(sites: list[str], overrides: dict[str, Any], config_file:
         data.setdefault("settings", {})["optimizer_state"] = "reset"
     for path, value in overrides.items():
         _set(data, path, value)
+    _continued_schedules(data, overrides)
     data["sites"] = list(sites) or list(file_data.get("sites") or [])
     data["recipe"] = name
     if not data["sites"]:

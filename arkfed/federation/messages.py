@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -276,48 +275,33 @@ def visit_content(result: BaseModel, student: "nn.Module", teacher: "nn.Module |
     return content
 
 
-def evaluation_content(results: dict[str, dict]) -> RecordDict:
-    """An ``evaluate.round`` reply: per model label, the metrics the site's policy released
-    (:func:`arkfed.site.disclosure.released_metrics`: rounded, per-class AUCs only where allowed)."""
-    return RecordDict({label: metrics_record(r) for label, r in results.items()})
+RELEASED_HEADS = ("released_head", "released_teacher_head")  # evaluation reply: the site's heads, when its policy releases them
 
 
-_ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:\\|/)[^\s'\"<>|:,;)]+")
+def evaluation_content(results: dict[str, dict], heads: tuple["nn.Module", "nn.Module"] | None = None) -> RecordDict:
+    """An ``evaluate.round`` reply: per model label, the metrics the site's policy released (rounded,
+    per-class AUCs only where allowed, :mod:`arkfed.site.disclosure`); with ``heads`` (the final
+    evaluation, policy ``release_head: true``) the site's student and teacher heads."""
+    content = RecordDict({label: metrics_record(r) for label, r in results.items()})
+    for key, head in zip(RELEASED_HEADS, heads or ()):
+        content[key] = model_record(head)
+    return content
 
 
-def redact_paths(text: str) -> str:
-    """Error text that leaves a site: local paths replaced (the site's log keeps the full message)."""
-    return _ABSOLUTE_PATH.sub("<local path>", text)
+def read_released_heads(content: RecordDict, site: str, schema, embed_dim: int):
+    """The (student, teacher) heads an evaluation reply carries (None: none), checked: schema, width, finite."""
+    import torch
 
+    from arkfed.model.ark import SiteHead
 
-def _described(value: Any) -> Any:
-    """A config value for the audit logs: bytes (keys, ciphertexts, masked vectors) by their size."""
-    if isinstance(value, bytes):
-        return f"<{len(value)} bytes>"
-    if isinstance(value, list) and any(isinstance(v, bytes) for v in value):
-        return f"<{len(value)} byte strings, {sum(len(v) for v in value if isinstance(v, bytes))} bytes>"
-    return value
-
-
-def describe_content(content: RecordDict) -> dict[str, dict]:
-    """What a message carries, for the site's outbox audit log: per record its kind and, for
-    arrays, keys/dtypes/shapes/bytes; for metrics and config records, every value."""
-    out: dict[str, dict] = {}
-    for name, record in content.items():
-        if isinstance(record, ArrayRecord):
-            out[name] = {
-                "kind": "arrays",
-                "arrays": {k: {"dtype": a.dtype, "shape": list(a.shape), "bytes": len(a.data)} for k, a in record.items()},
-                "bytes": record.count_bytes(),
-            }
-        elif isinstance(record, MetricRecord):
-            out[name] = {"kind": "metrics", "values": {k: v for k, v in record.items()}}
-        elif isinstance(record, ConfigRecord):
-            values = {k: _described(v) for k, v in record.items()}
-            out[name] = {"kind": "config", "values": values}
-        else:  # pragma: no cover - Flower has no other record types today
-            out[name] = {"kind": type(record).__name__}
-    return out
+    if not any(key in content for key in RELEASED_HEADS):
+        return None
+    student, teacher = heads = (SiteHead(site, schema, embed_dim), SiteHead(site, schema, embed_dim).requires_grad_(False))
+    for key, head in zip(RELEASED_HEADS, heads):
+        head.load_state_dict(_unpack(head, _record(content, key, ArrayRecord, "evaluation reply"), key.replace("_", " ")))
+    if not all(torch.isfinite(v).all() for head in heads for v in head.state_dict().values()):
+        raise BadReply("evaluation reply: the released heads hold non-finite values")
+    return student, teacher
 
 
 # -- replies, parsed before use ------------------------------------------------------------------
@@ -405,6 +389,8 @@ def read_eval_reply(content: RecordDict, classes: tuple[str, ...], split_size: i
     numbers only, no reserved names, ``num_examples`` within the split's declared size."""
     results = {}
     for label in content.keys():
+        if label in RELEASED_HEADS:  # read by read_released_heads
+            continue
         if label not in (STUDENT, TEACHER):
             raise BadReply(f"evaluation reply: unexpected record {label!r}")
         values = _metric_values(_record(content, label, MetricRecord, "evaluation reply"), f"evaluation of the {label}")

@@ -89,6 +89,10 @@ def _load_state(model: ArkModel, state: dict[str, torch.Tensor], source: Path) -
 
 
 def _from_export(folder: Path) -> ArkModel:
+    from arkfed.model.lineage import is_release, read_release
+
+    if is_release(folder):  # a release is refused when anything in it changed since it was written
+        read_release(folder)
     config = json.loads((folder / "config.json").read_text())
     spec = ModelSpec.model_validate(config["arkfed"]["spec"])
     model = ArkModel(spec)
@@ -142,14 +146,35 @@ def load_file_heads(source: str | Path) -> dict[str, SiteHead]:
 
 def load_init_heads(init: str | Path) -> dict[str, SiteHead]:
     """The heads a ``--init`` source brings for continual accrual: a run's or an export's
-    ``heads/`` folder, or a released Ark checkpoint's named ``omni_heads``; none otherwise."""
+    ``heads/`` folder, a release's student heads (``student-heads/``), or a released Ark
+    checkpoint's named ``omni_heads``; none otherwise."""
+    from arkfed.model.lineage import STUDENT_HEADS_DIR, is_release, read_release
+
     text = str(init)
     if text in ("random", IMAGENET) or text.startswith(IMAGENET + ":"):
         return {}
     path = Path(init)
+    if is_release(path):
+        read_release(path)
+        return load_heads(path / STUDENT_HEADS_DIR) if (path / STUDENT_HEADS_DIR).is_dir() else {}
     if path.is_dir():
         return load_heads(path / "heads") if (path / "heads").is_dir() else {}
     return load_file_heads(path)
+
+
+def load_init_teacher_heads(init: str | Path) -> dict[str, SiteHead]:
+    """The teacher's heads a ``--init`` source brings: a release's (its ``heads/``) or a run
+    folder's ``teacher-heads/``; none otherwise (the teacher's head then starts as a copy of the
+    student's, as at the start of any run)."""
+    from arkfed.model.lineage import is_release, read_release
+
+    path = Path(str(init))
+    if is_release(path):
+        read_release(path)
+        return load_heads(path / "heads") if (path / "heads").is_dir() else {}
+    if path.is_dir() and (path / "config.yaml").is_file() and (path / "teacher-heads").is_dir():
+        return load_heads(path / "teacher-heads")
+    return {}
 
 
 def load_ark_model(source: str | Path, which: str = "teacher", spec: ModelSpec | None = None) -> ArkModel:

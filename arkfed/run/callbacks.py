@@ -50,6 +50,9 @@ class LoopCallback:
 
     def on_warning(self, text: str) -> None: ...
 
+    def on_sites_admitted(self, config: "TrainConfig") -> None:
+        """The run's configuration after sites were admitted into it (a signed membership change)."""
+
     def on_run_end(self, summary: dict) -> None: ...
 
     def close(self) -> None: ...

@@ -105,19 +105,22 @@ def _init_model(config: TrainConfig) -> ArkModel:
     return load_ark_model(config.init, "teacher", spec=config.model)
 
 
-def _init_heads(config: TrainConfig, schemas: Mapping[str, LabelSchema], embed_dim: int) -> dict[str, SiteHead]:
-    """Fresh heads, except that continual accrual reuses an earlier run's (or a released Ark
-    checkpoint's) head for a known site whose classes are unchanged."""
-    from arkfed.model.weights import load_init_heads
+def _init_heads(config: TrainConfig, schemas: Mapping[str, LabelSchema], embed_dim: int, teacher: bool = False) -> dict[str, SiteHead]:
+    """Fresh heads, except that continual accrual reuses an earlier run's, a release's (or a
+    released Ark checkpoint's) head for a known site whose classes are unchanged. ``teacher``: the
+    teacher's heads the source brings (a release's, a run's ``teacher-heads/``), only those."""
+    from arkfed.model.weights import load_init_heads, load_init_teacher_heads
 
-    previous = load_init_heads(config.init)
+    previous = load_init_teacher_heads(config.init) if teacher else load_init_heads(config.init)
     heads = {}
     for name in config.sites:
         head = SiteHead(name, schemas[name], embed_dim)
         old = previous.get(name)
         if old is not None and old.classes == head.classes and old.in_features == embed_dim:
             head.load_state_dict(old.state_dict())
-        heads[name] = head
+            heads[name] = head
+        elif not teacher:
+            heads[name] = head
     return heads
 
 
@@ -127,9 +130,12 @@ def initial_state(config: TrainConfig, schemas: Mapping[str, LabelSchema]) -> Ru
         torch.manual_seed(derive_seed(config.seed, "init"))
         student = _init_model(config)
         heads = _init_heads(config, schemas, student.embed_dim)
+        kept = _init_heads(config, schemas, student.embed_dim, teacher=True)  # an old site's teacher head continues
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
-    teacher_heads = {name: SiteHeads.fresh(head).teacher for name, head in heads.items()}
+    teacher_heads = {name: kept[name] if name in kept else SiteHeads.fresh(head).teacher for name, head in heads.items()}
+    for head in kept.values():
+        head.requires_grad_(False)
     return RunState(student, teacher, heads, 0, teacher_heads)
 
 
@@ -365,6 +371,7 @@ class ArkLoop:
             groups = plan_groups(self.config)
             self.callbacks.on_run_start(RunInfo(self.config, self.run.path, self.config.total_visits, state.visits_done, self.sites.mode))
             for rnd in range(self.config.rounds):
+                groups = self._admit(state, rnd, groups)
                 for group in (g for g in groups if g[0].round == rnd and g[-1].visit >= state.visits_done):
                     self._train_group(state, self._with_lr(group))
                 if rnd not in evaluated:
@@ -386,6 +393,27 @@ class ArkLoop:
         if not self.max_update_norm:
             raise ArkfedError("secure_aggregation needs max_update_norm (arkfed coordinator --max-update-norm N): each site "
                               "clips its own update to it before masking, as the coordinator cannot check single updates")
+    def _admit(self, state: RunState, rnd: int, groups: list) -> list:
+        """Sites admitted into the run from round ``rnd`` (a federation's signed membership change,
+        if the sites implementation offers ``admit``): the run continues with the new configuration,
+        re-planned (every visit made keeps its index and plan) and written to ``config.yaml``."""
+        admit = getattr(self.sites, "admit", None)
+        config = admit(self.config, rnd) if admit is not None else None
+        if config is None:
+            return groups
+        new = [s for s in config.sites if s not in self.config.sites]
+        self.config = config
+        self.run.write_config(config)
+        self.callbacks.on_sites_admitted(config)
+        self.infos = self.sites.join(config)
+        self.schemas = {name: info.schema for name, info in self.infos.items()}
+        self._write_provenance(self.infos)
+        if self.sites.mode == "local":  # in-process heads for the new sites, seeded exactly as at the start
+            fresh = initial_state(config, self.schemas)
+            for name in new:
+                state.heads[name], state.teacher_heads[name] = fresh.heads[name], fresh.teacher_heads[name]
+        self.warn(f"sites {new} admitted from round {rnd + 1}: {config.total_visits} visits planned in all")
+        return plan_groups(config)
 
     def _remember_accepted(self) -> None:
         """A resumed run's adaptive bound starts from the updates it accepted before (their norms

@@ -32,6 +32,9 @@ Defaults protect the site (a security review should not have to change anything)
   prints every new run's settings and fingerprint and the task waits (``approval_timeout``). The
   site's web console (``arkfed console --site``) approves the same way, or refuses: a refusal
   (``<state_dir>/refusals.txt``) ends the wait at once, for this and every later request of the run.
+  prints every new run's settings and fingerprint and the task waits (``approval_timeout``).
+- ``release_head: false``: the site's heads stay at the site; with ``true`` they are sent once, with
+  the evaluation after the run's last round, for the run's release (``arkfed release``).
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ class SitePolicy(BaseModel):
     min_class_negatives: int = Field(default=10, ge=1, description="fewest negative labels a class needs for its AUC to leave")
     approval: Literal["auto", "manual"] = "auto"
     approval_timeout: float = Field(default=3600.0, gt=0, description="seconds a task waits for the operator's approval")
+    release_head: bool = Field(default=False, description=(
+        "send this site's heads (student and teacher) to the coordinator once, with its evaluation after the run's last "
+        "round, so they can go into the foundation-model release (`arkfed release`); false: the heads never leave the site"))
 
 
 @dataclass(frozen=True)

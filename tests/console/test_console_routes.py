@@ -18,7 +18,7 @@ from arkfed.console.app import ConsoleTarget, create_app
 from arkfed.console.security import Guard, check_binding, hash_password
 from arkfed.console.serve import ConsoleSettings, make_guard, start_console
 from arkfed.errors import ArkfedError
-from arkfed.federation.messages import describe_content
+from arkfed.federation.describe import describe_content
 from arkfed.federation.site.heads import append_outbox
 from arkfed.site.config import load_site_config
 from arkfed.site.policy import approved_runs, pending_runs, refused_runs

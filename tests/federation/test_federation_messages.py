@@ -11,6 +11,7 @@ import torch
 from arkfed.config import TrainConfig, TrainSettings
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
+from arkfed.federation.describe import describe_content, redact_paths
 from arkfed.federation.protocol import FederationSettings
 from arkfed.model.ark import ArkModel
 from arkfed.run.loop import weighted_average
@@ -75,7 +76,7 @@ def test_only_numbers_can_become_metrics():
 
 def test_error_text_leaving_a_site_has_no_local_paths():
     text = "site 'nih': cannot read image /mnt/pacs/nih/images/000123_001.png: truncated; see C:\\data\\x.csv"
-    redacted = m.redact_paths(text)
+    redacted = redact_paths(text)
     assert "/mnt" not in redacted and "000123" not in redacted and "C:\\" not in redacted
     assert redacted.startswith("site 'nih': cannot read image <local path>")
 
@@ -111,7 +112,7 @@ def test_describe_content_lists_array_shapes_and_metric_values():
     from flwr.app import MetricRecord, RecordDict
 
     content = RecordDict({"student": m.model_record(_perturbed_model(1)), "metrics": MetricRecord({"loss": 0.25})})
-    described = m.describe_content(content)
+    described = describe_content(content)
     assert described["student"]["kind"] == "arrays"
     assert set(described["student"]["arrays"]) == {"float32", "int64"}
     assert described["metrics"] == {"kind": "metrics", "values": {"loss": 0.25}}

@@ -62,7 +62,7 @@ def federation(tmp_path_factory):
         _set_policies(by_name, {
             NIH: {"min_steps_per_visit": 1},  # otherwise the defaults: batch >= 16, val only
             CHEXPERT: PERMISSIVE | {"max_image_size": 16},
-            SHENZHEN: PERMISSIVE,
+            SHENZHEN: PERMISSIVE | {"release_head": True},  # its heads go to the coordinator with the last evaluation
         })
         # a ViT (no BatchNorm) so that the one site that accepts batches of one can train on them
         vit = ModelSpec(model="test_vit", img_size=32, projector_dim=16)
@@ -96,6 +96,15 @@ def test_requests_outside_a_sites_policy_are_refused_reported_and_the_run_goes_o
     for name, key in ((NIH, "min_batch_size"), (CHEXPERT, "max_image_size")):
         state = yaml.safe_load(federation.paths[name].read_text())["state_dir"]
         assert f"policy_refused: {key}" in (Path(state) / "logs" / "site-errors.log").read_text()
+    # issue 17: the one site whose policy says release_head sent its heads once, at the end; they are its own
+    from arkfed.federation.protocol import FederationSettings
+    from arkfed.model.weights import load_heads, read_safetensors
+
+    assert set(load_heads(out / "heads")) == set(load_heads(out / "teacher-heads")) == {SHENZHEN}
+    state = Path(yaml.safe_load(federation.paths[SHENZHEN].read_text())["state_dir"])
+    kept = read_safetensors(state / "runs" / FederationSettings.read(out).run_uid / "head.safetensors")[0]
+    sent = read_safetensors(out / "heads" / f"{SHENZHEN}.safetensors")[0]
+    assert kept.keys() == sent.keys() and all(torch.equal(kept[k], sent[k]) for k in kept)
 
 
 def test_bad_replies_are_skipped_the_teacher_stays_finite_and_errors_leave_no_paths_or_ids(federation, tmp_path):

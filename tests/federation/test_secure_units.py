@@ -18,6 +18,7 @@ from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.coordinator.gateway import masked_vector_bytes, model_state_bytes, run_push_object_limit
 from arkfed.federation.coordinator.secure import secure_mean
+from arkfed.federation.describe import describe_content
 from arkfed.federation.secagg import CONFIGS, DIGEST_FIELD, SECURE_FIELD, config_digest
 from arkfed.federation.signing import RunRefused, check_request
 from arkfed.federation.site import secure
@@ -148,7 +149,7 @@ def test_the_gateway_lets_a_masked_vector_through(tmp_path):
     masked = masked_vector_bytes(spec)
     assert masked > 2 * model_state_bytes(spec) - 4096  # int64 per float32 value
     assert run_push_object_limit(tmp_path / "secure") > masked > run_push_object_limit(tmp_path / "plain")
-    described = m.describe_content(RecordDict({CONFIGS: ConfigRecord({"masked": [b"abc", b"de"]})}))
+    described = describe_content(RecordDict({CONFIGS: ConfigRecord({"masked": [b"abc", b"de"]})}))
     assert json.dumps(described) and described[CONFIGS]["values"]["masked"] == "<2 byte strings, 5 bytes>"
 
 

@@ -540,3 +540,57 @@ def test_an_unregistered_site_key_is_refused(federation, tmp_path):
     finally:
         intruder.stop()
     assert os.path.basename(str(key)) == f"{federation.names[0]}.key"
+
+
+# -- signed membership changes (issue 17, item 5) ----------------------------------------------------
+
+
+def _membership_run(federation, tmp_path, member: str, name: str):
+    """A 1-round run of ``member`` alone, submitted and signed by the real coordinator: its folder and app."""
+    out = tmp_path / name
+    yaml_path = federation.site_yamls[federation.names.index(member)]
+    prepare_run(out, tiny_config([yaml_path], rounds=1), fast_settings(join_timeout=60.0), resume=False)
+    entries = federation.coordinator.signer.submit(out, 3600)
+    return out, write_flower_app(out, entries=entries), entries
+
+
+def test_a_membership_change_signed_by_another_ca_is_refused_by_every_site(federation, tmp_path):
+    """An attacker with their own CA and coordinator key writes a membership change admitting a
+    connected site into a real, properly signed run; the ServerApp carries it to the sites. Each
+    site, presented with it, refuses it and serves nothing of the run (each site in turn is the one
+    admitted, so every site is presented with the forged change)."""
+    from arkfed.federation.membership import CHANGES_FILE, make_change, sign_change
+    from arkfed.federation.signing import claim_of
+    from arkfed.io import append_jsonl
+
+    federation.coordinator.wait(timeout=RUN_TIMEOUT)
+    rogue = init_certificates(tmp_path / "rogue-certs", ["127.0.0.1"])  # another CA, another coordinator key
+    for member, admitted in (federation.names, federation.names[::-1]):
+        out, app_dir, entries = _membership_run(federation, tmp_path, member, f"forged-{admitted}")
+        pub = federation.certs.registered_sites()[admitted].read_bytes()
+        change = make_change(claim_of(entries), admitted, pub, from_round=0)
+        append_jsonl(out / CHANGES_FILE, sign_change(change, rogue.coordinator_key, rogue.coordinator_cert))
+        status, answers = _run_and_collect(federation, out, app_dir)
+        assert status.phase == "failed"
+        refused = [r for kind, r in answers[admitted] if r != "ok"]
+        assert refused and all("membership change refused" in r and "not issued by this site's federation CA" in r for r in refused)
+        for replies in answers.values():  # nothing of the run was trained or evaluated anywhere
+            assert not [kind for kind, _ in replies if kind in (m.VISIT, m.EVALUATE)], replies
+
+
+def test_a_site_admitted_by_a_signed_membership_change_joins_the_running_federation(federation, tmp_path):
+    """`arkfed admit` at the coordinator, for a run of one site: the other site joins from round 1 and trains."""
+    from arkfed.federation.coordinator.admission import admit_site
+
+    federation.coordinator.wait(timeout=RUN_TIMEOUT)
+    first, second = federation.names
+    out, app_dir, _ = _membership_run(federation, tmp_path, first, "admitted")
+    admit_site(out, second, federation.certs.registered_sites()[second], federation.certs, from_round=0, register=False)
+    status, answers = _run_and_collect(federation, out, app_dir)
+    assert status.phase == "finished", status.error
+    for name in federation.names:
+        assert (m.VISIT, "ok") in answers[name] and all(r == "ok" for _, r in answers[name]), (name, answers[name])
+    from arkfed.run.folder import RunFolder
+
+    config = RunFolder(out).read_config()
+    assert config.sites == [first, second] and config.admitted == {second: 0}

@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import pytest
-from arkfed.runs import RunFolder
 
 from arkfed.errors import ArkfedError
 from arkfed.federation.loopback import LoopbackFederation
@@ -40,6 +39,7 @@ from arkfed.federation.processes import LOOPBACK, wait_for_port
 from arkfed.federation.site.heads import read_outbox
 from arkfed.federation.superexec import check_listener, listener_uids
 from arkfed.ports import free_port
+from arkfed.run.folder import RunFolder
 from federation_fixtures import fast_settings, make_sites, tiny_config
 
 pytestmark = pytest.mark.slow

@@ -29,10 +29,12 @@ from arkfed.config import TrainConfig, VisitPlan
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
 from arkfed.federation.coordinator.mailbox import exchange, online_nodes
+from arkfed.federation.describe import describe_content
 from arkfed.federation.protocol import FederationSettings
 from arkfed.io import PRIVATE, append_jsonl
 from arkfed.run.folder import RunFolder, RunState
 from arkfed.run.loop import ArkLoop, SiteFailure, SiteInfo, VisitReply
+from arkfed.run.plan import round_of_visit
 
 RUN_DIR_KEY = "run-dir"
 HELLO_TIMEOUT = 120.0
@@ -43,8 +45,12 @@ class FlowerSites:
 
     mode = "federated"
 
-    def __init__(self, grid: Grid, run_dir: Path, fed: FederationSettings, callbacks, poll: float = 0.25, authorizer=None):
+    def __init__(self, grid: Grid, run_dir: Path, fed: FederationSettings, callbacks, poll: float = 0.25, authorizer=None,
+                 claim: dict | None = None):
         self.grid, self.run_dir, self.fed, self.callbacks, self.poll = grid, Path(run_dir), fed, callbacks, poll
+        self.claim = claim  # the signed claim this run was submitted with (membership changes extend it)
+        self.membership: list[dict] = []  # the signed membership changes every request carries once applied
+        self.parent_run: str | None = None  # the run a release continued here was made from (its sites keep their heads)
         self.authorizer = authorizer  # the coordinator's signing service signs each request (signer.RequestAuthorizer)
         self.nodes: dict[str, int] = {}
         self.known: set[int] = set()
@@ -61,7 +67,7 @@ class FlowerSites:
         if reply.has_error():
             entry["error"] = {"code": reply.error.code, "reason": reply.error.reason}
         else:
-            entry["content"] = m.describe_content(reply.content)
+            entry["content"] = describe_content(reply.content)
         append_jsonl(self.run_dir / "logs" / "inbox.jsonl", entry, PRIVATE)
 
     def _identify(self, node_ids: list[int], registered: dict[int, str]) -> None:
@@ -69,7 +75,7 @@ class FlowerSites:
         from arkfed.data.schema import LabelSchema
         from arkfed.run.provenance import federated_fingerprint
 
-        request = m.json_record(run_uid=self.fed.run_uid, sites=self.config.sites, schemas=self.fed.schemas)
+        request = m.json_record(run_uid=self.fed.run_uid, sites=self.config.sites, schemas=self.fed.schemas, **self._membership())
         messages = {n: Message(m.request_content(request), n, m.HELLO, ttl=HELLO_TIMEOUT, group_id="join") for n in node_ids}
         for node_id, reply in exchange(self.grid, messages, HELLO_TIMEOUT, self.poll, on_reply=self._log_inbox).items():
             if isinstance(reply, SiteFailure):
@@ -133,18 +139,20 @@ class FlowerSites:
                 raise ArkfedError(f"sites {missing} did not join within {self.fed.join_timeout:.0f} s (joined: {joined})")
             self._discover()
             time.sleep(self.poll)
-        if not self.fed.schemas or not self.fed.sizes:
-            self.fed.schemas = self.fed.schemas or {name: self.infos[name].schema.model_dump(mode="json") for name in config.sites}
-            self.fed.sizes = {name: dict(self.infos[name].sizes) for name in config.sites}
+        if any(name not in self.fed.schemas or name not in self.fed.sizes for name in config.sites):  # first join, or admitted sites
+            self.fed.schemas = {name: self.infos[name].schema.model_dump(mode="json") for name in config.sites} | self.fed.schemas
+            self.fed.sizes = {name: dict(self.infos[name].sizes) for name in config.sites} | self.fed.sizes
             self.fed.write(self.run_dir)
         return {name: self.infos[name] for name in config.sites}
 
     def start(self, state: RunState, fresh: bool) -> None:
         """The initial heads go to the sites with their first request; the coordinator keeps none
         (a resumed run rebuilds them, seeded exactly as at the start)."""
+        from arkfed.model.lineage import release_run_uid
         from arkfed.run.loop import initial_state
 
         heads = state.heads if fresh else initial_state(self.config, {n: i.schema for n, i in self.infos.items()}).heads
+        self.parent_run = release_run_uid(self.config.init)
         self.initial_heads = dict(heads)
         state.heads, state.teacher_heads = {}, {}
 
@@ -163,12 +171,18 @@ class FlowerSites:
     # -- requests -------------------------------------------------------------------------------
     def _content(self, state: RunState, site: str, **extra) -> RecordDict:
         version = state.versions.get(site, m.NO_HEAD)
+        if version == m.NO_HEAD and self.parent_run is not None:  # continued from a release: the site may hold its own heads
+            extra["parent_run"] = self.parent_run
         request = m.json_record(
             run_uid=self.fed.run_uid, spec=state.student.spec, settings=self.config.settings, head_from=version,
-            schemas={site: self.fed.schemas[site]}, pending=state.clock.pending(site), **extra,
+            schemas={site: self.fed.schemas[site]}, pending=state.clock.pending(site), **extra, **self._membership(),
         )
         arrays = {m.STUDENT: m.model_record(state.student), m.TEACHER: m.model_record(state.teacher)}
         if version == m.NO_HEAD:
+            if site not in self.initial_heads:  # admitted during the run: seeded exactly as at the start
+                from arkfed.run.loop import initial_state
+
+                self.initial_heads[site] = initial_state(self.config, {n: i.schema for n, i in self.infos.items()}).heads[site]
             arrays[m.HEAD] = m.model_record(self.initial_heads[site])
         return m.request_content(request, **arrays)
 
@@ -191,8 +205,10 @@ class FlowerSites:
                 if node is None:
                     results[site] = SiteFailure("site is offline")
                     continue
-                rnd = state.visits_done // len(self.config.sites) - 1  # evaluations follow their round's last visit
-                content = self._content(state, site, **(self._visit_fields(item) if kind == m.VISIT else {"split": item, "round": rnd}))
+                rnd = round_of_visit(self.config, state.visits_done - 1)  # evaluations follow their round's last visit
+                final = {"final": True} if kind == m.EVALUATE and rnd == self.config.rounds - 1 else {}  # sites may release heads
+                fields = self._visit_fields(item) if kind == m.VISIT else {"split": item, "round": rnd, **final}
+                content = self._content(state, site, **fields)
                 if self.authorizer is not None:
                     self.authorizer.authorize(kind, content)
                 requests[site] = Message(content, node, kind, ttl=self.fed.visit_timeout, group_id=group)
@@ -248,6 +264,23 @@ class FlowerSites:
         return secure_mean(self.grid, {site: self.nodes[site] for site in plans}, plans, self.fed.run_uid, self.fed.max_update_norm,
                            max(weights), self.fed.visit_timeout, self.poll, self.authorizer, self._log_inbox)
 
+    # -- membership ---------------------------------------------------------------------------
+    def _membership(self) -> dict:
+        from arkfed.federation.membership import MEMBERSHIP_FIELD
+
+        return {MEMBERSHIP_FIELD: self.membership} if self.membership else {}
+
+    def admit(self, config: TrainConfig, rnd: int) -> TrainConfig | None:
+        """The signed configuration when membership changes admit sites from round ``rnd``
+        (:mod:`arkfed.federation.coordinator.admission`); the loop then re-plans and joins them."""
+        from arkfed.federation.coordinator.admission import pending_admission
+
+        signed, chain = pending_admission(self.run_dir, self.claim, config, rnd, self.callbacks.on_warning)
+        if signed is not None:
+            self.membership = chain
+            self.known = {n for n in self.known if n in self.nodes.values()}  # ask connected non-members again who they are
+        return signed
+
     def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None:
         self.callbacks.on_site_status(plan.site, "done", f"visit {plan.visit + 1}")
 
@@ -261,6 +294,10 @@ class FlowerSites:
             try:  # issue 8: a malformed evaluation reply is skipped, never a crash
                 info = self.infos[site]
                 answers[site] = m.read_eval_reply(reply.content, info.schema.classes, info.sizes.get(split))
+                released = m.read_released_heads(reply.content, site, info.schema, state.student.embed_dim)
+                if released is not None:  # the site's policy releases its heads: they go into RUN/heads, teacher-heads
+                    state.heads[site], state.teacher_heads[site] = released
+                    print(f"site {site!r} released its heads (policy release_head)", flush=True)
             except m.BadReply as exc:
                 answers[site] = SiteFailure(f"rejected reply: {exc}", refused=True)
                 continue
@@ -268,7 +305,7 @@ class FlowerSites:
         return answers
 
 
-def run_federation(grid: Grid, run_dir: Path, flower_run_id: int | None = None, authorizer=None) -> dict:
+def run_federation(grid: Grid, run_dir: Path, flower_run_id: int | None = None, authorizer=None, claim: dict | None = None) -> dict:
     """The federated run in ``run_dir`` (prepared by ``arkfed coordinator``): the one Ark loop over Flower sites."""
     from arkfed.federation.coordinator.status import StatusFile
     from arkfed.run.callbacks import CallbackList
@@ -278,7 +315,7 @@ def run_federation(grid: Grid, run_dir: Path, flower_run_id: int | None = None, 
     config, fed = run.read_config(), FederationSettings.read(run.path)
     status = StatusFile(run.path, config, flower_run_id)
     callbacks = [status, QuietProgress(per_visit=True), *_trackers(fed, run.path)]
-    sites = FlowerSites(grid, run.path, fed, CallbackList(callbacks), authorizer=authorizer)
+    sites = FlowerSites(grid, run.path, fed, CallbackList(callbacks), authorizer=authorizer, claim=claim)
     try:
         # `arkfed coordinator` wrote config.yaml: a checkpoint means resume, none means a fresh start
         return ArkLoop(config, run, sites, callbacks, max_update_norm=fed.max_update_norm).run_loop(resume=True)
@@ -304,8 +341,9 @@ def main(grid: Grid, context: Context) -> None:
     import os
 
     from arkfed.federation.coordinator.signer import SIGNER_ENV, RequestAuthorizer
-    from arkfed.federation.signing import TICKET_KEY
+    from arkfed.federation.signing import TICKET_KEY, claim_of
 
     signer, ticket = os.environ.get(SIGNER_ENV), context.run_config.get(TICKET_KEY)
     authorizer = RequestAuthorizer(signer, str(ticket)) if signer and ticket else None
-    run_federation(grid, Path(str(context.run_config[RUN_DIR_KEY])), flower_run_id=context.run_id, authorizer=authorizer)
+    run_federation(grid, Path(str(context.run_config[RUN_DIR_KEY])), flower_run_id=context.run_id, authorizer=authorizer,
+                   claim=claim_of(context.run_config))

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arkfed.errors import ArkfedError
+from arkfed.federation.membership import check_member_request
 from arkfed.federation.signing import (
     CLAIM_KEY,
     TICKET_KEY,
     canonical,
-    check_request,
     claim_fingerprint,
     load_signing_key,
     make_claim,
@@ -79,6 +79,7 @@ class SigningService:
             self.path = self._own_dir / SOCKET_NAME
         self._key = load_signing_key(certs.coordinator_key) if certs is not None else None
         self._cert = certs.coordinator_cert if certs is not None else None
+        self._ca = certs.ca_cert if certs is not None else None  # verifies signed membership changes, as the sites do
         self.current: Submission | None = None
         self.refusals: list[str] = []  # the last reasons it refused a request (for logs and tests)
         self._lock = threading.Lock()
@@ -211,7 +212,7 @@ class SigningService:
                 or ("secagg" in fields) != (kind == "train")):
             raise SignerRefused("the request does not match its message type")
         try:
-            check_request(current.claim, {k: json.dumps(v) for k, v in fields.items()})
+            check_member_request(current.claim, {k: json.dumps(v) for k, v in fields.items()}, self._ca)  # membership changes too
         except ArkfedError as exc:
             raise SignerRefused(f"not a request of the signed run: {exc}") from None
         body = request_body(claim_fingerprint(current.claim), kind, fields, digest)

@@ -128,6 +128,12 @@ class StatusFile(LoopCallback):
         self.status.warnings.append(text)
         self._save()
 
+    def on_sites_admitted(self, config) -> None:
+        for name in config.sites:
+            self.status.sites.setdefault(name, SiteStatus())
+        self.status.total_visits = config.total_visits
+        self._save()
+
     def on_run_end(self, summary: dict) -> None:
         self.status.phase, self.status.summary = "finished", summary
         for entry in self.status.sites.values():

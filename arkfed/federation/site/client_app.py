@@ -43,6 +43,7 @@ from flwr.clientapp import ClientApp
 from arkfed.ark.pair import ArkPair, SiteHeads
 from arkfed.errors import ArkfedError
 from arkfed.federation import messages as m
+from arkfed.federation.describe import describe_content
 from arkfed.federation.messages import SITE_CODES, SITE_FAILED, SITE_REFUSED
 from arkfed.federation.signing import claim_of
 from arkfed.federation.site.heads import HeadStore, append_outbox, schema_mismatch
@@ -115,10 +116,16 @@ def _start_heads(stores: tuple[HeadStore, HeadStore], site, request: m.SiteReque
     if version == m.NO_HEAD:
         head = student_store.load(m.NO_HEAD)
         if head is None:
+            inherited = _parent_heads(site, request, student_store, embed_dim)
+            if inherited is not None:  # a run continued from a release: this site's own heads from the parent run
+                student_store.save(m.NO_HEAD, inherited.student)
+                teacher_store.save(m.NO_HEAD, inherited.teacher)
+                return inherited
             head = SiteHead(site.name, site.schema, embed_dim)
             request.initial_head(head, site.name)
             student_store.save(m.NO_HEAD, head)
-        return SiteHeads.fresh(head)
+        teacher = teacher_store.load(m.NO_HEAD)
+        return SiteHeads(head, teacher) if teacher is not None else SiteHeads.fresh(head)
     head, teacher = student_store.load(version), teacher_store.load(version)
     if head is None or teacher is None:
         raise SiteRefusal(
@@ -127,6 +134,22 @@ def _start_heads(stores: tuple[HeadStore, HeadStore], site, request: m.SiteReque
             public=f"head_missing: the site has no head from visit {version}; its local state was lost",
         )
     return SiteHeads(head, teacher)
+
+
+def _parent_heads(site, request: m.SiteRequest, store: HeadStore, embed_dim: int) -> SiteHeads | None:
+    """The heads this site kept from the run a continued run descends from (request field
+    ``parent_run``: the run id recorded in the release's lineage), when it has both, for the same
+    schema and width; None otherwise (the site then starts from the head sent along)."""
+    record = request.content[m.REQUEST]
+    if "parent_run" not in record:
+        return None
+    parent = m.read_json(record, "parent_run")
+    stores = [HeadStore(store.folder.parent.parent, parent, site.name, site.schema, None, kind) for kind in ("head", "teacher-head")]
+    student, teacher = (s.latest() for s in stores)
+    if student is None or teacher is None or student.in_features != embed_dim or teacher.in_features != embed_dim:
+        return None
+    teacher.requires_grad_(False)
+    return SiteHeads(student, teacher)
 
 
 def hello(msg: Message, context: Context) -> Message:
@@ -220,7 +243,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = load_node_site(context)
     _enforce_policy(config, "evaluate", request, train_size=_train_size(site), claim=claim_of(context.run_config))
     _check_schema(site, request.schemas)
-    results = {}
+    results, released = {}, None
     table = site.splits.get(split)
     if table is not None and len(table) > 0:
         stores = _head_stores(site, request.run_uid, context)
@@ -230,7 +253,21 @@ def evaluate(msg: Message, context: Context) -> Message:
         results = evaluate_site_models(ArkPair(student, teacher, heads), site, settings, split, request.pending)
         counts = class_counts(table, site.schema)
         results = {label: released_metrics(r, config.policy, counts) for label, r in results.items()}
-    return Message(m.evaluation_content(results), reply_to=msg)
+        if config.policy.release_head and _final_evaluation(msg.content[m.REQUEST], claim_of(context.run_config)):
+            released = (heads.student, heads.teacher)  # once, at the end, because the site's policy says so
+    return Message(m.evaluation_content(results, released), reply_to=msg)
+
+
+def _final_evaluation(request, claim: dict | None) -> bool:
+    """The evaluation after the run's last round (the coordinator marks it ``final``; a signed
+    run's round must also be its last)."""
+    try:
+        final, rnd = m.read_json(request, "final"), m.read_json(request, "round")
+    except (ArkfedError, KeyError, ValueError):
+        return False
+    if final is not True:
+        return False
+    return claim is None or rnd == int((claim.get("config") or {}).get("rounds", 0)) - 1
 
 
 # -- what leaves the site when something fails ------------------------------------------------
@@ -285,7 +322,7 @@ def _audit(state_dir: Path | None, msg: Message, reply: Message) -> None:
     if reply.has_error():
         entry["error"] = {"code": reply.error.code, "reason": reply.error.reason}
     else:
-        entry["content"] = m.describe_content(reply.content)
+        entry["content"] = describe_content(reply.content)
     append_outbox(state_dir, entry)
 
 

@@ -114,15 +114,16 @@ class GatedClientApp:
     def check(self, message, context) -> dict | None:
         """The verified claim (None in an insecure trial), or :class:`RunRefused`."""
         from arkfed.federation import messages as m
+        from arkfed.federation.membership import check_member_request
         from arkfed.federation.secagg import SECURE
-        from arkfed.federation.signing import RunRefused, check_request, verify_authorization, verify_run
+        from arkfed.federation.signing import RunRefused, verify_authorization, verify_run
 
         if self.refusal:
             raise RunRefused(self.refusal)
         claim = verify_run(context.run_config, FEDERATION_CA) if FEDERATION_CA else None
         if m.REQUEST not in message.content.config_records:
             raise RunRefused("the message carries no arkfed request")
-        check_request(claim, message.content.config_records[m.REQUEST])
+        check_member_request(claim, message.content.config_records[m.REQUEST], FEDERATION_CA)  # after any signed membership change
         if claim is not None and message.metadata.message_type in (m.VISIT, m.EVALUATE, SECURE):
             verify_authorization(context.run_config, FEDERATION_CA, claim, message.metadata.message_type, message.content)
         return claim

@@ -116,6 +116,16 @@ class HeadStore:
             raise schema_mismatch(self.site, self.schema, head.schema, f"the schema of its stored head ({path.name})")
         return head
 
+    def latest(self) -> "SiteHead | None":
+        """The run's last stored head (a finished run's result), None when there is none or it was
+        trained on another label schema."""
+        from arkfed.model.weights import load_head
+
+        if not self.latest_path.is_file():
+            return None
+        head = load_head(self.latest_path)
+        return head if head.schema == self.schema else None
+
     def save(self, visit: int, head: "SiteHead") -> None:
         """Store the head after ``visit`` (atomically on disk, and in the context state)."""
         from flwr.app import ConfigRecord
