@@ -158,6 +158,8 @@ class VisitPlan(BaseModel):
     momentum: float = Field(ge=0, le=1, description="teacher EMA momentum for this visit")
     lr: float = Field(ge=0)
     seed: int = Field(ge=0)
+    rounds: int = Field(default=1, ge=1, description="the run's rounds (every site is visited once per round): a DP site "
+                        "spreads its privacy budget over its visits left, rounds - round")
 
 
 class TrainConfig(BaseModel):

@@ -38,7 +38,7 @@ def plan_visits(config: TrainConfig) -> list[VisitPlan]:
             c, momentum = schedule_values(settings, v, total)
             plans.append(VisitPlan(
                 round=rnd, visit=v, total_visits=total, site=name, consistency=c, momentum=momentum,
-                lr=lrs[v], seed=derive_seed(config.seed, "visit", v),
+                lr=lrs[v], seed=derive_seed(config.seed, "visit", v), rounds=config.rounds,
             ))
     return plans
 
@@ -61,7 +61,7 @@ def plan_groups(config: TrainConfig) -> list[list[VisitPlan]]:
         groups.append([
             VisitPlan(
                 round=rnd, visit=rnd * n + i, total_visits=rounds * n, site=name, consistency=c, momentum=momentum,
-                lr=lrs[rnd], seed=derive_seed(config.seed, "visit", rnd * n + i),
+                lr=lrs[rnd], seed=derive_seed(config.seed, "visit", rnd * n + i), rounds=rounds,
             )
             for i, name in enumerate(names)
         ])
