@@ -102,11 +102,18 @@ class PrivateVisit:
     loader: DataLoader
     charge: VisitCharge
     policy: PrivacyPolicy
+    batch_size: int
     params: list[nn.Parameter] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
         return self.charge.steps
+
+    @property
+    def planned_examples(self) -> int:
+        """What the visit reports as its ``num_examples``: steps x the batch size (the Poisson batches'
+        mean), as a plain visit would; the drawn count varies and says nothing the plan does not."""
+        return self.steps * self.batch_size
 
     def batches(self) -> Iterator[TrainBatch]:
         """The visit's ``steps`` Poisson batches (Opacus' loader, as many of its epochs as it takes)."""
@@ -167,7 +174,7 @@ def private_training(student: nn.Module, head: nn.Module, optimizer: torch.optim
         raise PrivacyRefused(problem, site.name)
     train_size = len(loader.dataset)
     sample_rate = 1.0 / len(loader)
-    steps = planned_steps(settings, train_size)[1]
+    batch_size, steps = planned_steps(settings, train_size)
     ledger = BudgetLedger(site.config.local_state_dir, policy, train_size, site.name)
     history = ledger.history()
     charge = ledger.charge(sample_rate, steps, plan.rounds - plan.round, label=f"visit {plan.visit} (round {plan.round}) of a run")
@@ -183,4 +190,4 @@ def private_training(student: nn.Module, head: nn.Module, optimizer: torch.optim
         max_grad_norm=policy.max_grad_norm, poisson_sampling=True, grad_sample_mode="ew", noise_generator=noise,
     )
     params = [p for p in module.parameters() if p.requires_grad]
-    return PrivateVisit(engine, module, optimizer, private_loader, charge, policy, params)
+    return PrivateVisit(engine, module, optimizer, private_loader, charge, policy, batch_size, params)
