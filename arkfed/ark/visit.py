@@ -40,8 +40,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from arkfed.ark.losses import ark_loss, consistency_loss, task_loss
-from arkfed.ark.privacy import private_losses
 from arkfed.ark.pair import ArkPair
+from arkfed.ark.privacy import private_losses
 from arkfed.ark.ranks import SINGLE, RankContext
 from arkfed.config import TrainSettings, VisitPlan
 from arkfed.data.device_views import DeviceViews
@@ -241,7 +241,8 @@ def _run_visit(pair: ArkPair, site, settings, plan, device, compute, progress, r
     mean = (totals / max(examples, 1)).tolist()
     return VisitResult(
         site=site.name, round=plan.round, visit=plan.visit, loss=mean[0], task_loss=mean[1], consistency_loss=mean[2],
-        num_examples=examples if private is None else private.planned_examples, steps=steps, seconds=seconds, images_per_s=examples / seconds if seconds > 0 else 0.0,
+        num_examples=examples if private is None else private.planned_examples, steps=steps, seconds=seconds,
+        images_per_s=examples / seconds if seconds > 0 else 0.0,
         lr=plan.lr, consistency=c, momentum=plan.momentum, momentum_product=product if settings.ema == "iteration" else plan.momentum,
         **(private.finish() if private is not None else {}),
     )

@@ -19,8 +19,8 @@ from arkfed.errors import ArkfedError
 from arkfed.run.callbacks import CallbackList, LoopCallback
 from arkfed.run.folder import RunFolder, RunState
 from arkfed.run.loop import ArkLoop, SiteFailure, SiteInfo, VisitReply
-from arkfed.site.config import ComputeSettings
 from arkfed.site.budget import PrivacyRefused
+from arkfed.site.config import ComputeSettings
 from arkfed.site.load import Site, load_sites
 
 

@@ -69,7 +69,8 @@ class PrivacyPolicy(BaseModel):
     epsilon: float = Field(gt=0, description="total epsilon for this site's training data, over every run that trains on it")
     delta: float | None = Field(default=None, gt=0, lt=1, description="delta of the guarantee (default 1 / (10 * training images))")
     max_grad_norm: float = Field(default=1.0, gt=0, description="per-sample gradient clipping norm C")
-    accountant: Literal["rdp", "prv"] = Field(default="rdp", description="Opacus' accountant: rdp (Renyi DP) | prv (privacy random variables)")
+    accountant: Literal["rdp", "prv"] = Field(
+        default="rdp", description="Opacus' accountant: rdp (Renyi DP) | prv (privacy random variables)")
     max_noise_multiplier: float = Field(
         default=10.0, gt=0, description="the most noise (in units of max_grad_norm) a visit may add to fit the budget; "
         "a visit that would need more is trained at this level if its cost fits, else refused")

@@ -53,8 +53,8 @@ def test_a_spent_budget_refuses_the_next_run_and_the_run_goes_on_with_the_other_
     assert "refused visit 0" in (state / "logs" / "privacy.log").read_text()  # the site's own log
     assert len(ledger.entries()) == 2  # the refused visit was not charged
 
-    from arkfed.evaluation.report import summary_rows
     from arkfed.evaluation.recorded_run import read_run
+    from arkfed.evaluation.report import summary_rows
 
     rows = {row["site"]: row for row in summary_rows(read_run(tmp_path / "first"))}
     assert rows["a"]["epsilon_spent"] == dp[1]["epsilon_spent"] and rows["b"]["epsilon_spent"] is None
