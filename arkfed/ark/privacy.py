@@ -3,8 +3,7 @@
 
 :func:`private_training` turns the visit's model, optimizer and data into Opacus' (its
 ``PrivacyEngine.make_private``): the student and the site's head train as one module whose
-per-sample gradients Opacus computes (``grad_sample_mode="ew"``, torch's expanded weights: the
-hook mode cannot follow timm's in-place residual additions), the optimizer clips every
+per-sample gradients Opacus computes (:func:`grad_sample_mode`), the optimizer clips every
 sample's gradient to ``max_grad_norm`` and adds Gaussian noise of ``noise_multiplier *
 max_grad_norm``, and the batches are Poisson-sampled (Opacus' ``DPDataLoader``: each training
 image joins each step with probability ``q = 1 / ceil(N / batch_size)``). Noise and sampling
@@ -37,7 +36,9 @@ What Opacus cannot train is refused before anything trains, naming the layer: Ba
 samples of a batch (its statistics), so a model with BatchNorm is refused with the hint to build
 it with ``norm: group`` (:class:`arkfed.spec.ModelSpec`: Opacus' ``ModuleValidator.fix``
 replaces every BatchNorm with GroupNorm, for the whole run, coordinator and sites alike, so the
-weights still fit together). LayerNorm (Swin, ViT) is per-sample and trains as it is.
+weights still fit together). LayerNorm is per-sample: a ViT trains as it is (Opacus' hook mode,
+its class token and position embedding through functorch); Swin does not, as Opacus refuses its
+``WindowAttention`` (a trainable bias table beside a buffer), and the refusal names that layer.
 """
 
 from __future__ import annotations
@@ -80,6 +81,29 @@ def unsupported_layer(module: nn.Module) -> Refusal | None:
             return Refusal("privacy", f"layer {name} ({type(layer).__name__}) mixes the samples of a batch, so DP-SGD cannot "
                            "clip per sample; build the run's model with norm: group (--norm group: BatchNorm -> GroupNorm)")
     return Refusal("privacy", f"Opacus cannot train this model: {' '.join(str(errors[0]).split())[:300]}")
+
+
+EW_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Embedding,
+             nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def grad_sample_mode(module: nn.Module) -> str:
+    """Opacus' per-sample gradient mode: ``ew`` (torch's expanded weights) when every parameter lives
+    in a layer it supports (CNNs: its hooks cannot follow timm's in-place residual additions),
+    else ``hooks`` (ViTs: their class token and position embedding are bare parameters)."""
+    owners = (m for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
+    return "ew" if all(isinstance(m, EW_LAYERS) for m in owners) else "hooks"
+
+
+def opacus_layer(exc: BaseException) -> str:
+    """Opacus' complaint about a layer, as 'layer NAME (TYPE): ...' when it names one."""
+    import re
+
+    text = " ".join(str(exc).split())
+    found = re.search(r"\(([\w.]+):(\w+)\(", text)
+    if found:
+        return f"layer {found.group(1)} ({found.group(2)}) is not supported by Opacus (a trainable layer with buffers)"
+    return text[:300]
 
 
 class TupleCollate:
@@ -175,19 +199,22 @@ def private_training(student: nn.Module, head: nn.Module, optimizer: torch.optim
     train_size = len(loader.dataset)
     sample_rate = 1.0 / len(loader)
     batch_size, steps = planned_steps(settings, train_size)
-    ledger = BudgetLedger(site.config.local_state_dir, policy, train_size, site.name)
-    history = ledger.history()
-    charge = ledger.charge(sample_rate, steps, plan.rounds - plan.round, label=f"visit {plan.visit} (round {plan.round}) of a run")
     with warnings.catch_warnings():  # secure_mode off: said in SECURITY.md, not on every visit
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=policy.accountant)
-    engine.accountant.history = list(history)  # the site's data has this history already
     state_dir = site.config.local_state_dir
     noise = torch.Generator(device=next(student.parameters()).device).manual_seed(private_seed(state_dir, plan.seed, "noise"))
     loader.generator.manual_seed(private_seed(state_dir, plan.seed, "sampling"))  # Opacus' Poisson sampler draws from it
-    module, optimizer, private_loader = engine.make_private(
-        module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=charge.noise_multiplier,
-        max_grad_norm=policy.max_grad_norm, poisson_sampling=True, grad_sample_mode="ew", noise_generator=noise,
-    )
+    try:  # Opacus wraps the model first: what it cannot train is refused before the budget is charged
+        module, optimizer, private_loader = engine.make_private(
+            module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=policy.max_grad_norm,
+            poisson_sampling=True, grad_sample_mode=grad_sample_mode(module), noise_generator=noise,
+        )
+    except NotImplementedError as exc:
+        raise PrivacyRefused(Refusal("privacy", f"Opacus cannot train this model: {opacus_layer(exc)}"), site.name) from None
+    ledger = BudgetLedger(state_dir, policy, train_size, site.name)
+    engine.accountant.history = ledger.history()  # the site's data has this history already
+    charge = ledger.charge(sample_rate, steps, plan.rounds - plan.round, label=f"visit {plan.visit} (round {plan.round}) of a run")
+    optimizer.noise_multiplier = charge.noise_multiplier  # what the accountant's step hook records, and the noise drawn
     params = [p for p in module.parameters() if p.requires_grad]
     return PrivateVisit(engine, module, optimizer, private_loader, charge, policy, batch_size, params)

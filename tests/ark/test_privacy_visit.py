@@ -91,7 +91,7 @@ def test_dp_visits_reproduce_with_the_same_seed_and_differ_with_another(tmp_path
     results = []
     for seed in (11, 11, 12):
         pair = pair_of()
-        result = train_site_visit(pair, site, SETTINGS, plan(seed))
+        result = train_site_visit(pair, site, SETTINGS.model_copy(update={"max_steps_per_visit": 2}), plan(seed))
         results.append((result, torch.cat([p.detach().flatten() for p in pair.student.parameters()])))
     (r1, w1), (r2, w2), (r3, w3) = results
     assert torch.equal(w1, w2)
@@ -105,10 +105,21 @@ def test_dp_visits_reproduce_with_the_same_seed_and_differ_with_another(tmp_path
 
 def test_a_resnet_with_batchnorm_is_refused_naming_the_layer_and_norm_group_converts_it(tmp_path):
     timm_norm = pair_of(GROUP.model_copy(update={"norm": "timm"}))
-    with pytest.raises(PrivacyRefused, match=r"privacy: layer student\.backbone\.bn1 \(BatchNorm2d\) .* norm: group"):
+    with pytest.raises(PrivacyRefused, match=r"privacy: layer student\.backbone\.conv1\.1 \(BatchNorm2d\) .* norm: group"):
         train_site_visit(timm_norm, dp_site(tmp_path), SETTINGS, plan())
     assert not (tmp_path / "privacy-ledger.json").exists()  # refused before anything was charged
     grouped = pair_of()
     assert unsupported_layer(StudentWithHead(grouped.student, grouped.head)) is None
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in grouped.student.modules())
     assert any(isinstance(m, torch.nn.GroupNorm) for m in grouped.student.modules())
+
+
+def test_a_vit_trains_with_dp_as_it_is_and_swin_is_refused_naming_its_layer(tmp_path):
+    vit = ModelSpec(model="test_vit", img_size=32, projector_dim=16)
+    result = train_site_visit(pair_of(vit), dp_site(tmp_path / "vit"), SETTINGS, plan())
+    assert result.epsilon_spent > 0 and result.steps == 3
+    swin = ModelSpec(model="swin_tiny_patch4_window7_224", img_size=56, projector_dim=16)
+    with pytest.raises(PrivacyRefused, match=r"privacy: Opacus cannot train this model: layer student\.backbone\.layers\.0\.blocks\.0\.attn "
+                       r"\(WindowAttention\)"):
+        train_site_visit(pair_of(swin), dp_site(tmp_path / "swin"), SETTINGS, plan())
+    assert not (tmp_path / "swin" / "privacy-ledger.json").exists()
