@@ -190,5 +190,6 @@ def benchmark_privacy(budget: Budget, out: Path, epsilons: Sequence[float | None
     write_results(out, results)
     text = markdown(results)
     atomic_write(out / "results.md", lambda tmp: tmp.write_text(text))
-    log(f"results: {out / 'results.json'}, {out / 'results.md'}\n" + json.dumps({k: v["attack_auc"]["mean"] for k, v in results["arms"].items()}))
+    attack = {k: v["attack_auc"]["mean"] for k, v in results["arms"].items()}
+    log(f"results: {out / 'results.json'}, {out / 'results.md'}; attack AUC {json.dumps(attack)}")
     return results
