@@ -91,6 +91,8 @@ def privacy(
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the budget's)"),
     epochs: Optional[int] = typer.Option(None, min=1, help="rounds of cyclic Ark (default: the budget's)"),
     epsilons: str = typer.Option("none,8,4,1", help="comma-separated arms: none (no DP) or every site's epsilon"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="batch size of every visit (default: the budget's)"),
+    lr: Optional[float] = typer.Option(None, min=0, help="learning rate (default: the budget's)"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | auto (default: the budget's)"),
     out: Optional[Path] = typer.Option(None, help="results folder (default runs/benchmark-privacy/BUDGET); rerunning resumes it"),
 ) -> None:
@@ -107,7 +109,10 @@ def privacy(
         arms = [None if e.strip() == "none" else float(e) for e in epsilons.split(",") if e.strip()]
     except ValueError:
         raise ArkfedError(f"--epsilons takes none and numbers, comma-separated, got {epsilons!r}") from None
+    import dataclasses
+
     chosen = budget_with(budget, seeds=seeds, epochs=epochs, device=device)
+    chosen = dataclasses.replace(chosen, **{k: v for k, v in (("batch_size", batch_size), ("lr", lr)) if v is not None})
     folder = out or Path("runs") / "benchmark-privacy" / budget
     benchmark_privacy(chosen, folder, arms)
     Console(highlight=False, width=200).print((folder / "results.md").read_text())
