@@ -86,7 +86,6 @@ def run_arm(epsilon: float | None, sources: Sequence[str], sites: Mapping, held_
     summary = train_local(config, folder, sites=chosen, compute={n: compute_settings(budget) for n in sources})
     train_seconds = time.perf_counter() - start
     records = read_metrics(folder)
-    visits = [r for r in records if r.get("kind") == "visit"]
     teacher = load_ark_model(folder, "teacher").eval()
     heads, _ = model_heads(folder, "teacher")
     audits = {n: audit_privacy(teacher, heads[n], chosen[n], "test", str(torch_device(budget)), 64, n_boot=0, seed=seed)
@@ -97,15 +96,23 @@ def run_arm(epsilon: float | None, sources: Sequence[str], sites: Mapping, held_
         "held_out_probe": held_out_probe(teacher, sites[held_out], budget, seed),
         "attack_auc": {n: a["attack_auc"] for n, a in audits.items()},
         "tpr_at_1pct_fpr": {n: a["tpr_at_0.01_fpr"] for n, a in audits.items()},
-        "epsilon_spent": {n: max((r["epsilon_spent"] for r in visits if r["site"] == n and "epsilon_spent" in r), default=None)
-                          for n in sources},
-        "visit_seconds": {n: float(np.mean([r["seconds"] for r in visits if r["site"] == n] or [np.nan])) for n in sources},
-        "refused": sum(1 for r in records if r.get("kind") == "skip" and "privacy" in str(r.get("reason"))),
-        "cpu_seconds": time.process_time() - cpu,
+        **visit_figures(records, sources), "cpu_seconds": time.process_time() - cpu,
     }
     log(f"{key}: trained in {train_seconds:.0f}s; own {_short(record['own'])}; held-out probe {record['held_out_probe']:.3f}; "
         f"attack {_short(record['attack_auc'])}; epsilon {_short(record['epsilon_spent'])}")
     return record
+
+
+def visit_figures(records: Sequence[dict], sources: Sequence[str]) -> dict:
+    """From a run's metrics: each site's last epsilon spent, mean visit seconds, and the visits refused for privacy."""
+    visits = [r for r in records if r.get("kind") == "visit"]
+
+    def spent(name):
+        return max((r["epsilon_spent"] for r in visits if r["site"] == name and "epsilon_spent" in r), default=None)
+
+    return {"epsilon_spent": {n: spent(n) for n in sources},
+            "visit_seconds": {n: float(np.mean([r["seconds"] for r in visits if r["site"] == n] or [np.nan])) for n in sources},
+            "refused": sum(1 for r in records if r.get("kind") == "skip" and "privacy" in str(r.get("reason")))}
 
 
 def _auc(value) -> float:
@@ -120,13 +127,16 @@ def summarise(records: Sequence[dict], sources: Sequence[str]) -> dict:
     """Per arm, mean and 95% t-interval over seeds of every figure (the visit-time ratio paired by seed and site)."""
     from arkfed.evaluation.stats import mean_ci
 
-    plain = {(r["seed"]): r for r in records if r["epsilon"] is None}
+    plain = {r["seed"]: r for r in records if r["epsilon"] is None}
+
+    def ratios(rows):
+        return [r["visit_seconds"][n] / plain[r["seed"]]["visit_seconds"][n] for r in rows if r["seed"] in plain for n in sources]
+
     arms = {}
     for epsilon in EPSILONS:
         rows = sorted((r for r in records if r["epsilon"] == epsilon), key=lambda r: r["seed"])
         if not rows:
             continue
-        ratios = [r["visit_seconds"][n] / plain[r["seed"]]["visit_seconds"][n] for r in rows if r["seed"] in plain for n in sources]
         arms[arm_name(epsilon)] = {
             "seeds": [r["seed"] for r in rows],
             "own": {n: mean_ci([r["own"][n] for r in rows], (0, 1)) for n in sources},
@@ -134,7 +144,7 @@ def summarise(records: Sequence[dict], sources: Sequence[str]) -> dict:
             "attack_auc": mean_ci([np.mean(list(r["attack_auc"].values())) for r in rows], (0, 1)),
             "tpr_at_1pct_fpr": mean_ci([np.mean(list(r["tpr_at_1pct_fpr"].values())) for r in rows], (0, 1)),
             "epsilon_spent": max((v for r in rows for v in r["epsilon_spent"].values() if v is not None), default=None),
-            "visit_time_ratio": mean_ci(ratios) if epsilon is not None else None,
+            "visit_time_ratio": mean_ci(ratios(rows)) if epsilon is not None else None,
             "refused_visits": sum(r["refused"] for r in rows),
         }
     return arms
