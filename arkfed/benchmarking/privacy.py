@@ -14,8 +14,9 @@ t-interval (:func:`arkfed.evaluation.stats.mean_ci`):
   vs test images of each site with its teacher head; the mean over the sites per seed), and its
   TPR at 1% FPR;
 - epsilon spent (the largest over the sites, as their budgets' accountants report it) and the
-  visit time of DP over no DP (the mean visit's seconds, same seed and site, measured on this
-  machine's CPU).
+  visit time of DP over no DP (the mean visit's wall-clock seconds, same seed and site, on this
+  machine's CPU), with the whole arm's CPU time (training and scoring, one torch thread) beside it:
+  on a shared machine wall-clock time is inflated by the others' load, CPU time much less.
 
 Each site's budget ledger lives in its own state folder per arm and seed (``OUT/state/``), fresh
 each run: the budget is for this run alone. ``records.jsonl`` keeps one line per (arm, seed); a
@@ -145,6 +146,8 @@ def summarise(records: Sequence[dict], sources: Sequence[str]) -> dict:
             "tpr_at_1pct_fpr": mean_ci([np.mean(list(r["tpr_at_1pct_fpr"].values())) for r in rows], (0, 1)),
             "epsilon_spent": max((v for r in rows for v in r["epsilon_spent"].values() if v is not None), default=None),
             "visit_time_ratio": mean_ci(ratios(rows)) if epsilon is not None else None,
+            "arm_cpu_ratio": mean_ci([r["cpu_seconds"] / plain[r["seed"]]["cpu_seconds"] for r in rows if r["seed"] in plain])
+            if epsilon is not None else None,
             "refused_visits": sum(r["refused"] for r in rows),
         }
     return arms
@@ -160,20 +163,23 @@ def _cell(ci: dict | None) -> str:
 def markdown(results: dict) -> str:
     sources, arms = results["sources"], results["arms"]
     head = ["arm", *[f"{n} own test AUC" for n in sources], f"{results['held_out']} probe AUC", "attack AUC", "TPR@1%FPR",
-            "epsilon spent", "visit time DP/no DP"]
+            "epsilon spent", "visit time DP/no DP", "arm CPU time DP/no DP"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, arm in arms.items():
         eps = "-" if arm["epsilon_spent"] is None else f"{arm['epsilon_spent']:.2f}"
         ratio = "1" if arm["visit_time_ratio"] is None else _cell(arm["visit_time_ratio"])
+        cpu = "1" if arm.get("arm_cpu_ratio") is None else _cell(arm["arm_cpu_ratio"])
         cells = [name, *[_cell(arm["own"][n]) for n in sources], _cell(arm["held_out_probe"]), _cell(arm["attack_auc"]),
-                 _cell(arm["tpr_at_1pct_fpr"]), eps, ratio]
+                 _cell(arm["tpr_at_1pct_fpr"]), eps, ratio, cpu]
         lines.append("| " + " | ".join(cells) + " |")
     b = results["budget"]
     lines.append("")
     lines.append(f"Mean over seeds {results['seeds']} with 95% t-intervals. {b['model']} (GroupNorm) at {b['img_size']} px, "
                  f"{b['epochs']} rounds of cyclic Ark, batch {b['batch_size']}, lr {b['lr']}; DP: max_grad_norm 1, "
-                 f"delta 1/(10 N), RDP accountant; {results['minutes']:.0f} min on {results['environment']['device']} "
-                 f"(load average {results['environment']['load_average']}).")
+                 f"delta 1/(10 N), RDP accountant. Training {results['train_minutes']:.0f} min wall-clock, "
+                 f"{results['cpu_minutes']:.0f} CPU-min with scoring, all arms and seeds, on {results['environment']['device']} "
+                 f"({results['environment']['cpu_count']} cores; load average then "
+                 f"{', '.join(f'{x:.1f}' for x in results['environment']['load_average'] or [])}).")
     return "\n".join(lines) + "\n"
 
 
@@ -196,6 +202,8 @@ def benchmark_privacy(budget: Budget, out: Path, epsilons: Sequence[float | None
     records = [r for r in done.values() if r["seed"] in budget.seeds]
     results = {"sources": sources, "held_out": DEMO_HELD_OUT, "seeds": list(budget.seeds), "budget": dataclasses.asdict(budget),
                "minutes": (time.perf_counter() - start) / 60, "environment": environment(budget),
+               "train_minutes": sum(r["train_seconds"] for r in done.values() if r["seed"] in budget.seeds) / 60,
+               "cpu_minutes": sum(r["cpu_seconds"] for r in done.values() if r["seed"] in budget.seeds) / 60,
                "arms": summarise(records, sources), "records": records}
     write_results(out, results)
     text = markdown(results)
