@@ -178,7 +178,7 @@ def markdown(results: dict) -> str:
                  f"{b['epochs']} rounds of cyclic Ark, batch {b['batch_size']}, lr {b['lr']}; DP: max_grad_norm 1, "
                  f"delta 1/(10 N), RDP accountant. Training {results['train_minutes']:.0f} min wall-clock, "
                  f"{results['cpu_minutes']:.0f} CPU-min with scoring, all arms and seeds, on {results['environment']['device']} "
-                 f"({results['environment']['cpu_count']} cores; load average then "
+                 f"({results['environment']['cpu_count']} cores; load average when summarised "
                  f"{', '.join(f'{x:.1f}' for x in results['environment']['load_average'] or [])}).")
     return "\n".join(lines) + "\n"
 
