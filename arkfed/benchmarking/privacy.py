@@ -116,6 +116,18 @@ def visit_figures(records: Sequence[dict], sources: Sequence[str]) -> dict:
             "refused": sum(1 for r in records if r.get("kind") == "skip" and "privacy" in str(r.get("reason")))}
 
 
+def random_init_record(sources: Sequence[str], sites: Mapping, held_out: str, budget: Budget, seed: int) -> dict:
+    """The reference for the held-out probe: the same probe on a randomly initialised backbone."""
+    from arkfed.evaluation.linear_probe import random_model
+    from arkfed.spec import ModelSpec
+
+    spec = ModelSpec(model=budget.model, img_size=budget.img_size, projector_dim=budget.projector_dim, norm="group")
+    cpu = time.process_time()
+    probe = held_out_probe(random_model(spec, seed).eval(), sites[held_out], budget, seed)
+    return {"key": f"random init:s{seed}", "arm": "random init", "epsilon": "random", "seed": seed, "held_out_probe": probe,
+            "cpu_seconds": time.process_time() - cpu}
+
+
 def _auc(value) -> float:
     return float("nan") if value is None else float(value)
 
@@ -125,32 +137,38 @@ def _short(values: Mapping) -> str:
 
 
 def summarise(records: Sequence[dict], sources: Sequence[str]) -> dict:
-    """Per arm, mean and 95% t-interval over seeds of every figure (the visit-time ratio paired by seed and site)."""
+    """Per arm, mean and 95% t-interval over seeds of every figure (the time ratios paired by seed, and site)."""
     from arkfed.evaluation.stats import mean_ci
 
     plain = {r["seed"]: r for r in records if r["epsilon"] is None}
-
-    def ratios(rows):
-        return [r["visit_seconds"][n] / plain[r["seed"]]["visit_seconds"][n] for r in rows if r["seed"] in plain for n in sources]
-
     arms = {}
     for epsilon in EPSILONS:
         rows = sorted((r for r in records if r["epsilon"] == epsilon), key=lambda r: r["seed"])
-        if not rows:
-            continue
-        arms[arm_name(epsilon)] = {
-            "seeds": [r["seed"] for r in rows],
-            "own": {n: mean_ci([r["own"][n] for r in rows], (0, 1)) for n in sources},
-            "held_out_probe": mean_ci([r["held_out_probe"] for r in rows], (0, 1)),
-            "attack_auc": mean_ci([np.mean(list(r["attack_auc"].values())) for r in rows], (0, 1)),
-            "tpr_at_1pct_fpr": mean_ci([np.mean(list(r["tpr_at_1pct_fpr"].values())) for r in rows], (0, 1)),
-            "epsilon_spent": max((v for r in rows for v in r["epsilon_spent"].values() if v is not None), default=None),
-            "visit_time_ratio": mean_ci(ratios(rows)) if epsilon is not None else None,
-            "arm_cpu_ratio": mean_ci([r["cpu_seconds"] / plain[r["seed"]]["cpu_seconds"] for r in rows if r["seed"] in plain])
-            if epsilon is not None else None,
-            "refused_visits": sum(r["refused"] for r in rows),
-        }
+        if rows:
+            arms[arm_name(epsilon)] = _arm_summary(rows, None if epsilon is None else plain, sources)
+    randoms = [r["held_out_probe"] for r in records if r["epsilon"] == "random"]
+    if randoms:
+        arms["random init"] = {"held_out_probe": mean_ci(randoms, (0, 1))}
     return arms
+
+
+def _arm_summary(rows: Sequence[dict], plain: Mapping[int, dict] | None, sources: Sequence[str]) -> dict:
+    """One arm's figures over its seeds; ``plain``: the no-DP records by seed (None for the no-DP arm itself)."""
+    from arkfed.evaluation.stats import mean_ci
+
+    paired = [r for r in rows if plain and r["seed"] in plain]
+    return {
+        "seeds": [r["seed"] for r in rows],
+        "own": {n: mean_ci([r["own"][n] for r in rows], (0, 1)) for n in sources},
+        "held_out_probe": mean_ci([r["held_out_probe"] for r in rows], (0, 1)),
+        "attack_auc": mean_ci([np.mean(list(r["attack_auc"].values())) for r in rows], (0, 1)),
+        "tpr_at_1pct_fpr": mean_ci([np.mean(list(r["tpr_at_1pct_fpr"].values())) for r in rows], (0, 1)),
+        "epsilon_spent": max((v for r in rows for v in r["epsilon_spent"].values() if v is not None), default=None),
+        "visit_time_ratio": mean_ci([r["visit_seconds"][n] / plain[r["seed"]]["visit_seconds"][n] for r in paired for n in sources])
+        if plain else None,
+        "arm_cpu_ratio": mean_ci([r["cpu_seconds"] / plain[r["seed"]]["cpu_seconds"] for r in paired]) if plain else None,
+        "refused_visits": sum(r["refused"] for r in rows),
+    }
 
 
 def _cell(ci: dict | None) -> str:
@@ -166,6 +184,9 @@ def markdown(results: dict) -> str:
             "epsilon spent", "visit time DP/no DP", "arm CPU time DP/no DP"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, arm in arms.items():
+        if "own" not in arm:  # the random-init reference: the probe only
+            lines.append("| " + " | ".join([name, *["-"] * len(sources), _cell(arm["held_out_probe"]), *["-"] * 5]) + " |")
+            continue
         eps = "-" if arm["epsilon_spent"] is None else f"{arm['epsilon_spent']:.2f}"
         ratio = "1" if arm["visit_time_ratio"] is None else _cell(arm["visit_time_ratio"])
         cpu = "1" if arm.get("arm_cpu_ratio") is None else _cell(arm["arm_cpu_ratio"])
@@ -196,18 +217,20 @@ def benchmark_privacy(budget: Budget, out: Path, epsilons: Sequence[float | None
     done = read_records(out)
     start = time.perf_counter()
     for seed in budget.seeds:
+        if f"random init:s{seed}" not in done:
+            add_record(out, done, random_init_record(sources, sites, DEMO_HELD_OUT, budget, seed))
         for epsilon in epsilons:
             if f"{arm_name(epsilon)}:s{seed}" not in done:
                 add_record(out, done, run_arm(epsilon, sources, sites, DEMO_HELD_OUT, budget, seed, out, log))
     records = [r for r in done.values() if r["seed"] in budget.seeds]
     results = {"sources": sources, "held_out": DEMO_HELD_OUT, "seeds": list(budget.seeds), "budget": dataclasses.asdict(budget),
                "minutes": (time.perf_counter() - start) / 60, "environment": environment(budget),
-               "train_minutes": sum(r["train_seconds"] for r in done.values() if r["seed"] in budget.seeds) / 60,
+               "train_minutes": sum(r.get("train_seconds", 0.0) for r in done.values() if r["seed"] in budget.seeds) / 60,
                "cpu_minutes": sum(r["cpu_seconds"] for r in done.values() if r["seed"] in budget.seeds) / 60,
                "arms": summarise(records, sources), "records": records}
     write_results(out, results)
     text = markdown(results)
     atomic_write(out / "results.md", lambda tmp: tmp.write_text(text))
-    attack = {k: v["attack_auc"]["mean"] for k, v in results["arms"].items()}
+    attack = {k: v["attack_auc"]["mean"] for k, v in results["arms"].items() if "attack_auc" in v}
     log(f"results: {out / 'results.json'}, {out / 'results.md'}; attack AUC {json.dumps(attack)}")
     return results
