@@ -162,9 +162,8 @@ class PrivateVisit:
     def finish(self) -> dict[str, float]:
         """Epsilon spent after the visit, as the engine's accountant (the site's history plus the
         steps just taken) computes it; the per-sample gradient machinery is taken off the model."""
-        for p in self.params:
-            p.grad_sample = None
         spent = float(self.engine.accountant.get_epsilon(self.charge.delta))
+        self.module.to_standard_module()  # Opacus' hooks and per-sample attributes off the student and head
         return {"epsilon_spent": spent, "epsilon_budget": self.policy.epsilon, "noise_multiplier": self.charge.noise_multiplier}
 
 

@@ -116,8 +116,12 @@ def test_a_resnet_with_batchnorm_is_refused_naming_the_layer_and_norm_group_conv
 
 def test_a_vit_trains_with_dp_as_it_is_and_swin_is_refused_naming_its_layer(tmp_path):
     vit = ModelSpec(model="test_vit", img_size=32, projector_dim=16)
-    result = train_site_visit(pair_of(vit), dp_site(tmp_path / "vit"), SETTINGS, plan())
+    pair = pair_of(vit)
+    result = train_site_visit(pair, dp_site(tmp_path / "vit"), SETTINGS, plan())
     assert result.epsilon_spent > 0 and result.steps == 3
+    for module in (*pair.student.modules(), *pair.head.modules()):  # nothing of Opacus stays on the models
+        assert not module._forward_hooks and not module._backward_hooks
+    assert not any(hasattr(p, "grad_sample") for p in [*pair.student.parameters(), *pair.head.parameters()])
     swin = ModelSpec(model="swin_tiny_patch4_window7_224", img_size=56, projector_dim=16)
     with pytest.raises(PrivacyRefused, match=r"privacy: Opacus cannot train this model: "
                        r"layer student\.backbone\.layers\.0\.blocks\.0\.attn \(WindowAttention\)"):
