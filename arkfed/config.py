@@ -159,6 +159,8 @@ class VisitPlan(BaseModel):
     lr: float = Field(ge=0)
     seed: int = Field(ge=0)
     schedule_offset: int = Field(default=0, ge=0, description="the run's TrainConfig.schedule_offset (per-step teacher EMA)")
+    rounds: int = Field(default=1, ge=1, description="the run's rounds (every site is visited once per round): a DP site "
+                        "spreads its privacy budget over its visits left, rounds - round")
 
 
 class TrainConfig(BaseModel):

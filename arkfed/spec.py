@@ -32,6 +32,9 @@ class ModelSpec(BaseModel):
     test_ten_crop: bool = Field(
         default=False, description="`arkfed evaluate --split test` averages ten crops unless told otherwise (Ark's test protocol)"
     )
+    norm: Literal["timm", "group"] = Field(
+        default="timm", description="normalisation layers: timm's own | group (every BatchNorm replaced by GroupNorm, "
+        "Opacus' ModuleValidator.fix: what a site with a privacy budget needs, DP-SGD clips per sample)")
     num_features: int | None = None  # filled in once the backbone is built
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)

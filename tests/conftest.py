@@ -31,6 +31,7 @@ def label_files(shared_data: Path) -> Path:
 # modules below), and single tests measured at over ~4 s on the development machine. Everything
 # runs in `make test`, which is what CI runs. A test file added to a folder listed here is slow.
 SLOW_MODULES = (
+    "ark/test_privacy_visit.py",
     "benchmarking/test_accrual.py",
     "cli/test_cli_train.py",
     "console/test_console_browser.py",
@@ -50,6 +51,7 @@ SLOW_MODULES = (
     "federation/test_security_federation.py",
     "federation/test_security_nginx.py",
     "federation/test_security_superexec.py",
+    "run/test_privacy_run.py",
     "run/test_provenance.py",
     "run/test_trackers.py",
     "run/test_train_local.py",
@@ -63,11 +65,13 @@ SLOW_TESTS = (
     "benchmarking/test_accrual_demo.py::test_vindr_is_opt_in_and_leaves_the_other_sites_unchanged",
     "data/test_cache.py::test_site_yaml_cache_auto_prepares_on_first_use_and_trains_identically",
     "evaluation/test_export.py::test_export_ships_teacher_heads_and_the_batchnorm_statistics_evaluate_used",
+    "evaluation/test_privacy_audit.py::test_the_attack_sees_a_memorising_model_and_not_a_random_one",
     "federation/test_federation_client.py::test_visits_match_local_mode_and_the_head_survives_a_supernode_restart",
     "federation/test_membership.py::test_the_loop_admits_a_site_at_the_start_of_its_round_and_keeps_the_visits_before",
     "federation/test_site_errors.py::test_an_error_with_a_windows_path_and_mimic_ids_leaves_as_a_category_only",
     "model/test_ark_checkpoints.py::test_published_checkpoint_loads_with_features_of_the_hand_loaded_timm_model",
     "site/test_policy.py::test_manual_approval_waits_for_the_operator",
+    "site/test_privacy_budget.py::test_a_new_process_continues_the_same_history",
     "site/test_policy.py::test_per_class_metrics_stay_at_the_site_when_its_policy_says_so",
 )
 

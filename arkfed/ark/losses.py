@@ -49,3 +49,22 @@ def ark_loss(task: torch.Tensor, consistency: torch.Tensor | None, c: float) -> 
     if consistency is None or c == 0:
         return task
     return (1.0 - c) * task + c * consistency
+
+
+def task_loss_per_sample(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, task: TaskType,
+                         multiclass_loss: str = "ce") -> torch.Tensor:
+    """The task loss of each sample on its own (``B``): its counted entries' mean BCE (cross-entropy for
+    a counted multiclass row), 0 for a sample with none. What DP-SGD clips (:mod:`arkfed.ark.privacy`):
+    sample ``i``'s term depends on sample ``i`` alone, unlike :func:`task_loss`'s pooled denominator."""
+    if task == "multiclass" and multiclass_loss == "ce":
+        per_row = F.cross_entropy(logits, targets.argmax(dim=1), reduction="none")
+        return torch.where(mask[:, 0] > 0, per_row, torch.zeros_like(per_row))
+    per_entry = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    counted = (mask > 0).to(per_entry.dtype)
+    return (per_entry * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1.0)
+
+
+def consistency_loss_per_sample(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor) -> torch.Tensor:
+    """Ark's consistency term of each sample (``B``): its own mean squared error (teacher detached);
+    the batch mean is :func:`consistency_loss`."""
+    return (student_embedding - teacher_embedding.detach()).pow(2).mean(dim=1)

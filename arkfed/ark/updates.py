@@ -310,4 +310,8 @@ def check_visit_metrics(result: VisitResult, plan: VisitPlan) -> str | None:
         value, planned = getattr(result, key), getattr(plan, key)
         if _out_of_range(value, -math.inf) or not math.isclose(value, planned, rel_tol=1e-6, abs_tol=1e-12):
             return f"metric {key!r} is {value!r}, the plan says {planned!r}"
+    for key in ("epsilon_spent", "epsilon_budget", "noise_multiplier"):  # DP visits only (None otherwise)
+        value = getattr(result, key)
+        if value is not None and _out_of_range(value, 0.0):
+            return f"metric {key!r} is {value!r}, not a finite number >= 0"
     return None

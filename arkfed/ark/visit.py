@@ -33,18 +33,21 @@ import math
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
+from torch.utils.data import DataLoader
 
 from arkfed.ark.losses import ark_loss, consistency_loss, task_loss
 from arkfed.ark.pair import ArkPair
+from arkfed.ark.privacy import private_losses
 from arkfed.ark.ranks import SINGLE, RankContext
 from arkfed.config import TrainSettings, VisitPlan
 from arkfed.data.device_views import DeviceViews
 from arkfed.data.loaders import TrainLoaderOptions, make_train_loader
 from arkfed.devices import autocast, memory_format, resolve_device
-from arkfed.errors import NonFiniteError
+from arkfed.errors import ArkfedError, NonFiniteError
 from arkfed.schedules import teacher_momentum
 from arkfed.site.config import ComputeSettings
 from arkfed.site.load import Site
@@ -76,6 +79,10 @@ class VisitResult(BaseModel):
     momentum_product: float | None = Field(
         default=None, ge=0, le=1,
         description="product of the teacher EMA momenta of this visit: one per step with ema 'iteration', else the plan's momentum")
+    epsilon_spent: float | None = Field(
+        default=None, ge=0, description="DP visits: epsilon spent of the site's budget on its training data, this visit included")
+    epsilon_budget: float | None = Field(default=None, gt=0, description="DP visits: the site's total epsilon (policy privacy.epsilon)")
+    noise_multiplier: float | None = Field(default=None, gt=0, description="DP visits: the Gaussian noise's std in units of max_grad_norm")
 
 
 def make_optimizer(student: nn.Module, head: nn.Module, settings: TrainSettings, lr: float) -> torch.optim.Optimizer:
@@ -153,68 +160,115 @@ def train_site_visit(
         return _run_visit(pair, site, settings, plan, device, compute, progress, rank, optimizer_state)
 
 
+def _plain_losses(logits, targets, mask, z_student, z_teacher, c: float, task: str, multiclass_loss: str):
+    """(loss, task, consistency) of a plain visit: Ark's loss over the batch."""
+    task_value = task_loss(logits.float(), targets, mask, task, multiclass_loss)
+    cons = consistency_loss(z_student.float(), z_teacher.float()) if z_teacher is not None else None
+    return ark_loss(task_value, cons, c), task_value, cons
+
+
+def _private_visit(pair: ArkPair, site, settings, plan, compute, optimizer, rank):
+    """The visit's DP-SGD (:mod:`arkfed.ark.privacy`) when the site's policy has ``privacy:``, else None."""
+    if site.config.policy.privacy is None:
+        return None
+    from arkfed.ark.privacy import TupleCollate, private_training
+    from arkfed.data.loaders import TrainCollate, TrainDataset
+    from arkfed.data.transforms import ViewPair
+
+    if rank.world_size > 1 or compute.augment == "device":
+        raise ArkfedError("a site with a privacy budget trains each visit in one process with CPU views: set compute.gpus 1 "
+                          "and compute.augment cpu", site=site.name)
+    table, spec = site.split("train"), pair.student.spec
+    o = loader_options(settings, plan, compute, dataset=site.config.dataset)
+    views = ViewPair(spec.img_size, o.crop_scale, o.views, o.jitter_p)
+    dataset = TrainDataset(table, site.schema, spec.img_size, views, np.arange(len(table)), o.seed, o.crop_source, o.train_resize)
+    loader = DataLoader(dataset, batch_size=min(o.batch_size, len(table)), collate_fn=TupleCollate(TrainCollate(spec)),
+                        num_workers=o.num_workers, generator=torch.Generator().manual_seed(plan.seed))
+    return private_training(pair.student, pair.head, optimizer, loader, site, settings, plan)
+
+
 def _run_visit(pair: ArkPair, site, settings, plan, device, compute, progress, rank=SINGLE, carried=None) -> VisitResult:
     fmt = memory_format(device)
     pair.to_train(device, fmt)
     student, teacher, head = pair.student, pair.teacher, pair.head
-    options = loader_options(settings, plan, compute, rank.rank, rank.world_size, site.config.dataset)
-    loader = make_train_loader(site.split("train"), site.schema, student.spec, options)
-    student_forward, head_forward = rank.wrap(student, device, compute.compile), rank.wrap(head, device)
-    views = DeviceViews(student.spec.mean, student.spec.std) if compute.augment == "device" else None
     optimizer = make_optimizer(student, head, settings, plan.lr)
     params = carried_parameters(student, head, site.name)
     if carried is not None:
         load_optimizer_state(optimizer, params, carried)
+    private = _private_visit(pair, site, settings, plan, compute, optimizer, rank)
+    views = None
+    if private is not None:
+        batches, steps, optimizer, losses = private.batches(), private.steps, private.optimizer, private_losses
+        forward = private.forward
+    else:
+        options = loader_options(settings, plan, compute, rank.rank, rank.world_size, site.config.dataset)
+        loader = make_train_loader(site.split("train"), site.schema, student.spec, options)
+        student_forward, head_forward = rank.wrap(student, device, compute.compile), rank.wrap(head, device)
+        views = DeviceViews(student.spec.mean, student.spec.std) if compute.augment == "device" else None
+        batches, steps, losses = loader, len(loader), _plain_losses
+
+        def forward(x):
+            z = student_forward(x)
+            return z, head_forward(z)
     c = plan.consistency
-    steps = len(loader)
     totals = torch.zeros(3, dtype=torch.float64)
     examples = 0
     start = time.perf_counter()
     product = 1.0  # of the per-step teacher momenta (ema: iteration)
-    for step, batch in enumerate(loader):
+    for step, batch in enumerate(batches):
         if views is not None:  # the loader sent uint8 images + view parameters: make the views here
             batch = views.batch(batch, device)
         xs = batch.student.to(device, non_blocking=True).contiguous(memory_format=fmt)
-        targets = batch.targets.to(device, non_blocking=True)
-        mask = batch.mask.to(device, non_blocking=True)
-        with autocast(device, compute.precision):
-            z_student = student_forward(xs)
-            logits = head_forward(z_student)
-            z_teacher = None
-            if c > 0:
-                xt = batch.teacher.to(device, non_blocking=True).contiguous(memory_format=fmt)
-                with torch.no_grad():
-                    z_teacher = teacher(xt)
-        task = task_loss(logits.float(), targets, mask, site.schema.task, settings.multiclass_loss)
-        cons = consistency_loss(z_student.float(), z_teacher.float()) if z_teacher is not None else None
-        loss = ark_loss(task, cons, c)
-        zero = torch.zeros((), device=loss.device)
-        parts = torch.stack([loss.detach(), task.detach(), cons.detach() if cons is not None else zero]).double().cpu()
-        value = float(parts[0])  # one device sync per step (all three losses at once)
-        if not math.isfinite(value):  # stop before the step corrupts the weights; the last checkpoint stays good
-            raise NonFiniteError(f"loss became {value} in visit {plan.visit} step {step}; lower --lr", site=site.name,
-                                 category="non_finite_loss")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        n = len(xs)
+        if n == 0:  # an empty Poisson batch (DP): the step adds noise only
+            private.empty_step()
+            value = 0.0
+        else:
+            value, parts = _train_step(forward, teacher, batch, xs, device, fmt, compute, optimizer, losses, c, site, settings, plan, step)
+            totals += parts * n
         if settings.ema == "iteration":
             offset = plan.schedule_offset  # a run continued from a release: after the release's steps
             momentum = teacher_momentum(offset + plan.visit + (step + 1) / steps, offset + plan.total_visits, settings.momentum_teacher)
             pair.ema_step(momentum)
             product *= momentum
-        n = len(xs)
-        totals += parts * n
         examples += n
         if progress is not None:
             progress(step + 1, steps, value)
     seconds = time.perf_counter() - start
     if carried is not None:
-        carried.update(read_optimizer_state(optimizer, params))
+        carried.update(read_optimizer_state(optimizer if private is None else optimizer.original_optimizer, params))
     summed = rank.sum(torch.cat([totals, torch.tensor([examples], dtype=torch.float64)]))  # over DDP ranks
     totals, examples = summed[:3], int(summed[3])
     mean = (totals / max(examples, 1)).tolist()
     return VisitResult(
         site=site.name, round=plan.round, visit=plan.visit, loss=mean[0], task_loss=mean[1], consistency_loss=mean[2],
-        num_examples=examples, steps=steps, seconds=seconds, images_per_s=examples / seconds if seconds > 0 else 0.0,
+        num_examples=examples if private is None else private.planned_examples, steps=steps, seconds=seconds,
+        images_per_s=examples / seconds if seconds > 0 else 0.0,
         lr=plan.lr, consistency=c, momentum=plan.momentum, momentum_product=product if settings.ema == "iteration" else plan.momentum,
+        **(private.finish() if private is not None else {}),
     )
+
+
+def _train_step(forward, teacher, batch, xs, device, fmt, compute, optimizer, losses, c, site, settings, plan, step):
+    """One optimizer step on one batch; returns the step's loss and its (loss, task, consistency) parts."""
+    targets = batch.targets.to(device, non_blocking=True)
+    mask = batch.mask.to(device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)  # before the forward: DP's per-sample gradients must start empty
+    with autocast(device, compute.precision):
+        z_student, logits = forward(xs)
+        z_teacher = None
+        if c > 0:
+            xt = batch.teacher.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            with torch.no_grad():
+                z_teacher = teacher(xt)
+    loss, task, cons = losses(logits.float(), targets, mask, z_student.float(), None if z_teacher is None else z_teacher.float(),
+                              c, site.schema.task, settings.multiclass_loss)
+    zero = torch.zeros((), device=loss.device)
+    parts = torch.stack([loss.detach(), task.detach(), cons.detach() if cons is not None else zero]).double().cpu()
+    value = float(parts[0])  # one device sync per step (all three losses at once)
+    if not math.isfinite(value):  # stop before the step corrupts the weights; the last checkpoint stays good
+        raise NonFiniteError(f"loss became {value} in visit {plan.visit} step {step}; lower --lr", site=site.name,
+                             category="non_finite_loss")
+    loss.backward()
+    optimizer.step()
+    return value, parts

@@ -29,7 +29,7 @@ def _root() -> None:
     """Keeps ``arkfed`` a command group whatever the number of registered commands."""
 
 
-COMMAND_MODULES = ("data", "train", "federation", "evaluation", "benchmark", "release", "console")
+COMMAND_MODULES = ("data", "train", "federation", "evaluation", "benchmark", "release", "audit", "console")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"arkfed.cli.{_name}").register(app)

@@ -1,7 +1,7 @@
 """``arkfed benchmark``: benchmarks that answer a user's question on their own sites.
 
-Thin typer layer over :mod:`arkfed.benchmarking`: ``accrual`` (does joining pay?) and ``paper``
-(the paper's transfer table beside its published values); ``benchmarks/accrual.py`` is a wrapper of
+Thin typer layer over :mod:`arkfed.benchmarking`: ``accrual`` (does joining pay?), ``paper``
+(the paper's transfer table beside its published values) and ``privacy`` (what DP costs); ``benchmarks/accrual.py`` is a wrapper of
 the accrual command.
 """
 
@@ -109,6 +109,39 @@ def paper(
     folder = out or Path("runs") / "benchmark-paper" / budget
     benchmark_paper(refs, chosen, folder, runs=runs, protocol=protocol, model=model, arch=arch, img_size=img_size, imagenet=imagenet,
                     budget_name=budget, report_only=report_only)
+    Console(highlight=False, width=200).print((folder / "results.md").read_text())
+
+
+@benchmark_app.command("privacy")
+def privacy(
+    budget: str = typer.Option("default", help="default (2 CPU cores) | smoke (seconds, numbers mean nothing) | gpu (CUDA machine)"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the budget's)"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="rounds of cyclic Ark (default: the budget's)"),
+    epsilons: str = typer.Option("none,8,4,1", help="comma-separated arms: none (no DP) or every site's epsilon"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="batch size of every visit (default: the budget's)"),
+    lr: Optional[float] = typer.Option(None, min=0, help="learning rate (default: the budget's)"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | auto (default: the budget's)"),
+    out: Optional[Path] = typer.Option(None, help="results folder (default runs/benchmark-privacy/BUDGET); rerunning resumes it"),
+) -> None:
+    """What differential privacy costs on the demo federation: every site at each epsilon and without DP,
+    paired by seed: own test AUC, held-out linear probe, membership-inference attack AUC, epsilon spent
+    and the DP / no-DP visit time. Writes results.json and results.md."""
+    from rich.console import Console
+
+    from arkfed.benchmarking.budget import budget_with
+    from arkfed.benchmarking.privacy import benchmark_privacy
+    from arkfed.errors import ArkfedError
+
+    try:
+        arms = [None if e.strip() == "none" else float(e) for e in epsilons.split(",") if e.strip()]
+    except ValueError:
+        raise ArkfedError(f"--epsilons takes none and numbers, comma-separated, got {epsilons!r}") from None
+    import dataclasses
+
+    chosen = budget_with(budget, seeds=seeds, epochs=epochs, device=device)
+    chosen = dataclasses.replace(chosen, **{k: v for k, v in (("batch_size", batch_size), ("lr", lr)) if v is not None})
+    folder = out or Path("runs") / "benchmark-privacy" / budget
+    benchmark_privacy(chosen, folder, arms)
     Console(highlight=False, width=200).print((folder / "results.md").read_text())
 
 

@@ -77,6 +77,9 @@ def export(
     _show(export_table(done.result), done)
     _console().print(f"load with: timm.create_model({done.result['architecture']!r}, pretrained=True, num_classes=0, "
                      f"pretrained_cfg_overlay=dict(file='{out / 'model.safetensors'}'))")
+    if '"norm": "group"' in (out / "config.json").read_text():
+        _console().print("(trained with norm: group: build the timm model through opacus.validators.ModuleValidator.fix first; "
+                         "see README.md in the export)")
 
 
 # -- evaluate ---------------------------------------------------------------------------------

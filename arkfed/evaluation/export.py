@@ -119,6 +119,14 @@ def _fmt(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
 
 
+GROUP_NORM_NOTE = [
+    "Trained with `norm: group` (every BatchNorm of the timm model replaced by GroupNorm, for differential privacy): "
+    "plain `timm.create_model` builds BatchNorm, so build `opacus.validators.ModuleValidator.fix(timm.create_model(arch, "
+    "num_classes=0))` and load `model.safetensors` into it, or use `arkfed.model.weights.load_ark_model(folder)`.",
+    "",
+]
+
+
 def model_card(config: dict, heads: dict[str, SiteHead], run: RecordedRun | None) -> str:
     """The export's README.md: what the model is, how to load it, what it was trained on, how it did."""
     arch = config["architecture"]
@@ -141,6 +149,7 @@ def model_card(config: dict, heads: dict[str, SiteHead], run: RecordedRun | None
         "# or: timm.create_model('local-dir:/path/to/this/folder', pretrained=True)",
         "```",
         "",
+        *GROUP_NORM_NOTE * (spec.get("norm") == "group"),
         f"Input: {size} x {size} px, grayscale replicated to 3 channels, normalised with mean "
         f"{tuple(round(m, 4) for m in spec['mean'])} and std {tuple(round(s, 4) for s in spec['std'])}. "
         f"Output: {config['num_features']} pooled features. For architectures with a fixed input size "

@@ -99,8 +99,10 @@ def plot_losses(run: RecordedRun, path: Path) -> Path:
 
 
 def summary_rows(run: RecordedRun) -> list[dict]:
-    """Per site: final teacher and student mean AUC, the teacher's best round, the visits made."""
+    """Per site: final teacher and student mean AUC, the teacher's best round, the visits made (and,
+    when a site trained with differential privacy, epsilon spent of its budget after its last visit)."""
     final = run.final_metrics()
+    private = any(r.get("epsilon_budget") is not None for r in run.visits)
     rows = []
     for site in run.sites:
         rounds, values = _series(run.evals, site, "teacher", "mean_auc")
@@ -113,6 +115,9 @@ def summary_rows(run: RecordedRun) -> list[dict]:
             "best_round": rounds[best] + 1 if best is not None else None,
             "visits": sum(1 for r in run.visits if r.get("site") == site),
         })
+        if private:
+            last = next((r for r in reversed(run.visits) if r.get("site") == site and r.get("epsilon_budget") is not None), {})
+            rows[-1] |= {"epsilon_spent": last.get("epsilon_spent"), "epsilon_budget": last.get("epsilon_budget")}
     return rows
 
 

@@ -269,7 +269,7 @@ def read_site_request(content: RecordDict, kind: str) -> SiteRequest:
 def visit_content(result: BaseModel, student: "nn.Module", teacher: "nn.Module | None" = None) -> RecordDict:
     """A ``train.visit`` reply: the student (and the teacher, when it moved during the visit) and
     the visit's scalar metrics."""
-    content = RecordDict({STUDENT: model_record(student), METRICS: metrics_record(result.model_dump(exclude={"site"}))})
+    content = RecordDict({STUDENT: model_record(student), METRICS: metrics_record(result.model_dump(exclude={"site"}, exclude_none=True))})
     if teacher is not None:
         content[TEACHER] = model_record(teacher)
     return content

@@ -127,6 +127,10 @@ class ArkModel(nn.Module):
     def __init__(self, spec: ModelSpec, pretrained: bool | str | Path = False):
         super().__init__()
         self.backbone = create_backbone(spec.model, spec.img_size, pretrained)
+        if spec.norm == "group":  # BatchNorm -> GroupNorm (Opacus' own conversion), for DP-SGD at the sites
+            from opacus.validators import ModuleValidator
+
+            self.backbone = ModuleValidator.fix(self.backbone)
         cfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
         self.spec = spec.model_copy(
             update={

@@ -19,6 +19,7 @@ from arkfed.errors import ArkfedError
 from arkfed.run.callbacks import CallbackList, LoopCallback
 from arkfed.run.folder import RunFolder, RunState
 from arkfed.run.loop import ArkLoop, SiteFailure, SiteInfo, VisitReply
+from arkfed.site.budget import PrivacyRefused
 from arkfed.site.config import ComputeSettings
 from arkfed.site.load import Site, load_sites
 
@@ -65,8 +66,12 @@ class InProcessSites:
             site = self.sites[plan.site]
             pair = copy.deepcopy(self._pair(state, plan.site))
             carried = dict(state.optimizer) if self.settings.optimizer_state == "carry" else None
-            result = visit_site(pair, site, self.settings, plan, state.clock.pending(plan.site), self.compute[plan.site],
-                                progress=self.callbacks.on_step, optimizer_state=carried)
+            try:
+                result = visit_site(pair, site, self.settings, plan, state.clock.pending(plan.site), self.compute[plan.site],
+                                    progress=self.callbacks.on_step, optimizer_state=carried)
+            except PrivacyRefused as exc:  # the site's budget refuses, as a federated site would: the run goes on
+                replies[plan.site] = SiteFailure(str(exc.refusal), refused=True)
+                continue
             if carried is not None:
                 self.optimizer[plan.visit] = carried
             teacher_state = pair.teacher.state_dict() if self.settings.ema == "iteration" else None

@@ -40,7 +40,7 @@ def plan_visits(config: TrainConfig) -> list[VisitPlan]:
             c, momentum = schedule_values(settings, config.schedule_offset + v, config.schedule_offset + total)
             plans.append(VisitPlan(
                 round=rnd, visit=v, total_visits=total, site=name, consistency=c, momentum=momentum,
-                lr=lrs[v], seed=derive_seed(config.seed, "visit", v), schedule_offset=config.schedule_offset,
+                lr=lrs[v], seed=derive_seed(config.seed, "visit", v), schedule_offset=config.schedule_offset, rounds=config.rounds,
             ))
     return plans
 
@@ -67,7 +67,7 @@ def plan_groups(config: TrainConfig) -> list[list[VisitPlan]]:
         groups.append([
             VisitPlan(
                 round=rnd, visit=first + i, total_visits=total, site=name, consistency=c, momentum=momentum,
-                lr=lrs[rnd], seed=derive_seed(config.seed, "visit", first + i), schedule_offset=config.schedule_offset,
+                lr=lrs[rnd], seed=derive_seed(config.seed, "visit", first + i), schedule_offset=config.schedule_offset, rounds=rounds,
             )
             for i, name in enumerate(names)
         ])

@@ -44,6 +44,7 @@ class QuietProgress(LoopCallback):
             self.console.print(
                 f"visit {plan.visit + 1}/{self.total} {plan.site}: loss {record['loss']:.4f} "
                 f"({record['images_per_s']:.0f} img/s)"
+                + (f", epsilon {record['epsilon_spent']:.2f} of {record['epsilon_budget']:.2f}" if record.get("epsilon_budget") else "")
             )
 
     def on_warning(self, text: str) -> None:

@@ -21,7 +21,7 @@ def now() -> str:
 
 def visit_record(plan: VisitPlan, result: VisitResult, **extra) -> dict:
     return {"kind": "visit", "round": plan.round, "visit": plan.visit, "site": plan.site, "time": now(),
-            **result.model_dump(exclude={"site", "round", "visit"}), **extra}
+            **result.model_dump(exclude={"site", "round", "visit"}, exclude_none=True), **extra}
 
 
 def eval_record(rnd: int, site: str, model: str, split: str, result: dict) -> dict:

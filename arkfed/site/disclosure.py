@@ -61,12 +61,15 @@ def class_released(auc: float, counts: tuple[int, int], policy: "SitePolicy") ->
 
 def released_metrics(result: dict, policy: "SitePolicy", counts: ClassCounts) -> dict:
     """One evaluation result (:func:`arkfed.ark.metrics.evaluate_site`) as the site's policy lets it
-    leave: float metrics rounded, ``auc`` (per class) only as :func:`class_released` allows."""
+    leave: float metrics rounded, ``auc`` (per class) only as :func:`class_released` allows; nothing
+    with ``send_metrics: none``."""
     out: dict[str, Any] = {}
+    if policy.released_metrics == "none":
+        return out
     for key, value in result.items():
         if key != "auc":
             out[key] = rounded(value, policy.metric_decimals)
-        elif policy.per_class_metrics:
+        elif policy.released_metrics == "per_class":
             out[key] = {name: rounded(auc, policy.metric_decimals) for name, auc in value.items()
                         if name in counts and class_released(float(auc), counts[name], policy)}
     return out

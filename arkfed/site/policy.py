@@ -32,9 +32,16 @@ Defaults protect the site (a security review should not have to change anything)
   prints every new run's settings and fingerprint and the task waits (``approval_timeout``). The
   site's web console (``arkfed console --site``) approves the same way, or refuses: a refusal
   (``<state_dir>/refusals.txt``) ends the wait at once, for this and every later request of the run.
-  prints every new run's settings and fingerprint and the task waits (``approval_timeout``).
 - ``release_head: false``: the site's heads stay at the site; with ``true`` they are sent once, with
   the evaluation after the run's last round, for the run's release (``arkfed release``).
+- ``privacy:`` (unset: no differential privacy): with it, every visit at this site, local or
+  federated, trains with DP-SGD (Opacus: per-sample clipping to ``max_grad_norm``, Gaussian noise,
+  Poisson sampling) within a total ``epsilon`` (at ``delta``, default ``1 / (10 * N_train)``) for
+  this site's training data over every run; the budget's ledger lives in the site's ``state_dir``
+  (:mod:`arkfed.site.budget`, :mod:`arkfed.ark.privacy`). A visit that would exceed it is refused
+  (``privacy.epsilon: 7.90 of 8.00 spent, this visit needs 0.40``).
+- ``send_metrics: none | mean | per_class``: what an evaluation reply carries (unset: ``per_class``
+  with ``per_class_metrics: true``, else ``mean``); ``none`` sends no evaluation metrics at all.
 """
 
 from __future__ import annotations
@@ -59,6 +66,21 @@ REFUSALS_FILE = "refusals.txt"
 PENDING_DIR = "pending-runs"
 
 
+class PrivacyPolicy(BaseModel):
+    """The site's differential-privacy budget (``policy: privacy:``): see :mod:`arkfed.site.budget`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epsilon: float = Field(gt=0, description="total epsilon for this site's training data, over every run that trains on it")
+    delta: float | None = Field(default=None, gt=0, lt=1, description="delta of the guarantee (default 1 / (10 * training images))")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="per-sample gradient clipping norm C")
+    accountant: Literal["rdp", "prv"] = Field(
+        default="rdp", description="Opacus' accountant: rdp (Renyi DP) | prv (privacy random variables)")
+    max_noise_multiplier: float = Field(
+        default=10.0, gt=0, description="the most noise (in units of max_grad_norm) a visit may add to fit the budget; "
+        "a visit that would need more is trained at this level if its cost fits, else refused")
+
+
 class SitePolicy(BaseModel):
     """What this site lets a coordinator ask of it (every field is a ``policy:`` key)."""
 
@@ -80,6 +102,14 @@ class SitePolicy(BaseModel):
     release_head: bool = Field(default=False, description=(
         "send this site's heads (student and teacher) to the coordinator once, with its evaluation after the run's last "
         "round, so they can go into the foundation-model release (`arkfed release`); false: the heads never leave the site"))
+    privacy: PrivacyPolicy | None = Field(default=None, description="differential privacy (DP-SGD) with this site's budget")
+    send_metrics: Literal["none", "mean", "per_class"] | None = Field(
+        default=None, description="what an evaluation reply carries (unset: per_class with per_class_metrics true, else mean)")
+
+    @property
+    def released_metrics(self) -> Literal["none", "mean", "per_class"]:
+        """``send_metrics``, or what ``per_class_metrics`` (the older key) says."""
+        return self.send_metrics or ("per_class" if self.per_class_metrics else "mean")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,36 @@ def test_bad_replies_are_skipped_the_teacher_stays_finite_and_errors_leave_no_pa
     sent = [e for e in read_outbox(state) if e.get("error")]
     assert sent and all(e["error"] == {"code": 101, "reason": "data_error"} for e in sent)
     assert m.VISIT in {e["message_type"] for e in sent}
+
+
+def test_a_spent_privacy_budget_refuses_the_visit_at_the_site_and_the_federated_run_goes_on(federation, tmp_path):
+    """Issue 18: the same DP visit code over Flower: one site's budget is spent (charged by an earlier
+    run on its data), another trains with DP and reports epsilon, the third has no privacy block."""
+    from arkfed.site.budget import BudgetLedger
+    from arkfed.site.policy import PrivacyPolicy
+
+    federation.wait(timeout=RUN_TIMEOUT)  # the runs above, if they ran
+    paths = federation.paths
+    spent = {"epsilon": 1.0, "max_noise_multiplier": 1.0}
+    _set_policies(paths, {NIH: PERMISSIVE | {"privacy": spent}, CHEXPERT: PERMISSIVE | {"privacy": {"epsilon": 50.0}},
+                          SHENZHEN: PERMISSIVE})
+    nih_state = Path(yaml.safe_load(paths[NIH].read_text())["state_dir"])
+    BudgetLedger(nih_state, PrivacyPolicy(epsilon=1.0), 100).charge(0.05, 20, visits_left=1, label="an earlier run")
+    config = tiny_config(list(paths.values()), rounds=1).model_copy(
+        update={"model": ModelSpec(model="test_vit", img_size=32, projector_dim=16)})  # LayerNorm: no conversion needed
+    out = tmp_path / "run-dp"
+    federation.submit(config, out, fast_settings())
+    summary = federation.wait(timeout=RUN_TIMEOUT)
+
+    skipped = {(s["site"], s["stage"]): s["reason"] for s in summary["skipped"]}
+    assert list(skipped) == [(NIH, "visit")]
+    assert re.fullmatch(r"policy_refused: privacy\.epsilon: \d\.\d\d of 1\.00 spent, this visit needs \d+\.\d\d", skipped[NIH, "visit"])
+    visits = {r["site"]: r for r in RunFolder(out).read_metrics() if r["kind"] == "visit"}
+    assert set(visits) == {CHEXPERT, SHENZHEN}
+    assert 0 < visits[CHEXPERT]["epsilon_spent"] <= visits[CHEXPERT]["epsilon_budget"] == 50.0
+    assert "epsilon_spent" not in visits[SHENZHEN]
+    status = json.loads((out / "federation-status.json").read_text())
+    assert status["sites"][CHEXPERT]["last_metrics"]["epsilon_spent"] == visits[CHEXPERT]["epsilon_spent"]
+    assert "skipped: policy_refused: privacy.epsilon" in (out / "logs" / "serverapp.log").read_text()
+    assert "policy_refused: privacy.epsilon" in (nih_state / "logs" / "site-errors.log").read_text()
+    assert "refused visit" in (nih_state / "logs" / "privacy.log").read_text()

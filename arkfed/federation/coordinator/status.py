@@ -108,6 +108,8 @@ class StatusFile(LoopCallback):
         entry.visits += 1
         entry.state, entry.detail = "done", f"visit {plan.visit + 1}"
         entry.last_metrics.update(loss=record.get("loss"), images_per_s=record.get("images_per_s"))
+        if record.get("epsilon_budget") is not None:  # a DP site: its privacy budget, as the site reported it
+            entry.last_metrics.update(epsilon_spent=record.get("epsilon_spent"), epsilon_budget=record.get("epsilon_budget"))
         self.status.visits_done = plan.visit + 1
         self._save()
 

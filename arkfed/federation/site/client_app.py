@@ -197,6 +197,7 @@ def visit(msg: Message, context: Context) -> Message:
     from arkfed.ark.tasks import visit_site
     from arkfed.ark.updates import check_finite
     from arkfed.federation.site.secure import keep_update, metrics_reply, secure_settings
+    from arkfed.site.budget import PrivacyRefused
     from arkfed.site.policy import apply_memory_limit
 
     config = node_site_config(context)
@@ -215,7 +216,10 @@ def visit(msg: Message, context: Context) -> Message:
     apply_memory_limit(config.policy, config.compute.device)
     secure = secure_settings(request)
     sent = {key: value.detach().clone() for key, value in student.state_dict().items()} if secure else None
-    result = visit_site(ArkPair(student, teacher, heads), site, settings, plan, request.pending)
+    try:
+        result = visit_site(ArkPair(student, teacher, heads), site, settings, plan, request.pending)
+    except PrivacyRefused as exc:  # the site's privacy budget (arkfed.site.budget): a policy refusal like the others
+        raise SiteRefusal(str(exc), site=config.name, public=str(exc.refusal)) from None
     iteration = settings.ema == "iteration"  # the teacher moved during the visit: it goes back too
     if iteration:  # visit_site checked the student and its head
         check_finite(teacher, "teacher", site.name)
@@ -245,7 +249,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     _check_schema(site, request.schemas)
     results, released = {}, None
     table = site.splits.get(split)
-    if table is not None and len(table) > 0:
+    if table is not None and len(table) > 0 and config.policy.released_metrics != "none":  # none: nothing evaluated or sent
         stores = _head_stores(site, request.run_uid, context)
         student, teacher = request.models()
         heads = _start_heads(stores, site, request, student.embed_dim)

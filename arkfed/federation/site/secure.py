@@ -63,7 +63,7 @@ def keep_update(context: Context, request: m.SiteRequest, secure: dict, sent: di
 
 def metrics_reply(result) -> RecordDict:
     """A secure visit's reply: its scalar metrics only (the update travels masked, later)."""
-    return RecordDict({m.METRICS: m.metrics_record(result.model_dump(exclude={"site"}))})
+    return RecordDict({m.METRICS: m.metrics_record(result.model_dump(exclude={"site"}, exclude_none=True))})
 
 
 def check_protocol(msg: Message, context: Context, call_next) -> Message:
