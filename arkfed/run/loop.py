@@ -17,6 +17,13 @@ When two different sites report non-finite losses with no visit accepted in betw
 they were sent is unusable: the run stops with :class:`ModelUnusable` (no summary, never
 "finished"), naming the last accepted visit.
 
+Sites come and go (issue 17): a run starts once ``config.quorum`` listed sites have joined; a listed
+site that joins later is admitted at the start of the next round with the head it would have had at
+the start (each site's initial head is seeded by the run seed and its own name only,
+:func:`init_heads`). A visit to a site that is not there (never joined, or known to be gone) is a
+skip with reason ``absent`` that costs nothing; a site that misses ``config.max_absent`` turns in a
+row is ``dropped`` (:mod:`arkfed.run.attendance`).
+
 After each group the checkpoint is written (visit counter, student, teacher, in-process heads and
 the teacher clock in one file); after each round every site evaluates student and teacher. Resume
 continues from the checkpoint with ``metrics.jsonl`` trimmed back to it. What the loop reports
@@ -39,6 +46,7 @@ from arkfed.data.schema import LabelSchema
 from arkfed.errors import ArkfedError
 from arkfed.model.ark import ArkModel, SiteHead
 from arkfed.run.aggregation import aggregate_states
+from arkfed.run.attendance import ABSENT, Attendance
 from arkfed.run.callbacks import CallbackList, LoopCallback, RunInfo
 from arkfed.run.folder import RunFolder, RunState
 from arkfed.run.plan import plan_groups
@@ -61,6 +69,8 @@ class SiteFailure:
 
     reason: str
     refused: bool = False
+    away: bool = False  # the site was not there (not connected, went offline, no reply): a missed turn
+    timed_out: bool = False  # the request waited its whole deadline: retrying would cost the others another one
 
 
 @dataclass
@@ -74,11 +84,17 @@ class SiteInfo:
 
 class Sites(Protocol):
     """Where visits and evaluations happen. ``visit``/``evaluate`` never raise for one site's
-    failure: they answer a :class:`SiteFailure` for it."""
+    failure: they answer a :class:`SiteFailure` for it.
+
+    ``join`` returns the listed sites that are there (at least ``config.quorum`` of them);
+    ``joined_since`` those that joined, or joined again, since the last call (asked between rounds);
+    ``start`` gives every joined site its initial head (called again after late joins)."""
 
     mode: str
 
     def join(self, config: TrainConfig) -> dict[str, SiteInfo]: ...
+
+    def joined_since(self) -> dict[str, SiteInfo]: ...
 
     def start(self, state: RunState, fresh: bool) -> None: ...
 
@@ -86,7 +102,7 @@ class Sites(Protocol):
 
     def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None: ...
 
-    def evaluate(self, state: RunState, split: str) -> dict[str, dict[str, dict] | SiteFailure]: ...
+    def evaluate(self, state: RunState, split: str, sites: Sequence[str]) -> dict[str, dict[str, dict] | SiteFailure]: ...
 
 
 # -- state ----------------------------------------------------------------------------------------
@@ -100,15 +116,19 @@ def _init_model(config: TrainConfig) -> ArkModel:
     return load_ark_model(config.init, "teacher", spec=config.model)
 
 
-def _init_heads(config: TrainConfig, schemas: Mapping[str, LabelSchema], embed_dim: int) -> dict[str, SiteHead]:
-    """Fresh heads, except that continual accrual reuses an earlier run's (or a released Ark
+def init_heads(config: TrainConfig, schemas: Mapping[str, LabelSchema], embed_dim: int) -> dict[str, SiteHead]:
+    """The initial heads of the listed sites in ``schemas``: each seeded by the run seed and the
+    site's name only, so a site that joins late gets exactly the head it would have had at the
+    start, whoever else was there; continual accrual reuses an earlier run's (or a released Ark
     checkpoint's) head for a known site whose classes are unchanged."""
     from arkfed.model.weights import load_init_heads
 
     previous = load_init_heads(config.init)
     heads = {}
-    for name in config.sites:
-        head = SiteHead(name, schemas[name], embed_dim)
+    for name in (site for site in config.sites if site in schemas):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.seed, "head", name))
+            head = SiteHead(name, schemas[name], embed_dim)
         old = previous.get(name)
         if old is not None and old.classes == head.classes and old.in_features == embed_dim:
             head.load_state_dict(old.state_dict())
@@ -117,11 +137,11 @@ def _init_heads(config: TrainConfig, schemas: Mapping[str, LabelSchema], embed_d
 
 
 def initial_state(config: TrainConfig, schemas: Mapping[str, LabelSchema]) -> RunState:
-    """Seeded student, teacher (a copy of the student, as in Ark) and both heads per site."""
+    """Seeded student, teacher (a copy of the student, as in Ark) and both heads per site in ``schemas``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, "init"))
         student = _init_model(config)
-        heads = _init_heads(config, schemas, student.embed_dim)
+    heads = init_heads(config, schemas, student.embed_dim)
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
     teacher_heads = {name: SiteHeads.fresh(head).teacher for name, head in heads.items()}
@@ -185,13 +205,41 @@ class ArkLoop:
         self.infos: dict[str, SiteInfo] = {}
         self.non_finite: dict[str, int] = {}  # site -> visit: non-finite losses since the last accepted visit
         self.last_accepted: VisitPlan | None = None
+        self.attendance = Attendance(config.max_absent)
 
     def warn(self, text: str) -> None:
         self.callbacks.on_warning(text)
 
-    def _skip(self, stage: str, rnd: int, visit: int, site: str, reason: str) -> None:
-        self.callbacks.on_skip(skip_record(stage, rnd, visit, site, reason))
+    def _skip(self, stage: str, rnd: int, visit: int, site: str, reason: str, **extra) -> None:
+        self.callbacks.on_skip(skip_record(stage, rnd, visit, site, reason, **extra))
         self.warn(f"site {site!r}: {stage} in round {rnd + 1} skipped: {reason}")
+
+    # -- sites that come and go (arkfed.run.attendance) ------------------------------------------
+    def _away(self, site: str) -> str | None:
+        return self.attendance.away(site, self.infos)
+
+    def _count_turn(self, site: str, away: bool) -> None:
+        if self.attendance.turn(site, away):
+            missed = self.attendance.missed[site]
+            self.callbacks.on_site_status(site, "dropped", f"missed {missed} turns in a row")
+            self.warn(f"site {site!r} dropped: it missed {missed} turns in a row (max_absent {self.config.max_absent}); its "
+                      "turns are skipped without waiting until it joins again")
+
+    def _admit(self, state: RunState, rnd: int) -> None:
+        """Between rounds: listed sites that joined late enter now (with their initial heads), and
+        dropped sites that joined again are waited for again."""
+        new = self.sites.joined_since()
+        for name in new:
+            if self.attendance.back(name):
+                self.callbacks.on_site_status(name, "joined", f"back in round {rnd + 1}")
+                self.warn(f"site {name!r} joined again: back from round {rnd + 1}")
+        late = {name: info for name, info in new.items() if name not in self.infos}
+        if late:
+            self.infos.update(late)
+            self.schemas.update({name: info.schema for name, info in late.items()})
+            self.sites.start(state, False)
+            for name in late:
+                self.warn(f"site {name!r} joined late: it enters in round {rnd + 1}")
 
     def _checked(self, state: RunState, plans: Sequence[VisitPlan], replies) -> list[tuple[VisitPlan, VisitReply]]:
         accepted = []
@@ -202,10 +250,12 @@ class ArkLoop:
                 if problem is not None:
                     reply = SiteFailure(f"rejected reply: {problem}", refused=True)
             if isinstance(reply, SiteFailure):
-                self._skip("visit", plan.round, plan.visit, plan.site, reply.reason)
+                self._skip("visit", plan.round, plan.visit, plan.site, reply.reason, **({"away": True} if reply.away else {}))
+                self._count_turn(plan.site, reply.away)
                 if reply.reason in NON_FINITE:
                     self.non_finite[plan.site] = plan.visit
             else:
+                self._count_turn(plan.site, False)
                 accepted.append((plan, reply))
         if accepted:
             self.non_finite.clear()
@@ -265,12 +315,19 @@ class ArkLoop:
             state.versions[plan.site] = plan.visit
 
     def _train_group(self, state: RunState, group: Sequence[VisitPlan]) -> None:
+        present = []
         for plan in group:
             self.callbacks.on_visit_start(plan)
+            reason = self._away(plan.site)
+            if reason is None:
+                present.append(plan)
+            else:  # nothing is sent and nobody waits
+                self._skip("visit", plan.round, plan.visit, plan.site, reason, away=True)
+                self._count_turn(plan.site, True)
         start = time.perf_counter()
-        replies = self.sites.visit(state, group)
+        replies = self.sites.visit(state, present) if present else {}
         seconds = time.perf_counter() - start
-        accepted = self._checked(state, group, replies)
+        accepted = self._checked(state, present, replies)
         self._apply(state, group, accepted)
         for plan, reply in accepted:  # metrics before the checkpoint: resume trims what it lacks
             self.callbacks.on_visit_end(plan, visit_record(plan, reply.result, round_trip_s=seconds, **reply.extra))
@@ -293,9 +350,10 @@ class ArkLoop:
     def _evaluate(self, state: RunState, rnd: int, started: float) -> None:
         split = self.config.eval_split
         records = []
-        answers = self.sites.evaluate(state, split)
+        present = [site for site in self.config.sites if self._away(site) is None]
+        answers = self.sites.evaluate(state, split, present) if present else {}
         for site in self.config.sites:  # the run's order, whatever order the answers came in
-            answer = answers.get(site, SiteFailure("no answer"))
+            answer = answers.get(site, SiteFailure(self._away(site) or "no answer"))
             problem = None if isinstance(answer, SiteFailure) else next(
                 (f"evaluation of the {label}: {p}" for label, result in answer.items() if (p := check_eval_metrics(result))), None)
             if problem is not None:
@@ -314,7 +372,7 @@ class ArkLoop:
             raise ArkfedError("optimizer_state 'carry' is for local runs: its momentum buffers are derived from a site's "
                               "gradients and would leave the site; use optimizer_state 'reset'")
         try:
-            infos = self.infos = self.sites.join(self.config)
+            infos = self.infos = dict(self.sites.join(self.config))
             self.schemas = {name: info.schema for name, info in infos.items()}
             state, evaluated, fresh = open_run(self.run, self.config, self.schemas, resume)
             self._remember_accepted()
@@ -322,7 +380,11 @@ class ArkLoop:
             self._write_provenance(infos)
             groups = plan_groups(self.config)
             self.callbacks.on_run_start(RunInfo(self.config, self.run.path, self.config.total_visits, state.visits_done, self.sites.mode))
+            for name in (site for site in self.config.sites if site not in infos):
+                self.callbacks.on_site_status(name, ABSENT, f"not joined ({len(infos)} of {len(self.config.sites)} sites are)")
             for rnd in range(self.config.rounds):
+                if any(g[-1].visit >= state.visits_done for g in groups if g[0].round == rnd):
+                    self._admit(state, rnd)
                 for group in (g for g in groups if g[0].round == rnd and g[-1].visit >= state.visits_done):
                     self._train_group(state, self._with_lr(group))
                 if rnd not in evaluated:
@@ -337,7 +399,8 @@ class ArkLoop:
 
     def _remember_accepted(self) -> None:
         """A resumed run's adaptive bound starts from the updates it accepted before (their norms
-        are in the visit records ``metrics.jsonl`` kept)."""
+        are in the visit records ``metrics.jsonl`` kept), and its count of missed turns too."""
+        self.attendance.restore(self.run.read_metrics(), self.infos)
         for record in self.run.read_metrics():
             if record.get("kind") == "visit" and isinstance(record.get("update_norm"), (int, float)) and record.get("site") in self.infos:
                 self.guard.remember(Accepted(float(record["update_norm"]), self._examples(record["site"]), float(record["lr"])))
