@@ -44,6 +44,7 @@ SLOW_MODULES = (
     "evaluation/test_segment.py",
     "evaluation/test_zero_shot.py",
     "federation/test_federation_loopback.py",
+    "federation/test_living_federation.py",
     "federation/test_policy_federation.py",
     "federation/test_security_federation.py",
     "federation/test_security_nginx.py",
@@ -64,6 +65,8 @@ SLOW_TESTS = (
     "federation/test_federation_client.py::test_visits_match_local_mode_and_the_head_survives_a_supernode_restart",
     "federation/test_site_errors.py::test_an_error_with_a_windows_path_and_mimic_ids_leaves_as_a_category_only",
     "model/test_ark_checkpoints.py::test_published_checkpoint_loads_with_features_of_the_hand_loaded_timm_model",
+    "run/test_attendance.py::test_a_late_site_enters_at_the_next_round_and_an_absent_one_is_dropped_then_back",
+    "run/test_attendance.py::test_a_local_run_with_a_quorum_goes_on_without_a_site_whose_data_cannot_be_read",
     "site/test_policy.py::test_manual_approval_waits_for_the_operator",
     "site/test_policy.py::test_per_class_metrics_stay_at_the_site_when_its_policy_says_so",
 )
