@@ -40,6 +40,7 @@ from arkfed.run.loop import ArkLoop, SiteFailure, SiteInfo, VisitReply, init_hea
 
 RUN_DIR_KEY = "run-dir"
 HELLO_TIMEOUT = 120.0
+HELLO_RETRY_AFTER = 120.0  # a node that could not say who it is is asked again after this long, not at every turn
 
 
 class FlowerSites:
@@ -52,6 +53,7 @@ class FlowerSites:
         self.authorizer = authorizer  # the coordinator's signing service signs each request (signer.RequestAuthorizer)
         self.nodes: dict[str, int] = {}
         self.known: set[int] = set()
+        self.unanswered: dict[int, float] = {}  # node -> when its hello went unanswered
         self.infos: dict[str, SiteInfo] = {}
         self.initial_heads: dict = {}
         self.config: TrainConfig | None = None
@@ -81,7 +83,8 @@ class FlowerSites:
                 if reply.refused:
                     raise ArkfedError(f"a site was refused: {reply.reason}")
                 self.callbacks.on_warning(f"SuperNode {node_id} could not say which site it is: {reply.reason}")
-                self.known.discard(node_id)  # ask again later
+                self.known.discard(node_id)  # ask again later (not at once: every wait for it holds up the others)
+                self.unanswered[node_id] = time.monotonic()
                 continue
             try:  # issue 8: a malformed hello is reported, never a crash
                 name, member, schema, sizes = m.read_hello_reply(reply.content)
@@ -124,7 +127,9 @@ class FlowerSites:
 
     def _discover(self) -> None:
         nodes = list(self.grid.get_nodes())
-        new = [n.node_id for n in nodes if n.node_id not in self.known]
+        now = time.monotonic()
+        new = [n.node_id for n in nodes if n.node_id not in self.known
+               and (n.node_id not in self.unanswered or now - self.unanswered[n.node_id] >= HELLO_RETRY_AFTER)]
         if new:
             self.known.update(new)
             self._identify(new, {n.node_id: n.name for n in nodes if n.name})
