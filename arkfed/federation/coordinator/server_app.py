@@ -291,9 +291,11 @@ def run_federation(grid: Grid, run_dir: Path, flower_run_id: int | None = None, 
     try:
         # `arkfed coordinator` wrote config.yaml: a checkpoint means resume, none means a fresh start
         return ArkLoop(config, run, sites, callbacks, max_update_norm=fed.max_update_norm).run_loop(resume=True)
-    except BaseException as exc:
-        status.fail(str(exc) or type(exc).__name__)
-        print(f"run failed: {exc}", flush=True)
+    except BaseException as exc:  # a stop (SystemExit when the coordinator's processes end) is said as such
+        reason = (str(exc) or type(exc).__name__) if isinstance(exc, Exception) else \
+            f"stopped before finishing ({type(exc).__name__} {exc}); `arkfed coordinator --resume {run.path}` continues it"
+        status.fail(reason)
+        print(f"run failed: {reason}", flush=True)
         raise
 
 
