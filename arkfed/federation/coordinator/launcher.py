@@ -184,7 +184,7 @@ class Coordinator:
         if self.signer is None:
             raise ArkfedError("start the coordinator before submitting a run")
         lifetime = FederationSettings.read(self.run_dir).claim_lifetime
-        (self.run_dir / STATUS_FILE).unlink(missing_ok=True)  # a resumed run's last status (e.g. "failed" from a killed ServerApp) is not this one's
+        (self.run_dir / STATUS_FILE).unlink(missing_ok=True)  # a resumed run's old status (a killed ServerApp's "failed") is stale
         app_dir = write_flower_app(self.run_dir, entries=self.signer.submit(self.run_dir, lifetime))  # signed in this process
         argv = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         self.runner = ManagedProcess.start("flwr run", argv, self.env, self.run_dir / "logs" / "serverapp.log")
