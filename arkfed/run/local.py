@@ -49,8 +49,11 @@ class InProcessSites:
     def join(self, config: TrainConfig) -> dict[str, SiteInfo]:
         self.config, self.settings = config, config.settings
         missing = [name for name in config.sites if name not in self.sites]
-        if len(config.sites) - len(missing) < config.quorum or (missing and not set(missing) <= set(self.unreadable)):
-            why = "; ".join(self.unreadable.get(name, "no site config") for name in missing)
+        unknown = [name for name in missing if name not in self.unreadable]
+        if unknown:
+            raise ArkfedError(f"no site config for {unknown} (sites given: {sorted(self.sites)})")
+        if len(config.sites) - len(missing) < config.quorum:
+            why = "; ".join(self.unreadable[name] for name in missing)
             raise ArkfedError(f"sites {missing} cannot take part ({why}); {len(config.sites) - len(missing)} of "
                               f"{len(config.sites)} can, the run needs {config.quorum} (--min-sites)")
         for name in missing:
