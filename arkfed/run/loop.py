@@ -379,9 +379,9 @@ class ArkLoop:
             self.sites.start(state, fresh)
             self._write_provenance(infos)
             groups = plan_groups(self.config)
-            self.callbacks.on_run_start(RunInfo(self.config, self.run.path, self.config.total_visits, state.visits_done, self.sites.mode))
             for name in (site for site in self.config.sites if site not in infos):
                 self.callbacks.on_site_status(name, ABSENT, f"not joined ({len(infos)} of {len(self.config.sites)} sites are)")
+            self.callbacks.on_run_start(RunInfo(self.config, self.run.path, self.config.total_visits, state.visits_done, self.sites.mode))
             for rnd in range(self.config.rounds):
                 if any(g[-1].visit >= state.visits_done for g in groups if g[0].round == rnd):
                     self._admit(state, rnd)
