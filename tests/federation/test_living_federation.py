@@ -148,11 +148,11 @@ def _pid_gone(pid: int, timeout: float) -> bool:
 
 def test_chaos_sites_killed_and_restarted_and_the_coordinator_killed_and_resumed(tmp_path):
     paths = make_sites(tmp_path)
-    config = tiny_config(paths, rounds=3)  # cyclic, 9 visits
+    config = tiny_config(paths, rounds=2)  # cyclic, 6 visits
     chaos = Chaos(tmp_path, paths, config)
     rng = random.Random(17)
     site_kills = sorted(rng.sample(range(1, config.total_visits - 1), 3))  # after these many finished visits
-    coordinator_kill = rng.randrange(2, config.total_visits - 3)
+    coordinator_kill = rng.randrange(2, config.total_visits - 2)
     events: list[str] = []
     survivors: set[str] = set()  # site processes alive when the coordinator was killed and never killed after
     restarts: dict[str, float] = {}  # site -> when to start it again
