@@ -18,11 +18,11 @@ measured with Flower 1.42 under TLS and site authentication, a SuperNode does NO
 itself after the coordinator's process is SIGKILLed and started again with ``--resume`` (the
 SuperNode side of adap/flower issue 4844). While the coordinator is down the SuperNode retries its
 requests ("Connection attempt failed, retrying in ...", waits growing to Flower's 20 s); once the
-new SuperLink is up, that SuperLink
-(its state is in memory) no longer knows the node's ID, answers its next pull with HTTP 401, and the
-SuperNode exits with status 0 ("SuperNode terminated gracefully") about 4 s later. The supervisor
-sees the exit within a second and starts a new SuperNode, which the restarted coordinator admits
-under the site's registered key (tests/federation/test_chaos_federation.py shows it end to end).
+new SuperLink is up, that SuperLink (its state is in memory) no longer knows the node's ID, answers
+its next pull with HTTP 401, and the SuperNode exits with status 0 ("SuperNode terminated
+gracefully") about 4 s later. The supervisor sees the exit within a second and starts a new
+SuperNode, which the restarted coordinator admits under the site's registered key
+(tests/federation/test_living_federation.py, the chaos test, checks it end to end).
 """
 
 from __future__ import annotations
