@@ -201,6 +201,15 @@ class TrainConfig(BaseModel):
         "imagenet:PATH | PATH (weights file, export, run folder, or a released Ark .pth.tar)",
     )
     eval_split: str = Field(default="val", description="the split every site evaluates after each round")
+    min_sites: int | None = Field(default=None, ge=1, description=(
+        "quorum: start once this many of the listed sites are there (default: all of them). A federated run starts "
+        "when that many have joined; a listed site that joins later enters at the next round with the head it would "
+        "have had at the start, and every visit it missed is recorded as a skip with reason absent. A local run "
+        "goes on without the sites whose data cannot be loaded, as long as this many load (each named in a "
+        "warning; their visits are absent skips)"))
+    max_absent: int | None = Field(default=None, ge=1, description=(
+        "report a site as dropped after this many consecutive turns it missed (absent, offline or no reply) and stop "
+        "waiting for it: its turns are skipped (reason dropped) at once until it joins again (default: never)"))
     settings: TrainSettings = Field(default_factory=TrainSettings)
     restart_schedules: bool = Field(default=False, description=(
         "with --from RELEASE: start the teacher's EMA momentum and the consistency weight c from their first values "
@@ -257,9 +266,20 @@ class TrainConfig(BaseModel):
         """The sites visited in round ``rnd`` (in listed order): all but those admitted later."""
         return [s for s in self.sites if self.admitted.get(s, 0) <= rnd]
 
+    @model_validator(mode="after")
+    def _quorum_is_listed(self) -> "TrainConfig":
+        if self.min_sites is not None and self.min_sites > len(self.sites):
+            raise ValueError(f"min_sites {self.min_sites} is more than the {len(self.sites)} listed sites")
+        return self
+
     @property
     def total_visits(self) -> int:
         return sum(len(self.round_sites(r)) for r in range(self.rounds))
+
+    @property
+    def quorum(self) -> int:
+        """How many listed sites a run needs to start (``min_sites``, default all)."""
+        return self.min_sites or len(self.sites)
 
 
 class TeacherClock(BaseModel):

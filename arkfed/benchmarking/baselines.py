@@ -31,7 +31,7 @@ from arkfed.site.load import Site
 
 
 def _initial(config: TrainConfig, sites: Mapping[str, Site]) -> RunState:
-    from arkfed.run.loop import initial_state
+    from arkfed.run.start import initial_state
 
     return initial_state(config, {name: site.schema for name, site in sites.items()})
 

@@ -18,8 +18,13 @@ certs_app = typer.Typer(help="Certificates and keys for a secure federation.", n
 
 COORDINATOR_HELP = """Coordinate a federated Ark run: start a Flower SuperLink, wait for the listed sites, train.
 
-Sites join with `arkfed site`. Writes the same run folder as `arkfed train` (config.yaml,
-metrics.jsonl, checkpoint, teacher.safetensors, summary.json); the sites' heads stay at the sites.
+Sites join with `arkfed site`. The run starts once --min-sites listed sites have joined (default:
+all); a listed site that joins later enters at the next round, and the visits it missed are
+recorded as skips (reason absent). With --resume RUN the timeouts come from RUN/federation.json;
+sites left running reconnect by themselves (`arkfed site` restarts its SuperNode).
+
+Writes the same run folder as `arkfed train` (config.yaml, metrics.jsonl, checkpoint,
+teacher.safetensors, summary.json); the sites' heads stay at the sites.
 Needs --certs DIR from `arkfed certs init` with each site's key registered by `arkfed certs
 add-site` (TLS + site authentication) unless --insecure. Only Flower's Fleet API is served on
 --address (a gateway); the SuperLink itself listens on 127.0.0.1 only.
@@ -50,8 +55,11 @@ def coordinator(
     certs: Optional[Path] = typer.Option(None, help="certificate folder from `arkfed certs init` (TLS + registered site keys)"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS, no site authentication (trials on trusted networks only)"),
     resume: Optional[Path] = typer.Option(None, help="continue RUN from its last finished visit"),
-    join_timeout: float = typer.Option(600.0, help="seconds to wait for all sites to join"),
-    visit_timeout: float = typer.Option(3600.0, help="seconds a visit may take before it is retried, then skipped"),
+    join_timeout: float = typer.Option(600.0, help="seconds to wait for the listed sites (--min-sites of them) to join"),
+    visit_timeout: float = typer.Option(3600.0, help="seconds a visit may take before it is skipped (never retried after a "
+                                        "timeout; a site not connected at its turn is skipped at once, as absent)"),
+    rejoin_wait: float = typer.Option(30.0, min=0.0, help="seconds to wait for a site that vanished mid-visit to come back "
+                                      "before its one retry"),
     max_update_norm: Optional[float] = typer.Option(None, min=0.0, help="skip a returned student farther (L2) than this from the one "
                                                     "sent, on top of the adaptive bound (--update-norm-factor); with "
                                                     "--secure-aggregation (required) each site clips its own update to it before masking"),
@@ -94,7 +102,7 @@ def coordinator(
     run_dir = resume or out or default_out("fed")
     from arkfed.run.trackers import parse_log_option
 
-    fed = FederationSettings(join_timeout=join_timeout, visit_timeout=visit_timeout, log=parse_log_option(log),
+    fed = FederationSettings(join_timeout=join_timeout, visit_timeout=visit_timeout, rejoin_wait=rejoin_wait, log=parse_log_option(log),
                              max_update_norm=max_update_norm or None, max_split_size=max_split_size)
     folder = CertificateFolder(certs) if certs is not None and not insecure else None
     console.print(f"coordinator: Fleet API on {address} (SuperLink on 127.0.0.1 only); run folder {run_dir}")
@@ -173,39 +181,21 @@ def _start_console(kind: str, path: Path, address: str | None, certs: Path | Non
 
 
 def _serve(node, console, connect_timeout: float) -> None:
-    """Keep the site's SuperNode connected: restart it when it drops out (e.g. the coordinator
-    restarted for --resume), stop with a clear error when the coordinator will not admit it."""
-    import time
+    """The site's supervisor (:func:`arkfed.federation.site.node.supervise`): its SuperNode is
+    started again whenever it drops out (e.g. the coordinator restarted for --resume); a clear
+    error when the coordinator will not admit it."""
+    from arkfed.federation.site.node import supervise
 
-    from arkfed.errors import ArkfedError
-    from arkfed.federation.site.node import SiteNotAdmitted
-
-    backoff, admitted, first = 5.0, False, time.monotonic()
     shown: set[str] = set()
-    while True:
-        node.start()
-        try:
-            node.wait_connected(connect_timeout)
-            console.print(f"site {node.name!r}: connected; waiting for work (Ctrl-C to leave)")
-            backoff, admitted = 5.0, True
-            while True:
-                node.check()
-                _show_pending_runs(node, console, shown)
-                _show_refused_requests(node, console)
-                time.sleep(1.0)
-        except SiteNotAdmitted as exc:
-            # a coordinator that is still starting may not have registered the key yet
-            if admitted or time.monotonic() - first > connect_timeout:
-                raise
-            console.print(f"[yellow]{exc}; retrying in {backoff:.0f} s (the coordinator may still be starting)[/]")
-            node.stop()
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
-        except ArkfedError as exc:
-            console.print(f"[yellow]site {node.name!r}: {exc}; reconnecting in {backoff:.0f} s[/]")
-            node.stop()
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 60.0)
+
+    def say(text: str, problem: bool) -> None:
+        console.print(text, style="yellow" if problem else None, markup=False)
+
+    def tick() -> None:
+        _show_pending_runs(node, console, shown)
+        _show_refused_requests(node, console)
+
+    supervise(node, connect_timeout, say, tick)
 
 
 def _show_refused_requests(node, console) -> None:

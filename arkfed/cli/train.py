@@ -133,14 +133,13 @@ def _run(config, run_dir: Path, refs: list[str], resume: bool, federated: bool, 
         from arkfed.federation.loopback import train_federated
 
         return train_federated(config, run_dir, refs, resume=resume, quiet=quiet, log=log, max_update_norm=max_update_norm)
-    from arkfed.run.local import train_local
+    from arkfed.run.local import load_quorum, train_local
     from arkfed.run.progress import make_progress
-    from arkfed.site.load import load_sites
 
-    sites = load_sites(refs, config.sites, plugins_dirs)
+    sites, unreadable = load_quorum(refs, config, plugins_dirs)
     compute = {name: site.config.compute.override(device=device, num_workers=num_workers, gpus=gpus) for name, site in sites.items()}
     return train_local(config, run_dir, resume=resume, sites=sites, site_configs=refs, compute=compute,
-                       callbacks=[make_progress(quiet), *trackers(log, Path(run_dir))])
+                       callbacks=[make_progress(quiet), *trackers(log, Path(run_dir))], unreadable=unreadable)
 
 
 def trackers(log: str, run_dir: Path) -> list:

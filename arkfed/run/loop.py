@@ -19,6 +19,13 @@ When two different sites report non-finite losses with no visit accepted in betw
 they were sent is unusable: the run stops with :class:`ModelUnusable` (no summary, never
 "finished"), naming the last accepted visit.
 
+Sites come and go (issue 17): a run starts once ``config.quorum`` listed sites have joined; a listed
+site that joins later is admitted at the start of the next round with the head it would have had at
+the start (each site's initial head is seeded by the run seed and its own name only,
+:func:`arkfed.run.start.init_heads`). A visit to a site that is not there (never joined, or known to be gone) is a
+skip with reason ``absent`` that costs nothing; a site that misses ``config.max_absent`` turns in a
+row is ``dropped`` (:mod:`arkfed.run.attendance`).
+
 After each group the checkpoint is written (visit counter, student, teacher, in-process heads and
 the teacher clock in one file); after each round every site evaluates student and teacher. Resume
 continues from the checkpoint with ``metrics.jsonl`` trimmed back to it. What the loop reports
@@ -27,25 +34,24 @@ goes to :class:`arkfed.run.callbacks.LoopCallback` s: the metrics log, progress,
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
 import torch
 
-from arkfed.ark.pair import SiteHeads
 from arkfed.ark.secure import apply_update, check_secure_reply, mean_update
 from arkfed.ark.updates import Accepted, UpdateGuard, VisitReply, check_eval_metrics, max_examples
-from arkfed.config import TrainConfig, VisitPlan, derive_seed
+from arkfed.config import TrainConfig, VisitPlan
 from arkfed.data.schema import LabelSchema
 from arkfed.errors import ArkfedError
-from arkfed.model.ark import ArkModel, SiteHead
 from arkfed.run.aggregation import aggregate_states
+from arkfed.run.attendance import ABSENT, Attendance
 from arkfed.run.callbacks import CallbackList, LoopCallback, RunInfo
 from arkfed.run.folder import RunFolder, RunState
 from arkfed.run.plan import plan_groups
-from arkfed.run.records import MetricsLog, build_summary, eval_record, round_record, skip_record, trim_metrics, visit_record
+from arkfed.run.records import MetricsLog, build_summary, eval_record, round_record, skip_record, visit_record
+from arkfed.run.start import initial_state, open_run
 from arkfed.schedules import ark_as_run_round_lr, ema_update
 
 
@@ -64,6 +70,8 @@ class SiteFailure:
 
     reason: str
     refused: bool = False
+    away: bool = False  # the site was not there (not connected, went offline, no reply): a missed turn
+    timed_out: bool = False  # the request waited its whole deadline: retrying would cost the others another one
 
 
 @dataclass
@@ -77,13 +85,20 @@ class SiteInfo:
 
 class Sites(Protocol):
     """Where visits and evaluations happen. ``visit``/``evaluate`` never raise for one site's
-    failure: they answer a :class:`SiteFailure` for it. Sites that support ``secure_aggregation``
-    (Flower's) also have ``secure_mean(state, accepted)``: the accepted visits' mean update as
-    arrays and the sites in it, or a :class:`SiteFailure`."""
+    failure: they answer a :class:`SiteFailure` for it.
+
+    ``join`` returns the listed sites that are there (at least ``config.quorum`` of them);
+    ``joined_since`` those that joined, or joined again, since the last call (asked between rounds);
+    ``start`` gives every joined site its initial head (called again after late joins). Sites that
+    support ``secure_aggregation`` (Flower's) also have ``secure_mean(state, accepted)``: the
+    accepted visits' mean update as arrays and the sites in it, or a :class:`SiteFailure`; sites
+    that support signed membership changes have ``admit(config, round)``."""
 
     mode: str
 
     def join(self, config: TrainConfig) -> dict[str, SiteInfo]: ...
+
+    def joined_since(self) -> dict[str, SiteInfo]: ...
 
     def start(self, state: RunState, fresh: bool) -> None: ...
 
@@ -91,75 +106,12 @@ class Sites(Protocol):
 
     def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None: ...
 
-    def evaluate(self, state: RunState, split: str) -> dict[str, dict[str, dict] | SiteFailure]: ...
-
-
-# -- state ----------------------------------------------------------------------------------------
-def _init_model(config: TrainConfig) -> ArkModel:
-    from arkfed.model.weights import load_ark_model
-
-    if config.init == "random":
-        return ArkModel(config.model)
-    if config.init == "imagenet":
-        return ArkModel(config.model, pretrained=True)
-    return load_ark_model(config.init, "teacher", spec=config.model)
-
-
-def _init_heads(config: TrainConfig, schemas: Mapping[str, LabelSchema], embed_dim: int, teacher: bool = False) -> dict[str, SiteHead]:
-    """Fresh heads, except that continual accrual reuses an earlier run's, a release's (or a
-    released Ark checkpoint's) head for a known site whose classes are unchanged. ``teacher``: the
-    teacher's heads the source brings (a release's, a run's ``teacher-heads/``), only those."""
-    from arkfed.model.weights import load_init_heads, load_init_teacher_heads
-
-    previous = load_init_teacher_heads(config.init) if teacher else load_init_heads(config.init)
-    heads = {}
-    for name in config.sites:
-        head = SiteHead(name, schemas[name], embed_dim)
-        old = previous.get(name)
-        if old is not None and old.classes == head.classes and old.in_features == embed_dim:
-            head.load_state_dict(old.state_dict())
-            heads[name] = head
-        elif not teacher:
-            heads[name] = head
-    return heads
-
-
-def initial_state(config: TrainConfig, schemas: Mapping[str, LabelSchema]) -> RunState:
-    """Seeded student, teacher (a copy of the student, as in Ark) and both heads per site."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(config.seed, "init"))
-        student = _init_model(config)
-        heads = _init_heads(config, schemas, student.embed_dim)
-        kept = _init_heads(config, schemas, student.embed_dim, teacher=True)  # an old site's teacher head continues
-    teacher = copy.deepcopy(student)
-    teacher.requires_grad_(False)
-    teacher_heads = {name: kept[name] if name in kept else SiteHeads.fresh(head).teacher for name, head in heads.items()}
-    for head in kept.values():
-        head.requires_grad_(False)
-    return RunState(student, teacher, heads, 0, teacher_heads)
-
-
-def open_run(run: RunFolder, config: TrainConfig, schemas: Mapping[str, LabelSchema], resume: bool) -> tuple[RunState, set[int], bool]:
-    """The state to start from, the rounds already evaluated and whether it is fresh: a new run
-    writes its config; a resumed one continues from its checkpoint with metrics trimmed back to it
-    (a run killed before its first checkpoint starts over)."""
-    if resume:
-        if not run.has_run():
-            raise ArkfedError(f"{run.path}: nothing to resume (no config.yaml)")
-        if run.has_checkpoint():
-            state = run.load_checkpoint()
-            records, evaluated = trim_metrics(run.read_metrics(), state.visits_done)
-            run.rewrite_metrics(records)
-            return state, evaluated, False
-        run.rewrite_metrics([])
-        return initial_state(config, schemas), set(), True
-    if run.has_run():
-        raise ArkfedError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
-    run.write_config(config)
-    return initial_state(config, schemas), set(), True
+    def evaluate(self, state: RunState, split: str, sites: Sequence[str]) -> dict[str, dict[str, dict] | SiteFailure]: ...
 
 
 # -- updates --------------------------------------------------------------------------------------
+
+
 def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """FedAvg of state dicts: floating tensors weighted by ``weights``; integer buffers (BatchNorm's
     ``num_batches_tracked``) take the largest value."""
@@ -196,13 +148,41 @@ class ArkLoop:
         self.infos: dict[str, SiteInfo] = {}
         self.non_finite: dict[str, int] = {}  # site -> visit: non-finite losses since the last accepted visit
         self.last_accepted: VisitPlan | None = None
+        self.attendance = Attendance(config.max_absent)
 
     def warn(self, text: str) -> None:
         self.callbacks.on_warning(text)
 
-    def _skip(self, stage: str, rnd: int, visit: int, site: str, reason: str) -> None:
-        self.callbacks.on_skip(skip_record(stage, rnd, visit, site, reason))
+    def _skip(self, stage: str, rnd: int, visit: int, site: str, reason: str, **extra) -> None:
+        self.callbacks.on_skip(skip_record(stage, rnd, visit, site, reason, **extra))
         self.warn(f"site {site!r}: {stage} in round {rnd + 1} skipped: {reason}")
+
+    # -- sites that come and go (arkfed.run.attendance) ------------------------------------------
+    def _away(self, site: str) -> str | None:
+        return self.attendance.away(site, self.infos)
+
+    def _count_turn(self, site: str, away: bool) -> None:
+        if self.attendance.turn(site, away):
+            missed = self.attendance.missed[site]
+            self.callbacks.on_site_status(site, "dropped", f"missed {missed} turns in a row")
+            self.warn(f"site {site!r} dropped: it missed {missed} turns in a row (max_absent {self.config.max_absent}); its "
+                      "turns are skipped without waiting until it joins again")
+
+    def _join_late(self, state: RunState, rnd: int) -> None:
+        """Between rounds: listed sites that joined late enter now (with their initial heads), and
+        dropped sites that joined again are waited for again."""
+        new = self.sites.joined_since()
+        for name in new:
+            if self.attendance.back(name):
+                self.callbacks.on_site_status(name, "joined", f"back in round {rnd + 1}")
+                self.warn(f"site {name!r} joined again: back from round {rnd + 1}")
+        late = {name: info for name, info in new.items() if name not in self.infos}
+        if late:
+            self.infos.update(late)
+            self.schemas.update({name: info.schema for name, info in late.items()})
+            self.sites.start(state, False)
+            for name in late:
+                self.warn(f"site {name!r} joined late: it enters in round {rnd + 1}")
 
     def _checked(self, state: RunState, plans: Sequence[VisitPlan], replies) -> list[tuple[VisitPlan, VisitReply]]:
         accepted = []
@@ -213,10 +193,12 @@ class ArkLoop:
                 if problem is not None:
                     reply = SiteFailure(f"rejected reply: {problem}", refused=True)
             if isinstance(reply, SiteFailure):
-                self._skip("visit", plan.round, plan.visit, plan.site, reply.reason)
+                self._skip("visit", plan.round, plan.visit, plan.site, reply.reason, **({"away": True} if reply.away else {}))
+                self._count_turn(plan.site, reply.away)
                 if reply.reason in NON_FINITE:
                     self.non_finite[plan.site] = plan.visit
             else:
+                self._count_turn(plan.site, False)
                 accepted.append((plan, reply))
         if accepted:
             self.non_finite.clear()
@@ -310,12 +292,19 @@ class ArkLoop:
             state.versions[plan.site] = plan.visit
 
     def _train_group(self, state: RunState, group: Sequence[VisitPlan]) -> None:
+        present = []
         for plan in group:
             self.callbacks.on_visit_start(plan)
+            reason = self._away(plan.site)
+            if reason is None:
+                present.append(plan)
+            else:  # nothing is sent and nobody waits
+                self._skip("visit", plan.round, plan.visit, plan.site, reason, away=True)
+                self._count_turn(plan.site, True)
         start = time.perf_counter()
-        replies = self.sites.visit(state, group)
+        replies = self.sites.visit(state, present) if present else {}
         seconds = time.perf_counter() - start
-        accepted, secure_student = self._checked(state, group, replies), None
+        accepted, secure_student = self._checked(state, present, replies), None
         if self.config.secure_aggregation:
             accepted, secure_student = self._secure_mean(state, accepted)
         self._apply(state, group, accepted, secure_student)
@@ -340,9 +329,10 @@ class ArkLoop:
     def _evaluate(self, state: RunState, rnd: int, started: float) -> None:
         split = self.config.eval_split
         records = []
-        answers = self.sites.evaluate(state, split)
+        present = [site for site in self.config.sites if self._away(site) is None]
+        answers = self.sites.evaluate(state, split, present) if present else {}
         for site in self.config.sites:  # the run's order, whatever order the answers came in
-            answer = answers.get(site, SiteFailure("no answer"))
+            answer = answers.get(site, SiteFailure(self._away(site) or "no answer"))
             problem = None if isinstance(answer, SiteFailure) else next(
                 (f"evaluation of the {label}: {p}" for label, result in answer.items() if (p := check_eval_metrics(result))), None)
             if problem is not None:
@@ -362,16 +352,20 @@ class ArkLoop:
                               "gradients and would leave the site; use optimizer_state 'reset'")
         self._check_secure()
         try:
-            infos = self.infos = self.sites.join(self.config)
+            infos = self.infos = dict(self.sites.join(self.config))
             self.schemas = {name: info.schema for name, info in infos.items()}
             state, evaluated, fresh = open_run(self.run, self.config, self.schemas, resume)
             self._remember_accepted()
             self.sites.start(state, fresh)
             self._write_provenance(infos)
             groups = plan_groups(self.config)
+            for name in (site for site in self.config.sites if site not in infos):
+                self.callbacks.on_site_status(name, ABSENT, f"not joined ({len(infos)} of {len(self.config.sites)} sites are)")
             self.callbacks.on_run_start(RunInfo(self.config, self.run.path, self.config.total_visits, state.visits_done, self.sites.mode))
             for rnd in range(self.config.rounds):
-                groups = self._admit(state, rnd, groups)
+                groups = self._admit_members(state, rnd, groups)
+                if any(g[-1].visit >= state.visits_done for g in groups if g[0].round == rnd):
+                    self._join_late(state, rnd)
                 for group in (g for g in groups if g[0].round == rnd and g[-1].visit >= state.visits_done):
                     self._train_group(state, self._with_lr(group))
                 if rnd not in evaluated:
@@ -393,7 +387,8 @@ class ArkLoop:
         if not self.max_update_norm:
             raise ArkfedError("secure_aggregation needs max_update_norm (arkfed coordinator --max-update-norm N): each site "
                               "clips its own update to it before masking, as the coordinator cannot check single updates")
-    def _admit(self, state: RunState, rnd: int, groups: list) -> list:
+
+    def _admit_members(self, state: RunState, rnd: int, groups: list) -> list:
         """Sites admitted into the run from round ``rnd`` (a federation's signed membership change,
         if the sites implementation offers ``admit``): the run continues with the new configuration,
         re-planned (every visit made keeps its index and plan) and written to ``config.yaml``."""
@@ -405,7 +400,7 @@ class ArkLoop:
         self.config = config
         self.run.write_config(config)
         self.callbacks.on_sites_admitted(config)
-        self.infos = self.sites.join(config)
+        self.infos = dict(self.sites.join(config))
         self.schemas = {name: info.schema for name, info in self.infos.items()}
         self._write_provenance(self.infos)
         if self.sites.mode == "local":  # in-process heads for the new sites, seeded exactly as at the start
@@ -417,7 +412,8 @@ class ArkLoop:
 
     def _remember_accepted(self) -> None:
         """A resumed run's adaptive bound starts from the updates it accepted before (their norms
-        are in the visit records ``metrics.jsonl`` kept)."""
+        are in the visit records ``metrics.jsonl`` kept), and its count of missed turns too."""
+        self.attendance.restore(self.run.read_metrics(), self.infos)
         for record in self.run.read_metrics():
             if record.get("kind") == "visit" and isinstance(record.get("update_norm"), (int, float)) and record.get("site") in self.infos:
                 self.guard.remember(Accepted(float(record["update_norm"]), self._examples(record["site"]), float(record["lr"])))

@@ -29,8 +29,10 @@ def eval_record(rnd: int, site: str, model: str, split: str, result: dict) -> di
     return {"kind": "eval", "round": rnd, "site": site, "model": model, "split": split, "time": now(), **json_safe(result)}
 
 
-def skip_record(stage: str, rnd: int, visit: int, site: str, reason: str) -> dict:
-    return {"kind": "skip", "stage": stage, "round": rnd, "visit": visit, "site": site, "time": now(), "reason": reason}
+def skip_record(stage: str, rnd: int, visit: int, site: str, reason: str, **extra) -> dict:
+    """A skipped visit or evaluation; ``away: true`` marks a turn the site missed by not being there
+    (reason ``absent``, ``dropped``, offline or no reply), which ``max_absent`` counts."""
+    return {"kind": "skip", "stage": stage, "round": rnd, "visit": visit, "site": site, "time": now(), "reason": reason, **extra}
 
 
 def round_record(rnd: int, seconds: float) -> dict:

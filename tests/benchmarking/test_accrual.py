@@ -69,7 +69,7 @@ def test_pooled_interleaves_every_site_and_trains_each_head_on_its_own_batches(t
     assert sorted(schedule) == ["a", "a", "a", "b", "b"] and schedule != pooled_schedule({"a": 3, "b": 2}, seed=2)
     sites = {n: tiny[n] for n in ("demo-nih", "demo-shenzhen")}
     config = train_config(list(sites), SMOKE, seed=0)
-    from arkfed.run.loop import initial_state
+    from arkfed.run.start import initial_state
 
     before = initial_state(config, {n: s.schema for n, s in sites.items()})
     state = train_pooled(config, sites)

@@ -17,8 +17,8 @@ from arkfed.evaluation.release import write_release
 from arkfed.model.lineage import read_release
 from arkfed.model.weights import load_ark_model, load_heads
 from arkfed.run.local import train_local
-from arkfed.run.loop import initial_state
 from arkfed.run.plan import plan_visits
+from arkfed.run.start import initial_state
 from arkfed.schedules import schedule_values
 from run.test_train_local import synthetic_site, tiny_config
 

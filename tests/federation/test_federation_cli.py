@@ -75,3 +75,23 @@ def test_live_view_shows_each_sites_state_metrics_and_progress(tmp_path):
         view.update(status)  # unchanged: nothing printed twice
     lines = quiet.export_text().splitlines()
     assert sum("nih: training" in line for line in lines) == 1 and any("warning: site 'chexpert' skipped" in line for line in lines)
+
+
+def test_live_view_and_status_file_say_who_is_absent_or_dropped(tmp_path):
+    from arkfed.config import TrainConfig
+    from arkfed.federation.coordinator.status import StatusFile
+
+    config = TrainConfig(sites=["nih", "chexpert", "shenzhen"], rounds=2, min_sites=2, max_absent=2)
+    callback = StatusFile(tmp_path, config)
+    callback.on_site_status("chexpert", "absent", "not joined (2 of 3 sites are)")
+    callback.on_skip({"kind": "skip", "stage": "visit", "round": 0, "visit": 1, "site": "chexpert", "reason": "absent"})
+    callback.on_skip({"kind": "skip", "stage": "visit", "round": 1, "visit": 5, "site": "shenzhen", "reason": "dropped"})
+    callback.on_run_end({})
+    status = read_status(tmp_path)
+    assert (status.sites["chexpert"].state, status.sites["shenzhen"].state, status.sites["nih"].state) == ("absent", "dropped", "done")
+    console = Console(record=True, width=160)
+    console.print(render_status(status))
+    text = console.export_text()
+    assert re.search(r"chexpert\W+absent", text) and "not here: chexpert (absent), shenzhen (dropped)" in text
+    log = "INFO SuperNode ID: 17\nWARNING Connection attempt failed, retrying in 0.96 seconds\nINFO SuperNode terminated gracefully."
+    assert "no longer knows its node" in explain_supernode_exit(log, "h:1", None, None)  # after a coordinator restart

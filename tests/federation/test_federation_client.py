@@ -16,8 +16,8 @@ from arkfed.ark.tasks import evaluate_site_models, visit_site
 from arkfed.federation import messages as m
 from arkfed.federation.site.client_app import SITE_FAILED, SITE_REFUSED, app
 from arkfed.federation.site.heads import read_outbox
-from arkfed.run.loop import initial_state
 from arkfed.run.plan import plan_visits
+from arkfed.run.start import initial_state
 from arkfed.schedules import ema_update
 from arkfed.site.load import load_site
 from federation_fixtures import make_sites, max_abs_diff, tiny_config

@@ -214,7 +214,8 @@ def test_a_site_killed_mid_run_is_skipped_and_the_run_finishes(secure_federation
     assert killed, "the victim was never seen training in round 2"
     skipped = summary["skipped"]
     assert skipped and {s["site"] for s in skipped} == {victim} and {s["round"] for s in skipped} == {1}
-    assert all("offline" in s["reason"] for s in skipped)
+    assert all("offline" in s["reason"] for s in skipped if s["stage"] == "visit")  # vanished mid-visit: retried, then skipped
+    assert all(s["reason"] == "absent" for s in skipped if s["stage"] == "evaluation")  # known to be gone: not even asked
     records = RunFolder(out).read_metrics()
     visits = [(r["round"], r["site"]) for r in records if r["kind"] == "visit"]
     assert (0, victim) in visits and (1, config.sites[0]) in visits

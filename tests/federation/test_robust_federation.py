@@ -31,7 +31,7 @@ from arkfed.model.weights import load_ark_model
 from arkfed.run.callbacks import LoopCallback
 from arkfed.run.folder import RunFolder
 from arkfed.run.local import train_local
-from arkfed.run.loop import initial_state
+from arkfed.run.start import initial_state
 from federation_fixtures import fast_settings, make_sites, tiny_config
 from site_hooks import FAULTS_ENV, faulty_executors, use_faulty_executors
 

@@ -33,7 +33,7 @@ from arkfed.federation.loopback import LoopbackFederation
 from arkfed.federation.secagg import CONFIGS
 from arkfed.model.weights import load_ark_model
 from arkfed.run.folder import RunFolder
-from arkfed.run.loop import initial_state
+from arkfed.run.start import initial_state
 from arkfed.schedules import ema_update
 from federation_fixtures import fast_settings, make_sites, tiny_config
 from site_hooks import KEPT_ENV, faulty_executors, use_faulty_executors

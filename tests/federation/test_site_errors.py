@@ -16,8 +16,8 @@ from arkfed.errors import ArkfedError, NonFiniteError
 from arkfed.federation import messages as m
 from arkfed.federation.site.client_app import SITE_FAILED, SITE_REFUSED, SiteRefusal, app, guard_task_replies, public_error
 from arkfed.federation.site.heads import read_outbox
-from arkfed.run.loop import initial_state
 from arkfed.run.plan import plan_visits
+from arkfed.run.start import initial_state
 from arkfed.site.load import load_site
 from federation_fixtures import make_sites, tiny_config
 from site_hooks import FAULTS_ENV, LEAKY_ERROR, faulty_app

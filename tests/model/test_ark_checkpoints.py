@@ -195,7 +195,7 @@ def test_init_from_a_released_checkpoint_starts_a_run_on_a_new_site(released):
     from arkfed.config import TrainConfig
     from arkfed.data.schema import LabelSchema
     from arkfed.model.weights import load_init_heads
-    from arkfed.run.loop import initial_state
+    from arkfed.run.start import initial_state
 
     path, backbone, _, _ = released
     config = TrainConfig(sites=["mysite"], init=str(path), model=ModelSpec(model=TINY, img_size=224))

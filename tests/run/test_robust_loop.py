@@ -61,8 +61,8 @@ class FaultySites(InProcessSites):
                 replies[plan.site].result = replies[plan.site].result.model_copy(update={"num_examples": 10**9})
         return replies
 
-    def evaluate(self, state, split):
-        answers = super().evaluate(state, split)
+    def evaluate(self, state, split, names):
+        answers = super().evaluate(state, split, names)
         if self.bad_eval in answers:
             answers[self.bad_eval]["student"]["mean_auc"] = 1e9
             answers[self.bad_eval]["teacher"]["loss"] = -5.0

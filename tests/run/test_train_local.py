@@ -15,7 +15,7 @@ from arkfed.model.weights import load_ark_model, load_heads, read_safetensors
 from arkfed.run.callbacks import LoopCallback
 from arkfed.run.folder import RunFolder
 from arkfed.run.local import train_local
-from arkfed.run.loop import initial_state
+from arkfed.run.start import initial_state
 from arkfed.site.config import SiteConfig
 from arkfed.site.load import Site, load_site
 from arkfed.spec import ModelSpec

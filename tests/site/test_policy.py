@@ -18,8 +18,8 @@ from arkfed.federation import messages as m
 from arkfed.federation.messages import SITE_REFUSED
 from arkfed.federation.site.client_app import app
 from arkfed.federation.site.heads import read_outbox
-from arkfed.run.loop import initial_state
 from arkfed.run.plan import plan_visits
+from arkfed.run.start import initial_state
 from arkfed.site.config import load_site_config
 from arkfed.site.load import load_site
 from arkfed.site.policy import SitePolicy, approve_run, approved_runs, check_request, pending_runs, planned_steps, run_fingerprint

@@ -39,7 +39,7 @@ from arkfed.errors import ArkfedError
 from arkfed.federation.certs import CertificateFolder, public_key_fingerprint
 from arkfed.federation.coordinator.gateway import run_push_object_limit
 from arkfed.federation.coordinator.signer import SigningService
-from arkfed.federation.coordinator.status import FederationStatus, read_status
+from arkfed.federation.coordinator.status import STATUS_FILE, FederationStatus, read_status
 from arkfed.federation.flower_app import CONNECTION, split_address, write_connection, write_flower_app
 from arkfed.federation.processes import (
     LOOPBACK,
@@ -184,6 +184,7 @@ class Coordinator:
         if self.signer is None:
             raise ArkfedError("start the coordinator before submitting a run")
         lifetime = FederationSettings.read(self.run_dir).claim_lifetime
+        (self.run_dir / STATUS_FILE).unlink(missing_ok=True)  # a resumed run's old status (a killed ServerApp's "failed") is stale
         app_dir = write_flower_app(self.run_dir, entries=self.signer.submit(self.run_dir, lifetime))  # signed in this process
         argv = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         self.runner = ManagedProcess.start("flwr run", argv, self.env, self.run_dir / "logs" / "serverapp.log")

@@ -18,7 +18,7 @@ from arkfed.federation.coordinator.status import FederationStatus
 
 STATE_STYLES = {
     "waiting": "dim", "joined": "cyan", "training": "bold yellow", "evaluating": "magenta",
-    "done": "green", "failed": "bold red", "skipped": "red", "refused": "bold red",
+    "done": "green", "failed": "bold red", "skipped": "red", "refused": "bold red", "absent": "dim yellow", "dropped": "bold yellow",
 }
 METRIC_LABELS = (("loss", "loss"), ("student_auc", "student AUC"), ("teacher_auc", "teacher AUC"), ("images_per_s", "img/s"))
 
@@ -54,6 +54,9 @@ def render_status(status: FederationStatus | None, title: str = "arkfed federati
             str(site.visits), str(site.skips), last_metrics_text(site.last_metrics), site.detail[:60],
         )
     parts = [header, bar, table]
+    away = [f"{name} ({site.state})" for name, site in status.sites.items() if site.state in ("absent", "dropped")]
+    if away:
+        parts.append(Text(f"not here: {', '.join(away)}", style="yellow"))
     if status.warnings:
         parts.append(Text("\n".join(f"warning: {w}" for w in status.warnings[-3:]), style="yellow"))
     if status.error:

@@ -61,13 +61,13 @@ def exchange(
         now = time.monotonic()
         if now >= deadline:
             for key in pending.values():
-                results[key] = SiteFailure(f"no reply within {timeout:.0f} s")
+                results[key] = SiteFailure(f"no reply within {timeout:.0f} s", away=True, timed_out=True)
             break
         if now >= next_liveness:
             alive = online_nodes(grid)
             for mid, key in list(pending.items()):
                 if node_of[key] not in alive:
-                    results[key] = SiteFailure("site went offline (its SuperNode stopped or lost its connection)")
+                    results[key] = SiteFailure("site went offline (its SuperNode stopped or lost its connection)", away=True)
                     del pending[mid]
             next_liveness = now + liveness_every
         time.sleep(poll)

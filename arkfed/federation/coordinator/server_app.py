@@ -3,9 +3,16 @@
 Only plumbing lives here. The run itself is :class:`arkfed.run.loop.ArkLoop`, the same loop a local
 run uses; :class:`FlowerSites` is its "sites" implementation over a Flower Grid: sites join by
 name (a ``query.hello`` message, checked against their registered name when SuperNode
-authentication is on), a visit or evaluation is a request to the site's SuperNode, a failed
-request is retried once (after waiting for a vanished site to come back) and then reported as a
-:class:`~arkfed.run.loop.SiteFailure`, which the loop records as a skip.
+authentication is on), a visit or evaluation is a request to the site's SuperNode, and a request
+that gets no usable answer is reported as a :class:`~arkfed.run.loop.SiteFailure`, which the loop
+records as a skip.
+
+What one site's absence costs the others (issue 17): nothing when Flower already lists its node as
+gone (no request is sent; the skip says ``absent``); one ``visit_timeout`` when its node is listed
+but does not answer (never retried); and when its node vanishes mid-request (Flower stops listing
+it), at most ``rejoin_wait`` for it to come back and one retry. The run starts once ``min_sites``
+listed sites have joined (default all, within ``join_timeout``); others are identified whenever
+their SuperNode connects and enter at the next round (:meth:`FlowerSites.joined_since`).
 
 With ``secure_aggregation`` a parallel round's visits reply with metrics only, and
 :meth:`FlowerSites.secure_mean` runs Flower's SecAgg+ workflow for the round's mean
@@ -32,12 +39,15 @@ from arkfed.federation.coordinator.mailbox import exchange, online_nodes
 from arkfed.federation.describe import describe_content
 from arkfed.federation.protocol import FederationSettings
 from arkfed.io import PRIVATE, append_jsonl
+from arkfed.run.attendance import ABSENT
 from arkfed.run.folder import RunFolder, RunState
 from arkfed.run.loop import ArkLoop, SiteFailure, SiteInfo, VisitReply
 from arkfed.run.plan import round_of_visit
+from arkfed.run.start import init_heads
 
 RUN_DIR_KEY = "run-dir"
 HELLO_TIMEOUT = 120.0
+HELLO_RETRY_AFTER = 120.0  # a node that could not say who it is is asked again after this long, not at every turn
 
 
 class FlowerSites:
@@ -54,10 +64,12 @@ class FlowerSites:
         self.authorizer = authorizer  # the coordinator's signing service signs each request (signer.RequestAuthorizer)
         self.nodes: dict[str, int] = {}
         self.known: set[int] = set()
+        self.unanswered: dict[int, float] = {}  # node -> when its hello went unanswered
         self.infos: dict[str, SiteInfo] = {}
         self.initial_heads: dict = {}
         self.config: TrainConfig | None = None
         self.sent_bytes: dict[str, int] = {}
+        self.fresh: set[str] = set()  # listed sites identified (joined, or joined again) since joined_since last asked
 
     # -- joining --------------------------------------------------------------------------------
     def _log_inbox(self, reply: Message) -> None:
@@ -82,7 +94,8 @@ class FlowerSites:
                 if reply.refused:
                     raise ArkfedError(f"a site was refused: {reply.reason}")
                 self.callbacks.on_warning(f"SuperNode {node_id} could not say which site it is: {reply.reason}")
-                self.known.discard(node_id)  # ask again later
+                self.known.discard(node_id)  # ask again later (not at once: every wait for it holds up the others)
+                self.unanswered[node_id] = time.monotonic()
                 continue
             try:  # issue 8: a malformed hello is reported, never a crash
                 name, member, schema, sizes = m.read_hello_reply(reply.content)
@@ -106,6 +119,7 @@ class FlowerSites:
             sizes = self._fixed_sizes(name, sizes)
             self.nodes[name] = node_id
             self.infos[name] = SiteInfo(schema, sizes, federated_fingerprint(sizes, schema))
+            self.fresh.add(name)
             self.callbacks.on_site_status(name, "joined", f"node {node_id}", **{f"{k}_size": float(v) for k, v in sizes.items()})
             print(f"site {name!r} joined (node {node_id})", flush=True)
 
@@ -124,36 +138,55 @@ class FlowerSites:
 
     def _discover(self) -> None:
         nodes = list(self.grid.get_nodes())
-        new = [n.node_id for n in nodes if n.node_id not in self.known]
+        now = time.monotonic()
+        new = [n.node_id for n in nodes if n.node_id not in self.known
+               and (n.node_id not in self.unanswered or now - self.unanswered[n.node_id] >= HELLO_RETRY_AFTER)]
         if new:
             self.known.update(new)
             self._identify(new, {n.node_id: n.name for n in nodes if n.name})
 
     def join(self, config: TrainConfig) -> dict[str, SiteInfo]:
-        """Wait until every listed site has joined (or fail after ``join_timeout``)."""
+        """Wait until ``config.quorum`` listed sites have joined (or fail after ``join_timeout``);
+        the others are absent until they join (:meth:`joined_since`)."""
         self.config = config
         deadline = time.monotonic() + self.fed.join_timeout
-        while missing := [s for s in config.sites if s not in self.nodes]:
+        self._discover()
+        while len(joined := [s for s in config.sites if s in self.nodes]) < config.quorum:
             if time.monotonic() > deadline:
-                joined = sorted(self.nodes) or "none"
-                raise ArkfedError(f"sites {missing} did not join within {self.fed.join_timeout:.0f} s (joined: {joined})")
-            self._discover()
+                missing = [s for s in config.sites if s not in self.nodes]
+                need = "" if config.quorum == len(config.sites) else f"; the run needs {config.quorum} of {len(config.sites)}"
+                raise ArkfedError(f"sites {missing} did not join within {self.fed.join_timeout:.0f} s "
+                                  f"(joined: {joined or 'none'}{need})")
             time.sleep(self.poll)
-        if any(name not in self.fed.schemas or name not in self.fed.sizes for name in config.sites):  # first join, or admitted sites
-            self.fed.schemas = {name: self.infos[name].schema.model_dump(mode="json") for name in config.sites} | self.fed.schemas
-            self.fed.sizes = {name: dict(self.infos[name].sizes) for name in config.sites} | self.fed.sizes
+            self._discover()
+        self.fresh.clear()
+        self._record(joined)
+        return {name: self.infos[name] for name in joined}
+
+    def joined_since(self) -> dict[str, SiteInfo]:
+        """Listed sites whose SuperNode connected and said who it is since the last call."""
+        self._discover()
+        names = [name for name in self.config.sites if name in self.fresh]
+        self.fresh.clear()
+        self._record(names)
+        return {name: self.infos[name] for name in names}
+
+    def _record(self, names: Sequence[str]) -> None:
+        """The run's record (federation.json) of each joined site's schema and split sizes."""
+        new = [name for name in names if name not in self.fed.schemas or name not in self.fed.sizes]
+        if new:
+            for name in new:
+                self.fed.schemas.setdefault(name, self.infos[name].schema.model_dump(mode="json"))
+                self.fed.sizes.setdefault(name, dict(self.infos[name].sizes))
             self.fed.write(self.run_dir)
-        return {name: self.infos[name] for name in config.sites}
 
     def start(self, state: RunState, fresh: bool) -> None:
         """The initial heads go to the sites with their first request; the coordinator keeps none
-        (a resumed run rebuilds them, seeded exactly as at the start)."""
+        (a resumed run, or a site that joins late, gets them rebuilt, seeded exactly as at the start)."""
         from arkfed.model.lineage import release_run_uid
-        from arkfed.run.loop import initial_state
 
-        heads = state.heads if fresh else initial_state(self.config, {n: i.schema for n, i in self.infos.items()}).heads
         self.parent_run = release_run_uid(self.config.init)
-        self.initial_heads = dict(heads)
+        self.initial_heads = init_heads(self.config, {n: i.schema for n, i in self.infos.items()}, state.student.embed_dim)
         state.heads, state.teacher_heads = {}, {}
 
     def _node_for(self, site: str, wait: float) -> int | None:
@@ -180,7 +213,7 @@ class FlowerSites:
         arrays = {m.STUDENT: m.model_record(state.student), m.TEACHER: m.model_record(state.teacher)}
         if version == m.NO_HEAD:
             if site not in self.initial_heads:  # admitted during the run: seeded exactly as at the start
-                from arkfed.run.loop import initial_state
+                from arkfed.run.start import initial_state
 
                 self.initial_heads[site] = initial_state(self.config, {n: i.schema for n, i in self.infos.items()}).heads[site]
             arrays[m.HEAD] = m.model_record(self.initial_heads[site])
@@ -195,7 +228,9 @@ class FlowerSites:
         return {"plan": plan, SECURE_FIELD: {"max_norm": self.fed.max_update_norm, "weighting": self.config.weighting}}
 
     def _send(self, state: RunState, kind: str, items: dict[str, object], group: str) -> dict[str, Message | SiteFailure]:
-        """One request per site (visits: its plan; evaluations: the split), retried once."""
+        """One request per site (visits: its plan; evaluations: the split): none to a site Flower
+        does not list as connected (``absent``), and retried once only when the site vanished
+        mid-request (see the module docstring)."""
         results: dict[str, Message | SiteFailure] = {}
         todo = dict(items)
         for attempt in (1, 2):
@@ -203,7 +238,8 @@ class FlowerSites:
             for site, item in todo.items():
                 node = self._node_for(site, self.fed.rejoin_wait if attempt == 2 else 0.0)
                 if node is None:
-                    results[site] = SiteFailure("site is offline")
+                    results[site] = SiteFailure(ABSENT if attempt == 1 else "site is offline", away=True)
+                    self.callbacks.on_site_status(site, ABSENT, "not connected")
                     continue
                 rnd = round_of_visit(self.config, state.visits_done - 1)  # evaluations follow their round's last visit
                 final = {"final": True} if kind == m.EVALUATE and rnd == self.config.rounds - 1 else {}  # sites may release heads
@@ -218,11 +254,11 @@ class FlowerSites:
             if requests:
                 results.update(exchange(self.grid, requests, self.fed.visit_timeout, self.poll, on_reply=self._log_inbox))
             todo = {}
-            for site in items:
+            for site in requests:
                 result = results.get(site)
                 if isinstance(result, SiteFailure):
                     self.callbacks.on_site_status(site, "failed", result.reason)
-                    if attempt == 1 and not result.refused:
+                    if attempt == 1 and not result.refused and not result.timed_out:
                         self.callbacks.on_warning(f"round {group}: request to site {site!r} failed, retrying: {result.reason}")
                         todo[site] = items[site]
             if not todo:
@@ -284,8 +320,8 @@ class FlowerSites:
     def accept(self, state: RunState, plan: VisitPlan, reply: VisitReply) -> None:
         self.callbacks.on_site_status(plan.site, "done", f"visit {plan.visit + 1}")
 
-    def evaluate(self, state: RunState, split: str) -> dict[str, dict[str, dict] | SiteFailure]:
-        replies = self._send(state, m.EVALUATE, {site: split for site in self.config.sites}, "eval")
+    def evaluate(self, state: RunState, split: str, sites: Sequence[str]) -> dict[str, dict[str, dict] | SiteFailure]:
+        replies = self._send(state, m.EVALUATE, {site: split for site in sites}, "eval")
         answers: dict[str, dict[str, dict] | SiteFailure] = {}
         for site, reply in replies.items():
             if isinstance(reply, SiteFailure):
@@ -319,9 +355,11 @@ def run_federation(grid: Grid, run_dir: Path, flower_run_id: int | None = None, 
     try:
         # `arkfed coordinator` wrote config.yaml: a checkpoint means resume, none means a fresh start
         return ArkLoop(config, run, sites, callbacks, max_update_norm=fed.max_update_norm).run_loop(resume=True)
-    except BaseException as exc:
-        status.fail(str(exc) or type(exc).__name__)
-        print(f"run failed: {exc}", flush=True)
+    except BaseException as exc:  # a stop (SystemExit when the coordinator's processes end) is said as such
+        reason = (str(exc) or type(exc).__name__) if isinstance(exc, Exception) else \
+            f"stopped before finishing ({type(exc).__name__} {exc}); `arkfed coordinator --resume {run.path}` continues it"
+        status.fail(reason)
+        print(f"run failed: {reason}", flush=True)
         raise
 
 

@@ -17,7 +17,9 @@ from arkfed.run.callbacks import LoopCallback
 
 STATUS_FILE = "federation-status.json"
 
-SiteState = Literal["waiting", "joined", "training", "evaluating", "done", "failed", "skipped", "refused"]
+SiteState = Literal["waiting", "joined", "training", "evaluating", "done", "failed", "skipped", "refused", "absent", "dropped"]
+"""``absent``: not joined yet, or not connected when its turn came; ``dropped``: missed ``max_absent`` turns in a row."""
+AWAY = ("absent", "dropped")
 Phase = Literal["starting", "joining", "training", "evaluating", "finished", "failed"]
 
 
@@ -116,7 +118,7 @@ class StatusFile(LoopCallback):
     def on_skip(self, record: dict) -> None:
         entry = self.status.sites[record["site"]]
         entry.skips += 1
-        entry.state = "skipped"
+        entry.state = record["reason"] if record["reason"] in AWAY else "skipped"
         entry.detail = f"skipped {record['stage']} in round {record['round'] + 1}: {record['reason']}"
         self._save()
 
@@ -139,7 +141,7 @@ class StatusFile(LoopCallback):
     def on_run_end(self, summary: dict) -> None:
         self.status.phase, self.status.summary = "finished", summary
         for entry in self.status.sites.values():
-            if entry.state not in ("skipped", "failed", "refused"):
+            if entry.state not in ("skipped", "failed", "refused", *AWAY):
                 entry.state = "done"
         self._save()
 

@@ -11,6 +11,18 @@ site (``<local_state_dir>`` is made private to the site's account, 0700):
 ``<local_state_dir>/flower`` (FLWR_HOME, and ``superexec.secret`` while the site runs),
 ``<local_state_dir>/logs/supernode.log`` and ``executor.log`` (the ClientApp's output), plus what
 :mod:`arkfed.federation.site.heads` keeps.
+
+:func:`supervise` is the site's supervisor (``arkfed site``): it keeps the SuperNode connected,
+restarting it when it exits. That is what brings a site back after the coordinator restarts:
+measured with Flower 1.42 under TLS and site authentication, a SuperNode does NOT reconnect by
+itself after the coordinator's process is SIGKILLed and started again with ``--resume`` (the
+SuperNode side of adap/flower issue 4844). While the coordinator is down the SuperNode retries its
+requests ("Connection attempt failed, retrying in ...", waits growing to Flower's 20 s); once the
+new SuperLink is up, that SuperLink (its state is in memory) no longer knows the node's ID, answers
+its next pull with HTTP 401, and the SuperNode exits with status 0 ("SuperNode terminated
+gracefully") about 4 s later. The supervisor sees the exit within a second and starts a new
+SuperNode, which the restarted coordinator admits under the site's registered key
+(tests/federation/test_living_federation.py, the chaos test, checks it end to end).
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from arkfed.errors import ArkfedError
 from arkfed.federation.certs import site_public_key_from_private
@@ -55,6 +67,9 @@ def explain_supernode_exit(log: str, coordinator: str, key: Path | None, root_ce
     if "certificate verify failed" in lowered or "sslerror" in lowered or "ssl:" in lowered:
         return (f"TLS handshake with {coordinator} failed: check --root-certificates ({root_certificates}) is the "
                 "federation's ca.crt and that the coordinator's certificate names this host (arkfed certs init --coordinator-host)")
+    if "SuperNode ID:" in log and "terminated gracefully" in log:
+        return (f"the SuperNode left: the coordinator at {coordinator} no longer knows its node (it restarted, or removed "
+                "this node); Flower's SuperNode does not reconnect by itself")
     if "Exit Code:" in log:
         start = log.rfind("Exit Code:")
         return "SuperNode stopped: " + " ".join(log[start:].split("\n")[1:3]).strip()
@@ -193,3 +208,35 @@ class SiteNode:
     def stop(self) -> None:
         stop_all([self.executor, self.process])
         remove_secret(self.secret)
+
+
+def supervise(node: SiteNode, connect_timeout: float, say: Callable[[str, bool], None],
+              tick: Callable[[], None] = lambda: None) -> None:
+    """Keep ``node`` connected until interrupted (``arkfed site``): start its SuperNode and, whenever
+    it exits or loses the coordinator, start it again (after 1 s, doubling up to 30 s while it
+    fails; see the module docstring for why this is needed after a coordinator restart). A refusal
+    of the site's key is retried for ``connect_timeout`` from the start of the outage (a restarted
+    coordinator registers the keys moments after its port opens), then raised as
+    :class:`SiteNotAdmitted`. ``say(text, problem)`` reports; ``tick`` runs every second while connected."""
+    backoff, outage = 1.0, time.monotonic()
+    while True:
+        node.start()
+        try:
+            node.wait_connected(connect_timeout)
+            say(f"site {node.name!r}: connected; waiting for work (Ctrl-C to leave)", False)
+            backoff, outage = 1.0, None
+            while True:
+                node.check()
+                tick()
+                time.sleep(1.0)
+        except SiteNotAdmitted as exc:
+            outage = outage or time.monotonic()
+            if time.monotonic() - outage > connect_timeout:
+                raise
+            say(f"{exc}; retrying in {backoff:.0f} s (the coordinator may still be starting)", True)
+        except ArkfedError as exc:
+            outage = outage or time.monotonic()
+            say(f"site {node.name!r}: {exc}; starting the SuperNode again in {backoff:.0f} s", True)
+        node.stop()
+        time.sleep(backoff)
+        backoff = min(backoff * 2, 30.0)
