@@ -167,6 +167,7 @@ def test_a_spent_privacy_budget_refuses_the_visit_at_the_site_and_the_federated_
     from arkfed.site.policy import PrivacyPolicy
 
     federation.wait(timeout=RUN_TIMEOUT)  # the runs above, if they ran
+    federation.faults.write_text("{}")  # the sites answer honestly again (the fault run above set faults)
     paths = federation.paths
     spent = {"epsilon": 1.0, "max_noise_multiplier": 1.0}
     _set_policies(paths, {NIH: PERMISSIVE | {"privacy": spent}, CHEXPERT: PERMISSIVE | {"privacy": {"epsilon": 50.0}},

@@ -431,7 +431,7 @@ def _hostile_run(federation, tmp_path, monkeypatch, name: str, config, entries: 
     out = tmp_path / name
     prepare_run(out, config, fast_settings(join_timeout=60.0, run_uid=run_uid), resume=False)
     service = federation.coordinator.signer
-    monkeypatch.setattr(signer_module, "check_request", lambda claim, request: None)  # signs any plan
+    monkeypatch.setattr(signer_module, "check_member_request", lambda claim, request, ca: None)  # signs any plan
     monkeypatch.setattr(service, "_start", lambda request: (setattr(service.current, "started", True), {"ok": True})[1])
     service.current = signer_module.Submission(str(out.resolve()), entries[TICKET_KEY], claim_of(entries), entries.get(CLAIM_KEY))
     return _run_and_collect(federation, out, write_flower_app(out, entries=entries))
