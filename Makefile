@@ -1,6 +1,7 @@
 # Two commands for a newcomer; each sets up .venv first if it is missing or stale.
 #   make demo   -> trains Ark on the built-in offline demo federation (synthetic data)
-#   make test   -> runs the test suite (what CI runs), the 15 slowest tests listed at the end
+#   make test   -> runs the test suite (what CI runs) in two pytest-xdist workers, a test module's tests together
+#                  in one (module-scoped federations), the 15 slowest tests listed at the end
 #   make test-fast -> the unit tests only (-m "not slow": no training runs, no federation processes)
 # `make test` also installs the system packages tests need (nginx, for tests/federation/test_security_nginx.py;
 # chromium and chromium-driver, for the console's browser tests in tests/console/) with apt-get when it runs as
@@ -21,7 +22,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/arkfed train
 
 test: $(VENV)/.installed system-packages
-	$(VENV)/bin/python -m pytest -q --durations=15
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # quiet, and never fails the run: without root or apt-get the tests that need a package skip
 system-packages:
