@@ -51,7 +51,7 @@ from arkfed.run.callbacks import CallbackList, LoopCallback, RunInfo
 from arkfed.run.folder import RunFolder, RunState
 from arkfed.run.plan import plan_groups
 from arkfed.run.records import MetricsLog, build_summary, eval_record, round_record, skip_record, visit_record
-from arkfed.run.start import initial_state, open_run
+from arkfed.run.start import open_run
 from arkfed.schedules import ark_as_run_round_lr, ema_update
 
 
@@ -403,10 +403,7 @@ class ArkLoop:
         self.infos = dict(self.sites.join(config))
         self.schemas = {name: info.schema for name, info in self.infos.items()}
         self._write_provenance(self.infos)
-        if self.sites.mode == "local":  # in-process heads for the new sites, seeded exactly as at the start
-            fresh = initial_state(config, self.schemas)
-            for name in new:
-                state.heads[name], state.teacher_heads[name] = fresh.heads[name], fresh.teacher_heads[name]
+        self.sites.start(state, False)  # the admitted sites' initial heads, seeded exactly as at the start (as for late joins)
         self.warn(f"sites {new} admitted from round {rnd + 1}: {config.total_visits} visits planned in all")
         return plan_groups(config)
 

@@ -212,10 +212,6 @@ class FlowerSites:
         )
         arrays = {m.STUDENT: m.model_record(state.student), m.TEACHER: m.model_record(state.teacher)}
         if version == m.NO_HEAD:
-            if site not in self.initial_heads:  # admitted during the run: seeded exactly as at the start
-                from arkfed.run.start import initial_state
-
-                self.initial_heads[site] = initial_state(self.config, {n: i.schema for n, i in self.infos.items()}).heads[site]
             arrays[m.HEAD] = m.model_record(self.initial_heads[site])
         return m.request_content(request, **arrays)
 
